@@ -1,0 +1,644 @@
+// Package agent is the node side of shim: it holds the node's lease, fences
+// the node's processes when the lease runs out, watches the table for the
+// node's assignments, starts, stops and restarts processes through a
+// Runtime, re-adopts them after a restart of shimd, and reports their state.
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/shim-run/shim/metrics"
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+	"github.com/shim-run/shim/restart"
+	"github.com/shim-run/shim/table"
+)
+
+// Agent runs one node's processes. Fields are dependencies; set them before Run.
+type Agent struct {
+	Node    *pb.NodeRecord // name, role, addresses, capacity
+	Addrs   func() []string
+	Client  func(addr string) shimv1connect.AgentServiceClient
+	Runtime Runtime
+	DataDir string // state/ and logs/ live here
+	Policy  restart.Policy
+	Lease   time.Duration // until the leader says otherwise
+	Now     func() time.Time
+	Log     *slog.Logger
+	Metrics *metrics.Metrics
+	// OnServers is told the servers' API addresses after each join.
+	OnServers func([]string)
+
+	mu         sync.Mutex
+	procs      map[string]*local
+	assigned   []*pb.ProcessRecord
+	leaseUntil time.Time // monotonic: the node may run processes until then
+	fenced     bool
+	minIndex   uint64 // act on assignments only from a table at least this new
+	tableIndex uint64 // table index of the assignments held
+	fenceTimer *time.Timer
+	kick       chan struct{}
+	reports    chan *pb.StatusUpdate
+}
+
+// local is the agent's view of one process.
+type local struct {
+	id          string
+	inc         uint64
+	rec         *pb.ProcessRecord
+	proc        Proc
+	applied     *pb.Resources
+	restarts    uint32
+	consecutive int
+	startedAt   time.Time
+	stopping    bool
+	fencing     bool
+	lost        *Exit // exited while the agent was down
+	timer       *time.Timer
+}
+
+func (a *Agent) init() {
+	if a.Now == nil {
+		a.Now = time.Now
+	}
+	if a.Log == nil {
+		a.Log = slog.Default()
+	}
+	if a.Metrics == nil {
+		a.Metrics = metrics.New(nil)
+	}
+	if a.Policy == (restart.Policy{}) {
+		a.Policy = restart.DefaultPolicy
+	}
+	if a.Lease <= 0 {
+		a.Lease = time.Second
+	}
+	a.procs = map[string]*local{}
+	a.kick = make(chan struct{}, 1)
+	a.reports = make(chan *pb.StatusUpdate, 4096)
+}
+
+// Run adopts what an earlier agent left, joins the cluster and serves the
+// node until ctx ends. Processes keep running after Run returns.
+func (a *Agent) Run(ctx context.Context) error {
+	a.init()
+	if err := a.adopt(); err != nil {
+		return fmt.Errorf("adopt processes: %w", err)
+	}
+	// Adopted processes may run for one lease while the agent finds the
+	// leader; after that, with no lease, they are fenced.
+	a.mu.Lock()
+	a.leaseUntil = a.Now().Add(a.Lease)
+	a.fenceTimer = time.AfterFunc(a.Lease, a.checkLease)
+	a.mu.Unlock()
+	if err := a.join(ctx); err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reporter} {
+		wg.Add(1)
+		go func() { defer wg.Done(); f(ctx) }()
+	}
+	wg.Wait()
+	a.mu.Lock()
+	a.fenceTimer.Stop()
+	for _, l := range a.procs {
+		if l.timer != nil {
+			l.timer.Stop()
+		}
+	}
+	a.mu.Unlock()
+	return nil
+}
+
+// call runs f against the API addresses in turn until one answers.
+func call[T any](ctx context.Context, a *Agent, f func(c shimv1connect.AgentServiceClient) (T, error)) (T, error) {
+	var zero T
+	err := errors.New("no API address")
+	for _, addr := range a.Addrs() {
+		var v T
+		v, err = f(a.Client(addr))
+		if err == nil {
+			return v, nil
+		}
+		if c := connect.CodeOf(err); c != connect.CodeUnavailable && c != connect.CodeUnknown && c != connect.CodeDeadlineExceeded {
+			return zero, err
+		}
+	}
+	return zero, err
+}
+
+// join registers the node, retrying until it succeeds or ctx ends.
+func (a *Agent) join(ctx context.Context) error {
+	backoff := 50 * time.Millisecond
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		resp, err := call(rctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.JoinResponse], error) {
+			return c.Join(rctx, connect.NewRequest(&pb.JoinRequest{Node: a.Node}))
+		})
+		cancel()
+		if err == nil {
+			if a.OnServers != nil && len(resp.Msg.Servers) > 0 {
+				a.OnServers(resp.Msg.Servers)
+			}
+			a.Log.Info("joined the cluster", "node", a.Node.Name, "servers", resp.Msg.Servers)
+			return nil
+		}
+		a.Log.Warn("join failed; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+// ---- lease and fencing ----
+
+// heartbeats renews the lease every quarter lease. The lease is counted from
+// the moment the acknowledged heartbeat was sent (see server/lease.go).
+func (a *Agent) heartbeats(ctx context.Context) {
+	for {
+		sent := a.Now()
+		hctx, cancel := context.WithTimeout(ctx, a.Lease/2)
+		resp, err := call(hctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+			return c.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name}))
+		})
+		cancel()
+		switch {
+		case err != nil:
+			a.Log.Debug("heartbeat failed", "err", err)
+		case !resp.Msg.Known:
+			a.Log.Warn("the cluster does not know this node; joining again")
+			if err := a.join(ctx); err != nil {
+				return
+			}
+			continue
+		default:
+			lease := time.Duration(resp.Msg.LeaseMillis) * time.Millisecond
+			if lease <= 0 {
+				lease = a.Lease
+			}
+			a.renew(sent.Add(lease), resp.Msg.Index)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(a.Lease / 4):
+		}
+	}
+}
+
+func (a *Agent) renew(until time.Time, index uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !until.After(a.leaseUntil) {
+		return
+	}
+	a.leaseUntil = until
+	a.fenceTimer.Reset(time.Until(until))
+	if a.fenced {
+		// Back from a partition or a pause: act only on a table at least as
+		// new as the leader's, so stale copies are fenced before anything
+		// else happens.
+		a.fenced = false
+		a.minIndex = index
+		a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
+		select {
+		case a.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// checkLease fences the node when its lease has run out.
+func (a *Agent) checkLease() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.Now().Before(a.leaseUntil) {
+		a.fenceTimer.Reset(time.Until(a.leaseUntil))
+		return
+	}
+	if a.fenced {
+		return
+	}
+	a.fenced = true
+	n := 0
+	for _, l := range a.procs {
+		if l.proc != nil || l.timer != nil {
+			a.fenceLocked(l, "lease expired")
+			n++
+		}
+	}
+	a.Log.Warn("lease expired: fenced every local process", "processes", n)
+}
+
+// fenceLocked kills a process at once; the table has or will have moved it.
+func (a *Agent) fenceLocked(l *local, why string) {
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
+	if l.proc == nil {
+		delete(a.procs, l.id)
+		a.dropState(l.id)
+		return
+	}
+	l.fencing = true
+	if err := l.proc.Kill(); err != nil {
+		a.Log.Warn("fence: kill failed", "id", l.id, "err", err)
+	}
+	a.Metrics.Fenced.Inc()
+	a.Log.Warn("fenced process", "id", l.id, "incarnation", l.inc, "pid", l.proc.PID(), "why", why)
+}
+
+func (a *Agent) mayStartLocked() bool {
+	return !a.fenced && a.Now().Before(a.leaseUntil) && a.tableIndex >= a.minIndex
+}
+
+// ---- assignments ----
+
+// watch long-polls the node's assignments and reconciles after each change.
+func (a *Agent) watch(ctx context.Context) {
+	var index uint64
+	backoff := 20 * time.Millisecond
+	for ctx.Err() == nil {
+		wctx, cancel := context.WithCancel(ctx)
+		go func() {
+			select {
+			case <-a.kick:
+				cancel()
+			case <-wctx.Done():
+			}
+		}()
+		after := index
+		resp, err := call(wctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.AssignmentsResponse], error) {
+			return c.Assignments(wctx, connect.NewRequest(&pb.AssignmentsRequest{Node: a.Node.Name, MinIndex: after, WaitMillis: 30000}))
+		})
+		kicked := wctx.Err() != nil && ctx.Err() == nil
+		cancel()
+		if kicked {
+			index = 0
+			continue
+		}
+		if err != nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, time.Second)
+			continue
+		}
+		backoff = 20 * time.Millisecond
+		index = resp.Msg.Index
+		a.mu.Lock()
+		a.assigned = resp.Msg.Processes
+		a.tableIndex = resp.Msg.TableIndex
+		a.reconcileLocked()
+		a.mu.Unlock()
+	}
+}
+
+func (a *Agent) reconcileLocked() {
+	for _, r := range a.assigned {
+		if l := a.procs[r.Id]; l != nil && l.inc == r.Incarnation {
+			l.rec = r
+		}
+	}
+	locals := make([]restart.Local, 0, len(a.procs))
+	for _, l := range a.procs {
+		locals = append(locals, restart.Local{
+			ID: l.id, Incarnation: l.inc, Running: l.proc != nil, Waiting: l.timer != nil,
+			Lost: l.lost != nil, Stopping: l.stopping || l.fencing, Resources: l.applied,
+		})
+	}
+	for _, act := range restart.Reconcile(a.assigned, locals, a.mayStartLocked()) {
+		l := a.procs[act.ID]
+		switch act.Kind {
+		case restart.Fence:
+			a.fenceLocked(l, "the table moved it elsewhere")
+		case restart.Stop:
+			l.rec = act.Record
+			l.stopping = true
+			sig := syscall.Signal(act.Record.StopSignal)
+			if sig == 0 {
+				sig = syscall.SIGTERM
+			}
+			if l.timer != nil {
+				l.timer.Stop()
+				l.timer = nil
+			}
+			if err := l.proc.Signal(sig); err != nil {
+				a.Log.Warn("stop: signal failed; killing", "id", l.id, "err", err)
+				_ = l.proc.Kill()
+			}
+		case restart.Finish:
+			if l != nil && l.timer != nil {
+				l.timer.Stop()
+			}
+			delete(a.procs, act.ID)
+			a.dropState(act.ID)
+			a.report(act.Record, pb.ProcessState_PROCESS_STATE_KILLED, 0, Exit{Code: -1, Reason: "killed"}, act.Record.Restarts)
+		case restart.Resize:
+			if err := l.proc.Resize(act.Record.Spec.GetResources()); err != nil {
+				a.Log.Warn("resize failed", "id", l.id, "err", err)
+				continue
+			}
+			l.applied = act.Record.Spec.GetResources()
+			l.rec = act.Record
+			a.Log.Info("resized in place", "id", l.id, "pid", l.proc.PID())
+		case restart.Start:
+			a.startLocked(act.Record, act.Record.Restarts)
+		case restart.Recover:
+			exit := Exit{Code: -1, Reason: "exited while shimd was down"}
+			if l != nil && l.lost != nil {
+				exit = *l.lost
+			}
+			if l == nil {
+				l = &local{id: act.ID, inc: act.Record.Incarnation, restarts: act.Record.Restarts}
+				a.procs[act.ID] = l
+			}
+			l.rec, l.lost = act.Record, nil
+			a.exitedLocked(l, exit)
+		}
+	}
+}
+
+// startLocked starts one incarnation of a process.
+func (a *Agent) startLocked(rec *pb.ProcessRecord, restarts uint32) {
+	spec := rec.Spec
+	start := time.Now()
+	p, err := a.Runtime.Start(Spec{
+		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: spec.Env, Dir: spec.Dir,
+		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
+		Network: spec.Network, User: spec.User, Rootfs: spec.Rootfs,
+	})
+	if err != nil {
+		a.Metrics.ProcessFailures.Inc()
+		a.Log.Warn("start failed", "id", rec.Id, "err", err)
+		delete(a.procs, rec.Id)
+		a.report(rec, pb.ProcessState_PROCESS_STATE_FAILED, 0, Exit{Code: -1, Reason: err.Error()}, restarts)
+		return
+	}
+	a.Metrics.ProcessStarts.Inc()
+	a.Metrics.StartLatency.Observe(time.Since(start).Seconds())
+	l := a.procs[rec.Id]
+	if l == nil {
+		l = &local{id: rec.Id}
+		a.procs[rec.Id] = l
+	}
+	l.inc, l.rec, l.proc, l.applied, l.restarts = rec.Incarnation, rec, p, spec.Resources, restarts
+	l.startedAt, l.stopping, l.fencing, l.timer = a.Now(), false, false, nil
+	a.saveState(l)
+	a.reportRunning(l)
+	go a.wait(l, p)
+}
+
+func (a *Agent) reportRunning(l *local) {
+	a.queue(&pb.StatusUpdate{Id: l.id, Incarnation: l.inc, State: pb.ProcessState_PROCESS_STATE_RUNNING,
+		Pid: int64(l.proc.PID()), StartTime: l.proc.StartTime(), Restarts: l.restarts, AtUnixNano: a.Now().UnixNano()})
+}
+
+// wait handles the end of one run.
+func (a *Agent) wait(l *local, p Proc) {
+	<-p.Done()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.procs[l.id] != l || l.proc != p {
+		return
+	}
+	a.exitedLocked(l, p.Exit())
+}
+
+// exitedLocked applies the restart policy to an exit.
+func (a *Agent) exitedLocked(l *local, exit Exit) {
+	l.proc = nil
+	rec := l.rec
+	switch {
+	case l.fencing:
+		delete(a.procs, l.id)
+		a.dropState(l.id)
+		return
+	case l.stopping || rec.GetStop():
+		delete(a.procs, l.id)
+		a.dropState(l.id)
+		a.report(rec, pb.ProcessState_PROCESS_STATE_KILLED, 0, exit, l.restarts)
+		return
+	}
+	d := a.Policy.Decide(rec.Spec.GetRestart(), exit.Failed(), a.Now().Sub(l.startedAt), l.consecutive)
+	if !d.Restart {
+		delete(a.procs, l.id)
+		a.dropState(l.id)
+		state := pb.ProcessState_PROCESS_STATE_EXITED
+		if exit.Failed() {
+			state = pb.ProcessState_PROCESS_STATE_FAILED
+		}
+		a.report(rec, state, 0, exit, l.restarts)
+		return
+	}
+	l.consecutive = d.Consecutive
+	a.report(rec, pb.ProcessState_PROCESS_STATE_BACKOFF, 0, exit, l.restarts)
+	l.timer = time.AfterFunc(d.Delay, func() {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if a.procs[l.id] != l || l.timer == nil {
+			return
+		}
+		l.timer = nil
+		if !a.mayStartLocked() {
+			a.fenceLocked(l, "no lease at restart time")
+			return
+		}
+		a.startLocked(l.rec, l.restarts+1)
+	})
+}
+
+func (a *Agent) report(rec *pb.ProcessRecord, state pb.ProcessState, pid int64, exit Exit, restarts uint32) {
+	reason := exit.Reason
+	if reason == "" {
+		reason = describe(exit)
+	}
+	a.queue(&pb.StatusUpdate{Id: rec.Id, Incarnation: rec.Incarnation, State: state, Pid: pid,
+		ExitCode: int32(exit.Code), Reason: reason, Restarts: restarts, AtUnixNano: a.Now().UnixNano()})
+}
+
+func describe(e Exit) string {
+	switch {
+	case e.OOMKilled:
+		return "oom-killed"
+	case e.Signal != "":
+		return "signal: " + e.Signal
+	case e.Code > 0:
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return ""
+}
+
+// ---- reports ----
+
+func (a *Agent) queue(u *pb.StatusUpdate) {
+	select {
+	case a.reports <- u:
+	default:
+		a.Log.Warn("report queue full; dropping", "id", u.Id)
+	}
+}
+
+// reporter sends status updates in batches; the latest update of each
+// process wins, and failed batches are retried.
+func (a *Agent) reporter(ctx context.Context) {
+	pending := map[string]*pb.StatusUpdate{}
+	var order []string
+	add := func(u *pb.StatusUpdate) {
+		if _, ok := pending[u.Id]; !ok {
+			order = append(order, u.Id)
+		}
+		pending[u.Id] = u
+	}
+	for {
+		if len(pending) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case u := <-a.reports:
+				add(u)
+			}
+		}
+	drain:
+		for len(pending) < 2048 {
+			select {
+			case u := <-a.reports:
+				add(u)
+			default:
+				break drain
+			}
+		}
+		batch := make([]*pb.StatusUpdate, 0, len(order))
+		for _, id := range order {
+			batch = append(batch, pending[id])
+		}
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := call(rctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.ReportResponse], error) {
+			return c.Report(rctx, connect.NewRequest(&pb.ReportRequest{Report: &pb.Report{Node: a.Node.Name, Updates: batch}}))
+		})
+		cancel()
+		if err != nil {
+			a.Log.Debug("report failed; retrying", "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
+		}
+		for _, u := range batch {
+			if pending[u.Id] == u {
+				delete(pending, u.Id)
+			}
+		}
+		order = order[:0]
+		for id := range pending {
+			order = append(order, id)
+		}
+	}
+}
+
+// ---- state kept across agent restarts ----
+
+type state struct {
+	Incarnation uint64 `json:"incarnation"`
+	PID         int    `json:"pid"`
+	StartTime   uint64 `json:"start_time"`
+	Restarts    uint32 `json:"restarts"`
+	StartedUnix int64  `json:"started_unix_nano"`
+}
+
+// LogPath is where a process's output is kept under the data dir.
+func LogPath(dataDir, id string) string { return filepath.Join(dataDir, "logs", id+".log") }
+
+func (a *Agent) statePath(id string) string { return filepath.Join(a.DataDir, "state", id+".json") }
+
+func (a *Agent) saveState(l *local) {
+	b, _ := json.Marshal(state{Incarnation: l.inc, PID: l.proc.PID(), StartTime: l.proc.StartTime(),
+		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano()})
+	p := a.statePath(l.id)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err == nil {
+		err = os.WriteFile(p+".tmp", b, 0o644)
+		if err == nil {
+			err = os.Rename(p+".tmp", p)
+		}
+		if err != nil {
+			a.Log.Warn("save process state", "id", l.id, "err", err)
+		}
+	}
+}
+
+func (a *Agent) dropState(id string) { _ = os.Remove(a.statePath(id)) }
+
+// adopt takes over the processes an earlier agent left running.
+func (a *Agent) adopt() error {
+	found, err := a.Runtime.Existing()
+	if err != nil {
+		return err
+	}
+	for _, f := range found {
+		var st state
+		b, err := os.ReadFile(a.statePath(f.ID))
+		if err == nil {
+			err = json.Unmarshal(b, &st)
+		}
+		if err != nil || st.Incarnation != f.Incarnation {
+			a.Log.Warn("removing a sandbox with no usable state", "id", f.ID, "incarnation", f.Incarnation)
+			_ = a.Runtime.Remove(f.ID, f.Incarnation)
+			continue
+		}
+		l := &local{id: f.ID, inc: f.Incarnation, restarts: st.Restarts, startedAt: time.Unix(0, st.StartedUnix),
+			rec: &pb.ProcessRecord{Id: f.ID, Incarnation: f.Incarnation, Spec: &pb.ProcessSpec{}}}
+		p, err := a.Runtime.Adopt(f.ID, f.Incarnation, st.PID, st.StartTime)
+		if err != nil {
+			a.Log.Info("process ended while shimd was down", "id", f.ID, "err", err)
+			_ = a.Runtime.Remove(f.ID, f.Incarnation)
+			l.lost = &Exit{Code: -1, Reason: "exited while shimd was down"}
+			a.procs[f.ID] = l
+			continue
+		}
+		l.proc = p
+		a.procs[f.ID] = l
+		a.Log.Info("re-adopted process", "id", f.ID, "pid", p.PID())
+		go a.wait(l, p)
+	}
+	// Lost processes whose sandbox is already gone still have state files.
+	entries, _ := os.ReadDir(filepath.Join(a.DataDir, "state"))
+	for _, e := range entries {
+		id, ok := cutSuffix(e.Name(), ".json")
+		if !ok || a.procs[id] != nil || table.ValidateID(id) != nil {
+			continue
+		}
+		var st state
+		if b, err := os.ReadFile(a.statePath(id)); err == nil && json.Unmarshal(b, &st) == nil {
+			a.procs[id] = &local{id: id, inc: st.Incarnation, restarts: st.Restarts,
+				lost: &Exit{Code: -1, Reason: "exited while shimd was down"},
+				rec:  &pb.ProcessRecord{Id: id, Incarnation: st.Incarnation, Spec: &pb.ProcessSpec{}}}
+		}
+	}
+	return nil
+}
+
+func cutSuffix(s, suf string) (string, bool) {
+	if len(s) > len(suf) && s[len(s)-len(suf):] == suf {
+		return s[:len(s)-len(suf)], true
+	}
+	return "", false
+}

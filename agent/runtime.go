@@ -1,0 +1,58 @@
+package agent
+
+import (
+	"syscall"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// Spec is what the agent asks a Runtime to start.
+type Spec struct {
+	ID          string
+	Incarnation uint64
+	Argv, Env   []string
+	Dir         string
+	LogPath     string // stdout and stderr, appended
+	Resources   *pb.Resources
+	Isolation   pb.Isolation
+	Network     pb.Network
+	User        string
+	Rootfs      string
+}
+
+// Exit describes how a process ended. Code is -1 when unknown.
+type Exit struct {
+	Code      int
+	Signal    string
+	OOMKilled bool
+	Reason    string
+}
+
+// Failed reports whether the exit counts as a failure for restart policies.
+func (e Exit) Failed() bool { return e.Code != 0 || e.Signal != "" || e.OOMKilled }
+
+// Proc is one running process.
+type Proc interface {
+	PID() int
+	StartTime() uint64
+	Signal(sig syscall.Signal) error
+	Kill() error // the whole sandbox, at once
+	Done() <-chan struct{}
+	Exit() Exit
+	Resize(r *pb.Resources) error
+}
+
+// Found is a sandbox left by an earlier agent.
+type Found struct {
+	ID          string
+	Incarnation uint64
+}
+
+// Runtime starts and re-adopts processes: the real sandbox (exec), or a
+// simulated one for scale tests.
+type Runtime interface {
+	Start(s Spec) (Proc, error)
+	Adopt(id string, inc uint64, pid int, startTime uint64) (Proc, error)
+	Existing() ([]Found, error)
+	Remove(id string, inc uint64) error // kill and clean up a sandbox that will not be adopted
+}

@@ -1,0 +1,54 @@
+package agent
+
+import (
+	"errors"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// SimRuntime pretends to run processes: each "process" lives until it is
+// signalled. It lets one machine host thousands of simulated workers that use
+// the same API, lease and report paths as real ones.
+type SimRuntime struct {
+	pids atomic.Int64
+}
+
+var errSimAdopt = errors.New("simulated processes do not survive the agent")
+
+// Start starts a simulated process.
+func (r *SimRuntime) Start(s Spec) (Proc, error) {
+	return &simProc{pid: int(r.pids.Add(1)), done: make(chan struct{})}, nil
+}
+
+// Adopt always fails: simulated processes end with their agent.
+func (r *SimRuntime) Adopt(string, uint64, int, uint64) (Proc, error) { return nil, errSimAdopt }
+
+// Existing finds nothing.
+func (r *SimRuntime) Existing() ([]Found, error) { return nil, nil }
+
+// Remove does nothing.
+func (r *SimRuntime) Remove(string, uint64) error { return nil }
+
+type simProc struct {
+	pid  int
+	once sync.Once
+	done chan struct{}
+	exit Exit
+}
+
+func (p *simProc) PID() int          { return p.pid }
+func (p *simProc) StartTime() uint64 { return 1 }
+func (p *simProc) Signal(sig syscall.Signal) error {
+	p.once.Do(func() {
+		p.exit = Exit{Code: -1, Signal: sig.String()}
+		close(p.done)
+	})
+	return nil
+}
+func (p *simProc) Kill() error                  { return p.Signal(syscall.SIGKILL) }
+func (p *simProc) Done() <-chan struct{}        { return p.done }
+func (p *simProc) Exit() Exit                   { return p.exit }
+func (p *simProc) Resize(r *pb.Resources) error { return nil }

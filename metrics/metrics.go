@@ -1,0 +1,59 @@
+// Package metrics defines the Prometheus series shimd exports on /metrics.
+package metrics
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics are the Prometheus series shimd exports on /metrics.
+type Metrics struct {
+	reg             *prometheus.Registry
+	ApplyLatency    prometheus.Histogram
+	Placements      prometheus.Counter
+	LeaseExpiries   prometheus.Counter
+	ProcessStarts   prometheus.Counter
+	ProcessFailures prometheus.Counter
+	StartLatency    prometheus.Histogram
+	RestartLatency  prometheus.Histogram
+	Fenced          prometheus.Counter
+}
+
+// New registers shim's series on reg (a new registry if nil).
+func New(reg *prometheus.Registry) *Metrics {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
+	buckets := prometheus.ExponentialBuckets(0.0005, 2, 16) // 0.5 ms .. 16 s
+	m := &Metrics{
+		reg: reg,
+		ApplyLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_raft_apply_seconds",
+			Help: "Time to commit and apply one command through Raft (leader).", Buckets: buckets}),
+		Placements: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_placements_total",
+			Help: "Processes placed by spawn requests."}),
+		LeaseExpiries: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_lease_expirations_total",
+			Help: "Nodes declared down because their lease expired."}),
+		ProcessStarts: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_process_starts_total",
+			Help: "Processes started by this node."}),
+		ProcessFailures: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_process_start_failures_total",
+			Help: "Process starts that failed on this node."}),
+		StartLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_process_start_seconds",
+			Help: "Time for this node to start one process in its sandbox.", Buckets: buckets}),
+		RestartLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_restart_seconds",
+			Help: "Time from a node's lease expiry being declared to its processes being placed elsewhere.", Buckets: buckets}),
+		Fenced: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_fenced_processes_total",
+			Help: "Processes this node stopped because it lost its lease or the table moved them."}),
+	}
+	reg.MustRegister(m.ApplyLatency, m.Placements, m.LeaseExpiries, m.ProcessStarts, m.ProcessFailures,
+		m.StartLatency, m.RestartLatency, m.Fenced)
+	return m
+}
+
+// Handler serves the registry in Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}

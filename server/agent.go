@@ -1,0 +1,214 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/table"
+)
+
+// agentAPI implements AgentService, spoken by node agents and servers.
+type agentAPI struct{ s *Server }
+
+// onLeader runs local on the leader; elsewhere it calls remote on the leader
+// (servers) or on any server (workers), retrying while there is no leader.
+func onLeader[T any](ctx context.Context, s *Server, local func() (T, error), remote func(p *peer) (T, error)) (T, error) {
+	if s.Table == nil {
+		return forward(ctx, s, remote)
+	}
+	var zero T
+	backoff := 5 * time.Millisecond
+	for {
+		if s.Raft.IsLeader() {
+			return local()
+		}
+		if addr := s.leaderAPI(); addr != "" {
+			v, err := remote(s.peer(addr))
+			if err == nil || !retryable(err) {
+				return v, err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return zero, apiError(errors.Join(ErrNoLeader, ctx.Err()))
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 100*time.Millisecond)
+	}
+}
+
+func (h *agentAPI) Join(ctx context.Context, req *connect.Request[pb.JoinRequest]) (*resp[pb.JoinResponse], error) {
+	s := h.s
+	n := req.Msg.Node
+	if n == nil || n.Name == "" {
+		return nil, invalid("join: node has no name")
+	}
+	if err := table.ValidateName(n.Name); err != nil {
+		return nil, apiError(err)
+	}
+	if n.Role == pb.NodeRole_NODE_ROLE_SERVER && n.RaftAddr == "" {
+		return nil, invalid("join: server %s has no raft address", n.Name)
+	}
+	return onLeader(ctx, s, func() (*resp[pb.JoinResponse], error) {
+		if n.Role == pb.NodeRole_NODE_ROLE_SERVER {
+			if err := s.Raft.AddVoter(ctx, n.Name, n.RaftAddr); err != nil {
+				return nil, apiError(fmt.Errorf("join %s: add voter: %w", n.Name, err))
+			}
+		}
+		if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_RegisterNode{RegisterNode: &pb.RegisterNode{Node: n}}}); err != nil {
+			return nil, err
+		}
+		s.leases.renew(n.Name, s.Now())
+		s.Log.Info("node joined", "node", n.Name, "role", n.Role, "api", n.ApiAddr)
+		return connect.NewResponse(&pb.JoinResponse{Servers: s.serverAPIs()}), nil
+	}, func(p *peer) (*resp[pb.JoinResponse], error) {
+		return p.agent.Join(ctx, connect.NewRequest(req.Msg))
+	})
+}
+
+// serverAPIs lists the API addresses of the server nodes.
+func (s *Server) serverAPIs() []string {
+	var out []string
+	for _, v := range s.Table.Nodes() {
+		if v.Node.Role == pb.NodeRole_NODE_ROLE_SERVER && v.Node.State == pb.NodeState_NODE_STATE_UP {
+			out = append(out, v.Node.ApiAddr)
+		}
+	}
+	return out
+}
+
+func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveRequest]) (*resp[pb.LeaveResponse], error) {
+	s := h.s
+	name := req.Msg.Name
+	return onLeader(ctx, s, func() (*resp[pb.LeaveResponse], error) {
+		n := s.Table.Node(name)
+		if n == nil {
+			return nil, apiError(fmt.Errorf("%w: %q", table.ErrUnknownNode, name))
+		}
+		if n.Role == pb.NodeRole_NODE_ROLE_SERVER {
+			if err := s.Raft.RemoveServer(ctx, name); err != nil {
+				return nil, apiError(fmt.Errorf("leave %s: %w", name, err))
+			}
+		}
+		_, err := s.apply(ctx, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
+			Name: name, State: pb.NodeState_NODE_STATE_LEFT}}})
+		if err != nil {
+			return nil, err
+		}
+		return connect.NewResponse(&pb.LeaveResponse{}), nil
+	}, func(p *peer) (*resp[pb.LeaveResponse], error) {
+		return p.agent.Leave(ctx, connect.NewRequest(req.Msg))
+	})
+}
+
+// Heartbeat renews a node's lease. Only the leader grants leases.
+func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*resp[pb.HeartbeatResponse], error) {
+	s := h.s
+	name := req.Msg.Node
+	return onLeader(ctx, s, func() (*resp[pb.HeartbeatResponse], error) {
+		now := s.Now()
+		n := s.Table.Node(name)
+		out := &pb.HeartbeatResponse{LeaseMillis: s.Lease.Milliseconds()}
+		if n == nil {
+			out.Index = s.Table.Index()
+			return connect.NewResponse(out), nil
+		}
+		s.leases.renew(name, now)
+		if n.State != pb.NodeState_NODE_STATE_UP {
+			if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
+				Name: name, State: pb.NodeState_NODE_STATE_UP}}}); err != nil {
+				return nil, err
+			}
+			s.Log.Info("node is back up", "node", name)
+			n = s.Table.Node(name)
+		}
+		out.Known, out.State, out.Index = true, n.State, s.Table.Index()
+		return connect.NewResponse(out), nil
+	}, func(p *peer) (*resp[pb.HeartbeatResponse], error) {
+		return p.agent.Heartbeat(ctx, connect.NewRequest(req.Msg))
+	})
+}
+
+// Assignments is a blocking query for a node's processes.
+func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.AssignmentsRequest]) (*resp[pb.AssignmentsResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.AssignmentsResponse], error) {
+			return p.agent.Assignments(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	m := req.Msg
+	wctx, cancel := context.WithTimeout(ctx, waitFor(m.WaitMillis))
+	defer cancel()
+	for {
+		ch := s.Watch.Node(m.Node)
+		recs, idx := s.Table.Assignments(m.Node)
+		if idx > m.MinIndex || m.MinIndex == 0 {
+			return connect.NewResponse(assignments(s, m.Node, recs, idx)), nil
+		}
+		select {
+		case <-wctx.Done():
+			if ctx.Err() != nil {
+				return nil, apiError(ctx.Err())
+			}
+			return connect.NewResponse(assignments(s, m.Node, recs, idx)), nil
+		case <-ch:
+		}
+	}
+}
+
+func assignments(s *Server, node string, recs []*pb.ProcessRecord, idx uint64) *pb.AssignmentsResponse {
+	out := &pb.AssignmentsResponse{Processes: recs, Index: idx, TableIndex: s.Table.Index()}
+	if n := s.Table.Node(node); n != nil {
+		out.State = n.State
+	}
+	return out
+}
+
+func (h *agentAPI) Report(ctx context.Context, req *connect.Request[pb.ReportRequest]) (*resp[pb.ReportResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.ReportResponse], error) {
+			return p.agent.Report(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	if req.Msg.Report == nil || req.Msg.Report.Node == "" {
+		return nil, invalid("report without a node")
+	}
+	if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Report{Report: req.Msg.Report}}); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.ReportResponse{}), nil
+}
+
+// Apply commits a command forwarded by a follower. Only the leader answers.
+func (h *agentAPI) Apply(ctx context.Context, req *connect.Request[pb.ApplyRequest]) (*resp[pb.ApplyResponse], error) {
+	s := h.s
+	if s.Raft == nil || !s.Raft.IsLeader() {
+		return nil, connect.NewError(connect.CodeUnavailable, errors.New("not the leader"))
+	}
+	if req.Msg.Command == nil {
+		return nil, invalid("apply: empty command")
+	}
+	data, err := proto.Marshal(req.Msg.Command)
+	if err != nil {
+		return nil, apiError(err)
+	}
+	start := time.Now()
+	r, _, err := s.Raft.Apply(ctx, data)
+	if err != nil {
+		return nil, apiError(err)
+	}
+	s.Metrics.ApplyLatency.Observe(time.Since(start).Seconds())
+	res, _ := r.(table.Result)
+	if res.Err != nil {
+		return nil, apiError(res.Err)
+	}
+	return connect.NewResponse(&pb.ApplyResponse{Ids: res.IDs, Index: res.Index}), nil
+}

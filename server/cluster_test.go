@@ -1,0 +1,270 @@
+package server_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/shim-run/shim/agent"
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+	"github.com/shim-run/shim/raftlog"
+	"github.com/shim-run/shim/server"
+	"github.com/shim-run/shim/table"
+)
+
+// node is one in-process cluster member: in-memory Raft, a real HTTP API on
+// loopback and an agent with simulated processes.
+type node struct {
+	name   string
+	srv    *server.Server
+	raft   *raftlog.Node
+	http   *httptest.Server
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+type cluster struct {
+	t     *testing.T
+	nodes []*node
+	lease time.Duration
+}
+
+func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func newCluster(t *testing.T, n int, lease time.Duration) *cluster {
+	c := &cluster{t: t, lease: lease}
+	for i := range n {
+		c.add(fmt.Sprintf("n%d", i+1), i == 0)
+	}
+	t.Cleanup(func() {
+		for _, nd := range c.nodes {
+			nd.stop()
+		}
+	})
+	return c
+}
+
+func (c *cluster) add(name string, bootstrap bool) *node {
+	t := c.t
+	tb := table.New()
+	w := server.NewWatcher()
+	rn, err := raftlog.Open(raftlog.Config{ID: name, InMemory: true, Bootstrap: bootstrap, Logger: io.Discard},
+		&server.FSM{Table: tb, Watch: w})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &server.Server{Name: name, Table: tb, Raft: rn, Watch: w, Lease: c.lease, Log: quietLog(),
+		LogDir: t.TempDir()}
+	hs := httptest.NewServer(srv.Handler())
+	addr := strings.TrimPrefix(hs.URL, "http://")
+	nd := &node{name: name, srv: srv, raft: rn, http: hs, done: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	nd.cancel = cancel
+	rec := &pb.NodeRecord{Name: name, Role: pb.NodeRole_NODE_ROLE_SERVER, ApiAddr: addr, RaftAddr: rn.Addr(),
+		Capacity: &pb.Resources{CpuMaxMilli: 4000, MemMaxBytes: 8 << 30}}
+	if !bootstrap {
+		cl := shimv1connect.NewAgentServiceClient(server.NewHTTPClient(), c.nodes[0].http.URL)
+		waitFor(t, 5*time.Second, "join "+name, func() bool {
+			_, err := cl.Join(ctx, connect.NewRequest(&pb.JoinRequest{Node: rec}))
+			return err == nil
+		})
+	}
+	httpc := server.NewHTTPClient()
+	ag := &agent.Agent{
+		Node: rec, Addrs: func() []string { return []string{addr} },
+		Client: func(a string) shimv1connect.AgentServiceClient {
+			return shimv1connect.NewAgentServiceClient(httpc, server.URL(a))
+		},
+		Runtime: &agent.SimRuntime{}, DataDir: t.TempDir(), Lease: c.lease, Log: quietLog(),
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); srv.Run(ctx) }()
+	go func() { defer wg.Done(); _ = ag.Run(ctx) }()
+	go func() { wg.Wait(); close(nd.done) }()
+	c.nodes = append(c.nodes, nd)
+	return nd
+}
+
+func (n *node) stop() {
+	if n.cancel == nil {
+		return
+	}
+	n.cancel()
+	<-n.done
+	n.http.Close()
+	_ = n.raft.Shutdown()
+	n.cancel = nil
+}
+
+func (c *cluster) client(i int) shimv1connect.ShimServiceClient {
+	return shimv1connect.NewShimServiceClient(server.NewHTTPClient(), c.nodes[i].http.URL)
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (c *cluster) list(i int, all bool) []*pb.ProcessRecord {
+	resp, err := c.client(i).List(context.Background(), connect.NewRequest(&pb.ListRequest{All: all}))
+	if err != nil {
+		c.t.Fatalf("list: %v", err)
+	}
+	return resp.Msg.Processes
+}
+
+func (c *cluster) allRunning(i, want int) func() bool {
+	return func() bool {
+		recs := c.list(i, false)
+		if len(recs) != want {
+			return false
+		}
+		for _, r := range recs {
+			if r.State != pb.ProcessState_PROCESS_STATE_RUNNING {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+func spec(args ...string) *pb.ProcessSpec {
+	return &pb.ProcessSpec{Command: args, Resources: &pb.Resources{CpuMinMilli: 100, MemMinBytes: 1 << 20}}
+}
+
+func TestClusterSpawnSpreadKill(t *testing.T) {
+	c := newCluster(t, 3, 500*time.Millisecond)
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "3 nodes up", func() bool {
+		resp, err := c.client(1).Nodes(ctx, connect.NewRequest(&pb.NodesRequest{}))
+		return err == nil && len(resp.Msg.Nodes) == 3
+	})
+	// Spawn through a follower: the write reaches the leader.
+	resp, err := c.client(2).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/sleep", "100"), Count: 30}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Msg.Processes) != 30 {
+		t.Fatalf("spawned %d, want 30", len(resp.Msg.Processes))
+	}
+	waitFor(t, 5*time.Second, "30 running", c.allRunning(0, 30))
+	per := map[string]int{}
+	for _, r := range c.list(0, false) {
+		per[r.Node]++
+	}
+	if len(per) != 3 || per["n1"] != 10 {
+		t.Fatalf("not spread evenly: %v", per)
+	}
+	// Kill one; it ends as killed and is never restarted.
+	id := resp.Msg.Processes[0].Id
+	if _, err := c.client(0).Kill(ctx, connect.NewRequest(&pb.KillRequest{Ids: []string{id}})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "killed", func() bool {
+		recs := c.list(1, true)
+		for _, r := range recs {
+			if r.Id == id {
+				return r.State == pb.ProcessState_PROCESS_STATE_KILLED
+			}
+		}
+		return false
+	})
+	// Unknown id: NotFound, table unchanged.
+	before := c.nodes[0].srv.Table.Index()
+	_, err = c.client(0).Kill(ctx, connect.NewRequest(&pb.KillRequest{Ids: []string{"nosuchprocess"}}))
+	if connect.CodeOf(err) != connect.CodeNotFound {
+		t.Fatalf("kill unknown: %v", err)
+	}
+	if got := c.nodes[0].srv.Table.Index(); got != before {
+		t.Fatalf("failed kill changed the table index %d -> %d", before, got)
+	}
+	// No room: a clear error.
+	big := spec("/bin/true")
+	big.Resources.CpuMinMilli = 64000
+	_, err = c.client(0).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: big}))
+	if connect.CodeOf(err) != connect.CodeResourceExhausted || !strings.Contains(err.Error(), "most free") {
+		t.Fatalf("spawn too big: %v", err)
+	}
+}
+
+func TestClusterNodeLossMovesProcesses(t *testing.T) {
+	c := newCluster(t, 3, 400*time.Millisecond)
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "3 nodes up", func() bool {
+		resp, err := c.client(0).Nodes(ctx, connect.NewRequest(&pb.NodesRequest{}))
+		return err == nil && len(resp.Msg.Nodes) == 3
+	})
+	if _, err := c.client(0).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/sleep", "100"), Count: 30})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "30 running", c.allRunning(0, 30))
+	// Stop n3 (a follower, agent included).
+	c.nodes[2].stop()
+	start := time.Now()
+	waitFor(t, 5*time.Second, "processes moved off n3", func() bool {
+		recs := c.list(0, false)
+		if len(recs) != 30 {
+			return false
+		}
+		for _, r := range recs {
+			if r.Node == "n3" || r.State != pb.ProcessState_PROCESS_STATE_RUNNING {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("moved in %s", time.Since(start))
+	for _, r := range c.list(0, false) {
+		if r.Incarnation == 2 && (len(r.History) != 1 || r.History[0].Node != "n3") {
+			t.Fatalf("moved process lacks history: %v", r)
+		}
+	}
+}
+
+func TestClusterLeaderLoss(t *testing.T) {
+	c := newCluster(t, 3, 500*time.Millisecond)
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "3 nodes up", func() bool {
+		resp, err := c.client(0).Nodes(ctx, connect.NewRequest(&pb.NodesRequest{}))
+		return err == nil && len(resp.Msg.Nodes) == 3
+	})
+	if _, err := c.client(0).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/sleep", "100"), Count: 6})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "6 running", c.allRunning(0, 6))
+	c.nodes[0].stop() // the bootstrap node leads
+	start := time.Now()
+	waitFor(t, 5*time.Second, "spawn after leader loss", func() bool {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		_, err := c.client(1).Spawn(cctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/true")}))
+		return err == nil
+	})
+	t.Logf("writes accepted again after %s", time.Since(start))
+	// n2 and n3 were never declared down.
+	resp, err := c.client(1).Nodes(ctx, connect.NewRequest(&pb.NodesRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range resp.Msg.Nodes {
+		if n.Node.Name != "n1" && n.Node.State != pb.NodeState_NODE_STATE_UP {
+			t.Fatalf("node %s wrongly %s", n.Node.Name, n.Node.State)
+		}
+	}
+}

@@ -1,0 +1,139 @@
+package server
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// Node leases.
+//
+// Every node renews a lease with the leader by heartbeating every Lease/4.
+// The leader keeps the time it last heard from each node in memory only; just
+// the transitions (down, up) go through Raft.
+//
+// Fencing argument. A node measures its lease from the moment it *sent* the
+// heartbeat the leader acknowledged, by its own monotonic clock, and stops all
+// of its processes when Lease has passed since then without a newer
+// acknowledgement (agent.Agent). The leader measures from the moment it
+// *received* that heartbeat, which is later, and declares the node down only
+// after Lease + Margin. So the node always fences first, as long as the two
+// clocks' rates differ by less than Margin/Lease (25% by default; real
+// clocks differ by parts per million) and the node's fence runs within the
+// margin. Wall-clock time is never compared across machines.
+//
+// A new leader has not heard from anyone. It grants every node a fresh lease
+// from the moment it took office, so it neither declares nodes dead for its
+// own ignorance nor waits longer than one lease period. A stale leader cut off
+// in a minority steps down within Raft's leader lease (250 ms), before the
+// majority can even elect a successor (election timeout 500 ms), so a node
+// it acknowledged still fences before the successor's deadline.
+
+// Margin is the safety margin the leader adds to a node's lease.
+func Margin(lease time.Duration) time.Duration {
+	return max(lease/4, 100*time.Millisecond)
+}
+
+type leases struct {
+	mu     sync.Mutex
+	seen   map[string]time.Time
+	active bool
+}
+
+func newLeases() *leases { return &leases{seen: map[string]time.Time{}} }
+
+func (l *leases) renew(node string, now time.Time) {
+	l.mu.Lock()
+	l.seen[node] = now
+	l.mu.Unlock()
+}
+
+// runLeases checks leases while this server leads.
+func (s *Server) runLeases(ctx context.Context) {
+	tick := time.NewTicker(max(s.Lease/10, 10*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.Raft.LeaderChanges():
+		case <-tick.C:
+		}
+		if !s.Raft.IsLeader() {
+			s.leases.mu.Lock()
+			s.leases.active = false
+			s.leases.mu.Unlock()
+			continue
+		}
+		s.leases.mu.Lock()
+		active := s.leases.active
+		s.leases.mu.Unlock()
+		if !active {
+			s.takeOffice(ctx)
+			continue
+		}
+		s.checkLeases(ctx)
+	}
+}
+
+// takeOffice waits for the table to hold everything committed, then grants
+// every node a fresh lease.
+func (s *Server) takeOffice(ctx context.Context) {
+	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := s.Raft.Barrier(bctx); err != nil {
+		s.Log.Warn("leader barrier failed", "err", err)
+		return
+	}
+	now := s.Now()
+	s.leases.mu.Lock()
+	s.leases.seen = map[string]time.Time{}
+	for _, n := range s.Table.Nodes() {
+		s.leases.seen[n.Node.Name] = now
+	}
+	s.leases.active = true
+	s.leases.mu.Unlock()
+	s.Log.Info("leading: every node has a fresh lease", "nodes", len(s.leases.seen), "lease", s.Lease)
+}
+
+// checkLeases commits every up node whose lease ran out as down, in one batch.
+func (s *Server) checkLeases(ctx context.Context) {
+	now := s.Now()
+	deadline := s.Lease + Margin(s.Lease)
+	var expired []*pb.Command
+	s.leases.mu.Lock()
+	for _, v := range s.Table.Nodes() {
+		if v.Node.State != pb.NodeState_NODE_STATE_UP {
+			continue
+		}
+		last, ok := s.leases.seen[v.Node.Name]
+		if !ok {
+			s.leases.seen[v.Node.Name] = now
+			continue
+		}
+		if now.Sub(last) > deadline {
+			expired = append(expired, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
+				Name: v.Node.Name, State: pb.NodeState_NODE_STATE_DOWN}}})
+		}
+	}
+	s.leases.mu.Unlock()
+	if len(expired) == 0 {
+		return
+	}
+	start := time.Now()
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	res, err := s.apply(actx, &pb.Command{Op: &pb.Command_Batch{Batch: &pb.Batch{Commands: expired}}})
+	if err != nil {
+		s.Log.Warn("cannot mark nodes down", "err", err)
+		return
+	}
+	for _, c := range expired {
+		s.Log.Warn("node lease expired: marked down, its processes moved", "node", c.GetSetNodeState().Name)
+		s.Metrics.LeaseExpiries.Inc()
+	}
+	s.Metrics.RestartLatency.Observe(time.Since(start).Seconds())
+	s.Log.Info("moved processes", "count", len(res.IDs))
+}

@@ -1,0 +1,169 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+	"github.com/shim-run/shim/table"
+)
+
+// NewHTTPClient returns the HTTP client used between nodes and by the CLI:
+// keep-alive connections, short dial timeout.
+func NewHTTPClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        256,
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+	}}
+}
+
+// URL turns host:port into an http URL.
+func URL(addr string) string {
+	if strings.Contains(addr, "://") {
+		return addr
+	}
+	return "http://" + addr
+}
+
+type peer struct {
+	shim  shimv1connect.ShimServiceClient
+	agent shimv1connect.AgentServiceClient
+}
+
+func (s *Server) peer(addr string) *peer {
+	s.peersMu.Lock()
+	defer s.peersMu.Unlock()
+	p := s.clients[addr]
+	if p == nil {
+		u := URL(addr)
+		p = &peer{
+			shim:  shimv1connect.NewShimServiceClient(s.httpc, u),
+			agent: shimv1connect.NewAgentServiceClient(s.httpc, u),
+		}
+		s.clients[addr] = p
+	}
+	return p
+}
+
+// leaderAPI returns the API address of the current leader, or "".
+func (s *Server) leaderAPI() string {
+	id, _ := s.Raft.Leader()
+	if id == "" {
+		return ""
+	}
+	if n := s.Table.Node(id); n != nil {
+		return n.ApiAddr
+	}
+	return ""
+}
+
+// retryable reports whether a failed call to another node should be retried
+// elsewhere or later: the node was unreachable or not the leader.
+func retryable(err error) bool {
+	switch connect.CodeOf(err) {
+	case connect.CodeUnavailable, connect.CodeUnknown:
+		return true
+	}
+	return false
+}
+
+// apply commits a command through Raft, forwarding it to the leader when this
+// server is a follower, and retrying while there is no leader. The table's
+// answer comes back as the error (a Connect error) or the Result.
+func (s *Server) apply(ctx context.Context, cmd *pb.Command) (table.Result, error) {
+	if cmd.NowUnixNano == 0 {
+		cmd.NowUnixNano = s.Now().UnixNano()
+	}
+	data, err := proto.Marshal(cmd)
+	if err != nil {
+		return table.Result{}, apiError(err)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+	}
+	backoff := 5 * time.Millisecond
+	for {
+		if s.Raft.IsLeader() {
+			start := time.Now()
+			r, _, err := s.Raft.Apply(ctx, data)
+			if err == nil {
+				s.Metrics.ApplyLatency.Observe(time.Since(start).Seconds())
+				res, _ := r.(table.Result)
+				return res, apiError(res.Err)
+			}
+			if !retryable(apiError(err)) {
+				return table.Result{}, apiError(err)
+			}
+		} else if addr := s.leaderAPI(); addr != "" {
+			resp, err := s.peer(addr).agent.Apply(ctx, connect.NewRequest(&pb.ApplyRequest{Command: cmd}))
+			if err == nil {
+				return table.Result{IDs: resp.Msg.Ids, Index: resp.Msg.Index}, nil
+			}
+			if !retryable(err) {
+				return table.Result{}, err
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return table.Result{}, apiError(errors.Join(ErrNoLeader, ctx.Err()))
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 200*time.Millisecond)
+	}
+}
+
+// waitIndex blocks until the local table has applied index, so a write made
+// through the leader can be read back here.
+func (s *Server) waitIndex(ctx context.Context, index uint64) error {
+	for {
+		ch := s.Watch.Any()
+		if s.Table.Index() >= index {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return apiError(ctx.Err())
+		case <-ch:
+		}
+	}
+}
+
+// forward runs call against the servers in s.Peers, in order, until one
+// answers. Workers use it for every table read and write.
+func forward[T any](ctx context.Context, s *Server, call func(p *peer) (T, error)) (T, error) {
+	var zero T
+	var last error = connect.NewError(connect.CodeUnavailable, errors.New("no servers known"))
+	for _, addr := range s.servers() {
+		v, err := call(s.peer(addr))
+		if err == nil || !retryable(err) {
+			return v, err
+		}
+		last = err
+	}
+	return zero, last
+}
+
+func (s *Server) servers() []string {
+	s.peersMu.Lock()
+	defer s.peersMu.Unlock()
+	return append([]string(nil), s.Peers...)
+}
+
+// SetPeers replaces the servers a worker talks to.
+func (s *Server) SetPeers(addrs []string) {
+	s.peersMu.Lock()
+	defer s.peersMu.Unlock()
+	s.Peers = append([]string(nil), addrs...)
+}

@@ -1,0 +1,110 @@
+// Package server serves shim's API on one HTTP port: the user-facing
+// ShimService and the node-facing AgentService (Connect, so gRPC, gRPC-Web and
+// JSON over HTTP all work). Servers answer reads from their replica of the
+// table and send writes to the Raft leader; workers hold no table and pass
+// every call to a server. The leader also keeps node leases in memory.
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/shim-run/shim/metrics"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+	"github.com/shim-run/shim/raftlog"
+	"github.com/shim-run/shim/table"
+)
+
+// MaxRequestBytes caps the size of one API request.
+const MaxRequestBytes = 1 << 20
+
+// Raft is the part of raftlog.Node the server uses.
+type Raft interface {
+	Apply(ctx context.Context, data []byte) (any, uint64, error)
+	IsLeader() bool
+	Leader() (id, addr string)
+	LeaderChanges() <-chan bool
+	AddVoter(ctx context.Context, id, addr string) error
+	RemoveServer(ctx context.Context, id string) error
+	Servers() ([]raftlog.Server, error)
+	Barrier(ctx context.Context) error
+}
+
+// Server implements the API. Fields are dependencies; set them before Start.
+type Server struct {
+	Name    string        // this node's name
+	Table   *table.Table  // nil on workers
+	Raft    Raft          // nil on workers
+	Watch   *Watcher      // fed by the FSM; nil on workers
+	Peers   []string      // workers: API addresses of servers to use
+	Lease   time.Duration // node lease; default 1s
+	LogDir  string        // where this node's process logs live
+	Now     func() time.Time
+	NewID   func() string
+	Log     *slog.Logger
+	Metrics *metrics.Metrics
+
+	peersMu sync.Mutex
+	clients map[string]*peer
+	leases  *leases
+	httpc   *http.Client
+}
+
+func (s *Server) init() {
+	if s.Lease <= 0 {
+		s.Lease = time.Second
+	}
+	if s.Now == nil {
+		s.Now = time.Now
+	}
+	if s.NewID == nil {
+		s.NewID = NewID
+	}
+	if s.Log == nil {
+		s.Log = slog.Default()
+	}
+	if s.Metrics == nil {
+		s.Metrics = metrics.New(nil)
+	}
+	s.clients = map[string]*peer{}
+	s.httpc = NewHTTPClient()
+	s.leases = newLeases()
+}
+
+// NewID returns a random 12-character process id.
+func NewID() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Handler returns the HTTP handler for the API, /metrics and /healthz.
+func (s *Server) Handler() http.Handler {
+	s.init()
+	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes)}
+	mux := http.NewServeMux()
+	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s}, opts...))
+	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s}, opts...))
+	mux.Handle("/metrics", s.Metrics.Handler())
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	return http.MaxBytesHandler(mux, MaxRequestBytes+4096)
+}
+
+// Run runs the leader duties (lease checks) until ctx ends. Servers only.
+func (s *Server) Run(ctx context.Context) {
+	if s.Raft == nil {
+		<-ctx.Done()
+		return
+	}
+	s.runLeases(ctx)
+}

@@ -1,0 +1,416 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/table"
+)
+
+// shimAPI implements ShimService.
+type shimAPI struct{ s *Server }
+
+type resp[T any] = connect.Response[T]
+
+func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnRequest]) (*resp[pb.SpawnResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.SpawnResponse], error) {
+			return p.shim.Spawn(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	m := req.Msg
+	if err := table.ValidateSpec(m.Spec); err != nil {
+		return nil, apiError(err)
+	}
+	n := max(int(m.Count), 1)
+	if n > table.MaxSpawnIDs {
+		return nil, invalid("count %d is more than %d", n, table.MaxSpawnIDs)
+	}
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = s.NewID()
+	}
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec}}})
+	if err != nil {
+		return nil, err
+	}
+	s.Metrics.Placements.Add(float64(len(ids)))
+	if err := s.waitIndex(ctx, res.Index); err != nil {
+		return nil, err
+	}
+	if m.Wait {
+		if err := s.waitStarted(ctx, ids); err != nil {
+			return nil, err
+		}
+	}
+	return connect.NewResponse(&pb.SpawnResponse{Processes: s.records(ids)}), nil
+}
+
+// waitStarted blocks until every process is running or finished.
+func (s *Server) waitStarted(ctx context.Context, ids []string) error {
+	for {
+		ch := s.Watch.Any()
+		done := true
+		for _, id := range ids {
+			r := s.Table.Get(id)
+			if r != nil && r.State != pb.ProcessState_PROCESS_STATE_RUNNING && !table.Terminal(r.State) {
+				done = false
+				break
+			}
+		}
+		if done {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return apiError(fmt.Errorf("waiting for processes to start: %w", ctx.Err()))
+		case <-ch:
+		}
+	}
+}
+
+func (s *Server) records(ids []string) []*pb.ProcessRecord {
+	out := make([]*pb.ProcessRecord, 0, len(ids))
+	for _, id := range ids {
+		if r := s.Table.Get(id); r != nil {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// resolve turns user references (id, id prefix or name) into ids.
+func (s *Server) resolve(refs []string) ([]string, error) {
+	var ids []string
+	seen := map[string]bool{}
+	for _, ref := range refs {
+		got, err := s.Table.Resolve(ref)
+		if err != nil {
+			return nil, apiError(err)
+		}
+		for _, id := range got {
+			if !seen[id] {
+				seen[id] = true
+				ids = append(ids, id)
+			}
+		}
+	}
+	return ids, nil
+}
+
+func (h *shimAPI) Kill(ctx context.Context, req *connect.Request[pb.KillRequest]) (*resp[pb.KillResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.KillResponse], error) {
+			return p.shim.Kill(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	if len(req.Msg.Ids) == 0 {
+		return nil, invalid("kill needs at least one process id")
+	}
+	ids, err := s.resolve(req.Msg.Ids)
+	if err != nil {
+		return nil, err
+	}
+	sig := req.Msg.Signal
+	if sig == 0 {
+		sig = 15
+	}
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Kill{Kill: &pb.Kill{Ids: ids, Signal: sig}}})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.waitIndex(ctx, res.Index); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.KillResponse{Processes: s.records(ids)}), nil
+}
+
+func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequest]) (*resp[pb.ResizeResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.ResizeResponse], error) {
+			return p.shim.Resize(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	m := req.Msg
+	ids, err := s.resolve([]string{m.Id})
+	if err != nil {
+		return nil, err
+	}
+	if len(ids) != 1 {
+		return nil, invalid("%q names %d processes; resize one at a time", m.Id, len(ids))
+	}
+	if m.Move {
+		return nil, connect.NewError(connect.CodeUnimplemented, errors.New("resize --move is not supported yet"))
+	}
+	cur := s.Table.Get(ids[0])
+	r, err := mergeResources(cur.Spec.GetResources(), m.Resources, m.Clear)
+	if err != nil {
+		return nil, err
+	}
+	if err := table.ValidateResources(r); err != nil {
+		return nil, apiError(err)
+	}
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Resize{Resize: &pb.Resize{Id: ids[0], Resources: r}}})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.waitIndex(ctx, res.Index); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.ResizeResponse{Process: s.Table.Get(ids[0])}), nil
+}
+
+// mergeResources overlays the non-zero fields of upd on cur, then resets the
+// fields named in clear.
+func mergeResources(cur, upd *pb.Resources, clear []string) (*pb.Resources, error) {
+	r := proto.CloneOf(cur)
+	if r == nil {
+		r = &pb.Resources{}
+	}
+	set := func(dst *int64, v int64) {
+		if v != 0 {
+			*dst = v
+		}
+	}
+	set(&r.CpuMinMilli, upd.GetCpuMinMilli())
+	set(&r.CpuMaxMilli, upd.GetCpuMaxMilli())
+	set(&r.CpuBurstMilli, upd.GetCpuBurstMilli())
+	set(&r.MemMinBytes, upd.GetMemMinBytes())
+	set(&r.MemMaxBytes, upd.GetMemMaxBytes())
+	set(&r.PidsMax, upd.GetPidsMax())
+	for _, f := range clear {
+		switch f {
+		case "cpu_min":
+			r.CpuMinMilli = 0
+		case "cpu_max":
+			r.CpuMaxMilli = 0
+		case "cpu_burst":
+			r.CpuBurstMilli = 0
+		case "mem_min":
+			r.MemMinBytes = 0
+		case "mem_max":
+			r.MemMaxBytes = 0
+		case "pids":
+			r.PidsMax = 0
+		default:
+			return nil, invalid("cannot clear unknown field %q", f)
+		}
+	}
+	return r, nil
+}
+
+func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]) (*resp[pb.ListResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.ListResponse], error) {
+			return p.shim.List(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	m := req.Msg
+	if m.MinIndex > 0 {
+		wctx, cancel := context.WithTimeout(ctx, waitFor(m.WaitMillis))
+		err := s.waitIndex(wctx, m.MinIndex+1)
+		cancel()
+		if err != nil && ctx.Err() != nil {
+			return nil, apiError(ctx.Err())
+		}
+	}
+	index := s.Table.Index()
+	var recs []*pb.ProcessRecord
+	if len(m.Ids) > 0 {
+		ids, err := s.resolve(m.Ids)
+		if err != nil {
+			return nil, err
+		}
+		recs = s.records(ids)
+	} else {
+		recs = s.Table.Processes(m.All, m.Node)
+	}
+	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index}), nil
+}
+
+// waitFor bounds a blocking query's wait: default 30 s, at most 5 min.
+func waitFor(ms int64) time.Duration {
+	if ms <= 0 {
+		return 30 * time.Second
+	}
+	return min(time.Duration(ms)*time.Millisecond, 5*time.Minute)
+}
+
+func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesRequest]) (*resp[pb.NodesResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.NodesResponse], error) {
+			return p.shim.Nodes(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	leader, _ := s.Raft.Leader()
+	voters := map[string]bool{}
+	if srv, err := s.Raft.Servers(); err == nil {
+		for _, v := range srv {
+			voters[v.ID] = v.Voter
+		}
+	}
+	out := &pb.NodesResponse{Index: s.Table.Index()}
+	for _, v := range s.Table.Nodes() {
+		a := v.Alloc
+		out.Nodes = append(out.Nodes, &pb.NodeStatus{
+			Node:      v.Node,
+			Leader:    v.Node.Name == leader,
+			Voter:     voters[v.Node.Name],
+			Processes: uint32(a.Count),
+			Reserved:  &pb.Resources{CpuMinMilli: a.CPUMin, MemMinBytes: a.MemMin},
+			Limit:     &pb.Resources{CpuMaxMilli: a.CPUMax, MemMaxBytes: a.MemMax},
+		})
+	}
+	return connect.NewResponse(out), nil
+}
+
+func (h *shimAPI) Drain(ctx context.Context, req *connect.Request[pb.DrainRequest]) (*resp[pb.DrainResponse], error) {
+	s := h.s
+	if s.Table == nil {
+		return forward(ctx, s, func(p *peer) (*resp[pb.DrainResponse], error) {
+			return p.shim.Drain(ctx, connect.NewRequest(req.Msg))
+		})
+	}
+	name := req.Msg.Node
+	if s.Table.Node(name) == nil {
+		return nil, apiError(fmt.Errorf("%w: %q", table.ErrUnknownNode, name))
+	}
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_SetDraining{SetDraining: &pb.SetDraining{
+		Name: name, Draining: !req.Msg.Undrain}}})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.waitIndex(ctx, res.Index); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&pb.DrainResponse{Node: s.Table.Node(name)}), nil
+}
+
+// Logs streams a process's output. A process on another node is proxied
+// through that node's API.
+func (h *shimAPI) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest], stream *connect.ServerStream[pb.LogsChunk]) error {
+	s := h.s
+	m := req.Msg
+	var rec *pb.ProcessRecord
+	if s.Table != nil {
+		ids, err := s.resolve([]string{m.Id})
+		if err != nil {
+			return err
+		}
+		if len(ids) != 1 {
+			return invalid("%q names %d processes; logs needs exactly one", m.Id, len(ids))
+		}
+		rec = s.Table.Get(ids[0])
+	} else if _, err := os.Stat(LogPath(s.LogDir, m.Id)); err == nil {
+		rec = &pb.ProcessRecord{Id: m.Id, Node: s.Name}
+	}
+	if rec == nil || rec.Node != s.Name {
+		owner := s.ownerAPI(rec)
+		if owner == "" {
+			return connect.NewError(connect.CodeUnavailable, fmt.Errorf("logs of %s: its node is not reachable", m.Id))
+		}
+		sub := proto.CloneOf(m)
+		if rec != nil {
+			sub.Id = rec.Id
+		}
+		cs, err := s.peer(owner).shim.Logs(ctx, connect.NewRequest(sub))
+		if err != nil {
+			return err
+		}
+		defer cs.Close()
+		for cs.Receive() {
+			if err := stream.Send(cs.Msg()); err != nil {
+				return err
+			}
+		}
+		return cs.Err()
+	}
+	return streamFile(ctx, LogPath(s.LogDir, rec.Id), m, stream)
+}
+
+// ownerAPI finds the API address of the node holding a process: from the
+// table on servers, or by asking a server on workers.
+func (s *Server) ownerAPI(rec *pb.ProcessRecord) string {
+	if s.Table == nil {
+		return firstOr(s.servers(), "")
+	}
+	if rec == nil || rec.Node == "" {
+		return ""
+	}
+	n := s.Table.Node(rec.Node)
+	if n == nil || n.State != pb.NodeState_NODE_STATE_UP {
+		return ""
+	}
+	return n.ApiAddr
+}
+
+func firstOr(xs []string, def string) string {
+	if len(xs) > 0 {
+		return xs[0]
+	}
+	return def
+}
+
+// LogPath is where a process's combined stdout and stderr are kept.
+func LogPath(dir, id string) string { return filepath.Join(dir, id+".log") }
+
+func streamFile(ctx context.Context, path string, m *pb.LogsRequest, stream *connect.ServerStream[pb.LogsChunk]) error {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		if !m.Follow {
+			return nil // started, but wrote nothing yet
+		}
+	} else if err != nil {
+		return apiError(fmt.Errorf("logs: %w", err))
+	}
+	for f == nil {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(100 * time.Millisecond):
+		}
+		f, _ = os.Open(path)
+	}
+	defer f.Close()
+	if m.TailBytes > 0 {
+		if st, err := f.Stat(); err == nil && st.Size() > m.TailBytes {
+			_, _ = f.Seek(st.Size()-m.TailBytes, io.SeekStart)
+		}
+	}
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			if err := stream.Send(&pb.LogsChunk{Data: buf[:n]}); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil && err != io.EOF {
+			return apiError(fmt.Errorf("logs: %w", err))
+		}
+		if !m.Follow {
+			return nil
+		}
+		// tail -f: poll for growth until the client goes away.
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

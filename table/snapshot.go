@@ -1,0 +1,143 @@
+package table
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+
+	"google.golang.org/protobuf/encoding/protodelim"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+const snapshotVersion = 1
+
+// Snapshot is a point-in-time capture of the table. Taking one copies only
+// pointers (records are immutable), so it is cheap enough to do on the apply
+// path; Persist does the encoding and I/O later.
+type Snapshot struct {
+	index   uint64
+	nodes   []*pb.NodeRecord
+	procs   []*pb.ProcessRecord
+	pending []string
+}
+
+// Snapshot captures the table's state.
+func (t *Table) Snapshot() *Snapshot {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	s := &Snapshot{
+		index:   t.index,
+		nodes:   make([]*pb.NodeRecord, 0, len(t.nodes)),
+		procs:   make([]*pb.ProcessRecord, 0, len(t.procs)),
+		pending: slices.Clone(t.pending),
+	}
+	for _, name := range t.nodeOrder {
+		s.nodes = append(s.nodes, t.nodes[name])
+	}
+	for _, r := range t.procs {
+		s.procs = append(s.procs, r)
+	}
+	return s
+}
+
+// Persist writes the snapshot: a header, then every node and process record,
+// each length-delimited. Records are sorted by id, so equal tables give equal
+// bytes.
+func (s *Snapshot) Persist(w io.Writer) error {
+	sort.Slice(s.procs, func(i, j int) bool { return s.procs[i].Id < s.procs[j].Id })
+	bw := bufio.NewWriterSize(w, 1<<20)
+	hdr := &pb.SnapshotHeader{
+		Version: snapshotVersion, Index: s.index, Pending: s.pending,
+		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
+	}
+	if _, err := protodelim.MarshalTo(bw, hdr); err != nil {
+		return fmt.Errorf("persist header: %w", err)
+	}
+	for _, n := range s.nodes {
+		if _, err := protodelim.MarshalTo(bw, n); err != nil {
+			return fmt.Errorf("persist node %s: %w", n.Name, err)
+		}
+	}
+	for _, p := range s.procs {
+		if _, err := protodelim.MarshalTo(bw, p); err != nil {
+			return fmt.Errorf("persist process %s: %w", p.Id, err)
+		}
+	}
+	return bw.Flush()
+}
+
+// Release frees the snapshot.
+func (s *Snapshot) Release() {}
+
+// Restore replaces the whole table with the snapshot read from r. On error
+// the table is left unchanged.
+func (t *Table) Restore(r io.Reader) error {
+	br := bufio.NewReaderSize(r, 1<<20)
+	opts := protodelim.UnmarshalOptions{MaxSize: 64 << 20}
+	var hdr pb.SnapshotHeader
+	if err := opts.UnmarshalFrom(br, &hdr); err != nil {
+		return fmt.Errorf("restore header: %w", err)
+	}
+	if hdr.Version != snapshotVersion {
+		return fmt.Errorf("restore: snapshot version %d, want %d", hdr.Version, snapshotVersion)
+	}
+	nt := New()
+	nt.index = hdr.Index
+	for i := uint64(0); i < hdr.NodeCount; i++ {
+		n := &pb.NodeRecord{}
+		if err := opts.UnmarshalFrom(br, n); err != nil {
+			return fmt.Errorf("restore node %d: %w", i, err)
+		}
+		nt.nodes[n.Name] = n
+		nt.nodeOrder = append(nt.nodeOrder, n.Name)
+	}
+	sort.Strings(nt.nodeOrder)
+	for i := uint64(0); i < hdr.ProcessCount; i++ {
+		p := &pb.ProcessRecord{}
+		if err := opts.UnmarshalFrom(br, p); err != nil {
+			return fmt.Errorf("restore process %d: %w", i, err)
+		}
+		nt.procs[p.Id] = p
+		addIndex(nt.byName, p.Spec.GetName(), p.Id)
+		if live(p) && p.Node != "" {
+			nt.hold(p)
+		}
+	}
+	// Every node's assignment index becomes the snapshot index: no agent can
+	// hold a newer one, so none waits for a change it has already seen.
+	for _, n := range nt.nodes {
+		nt.nodeIndex[n.Name] = hdr.Index
+	}
+	nt.pending = hdr.Pending
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.index, t.procs, t.nodes, t.nodeOrder = nt.index, nt.procs, nt.nodes, nt.nodeOrder
+	t.byNode, t.byName, t.pending, t.alloc, t.nodeIndex = nt.byNode, nt.byName, nt.pending, nt.alloc, nt.nodeIndex
+	return nil
+}
+
+// Equal reports whether two tables hold the same records (for tests).
+func Equal(a, b *Table) bool {
+	sa, sb := a.Snapshot(), b.Snapshot()
+	if sa.index != sb.index || len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
+		!slices.Equal(sa.pending, sb.pending) {
+		return false
+	}
+	for i := range sa.nodes {
+		if !proto.Equal(sa.nodes[i], sb.nodes[i]) {
+			return false
+		}
+	}
+	sort.Slice(sa.procs, func(i, j int) bool { return sa.procs[i].Id < sa.procs[j].Id })
+	sort.Slice(sb.procs, func(i, j int) bool { return sb.procs[i].Id < sb.procs[j].Id })
+	for i := range sa.procs {
+		if !proto.Equal(sa.procs[i], sb.procs[i]) {
+			return false
+		}
+	}
+	return true
+}

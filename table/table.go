@@ -1,0 +1,748 @@
+package table
+
+import (
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// Table is the process table. Apply is the only writer; the read methods may
+// be called concurrently with it. Records handed out are immutable snapshots:
+// every change stores a new record, so callers must not modify them.
+type Table struct {
+	mu        sync.RWMutex
+	index     uint64
+	procs     map[string]*pb.ProcessRecord
+	nodes     map[string]*pb.NodeRecord
+	nodeOrder []string                       // node names, sorted: placement walks them in this order
+	byNode    map[string]map[string]struct{} // live (non-terminal) processes by node
+	byName    map[string]map[string]struct{} // all processes by name
+	pending   []string                       // PENDING process ids, oldest first
+	alloc     map[string]*Alloc              // per node: sums over its live processes
+	nodeIndex map[string]uint64              // per node: index of the last change to its assignments
+}
+
+// Alloc sums the bounds of the live processes on one node.
+type Alloc struct {
+	CPUMin, CPUMax, MemMin, MemMax int64
+	Count                          int
+}
+
+// Result is what Apply returns for one command.
+type Result struct {
+	Index   uint64
+	IDs     []string // processes created or changed
+	Nodes   []string // nodes whose assignments changed, sorted
+	Err     error
+	Results []Result // one per command of a Batch
+}
+
+// New returns an empty table.
+func New() *Table {
+	t := &Table{}
+	t.reset()
+	return t
+}
+
+func (t *Table) reset() {
+	t.index = 0
+	t.procs = map[string]*pb.ProcessRecord{}
+	t.nodes = map[string]*pb.NodeRecord{}
+	t.nodeOrder = nil
+	t.byNode = map[string]map[string]struct{}{}
+	t.byName = map[string]map[string]struct{}{}
+	t.pending = nil
+	t.alloc = map[string]*Alloc{}
+	t.nodeIndex = map[string]uint64{}
+}
+
+// Apply decodes and applies one Raft log entry. It returns a Result (never
+// nil); a command that fails leaves the table exactly as it was.
+func (t *Table) Apply(index uint64, data []byte) any {
+	var cmd pb.Command
+	if err := proto.Unmarshal(data, &cmd); err != nil {
+		t.mu.Lock()
+		t.index = max(t.index, index)
+		t.mu.Unlock()
+		return Result{Index: index, Err: fmt.Errorf("%w: %v", ErrDecode, err)}
+	}
+	return t.ApplyCommand(index, &cmd)
+}
+
+// ApplyCommand applies a decoded command at the given log index.
+func (t *Table) ApplyCommand(index uint64, cmd *pb.Command) Result {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.index = max(t.index, index)
+	tx := &txn{t: t, now: cmd.NowUnixNano, touched: map[string]bool{}}
+	res := tx.apply(cmd)
+	res.Index = t.index
+	for n := range tx.touched {
+		res.Nodes = append(res.Nodes, n)
+		t.nodeIndex[n] = t.index
+	}
+	sort.Strings(res.Nodes)
+	return res
+}
+
+// txn carries the state of one Apply call.
+type txn struct {
+	t       *Table
+	now     int64
+	touched map[string]bool
+}
+
+func (x *txn) apply(cmd *pb.Command) Result {
+	if cmd.NowUnixNano > 0 {
+		x.now = cmd.NowUnixNano
+	}
+	var ids []string
+	var err error
+	switch op := cmd.Op.(type) {
+	case *pb.Command_Batch:
+		var res Result
+		for _, c := range op.Batch.Commands {
+			if c.NowUnixNano == 0 {
+				c = proto.CloneOf(c)
+				c.NowUnixNano = x.now
+			}
+			r := x.apply(c)
+			res.IDs = append(res.IDs, r.IDs...)
+			res.Results = append(res.Results, r)
+		}
+		return res
+	case *pb.Command_RegisterNode:
+		err = x.registerNode(op.RegisterNode.Node)
+	case *pb.Command_SetNodeState:
+		ids, err = x.setNodeState(op.SetNodeState.Name, op.SetNodeState.State)
+	case *pb.Command_SetDraining:
+		err = x.setDraining(op.SetDraining.Name, op.SetDraining.Draining)
+	case *pb.Command_RemoveNode:
+		ids, err = x.removeNode(op.RemoveNode.Name)
+	case *pb.Command_Spawn:
+		ids, err = x.spawn(op.Spawn.Ids, op.Spawn.Spec)
+	case *pb.Command_Kill:
+		ids, err = x.kill(op.Kill.Ids, op.Kill.Signal)
+	case *pb.Command_Report:
+		ids = x.report(op.Report)
+	case *pb.Command_Resize:
+		ids, err = x.resize(op.Resize.Id, op.Resize.Resources)
+	case *pb.Command_Prune:
+		ids = x.prune(op.Prune.BeforeUnixNano)
+	default:
+		err = fmt.Errorf("%w: empty command", ErrDecode)
+	}
+	return Result{IDs: ids, Err: err}
+}
+
+// put stores a new version of a record and keeps every index in step.
+func (x *txn) put(rec *pb.ProcessRecord) {
+	t := x.t
+	rec.ModifyIndex = t.index
+	rec.UpdatedUnixNano = x.now
+	old := t.procs[rec.Id]
+	if old != nil && live(old) && old.Node != "" {
+		t.release(old)
+		x.touched[old.Node] = true
+	}
+	if old != nil && old.State == pb.ProcessState_PROCESS_STATE_PENDING && rec.State != old.State {
+		t.pending = slices.DeleteFunc(t.pending, func(id string) bool { return id == rec.Id })
+	}
+	if (old == nil || old.State != pb.ProcessState_PROCESS_STATE_PENDING) && rec.State == pb.ProcessState_PROCESS_STATE_PENDING {
+		t.pending = append(t.pending, rec.Id)
+	}
+	t.procs[rec.Id] = rec
+	if old == nil {
+		addIndex(t.byName, rec.Spec.GetName(), rec.Id)
+	}
+	if live(rec) && rec.Node != "" {
+		t.hold(rec)
+		x.touched[rec.Node] = true
+	}
+}
+
+func (t *Table) hold(rec *pb.ProcessRecord) {
+	addIndex(t.byNode, rec.Node, rec.Id)
+	a := t.alloc[rec.Node]
+	if a == nil {
+		a = &Alloc{}
+		t.alloc[rec.Node] = a
+	}
+	a.add(rec.Spec.GetResources(), 1)
+}
+
+func (t *Table) release(rec *pb.ProcessRecord) {
+	delIndex(t.byNode, rec.Node, rec.Id)
+	if a := t.alloc[rec.Node]; a != nil {
+		a.add(rec.Spec.GetResources(), -1)
+		if a.Count == 0 {
+			delete(t.alloc, rec.Node)
+		}
+	}
+}
+
+func (a *Alloc) add(r *pb.Resources, sign int64) {
+	a.CPUMin += sign * r.GetCpuMinMilli()
+	a.CPUMax += sign * r.GetCpuMaxMilli()
+	a.MemMin += sign * r.GetMemMinBytes()
+	a.MemMax += sign * r.GetMemMaxBytes()
+	a.Count += int(sign)
+}
+
+func addIndex(m map[string]map[string]struct{}, key, id string) {
+	s := m[key]
+	if s == nil {
+		s = map[string]struct{}{}
+		m[key] = s
+	}
+	s[id] = struct{}{}
+}
+
+func delIndex(m map[string]map[string]struct{}, key, id string) {
+	if s := m[key]; s != nil {
+		delete(s, id)
+		if len(s) == 0 {
+			delete(m, key)
+		}
+	}
+}
+
+func live(rec *pb.ProcessRecord) bool { return !Terminal(rec.State) }
+
+func sortedKeys(m map[string]struct{}) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// ---- nodes ----
+
+func (x *txn) registerNode(n *pb.NodeRecord) error {
+	if n == nil || n.Name == "" {
+		return fmt.Errorf("%w: node without a name", ErrInvalid)
+	}
+	if err := ValidateName(n.Name); err != nil {
+		return err
+	}
+	if err := ValidateResources(n.Capacity); err != nil {
+		return fmt.Errorf("node %s capacity: %w", n.Name, err)
+	}
+	t := x.t
+	rec := proto.CloneOf(n)
+	old := t.nodes[n.Name]
+	if old == nil {
+		i, _ := slices.BinarySearch(t.nodeOrder, n.Name)
+		t.nodeOrder = slices.Insert(t.nodeOrder, i, n.Name)
+		rec.JoinedUnixNano = x.now
+	} else {
+		rec.JoinedUnixNano = old.JoinedUnixNano
+		rec.Draining = old.Draining
+	}
+	rec.State = pb.NodeState_NODE_STATE_UP
+	rec.UpdatedUnixNano = x.now
+	rec.ModifyIndex = t.index
+	t.nodes[n.Name] = rec
+	x.touched[n.Name] = true
+	x.placePending()
+	return nil
+}
+
+func (x *txn) setNodeState(name string, s pb.NodeState) ([]string, error) {
+	t := x.t
+	old := t.nodes[name]
+	if old == nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownNode, name)
+	}
+	if _, ok := pb.NodeState_name[int32(s)]; !ok || s == pb.NodeState_NODE_STATE_UNSPECIFIED {
+		return nil, fmt.Errorf("%w: node state %d", ErrInvalid, s)
+	}
+	if old.State == s {
+		return nil, nil
+	}
+	rec := proto.CloneOf(old)
+	rec.State = s
+	rec.UpdatedUnixNano = x.now
+	rec.ModifyIndex = t.index
+	t.nodes[name] = rec
+	x.touched[name] = true
+	if s == pb.NodeState_NODE_STATE_UP {
+		x.placePending()
+		return nil, nil
+	}
+	return x.evacuate(name, "node "+name+" "+NodeStateName(s)), nil
+}
+
+func (x *txn) setDraining(name string, draining bool) error {
+	t := x.t
+	old := t.nodes[name]
+	if old == nil {
+		return fmt.Errorf("%w: %q", ErrUnknownNode, name)
+	}
+	if old.Draining == draining {
+		return nil
+	}
+	rec := proto.CloneOf(old)
+	rec.Draining = draining
+	rec.UpdatedUnixNano = x.now
+	rec.ModifyIndex = t.index
+	t.nodes[name] = rec
+	x.touched[name] = true
+	if !draining {
+		x.placePending()
+	}
+	return nil
+}
+
+func (x *txn) removeNode(name string) ([]string, error) {
+	t := x.t
+	if t.nodes[name] == nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownNode, name)
+	}
+	delete(t.nodes, name)
+	if i, ok := slices.BinarySearch(t.nodeOrder, name); ok {
+		t.nodeOrder = slices.Delete(t.nodeOrder, i, i+1)
+	}
+	x.touched[name] = true
+	return x.evacuate(name, "node "+name+" removed"), nil
+}
+
+// evacuate moves every live process off a lost node under a new incarnation.
+// Processes that were being killed are finished instead.
+func (x *txn) evacuate(name, reason string) []string {
+	t := x.t
+	ids := sortedKeys(t.byNode[name])
+	for _, id := range ids {
+		rec := proto.CloneOf(t.procs[id])
+		x.retire(rec, reason)
+		if rec.Stop {
+			rec.State = pb.ProcessState_PROCESS_STATE_KILLED
+			rec.Reason = reason
+			rec.FinishedUnixNano = x.now
+			x.put(rec)
+			continue
+		}
+		rec.Incarnation++
+		rec.Pid, rec.StartTime = 0, 0
+		if n, err := t.place(rec.Spec, nil); err == nil {
+			rec.Node, rec.State = n, pb.ProcessState_PROCESS_STATE_STARTING
+			rec.Reason = "moved: " + reason
+		} else {
+			rec.Node, rec.State = "", pb.ProcessState_PROCESS_STATE_PENDING
+			rec.Reason = "waiting for room: " + err.Error()
+		}
+		x.put(rec)
+	}
+	return ids
+}
+
+// retire appends the record's current incarnation to its history.
+func (x *txn) retire(rec *pb.ProcessRecord, reason string) {
+	if rec.Node == "" {
+		return
+	}
+	state := rec.State
+	if !Terminal(state) {
+		state = pb.ProcessState_PROCESS_STATE_KILLED
+	}
+	rec.History = append(rec.History, &pb.Incarnation{
+		Incarnation: rec.Incarnation, Node: rec.Node, Pid: rec.Pid, State: state,
+		ExitCode: rec.ExitCode, Reason: reason, StartedUnixNano: rec.StartedUnixNano, EndedUnixNano: x.now,
+	})
+	if len(rec.History) > historyLimit {
+		rec.History = slices.Delete(rec.History, 0, len(rec.History)-historyLimit)
+	}
+}
+
+// placePending places waiting processes, oldest first, where they now fit.
+func (x *txn) placePending() {
+	t := x.t
+	for _, id := range slices.Clone(t.pending) {
+		rec := t.procs[id]
+		n, err := t.place(rec.Spec, nil)
+		if err != nil {
+			continue
+		}
+		rec = proto.CloneOf(rec)
+		rec.Node, rec.State, rec.Reason = n, pb.ProcessState_PROCESS_STATE_STARTING, ""
+		x.put(rec)
+	}
+}
+
+// ---- processes ----
+
+func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
+	t := x.t
+	if len(ids) == 0 || len(ids) > MaxSpawnIDs {
+		return nil, fmt.Errorf("%w: spawn needs 1 to %d ids", ErrInvalid, MaxSpawnIDs)
+	}
+	if err := ValidateSpec(spec); err != nil {
+		return nil, err
+	}
+	seen := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		if err := ValidateID(id); err != nil {
+			return nil, err
+		}
+		if t.procs[id] != nil || seen[id] {
+			return nil, fmt.Errorf("%w: process %s", ErrExists, id)
+		}
+		seen[id] = true
+	}
+	// Place every replica before changing anything, so that a spawn is all or
+	// nothing.
+	extra := map[string]*Alloc{}
+	nodes := make([]string, len(ids))
+	for i := range ids {
+		n, err := t.place(spec, extra)
+		if err != nil {
+			if len(ids) > 1 {
+				return nil, fmt.Errorf("replica %d of %d: %w", i+1, len(ids), err)
+			}
+			return nil, err
+		}
+		nodes[i] = n
+		a := extra[n]
+		if a == nil {
+			a = &Alloc{}
+			extra[n] = a
+		}
+		a.add(spec.Resources, 1)
+	}
+	for i, id := range ids {
+		x.put(&pb.ProcessRecord{
+			Id: id, Spec: spec, Node: nodes[i], State: pb.ProcessState_PROCESS_STATE_STARTING,
+			Incarnation: 1, CreatedUnixNano: x.now,
+		})
+	}
+	return ids, nil
+}
+
+func (x *txn) kill(ids []string, signal int32) ([]string, error) {
+	t := x.t
+	if len(ids) == 0 {
+		return nil, fmt.Errorf("%w: kill needs at least one id", ErrInvalid)
+	}
+	if signal < 0 || signal > 64 {
+		return nil, fmt.Errorf("%w: signal %d", ErrInvalid, signal)
+	}
+	for _, id := range ids {
+		if t.procs[id] == nil {
+			return nil, fmt.Errorf("%w: process %q", ErrNotFound, id)
+		}
+	}
+	var changed []string
+	for _, id := range ids {
+		old := t.procs[id]
+		if !live(old) || (old.Stop && old.StopSignal == signal) {
+			continue
+		}
+		rec := proto.CloneOf(old)
+		rec.Stop, rec.StopSignal = true, signal
+		if rec.State == pb.ProcessState_PROCESS_STATE_PENDING {
+			rec.State, rec.Reason, rec.FinishedUnixNano = pb.ProcessState_PROCESS_STATE_KILLED, "killed before placement", x.now
+		}
+		x.put(rec)
+		changed = append(changed, id)
+	}
+	return changed, nil
+}
+
+func (x *txn) report(r *pb.Report) []string {
+	t := x.t
+	var changed []string
+	freed := false
+	for _, u := range r.Updates {
+		old := t.procs[u.Id]
+		// Reports about an incarnation the table has moved elsewhere are
+		// stale; the node learns from its assignments to stop that copy.
+		if old == nil || old.Node != r.Node || old.Incarnation != u.Incarnation || !live(old) {
+			continue
+		}
+		state := u.State
+		if Terminal(state) && old.Stop {
+			state = pb.ProcessState_PROCESS_STATE_KILLED
+		}
+		if checkTransition(old.State, state) != nil {
+			continue
+		}
+		rec := proto.CloneOf(old)
+		rec.State = state
+		rec.Restarts = u.Restarts
+		at := u.AtUnixNano
+		if at == 0 {
+			at = x.now
+		}
+		switch state {
+		case pb.ProcessState_PROCESS_STATE_RUNNING:
+			rec.Pid, rec.StartTime, rec.StartedUnixNano = u.Pid, u.StartTime, at
+		case pb.ProcessState_PROCESS_STATE_BACKOFF:
+			rec.ExitCode, rec.Reason = u.ExitCode, u.Reason
+		default: // terminal
+			rec.ExitCode, rec.Reason, rec.FinishedUnixNano = u.ExitCode, u.Reason, at
+			if u.Pid != 0 {
+				rec.Pid = u.Pid
+			}
+			freed = true
+		}
+		if proto.Equal(rec, old) {
+			continue
+		}
+		x.put(rec)
+		changed = append(changed, u.Id)
+	}
+	if freed && len(t.pending) > 0 {
+		x.placePending()
+	}
+	return changed
+}
+
+func (x *txn) resize(id string, r *pb.Resources) ([]string, error) {
+	t := x.t
+	old := t.procs[id]
+	if old == nil {
+		return nil, fmt.Errorf("%w: process %q", ErrNotFound, id)
+	}
+	if !live(old) {
+		return nil, fmt.Errorf("%w: process %s has %s", ErrInvalid, id, StateName(old.State))
+	}
+	if err := ValidateResources(r); err != nil {
+		return nil, err
+	}
+	if old.Node != "" {
+		n := t.nodes[old.Node]
+		a := *t.alloc[old.Node]
+		a.add(old.Spec.Resources, -1)
+		if err := fits(n, &a, r); err != nil {
+			return nil, fmt.Errorf("%w: node %s cannot hold it: %v", ErrNoCapacity, old.Node, err)
+		}
+	}
+	rec := proto.CloneOf(old)
+	rec.Spec = proto.CloneOf(rec.Spec)
+	rec.Spec.Resources = proto.CloneOf(r)
+	x.put(rec)
+	return []string{id}, nil
+}
+
+func (x *txn) prune(before int64) []string {
+	t := x.t
+	var ids []string
+	for id, rec := range t.procs {
+		if !live(rec) && rec.FinishedUnixNano < before {
+			ids = append(ids, id)
+		}
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		delIndex(t.byName, t.procs[id].Spec.GetName(), id)
+		delete(t.procs, id)
+	}
+	return ids
+}
+
+// ---- placement ----
+
+// place picks a node for spec: the pinned node if it has room, else the up,
+// undrained node with room and the fewest processes (ties to the most free
+// CPU, then the lowest name). extra holds reservations not yet in the table.
+func (t *Table) place(spec *pb.ProcessSpec, extra map[string]*Alloc) (string, error) {
+	best, bestCount, bestFree := "", 0, int64(0)
+	var bestNo string
+	var bestNoFree [2]int64
+	up := 0
+	for _, name := range t.nodeOrder {
+		n := t.nodes[name]
+		if n.State != pb.NodeState_NODE_STATE_UP || (spec.Node != "" && spec.Node != name) {
+			continue
+		}
+		if n.Draining && spec.Node == "" {
+			continue
+		}
+		up++
+		a := t.allocOf(name, extra)
+		if err := fits(n, &a, spec.Resources); err != nil {
+			fc, fm := n.Capacity.GetCpuMaxMilli()-a.CPUMin, n.Capacity.GetMemMaxBytes()-a.MemMin
+			if bestNo == "" || fc > bestNoFree[0] || (fc == bestNoFree[0] && fm > bestNoFree[1]) {
+				bestNo, bestNoFree = name, [2]int64{fc, fm}
+			}
+			continue
+		}
+		free := n.Capacity.GetCpuMaxMilli() - a.CPUMin
+		if best == "" || a.Count < bestCount || (a.Count == bestCount && free > bestFree) {
+			best, bestCount, bestFree = name, a.Count, free
+		}
+	}
+	if best != "" {
+		return best, nil
+	}
+	want := fmt.Sprintf("cpu %s, memory %s", Cores(spec.Resources.GetCpuMinMilli()), Bytes(spec.Resources.GetMemMinBytes()))
+	switch {
+	case spec.Node != "" && t.nodes[spec.Node] == nil:
+		return "", fmt.Errorf("%w: %q", ErrUnknownNode, spec.Node)
+	case spec.Node != "" && up == 0:
+		return "", fmt.Errorf("%w: node %s is %s", ErrNoCapacity, spec.Node, NodeStateName(t.nodes[spec.Node].State))
+	case up == 0:
+		return "", fmt.Errorf("%w: no node is up and accepting work", ErrNoCapacity)
+	}
+	return "", fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up)",
+		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), bestNo, up)
+}
+
+func (t *Table) allocOf(node string, extra map[string]*Alloc) Alloc {
+	var a Alloc
+	if p := t.alloc[node]; p != nil {
+		a = *p
+	}
+	if e := extra[node]; e != nil {
+		a.CPUMin += e.CPUMin
+		a.CPUMax += e.CPUMax
+		a.MemMin += e.MemMin
+		a.MemMax += e.MemMax
+		a.Count += e.Count
+	}
+	return a
+}
+
+// fits reports whether r fits on node n that already holds a. Capacity lives
+// in the node's max fields; the sum of maxima may reach capacity times the
+// node's overcommit percentage (0 = unchecked).
+func fits(n *pb.NodeRecord, a *Alloc, r *pb.Resources) error {
+	c := n.Capacity
+	if need := r.GetCpuMinMilli(); need > 0 && a.CPUMin+need > c.GetCpuMaxMilli() {
+		return fmt.Errorf("cpu min %s > free %s", Cores(need), Cores(max(c.GetCpuMaxMilli()-a.CPUMin, 0)))
+	}
+	if need := r.GetMemMinBytes(); need > 0 && a.MemMin+need > c.GetMemMaxBytes() {
+		return fmt.Errorf("memory min %s > free %s", Bytes(need), Bytes(max(c.GetMemMaxBytes()-a.MemMin, 0)))
+	}
+	if oc := int64(n.OvercommitPercent); oc > 0 {
+		if m := r.GetCpuMaxMilli(); m > 0 && a.CPUMax+m > c.GetCpuMaxMilli()*oc/100 {
+			return fmt.Errorf("cpu max would exceed %d%% of capacity", oc)
+		}
+		if m := r.GetMemMaxBytes(); m > 0 && a.MemMax+m > c.GetMemMaxBytes()*oc/100 {
+			return fmt.Errorf("memory max would exceed %d%% of capacity", oc)
+		}
+	}
+	return nil
+}
+
+// ---- reads ----
+
+// Index is the log index of the last applied command.
+func (t *Table) Index() uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.index
+}
+
+// Get returns a process record, or nil.
+func (t *Table) Get(id string) *pb.ProcessRecord {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.procs[id]
+}
+
+// Resolve turns a reference into process ids: an exact id, a unique id
+// prefix, or a name (every process with that name).
+func (t *Table) Resolve(ref string) ([]string, error) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if t.procs[ref] != nil {
+		return []string{ref}, nil
+	}
+	if s := t.byName[ref]; len(s) > 0 {
+		return sortedKeys(s), nil
+	}
+	var match []string
+	if len(ref) >= 3 {
+		for id := range t.procs {
+			if strings.HasPrefix(id, ref) {
+				match = append(match, id)
+				if len(match) > 1 {
+					return nil, fmt.Errorf("%w: %q matches more than one process", ErrInvalid, ref)
+				}
+			}
+		}
+	}
+	if len(match) == 1 {
+		return match, nil
+	}
+	return nil, fmt.Errorf("%w: no process %q", ErrNotFound, ref)
+}
+
+// Processes returns records sorted by creation time, then id. all includes
+// terminal records; node, if set, keeps only that node's live processes.
+func (t *Table) Processes(all bool, node string) []*pb.ProcessRecord {
+	t.mu.RLock()
+	var out []*pb.ProcessRecord
+	if node != "" {
+		for id := range t.byNode[node] {
+			out = append(out, t.procs[id])
+		}
+	} else {
+		out = make([]*pb.ProcessRecord, 0, len(t.procs))
+		for _, r := range t.procs {
+			if all || live(r) {
+				out = append(out, r)
+			}
+		}
+	}
+	t.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].CreatedUnixNano != out[j].CreatedUnixNano {
+			return out[i].CreatedUnixNano < out[j].CreatedUnixNano
+		}
+		return out[i].Id < out[j].Id
+	})
+	return out
+}
+
+// Assignments returns a node's live processes and the index of the last
+// change to them.
+func (t *Table) Assignments(node string) ([]*pb.ProcessRecord, uint64) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]*pb.ProcessRecord, 0, len(t.byNode[node]))
+	for id := range t.byNode[node] {
+		out = append(out, t.procs[id])
+	}
+	return out, t.nodeIndex[node]
+}
+
+// NodeView is a node record with its current allocation.
+type NodeView struct {
+	Node  *pb.NodeRecord
+	Alloc Alloc
+}
+
+// Nodes returns every node, sorted by name.
+func (t *Table) Nodes() []NodeView {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]NodeView, 0, len(t.nodeOrder))
+	for _, name := range t.nodeOrder {
+		out = append(out, NodeView{Node: t.nodes[name], Alloc: t.allocOf(name, nil)})
+	}
+	return out
+}
+
+// Node returns one node record, or nil.
+func (t *Table) Node(name string) *pb.NodeRecord {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.nodes[name]
+}
+
+// Len returns the number of process records.
+func (t *Table) Len() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.procs)
+}
