@@ -12,11 +12,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
@@ -358,6 +360,7 @@ func (a *Agent) reconcileLocked() {
 			}
 			l.applied = act.Record.Spec.GetResources()
 			l.rec = act.Record
+			a.saveState(l)
 			a.Log.Info("resized in place", "id", l.id, "pid", l.proc.PID())
 		case restart.Start:
 			a.startLocked(act.Record, act.Record.Restarts)
@@ -381,7 +384,7 @@ func (a *Agent) startLocked(rec *pb.ProcessRecord, restarts uint32) {
 	spec := rec.Spec
 	start := time.Now()
 	p, err := a.Runtime.Start(Spec{
-		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: spec.Env, Dir: spec.Dir,
+		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: a.env(rec), Dir: spec.Dir,
 		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
 		Network: spec.Network, User: spec.User, Rootfs: spec.Rootfs,
 	})
@@ -404,6 +407,24 @@ func (a *Agent) startLocked(rec *pb.ProcessRecord, restarts uint32) {
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)
+}
+
+const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// env is the process's environment: its spec's, plus SHIM_PROCESS_ID,
+// SHIM_PROCESS_NAME, SHIM_INCARNATION and SHIM_NODE.
+func (a *Agent) env(rec *pb.ProcessRecord) []string {
+	env := make([]string, 0, len(rec.Spec.Env)+5)
+	hasPath := false
+	for _, e := range rec.Spec.Env {
+		hasPath = hasPath || strings.HasPrefix(e, "PATH=")
+	}
+	if !hasPath {
+		env = append(env, defaultPath)
+	}
+	env = append(env, rec.Spec.Env...)
+	return append(env, "SHIM_PROCESS_ID="+rec.Id, "SHIM_PROCESS_NAME="+rec.Spec.Name,
+		fmt.Sprintf("SHIM_INCARNATION=%d", rec.Incarnation), "SHIM_NODE="+a.Node.Name)
 }
 
 func (a *Agent) reportRunning(l *local) {
@@ -563,6 +584,7 @@ type state struct {
 	StartTime   uint64 `json:"start_time"`
 	Restarts    uint32 `json:"restarts"`
 	StartedUnix int64  `json:"started_unix_nano"`
+	Resources   []byte `json:"resources"` // the bounds applied, as a pb.Resources
 }
 
 // LogPath is where a process's output is kept under the data dir.
@@ -571,8 +593,9 @@ func LogPath(dataDir, id string) string { return filepath.Join(dataDir, "logs", 
 func (a *Agent) statePath(id string) string { return filepath.Join(a.DataDir, "state", id+".json") }
 
 func (a *Agent) saveState(l *local) {
+	res, _ := proto.Marshal(l.applied)
 	b, _ := json.Marshal(state{Incarnation: l.inc, PID: l.proc.PID(), StartTime: l.proc.StartTime(),
-		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano()})
+		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano(), Resources: res})
 	p := a.statePath(l.id)
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err == nil {
 		err = os.WriteFile(p+".tmp", b, 0o644)
@@ -615,6 +638,10 @@ func (a *Agent) adopt() error {
 			continue
 		}
 		l.proc = p
+		l.applied = &pb.Resources{}
+		if err := proto.Unmarshal(st.Resources, l.applied); err != nil {
+			l.applied = nil // unknown: the next assignment applies its bounds again
+		}
 		a.procs[f.ID] = l
 		a.Log.Info("re-adopted process", "id", f.ID, "pid", p.PID())
 		go a.wait(l, p)
@@ -622,7 +649,7 @@ func (a *Agent) adopt() error {
 	// Lost processes whose sandbox is already gone still have state files.
 	entries, _ := os.ReadDir(filepath.Join(a.DataDir, "state"))
 	for _, e := range entries {
-		id, ok := cutSuffix(e.Name(), ".json")
+		id, ok := strings.CutSuffix(e.Name(), ".json")
 		if !ok || a.procs[id] != nil || table.ValidateID(id) != nil {
 			continue
 		}
@@ -634,11 +661,4 @@ func (a *Agent) adopt() error {
 		}
 	}
 	return nil
-}
-
-func cutSuffix(s, suf string) (string, bool) {
-	if len(s) > len(suf) && s[len(s)-len(suf):] == suf {
-		return s[:len(s)-len(suf)], true
-	}
-	return "", false
 }

@@ -1,0 +1,376 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+
+	"github.com/shim-run/shim/agent"
+	"github.com/shim-run/shim/metrics"
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+	"github.com/shim-run/shim/raftlog"
+	"github.com/shim-run/shim/server"
+	"github.com/shim-run/shim/table"
+)
+
+type options struct {
+	name, dataDir, api, raftAddr, role, join, logLevel string
+	lease                                              time.Duration
+	reserveCPU, reserveMem, cpuCap, memCap             string
+	overcommit                                         uint32
+}
+
+func newCommand() *cobra.Command {
+	host, _ := os.Hostname()
+	o := &options{}
+	cmd := &cobra.Command{
+		Use:           "shimd",
+		Short:         "shim node daemon: a member of the cluster's process table that runs its share of processes",
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE:          func(cmd *cobra.Command, _ []string) error { return run(cmd.Context(), o) },
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.name, "name", host, "node name (unique in the cluster)")
+	f.StringVar(&o.dataDir, "data-dir", "./shim-data", "directory for Raft state, process state and logs")
+	f.StringVar(&o.api, "api", "127.0.0.1:7070", "API listen address (also what other nodes dial)")
+	f.StringVar(&o.raftAddr, "raft", "127.0.0.1:7071", "Raft listen address (servers only)")
+	f.StringVar(&o.role, "role", "server", "server (Raft voter) or worker (runs processes, not in Raft)")
+	f.StringVar(&o.join, "join", "", "API address of any member, comma-separated for several; empty bootstraps a new cluster")
+	f.DurationVar(&o.lease, "lease", time.Second, "node lease: a node that cannot renew it for this long is fenced and replaced")
+	f.StringVar(&o.reserveCPU, "reserve-cpu", "0", "CPU cores kept back for the system")
+	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
+	f.StringVar(&o.cpuCap, "cpu", "", "CPU cores this node offers (default: detected)")
+	f.StringVar(&o.memCap, "mem", "", "memory this node offers (default: detected)")
+	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of capacity the sum of process maxima may reach (0 = unchecked)")
+	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
+	return cmd
+}
+
+func run(ctx context.Context, o *options) error {
+	log, err := newLogger(o.logLevel)
+	if err != nil {
+		return err
+	}
+	if err := table.ValidateName(o.name); err != nil || o.name == "" {
+		return fmt.Errorf("--name %q: use 1-63 letters, digits, '.', '_' or '-'", o.name)
+	}
+	role, err := parseRole(o.role)
+	if err != nil {
+		return err
+	}
+	if o.lease < 100*time.Millisecond {
+		return fmt.Errorf("--lease %s is too short (at least 100ms)", o.lease)
+	}
+	capacity, err := detectCapacity(o)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(o.dataDir, 0o755); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	unlock, err := lockDataDir(o.dataDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	join := splitAddrs(o.join)
+	m := metrics.New(nil)
+	srv := &server.Server{Name: o.name, Lease: o.lease, LogDir: filepath.Join(o.dataDir, "logs"), Log: log, Metrics: m}
+	var rn *raftlog.Node
+	if role == pb.NodeRole_NODE_ROLE_SERVER {
+		t := table.New()
+		w := server.NewWatcher()
+		rn, err = raftlog.Open(raftlog.Config{
+			ID: o.name, BindAddr: o.raftAddr, DataDir: filepath.Join(o.dataDir, "raft"),
+			Bootstrap: len(join) == 0, Logger: os.Stderr,
+		}, &server.FSM{Table: t, Watch: w})
+		if err != nil {
+			return fmt.Errorf("raft: %w", err)
+		}
+		srv.Table, srv.Raft, srv.Watch = t, rn, w
+	} else {
+		if len(join) == 0 {
+			return errors.New("--role worker needs --join with the API address of a server")
+		}
+		srv.Peers = join
+	}
+
+	ln, err := net.Listen("tcp", o.api)
+	if err != nil {
+		return fmt.Errorf("api: %w", err)
+	}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("api server stopped", "err", err)
+		}
+	}()
+	log.Info("shimd started", "role", o.role, "api", o.api, "raft", o.raftAddr, "data", o.dataDir,
+		"cpu", table.Cores(capacity.CpuMaxMilli), "mem", table.Bytes(capacity.MemMaxBytes))
+
+	// The agent talks to this node's own API on servers (which forwards to
+	// the leader), and to the servers directly on workers.
+	var addrsMu sync.Mutex
+	addrs := []string{o.api}
+	if role == pb.NodeRole_NODE_ROLE_WORKER {
+		addrs = join
+	} else if rn.HadState() || len(join) == 0 {
+		addrs = []string{o.api}
+	} else {
+		addrs = append([]string{o.api}, join...)
+	}
+	rt, err := newRuntime(o.name, log)
+	if err != nil {
+		return err
+	}
+	httpc := server.NewHTTPClient()
+	clients := map[string]shimv1connect.AgentServiceClient{}
+	ag := &agent.Agent{
+		Node: &pb.NodeRecord{Name: o.name, Role: role, ApiAddr: o.api, RaftAddr: raftAddrFor(role, o.raftAddr),
+			Capacity: capacity, OvercommitPercent: o.overcommit},
+		Addrs: func() []string {
+			addrsMu.Lock()
+			defer addrsMu.Unlock()
+			return append([]string(nil), addrs...)
+		},
+		Client: func(addr string) shimv1connect.AgentServiceClient {
+			addrsMu.Lock()
+			defer addrsMu.Unlock()
+			c := clients[addr]
+			if c == nil {
+				c = shimv1connect.NewAgentServiceClient(httpc, server.URL(addr))
+				clients[addr] = c
+			}
+			return c
+		},
+		OnServers: func(s []string) {
+			if role == pb.NodeRole_NODE_ROLE_WORKER {
+				addrsMu.Lock()
+				addrs = s
+				addrsMu.Unlock()
+				srv.SetPeers(s)
+			} else {
+				addrsMu.Lock()
+				addrs = []string{o.api}
+				addrsMu.Unlock()
+			}
+		},
+		Runtime: rt,
+		DataDir: o.dataDir,
+		Lease:   o.lease,
+		Log:     log,
+		Metrics: m,
+	}
+	if role == pb.NodeRole_NODE_ROLE_SERVER && !rn.HadState() && len(join) > 0 {
+		// A new server must be a voter before its own API can answer.
+		if err := joinRaft(ctx, httpc, join, ag.Node); err != nil {
+			return err
+		}
+	}
+
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); srv.Run(ctx) }()
+	var agentErr error
+	go func() { defer wg.Done(); agentErr = ag.Run(ctx) }()
+	<-ctx.Done()
+	log.Info("shutting down; processes keep running")
+	wg.Wait()
+	sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if rn != nil && rn.IsLeader() {
+		_ = rn.LeadershipTransfer()
+	}
+	_ = hs.Shutdown(sctx)
+	if rn != nil {
+		if err := rn.Shutdown(); err != nil {
+			log.Warn("raft shutdown", "err", err)
+		}
+	}
+	if agentErr != nil && !errors.Is(agentErr, context.Canceled) {
+		return agentErr
+	}
+	return nil
+}
+
+// joinRaft asks a member to add this server as a voter, retrying until one
+// answers.
+func joinRaft(ctx context.Context, httpc *http.Client, join []string, n *pb.NodeRecord) error {
+	backoff := 100 * time.Millisecond
+	for {
+		var err error
+		for _, addr := range join {
+			c := shimv1connect.NewAgentServiceClient(httpc, server.URL(addr))
+			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err = c.Join(rctx, connect.NewRequest(&pb.JoinRequest{Node: n}))
+			cancel()
+			if err == nil {
+				return nil
+			}
+			if connect.CodeOf(err) == connect.CodeInvalidArgument {
+				return fmt.Errorf("join %s: %w", addr, err)
+			}
+		}
+		slog.Warn("cannot join yet; retrying", "join", join, "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+func raftAddrFor(role pb.NodeRole, addr string) string {
+	if role == pb.NodeRole_NODE_ROLE_SERVER {
+		return addr
+	}
+	return ""
+}
+
+func parseRole(s string) (pb.NodeRole, error) {
+	switch s {
+	case "server":
+		return pb.NodeRole_NODE_ROLE_SERVER, nil
+	case "worker":
+		return pb.NodeRole_NODE_ROLE_WORKER, nil
+	}
+	return 0, fmt.Errorf("--role %q: use server or worker", s)
+}
+
+func splitAddrs(s string) []string {
+	var out []string
+	for _, a := range strings.Split(s, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: use debug, info, warn or error", level)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+	slog.SetDefault(log)
+	return log, nil
+}
+
+// lockDataDir makes sure only one shimd uses a data dir.
+func lockDataDir(dir string) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock data dir: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data dir %s is in use by another shimd", dir)
+	}
+	return func() { f.Close() }, nil
+}
+
+// detectCapacity works out what this node offers: detected (or given) cores
+// and memory, less the system reserve.
+func detectCapacity(o *options) (*pb.Resources, error) {
+	cpu := int64(runtime.NumCPU()) * 1000
+	if o.cpuCap != "" {
+		v, err := parseCores(o.cpuCap)
+		if err != nil {
+			return nil, fmt.Errorf("--cpu: %w", err)
+		}
+		cpu = v
+	}
+	mem, err := memTotal()
+	if err != nil {
+		return nil, err
+	}
+	if o.memCap != "" {
+		if mem, err = parseBytes(o.memCap); err != nil {
+			return nil, fmt.Errorf("--mem: %w", err)
+		}
+	}
+	rc, err := parseCores(o.reserveCPU)
+	if err != nil {
+		return nil, fmt.Errorf("--reserve-cpu: %w", err)
+	}
+	rm, err := parseBytes(o.reserveMem)
+	if err != nil {
+		return nil, fmt.Errorf("--reserve-mem: %w", err)
+	}
+	return &pb.Resources{CpuMaxMilli: max(cpu-rc, 0), MemMaxBytes: max(mem-rm, 0)}, nil
+}
+
+func memTotal() (int64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, fmt.Errorf("detect memory: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "MemTotal:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("detect memory: %w", err)
+			}
+			return kb * 1024, nil
+		}
+	}
+	return 0, errors.New("detect memory: no MemTotal in /proc/meminfo")
+}
+
+func parseCores(s string) (int64, error) {
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("%q is not a number of cores", s)
+	}
+	return int64(f*1000 + 0.5), nil
+}
+
+func parseBytes(s string) (int64, error) {
+	mult := int64(1)
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(s), "B"), "I")
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'K':
+			mult, t = 1<<10, t[:n-1]
+		case 'M':
+			mult, t = 1<<20, t[:n-1]
+		case 'G':
+			mult, t = 1<<30, t[:n-1]
+		case 'T':
+			mult, t = 1<<40, t[:n-1]
+		}
+	}
+	f, err := strconv.ParseFloat(t, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("%q is not a size (use K, M, G or T)", s)
+	}
+	return int64(f * float64(mult)), nil
+}

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"syscall"
+
+	"github.com/shim-run/shim/agent"
+	"github.com/shim-run/shim/cgroup"
+	"github.com/shim-run/shim/exec"
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// execRuntime adapts the exec package to agent.Runtime.
+type execRuntime struct {
+	rt  *exec.Runtime
+	cg  *cgroup.Manager
+	log *slog.Logger
+}
+
+func newRuntime(node string, log *slog.Logger) (agent.Runtime, error) {
+	m, err := cgroup.NewManager("shim/" + node)
+	if err != nil {
+		return nil, fmt.Errorf("cgroups: %w", err)
+	}
+	return &execRuntime{rt: &exec.Runtime{Cgroups: m}, cg: m, log: log}, nil
+}
+
+func resources(r *pb.Resources) cgroup.Resources {
+	return cgroup.Resources{
+		CPUMinMilli: r.GetCpuMinMilli(), CPUMaxMilli: r.GetCpuMaxMilli(), CPUBurstMilli: r.GetCpuBurstMilli(),
+		MemMinBytes: r.GetMemMinBytes(), MemMaxBytes: r.GetMemMaxBytes(), PidsMax: r.GetPidsMax(),
+	}
+}
+
+func (e *execRuntime) Start(s agent.Spec) (agent.Proc, error) {
+	p, err := e.rt.Start(exec.Spec{
+		ID: s.ID, Incarnation: s.Incarnation, Argv: s.Argv, Env: s.Env, Dir: s.Dir,
+		Stdout: s.LogPath, Stderr: s.LogPath, Resources: resources(s.Resources),
+	})
+	if err != nil {
+		return nil, err
+	}
+	return proc{p}, nil
+}
+
+func (e *execRuntime) Adopt(id string, inc uint64, pid int, startTime uint64) (agent.Proc, error) {
+	p, err := e.rt.Adopt(id, inc, pid, startTime)
+	if err != nil {
+		return nil, err
+	}
+	return proc{p}, nil
+}
+
+func (e *execRuntime) Existing() ([]agent.Found, error) {
+	ex, err := e.rt.Existing()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]agent.Found, 0, len(ex))
+	for _, x := range ex {
+		out = append(out, agent.Found{ID: x.ID, Incarnation: x.Incarnation})
+	}
+	return out, nil
+}
+
+// Remove kills and deletes a sandbox that will not be adopted.
+func (e *execRuntime) Remove(id string, inc uint64) error {
+	g, err := e.cg.Open(exec.GroupName(id, inc))
+	if err != nil {
+		return err
+	}
+	if err := g.Kill(); err != nil {
+		return err
+	}
+	return g.Delete()
+}
+
+// proc adapts *exec.Process to agent.Proc.
+type proc struct{ p *exec.Process }
+
+func (p proc) PID() int                        { return p.p.PID() }
+func (p proc) StartTime() uint64               { return p.p.StartTime() }
+func (p proc) Signal(sig syscall.Signal) error { return p.p.Signal(sig) }
+func (p proc) Kill() error                     { return p.p.Kill() }
+func (p proc) Done() <-chan struct{}           { return p.p.Done() }
+func (p proc) Resize(r *pb.Resources) error    { return p.p.Resize(resources(r)) }
+func (p proc) Exit() agent.Exit {
+	x := p.p.Exit()
+	return agent.Exit{Code: x.Code, Signal: x.Signal, OOMKilled: x.OOMKilled, Reason: x.Reason}
+}

@@ -1,0 +1,185 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// killNode kills a node as if its host died: shimd with SIGKILL, then every
+// process in the node's cgroups.
+func (c *cluster) killNode(d *daemon) {
+	c.t.Helper()
+	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	_ = d.cmd.Wait()
+	d.cmd = nil
+	d.log.Close()
+	killCgroups(d.name)
+}
+
+func killCgroups(node string) {
+	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", node, "*", "cgroup.procs"))
+	for _, f := range files {
+		b, _ := os.ReadFile(f)
+		for _, s := range strings.Fields(string(b)) {
+			var pid int
+			fmt.Sscan(s, &pid)
+			if pid > 0 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+}
+
+// TestNodeDeath kills one node's shimd and every process it ran, five times
+// over, and measures the time until all of its processes run elsewhere.
+func TestNodeDeath(t *testing.T) {
+	needRoot(t)
+	if testing.Short() {
+		t.Skip("long: 300 processes, 5 rounds")
+	}
+	c := startCluster(t, 3)
+	const n = 300
+	c.must("spawn", "--name", "w", "--count", fmt.Sprint(n), "--cpu", "0.001", "--mem", "64K", "--", "/bin/sleep", "100000")
+	waitFor(t, 60*time.Second, "300 running", func() bool { return countRunning(c.ps()) == n })
+
+	var times []time.Duration
+	for round := range 5 {
+		victim := c.nodes[round%3]
+		before := c.ps()
+		lost := map[string]proc{}
+		for _, p := range before {
+			if p.Node == victim.name {
+				lost[p.ID] = p
+			}
+		}
+		start := time.Now()
+		c.killNode(victim)
+		var after []proc
+		waitFor(t, 10*time.Second, "lost processes running elsewhere", func() bool {
+			after = c.ps()
+			if countRunning(after) != n {
+				return false
+			}
+			for _, p := range after {
+				if p.Node == victim.name || !alive(p.PID) {
+					return false
+				}
+			}
+			return true
+		})
+		took := time.Since(start)
+		times = append(times, took)
+		// Nothing missing, nothing twice: every lost process has exactly one
+		// live incarnation, on another node, and its old PID is dead.
+		seen := map[string]bool{}
+		for _, p := range after {
+			if seen[p.ID] {
+				t.Fatalf("%s listed twice", p.ID)
+			}
+			seen[p.ID] = true
+			if old, ok := lost[p.ID]; ok {
+				if p.Incarnation != old.Incarnation+1 || alive(old.PID) {
+					t.Fatalf("%s: incarnation %d -> %d, old pid %d alive=%v", p.ID, old.Incarnation, p.Incarnation, old.PID, alive(old.PID))
+				}
+			}
+		}
+		t.Logf("round %d: %d processes of %s running elsewhere after %s", round+1, len(lost), victim.name, took)
+		// Bring the node back, empty, for the next round.
+		c.start(victim)
+		c.waitNodesUp(3, 20*time.Second)
+	}
+	sort.Slice(times, func(i, j int) bool { return times[i] < times[j] })
+	t.Logf("node death to all running elsewhere over %d runs: p50 %s, p99 %s, max %s",
+		len(times), times[len(times)/2], times[len(times)-1], times[len(times)-1])
+}
+
+func countRunning(ps []proc) int {
+	k := 0
+	for _, p := range ps {
+		if p.State == "running" && p.PID > 0 {
+			k++
+		}
+	}
+	return k
+}
+
+// TestLeaderLoss kills the Raft leader: a new one is elected, spawn works
+// again within 2 s, and no node is wrongly declared dead.
+func TestLeaderLoss(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 3)
+	c.must("spawn", "--count", "30", "--", "/bin/sleep", "100000")
+	waitFor(t, 20*time.Second, "30 running", func() bool { return countRunning(c.ps()) == 30 })
+	var leader *daemon
+	for _, ni := range c.nodesInfo() {
+		if ni.Leader {
+			for _, d := range c.nodes {
+				if d.name == ni.Name {
+					leader = d
+				}
+			}
+		}
+	}
+	if leader == nil {
+		t.Fatal("no leader")
+	}
+	before := map[string]proc{}
+	for _, p := range c.ps() {
+		before[p.ID] = p
+	}
+	// The leader's host dies: its processes move, the others stay put.
+	start := time.Now()
+	c.killNode(leader)
+	var others []string
+	for _, d := range c.nodes {
+		if d != leader {
+			others = append(others, d.api)
+		}
+	}
+	addr := strings.Join(others, ",")
+	waitFor(t, 5*time.Second, "spawn accepted by a new leader", func() bool {
+		return shimAt(t, addr, "--timeout", "1s", "spawn", "--", "/bin/sleep", "100000").code == 0
+	})
+	took := time.Since(start)
+	t.Logf("leader killed: writes accepted again after %s", took)
+	if took > 2*time.Second {
+		t.Errorf("writes took %s to come back, want <= 2s", took)
+	}
+	// The survivors stay up, and their processes were not restarted.
+	waitFor(t, 5*time.Second, "leader's processes moved", func() bool {
+		for _, p := range psAt(t, addr) {
+			if p.Node == leader.name {
+				return false
+			}
+		}
+		return true
+	})
+	r := shimAt(t, addr, "nodes", "-o", "json")
+	for _, d := range c.nodes {
+		if d != leader && !strings.Contains(r.stdout, fmt.Sprintf(`"name": %q`, d.name)) {
+			t.Fatalf("node %s missing from %s", d.name, r.stdout)
+		}
+	}
+	for _, p := range psAt(t, addr) {
+		if b, ok := before[p.ID]; ok && b.Node != leader.name {
+			if p.PID != b.PID || p.Incarnation != b.Incarnation || p.Restarts != b.Restarts {
+				t.Fatalf("%s on surviving node %s was disturbed: %+v -> %+v", p.ID, b.Node, b, p)
+			}
+		}
+	}
+}
+
+func psAt(t *testing.T, addr string) []proc {
+	t.Helper()
+	r := shimAt(t, addr, "ps", "-o", "json")
+	if r.code != 0 {
+		return nil
+	}
+	return decodePS(t, r.stdout)
+}

@@ -1,0 +1,312 @@
+// Package e2e runs real shimd and shim binaries on loopback: real Raft on
+// disk, real cgroups, real processes. Tests need root and skip without it.
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var bin string // directory holding freshly built shimd and shim
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "shim-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin = dir
+	for _, c := range []string{"shimd", "shim"} {
+		out, err := exec.Command("go", "build", "-tags", "seccomp", "-o", filepath.Join(dir, c), "../../cmd/"+c).CombinedOutput()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", c, err, out)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("end-to-end tests need root for cgroups and namespaces")
+	}
+}
+
+// freePort returns a loopback port nobody listens on right now.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// daemon is one shimd process.
+type daemon struct {
+	name, api, raft, dir string
+	args                 []string
+	cmd                  *exec.Cmd
+	log                  *os.File
+}
+
+type cluster struct {
+	t     *testing.T
+	nodes []*daemon
+}
+
+// startCluster starts n servers on loopback; the first bootstraps.
+func startCluster(t *testing.T, n int, extra ...string) *cluster {
+	t.Helper()
+	c := &cluster{t: t}
+	for i := range n {
+		d := &daemon{name: fmt.Sprintf("e2e-%d", i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
+		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
+		if i > 0 {
+			d.args = append(d.args, "--join", c.nodes[0].api)
+		}
+		d.args = append(d.args, extra...)
+		c.nodes = append(c.nodes, d)
+		c.start(d)
+	}
+	t.Cleanup(c.cleanup)
+	c.waitNodesUp(n, 15*time.Second)
+	return c
+}
+
+func (c *cluster) start(d *daemon) {
+	c.t.Helper()
+	f, err := os.OpenFile(filepath.Join(d.dir, "shimd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	d.log = f
+	d.cmd = exec.Command(filepath.Join(bin, "shimd"), d.args...)
+	d.cmd.Stdout, d.cmd.Stderr = f, f
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := d.cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// stop sends sig to shimd and waits for it to exit.
+func (c *cluster) stop(d *daemon, sig syscall.Signal) {
+	c.t.Helper()
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(sig)
+	done := make(chan struct{})
+	go func() { _ = d.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-done
+		c.t.Errorf("%s did not stop on %s within 10s", d.name, sig)
+	}
+	d.cmd = nil
+	d.log.Close()
+}
+
+// cleanup stops the daemons and kills every process they left behind.
+func (c *cluster) cleanup() {
+	var pids []int
+	for _, p := range c.ps("-a") {
+		if p.PID > 0 {
+			pids = append(pids, p.PID)
+		}
+	}
+	for _, d := range c.nodes {
+		c.stop(d, syscall.SIGTERM)
+	}
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	if c.t.Failed() {
+		for _, d := range c.nodes {
+			b, _ := os.ReadFile(filepath.Join(d.dir, "shimd.log"))
+			c.t.Logf("---- %s log (tail) ----\n%s", d.name, tail(string(b), 3000))
+		}
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+func (c *cluster) addrs() string {
+	var a []string
+	for _, d := range c.nodes {
+		a = append(a, d.api)
+	}
+	return strings.Join(a, ",")
+}
+
+// result is one run of the shim CLI.
+type result struct {
+	stdout, stderr string
+	code           int
+}
+
+// shim runs the CLI against the given address list.
+func shimAt(t *testing.T, addr string, args ...string) result {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(bin, "shim"), append([]string{"--addr", addr}, args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("run shim: %v", err)
+	}
+	return result{out.String(), errb.String(), code}
+}
+
+func (c *cluster) shim(args ...string) result {
+	c.t.Helper()
+	return shimAt(c.t, c.addrs(), args...)
+}
+
+// must runs the CLI and fails the test on a non-zero exit.
+func (c *cluster) must(args ...string) string {
+	c.t.Helper()
+	r := c.shim(args...)
+	if r.code != 0 {
+		c.t.Fatalf("shim %s: exit %d: %s", strings.Join(args, " "), r.code, r.stderr)
+	}
+	return r.stdout
+}
+
+type proc struct {
+	ID          string   `json:"id"`
+	Name        string   `json:"name"`
+	Node        string   `json:"node"`
+	State       string   `json:"state"`
+	PID         int      `json:"pid"`
+	Incarnation uint64   `json:"incarnation"`
+	Restarts    uint32   `json:"restarts"`
+	ExitCode    int      `json:"exit_code"`
+	Reason      string   `json:"reason"`
+	Command     []string `json:"command"`
+}
+
+func (c *cluster) ps(args ...string) []proc {
+	c.t.Helper()
+	r := c.shim(append([]string{"ps", "-o", "json"}, args...)...)
+	if r.code != 0 {
+		return nil
+	}
+	return decodePS(c.t, r.stdout)
+}
+
+func decodePS(t *testing.T, s string) []proc {
+	t.Helper()
+	var out []proc
+	if err := json.Unmarshal([]byte(s), &out); err != nil {
+		t.Fatalf("ps json: %v\n%s", err, s)
+	}
+	return out
+}
+
+type nodeInfo struct {
+	Name   string `json:"name"`
+	Role   string `json:"role"`
+	State  string `json:"state"`
+	Leader bool   `json:"leader"`
+}
+
+func (c *cluster) nodesInfo() []nodeInfo {
+	r := c.shim("nodes", "-o", "json")
+	if r.code != 0 {
+		return nil
+	}
+	var out []nodeInfo
+	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil {
+		c.t.Fatalf("nodes json: %v\n%s", err, r.stdout)
+	}
+	return out
+}
+
+func (c *cluster) waitNodesUp(n int, d time.Duration) {
+	c.t.Helper()
+	waitFor(c.t, d, fmt.Sprintf("%d nodes up", n), func() bool {
+		up := 0
+		for _, ni := range c.nodesInfo() {
+			if ni.State == "up" {
+				up++
+			}
+		}
+		return up == n
+	})
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i > 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X'
+}
+
+// cgroupOf returns pid's cgroup path in a v1 controller hierarchy.
+func cgroupOf(t *testing.T, pid int, controller string) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatalf("cgroup of %d: %v", pid, err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) == 3 {
+			for _, c := range strings.Split(parts[1], ",") {
+				if c == controller {
+					return parts[2]
+				}
+			}
+		}
+	}
+	t.Fatalf("pid %d has no %s cgroup", pid, controller)
+	return ""
+}
+
+func readInt(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	return strings.TrimSpace(string(b))
+}
