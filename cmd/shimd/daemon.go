@@ -35,6 +35,7 @@ type options struct {
 	lease                                              time.Duration
 	reserveCPU, reserveMem, cpuCap, memCap             string
 	overcommit                                         uint32
+	simulate                                           int
 }
 
 func newCommand() *cobra.Command {
@@ -62,6 +63,7 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.memCap, "mem", "", "memory this node offers (default: detected)")
 	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of capacity the sum of process maxima may reach (0 = unchecked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	return cmd
 }
@@ -98,6 +100,12 @@ func run(ctx context.Context, o *options) error {
 	defer stop()
 
 	join := splitAddrs(o.join)
+	if o.simulate > 0 {
+		if role != pb.NodeRole_NODE_ROLE_WORKER || len(join) == 0 {
+			return errors.New("--simulate needs --role worker and --join")
+		}
+		return simulate(ctx, o, o.simulate, join, capacity, log)
+	}
 	m := metrics.New(nil)
 	srv := &server.Server{Name: o.name, Lease: o.lease, LogDir: filepath.Join(o.dataDir, "logs"), Log: log, Metrics: m}
 	var rn *raftlog.Node

@@ -1,0 +1,179 @@
+package cgroup
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/containerd/cgroups/v3/cgroup1"
+	"golang.org/x/sys/unix"
+)
+
+// Spawn calls start so that the one process start creates is inside g from
+// its very first instruction, without a window in which it runs elsewhere.
+//
+// On cgroup v2, start receives an O_PATH descriptor of the group's directory
+// to pass as syscall.SysProcAttr.CgroupFD with UseCgroupFD set
+// (clone3 with CLONE_INTO_CGROUP).
+//
+// On cgroup v1, start receives -1 and runs on a goroutine locked to an OS
+// thread that has been moved into g (its TID written to each hierarchy's
+// "tasks" file). Go's fork/exec clones from the calling thread, so the child
+// is born inside g. Afterwards the thread is moved back to the cgroups it
+// came from; if that fails the thread is discarded rather than returned to
+// the scheduler. Threads the runtime starts meanwhile are cloned from its
+// template thread, not from a locked one, so they never land in g.
+//
+// pids.max and the borrowed thread (v1 only): while inside g the thread
+// counts towards pids.current, so with pids.max = N the child could fork
+// only N-2 more tasks, and pids.max = 1 would make the fork itself fail.
+// Spawn therefore raises pids.max to N+1 before moving in and lowers it back
+// to N before moving out. Go forks with CLONE_VFORK, so start returns only
+// once the child has exec'd and may already be running: during that window
+// the limit is N+1 with the thread counted, i.e. N for the workload; once N
+// is restored the thread is still counted (the kernel allows pids.max below
+// pids.current, it only refuses new forks), and after it leaves the workload
+// has exactly N. The workload never gets more than N tasks.
+//
+// The OOM killer and the borrowed thread (v1 only): while the thread is in
+// g's memory cgroup, a memcg OOM in g would consider the whole agent process
+// as a victim, and the agent is usually the biggest. The child may already
+// run while the thread is inside, so Spawn sets memory.oom_control's
+// oom_kill_disable for the duration: a workload hitting its limit in that
+// window waits instead, and is handled by the OOM killer as soon as the
+// thread is out and the flag is cleared. The memory hierarchy is also
+// entered last and left first.
+//
+// Spawn serializes with Update on the same Group.
+func (g *Group) Spawn(start func(cgroupFD int) error) error {
+	if g.m.v2 {
+		fd, err := unix.Open(g.dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("spawn in cgroup %s: %w", g.name, notFound(err))
+		}
+		defer unix.Close(fd)
+		return start(fd)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		restored, err := g.spawnV1(start)
+		if restored {
+			runtime.UnlockOSThread()
+		} // else: exiting while locked makes the runtime terminate the thread
+		errc <- err
+	}()
+	return <-errc
+}
+
+// spawnV1 runs on a locked thread. It reports whether the thread is back in
+// its original cgroups.
+func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	orig, err := g.threadDirs()
+	if err != nil {
+		return true, fmt.Errorf("spawn in cgroup %s: %w", g.name, err)
+	}
+	pidsDir, hasPids := g.ctlDir(cgroup1.Pids)
+	var limit int64 = -1
+	if hasPids {
+		b, err := os.ReadFile(filepath.Join(pidsDir, "pids.max"))
+		if err != nil {
+			return true, fmt.Errorf("spawn in cgroup %s: %w", g.name, notFound(err))
+		}
+		if s := strings.TrimSpace(string(b)); s != "max" {
+			if limit, err = strconv.ParseInt(s, 10, 64); err != nil {
+				return true, fmt.Errorf("spawn in cgroup %s: pids.max %q: %w", g.name, s, err)
+			}
+			if err := writeFile(pidsDir, "pids.max", strconv.FormatInt(limit+1, 10)); err != nil {
+				return true, fmt.Errorf("spawn in cgroup %s: %w", g.name, notFound(err))
+			}
+		}
+	}
+	memDir, hasMem := g.ctlDir(cgroup1.Memory)
+	if hasMem {
+		if err := writeFile(memDir, "memory.oom_control", "1"); err != nil {
+			hasMem = false // without the guard the window is still tiny
+		}
+	}
+	tid := []byte(strconv.Itoa(unix.Gettid()))
+	var moved []string
+	for i, dir := range g.dirs() {
+		if err = os.WriteFile(filepath.Join(dir, "tasks"), tid, 0); err != nil {
+			err = fmt.Errorf("spawn in cgroup %s: enter: %w", g.name, notFound(err))
+			break
+		}
+		moved = append(moved, orig[i])
+	}
+	if err == nil {
+		err = start(-1)
+	}
+	if limit > 0 {
+		if werr := writeFile(pidsDir, "pids.max", strconv.FormatInt(limit, 10)); werr != nil && err == nil {
+			err = fmt.Errorf("spawn in cgroup %s: restore pids.max: %w", g.name, werr)
+		}
+	}
+	restored = true
+	for i := len(moved) - 1; i >= 0; i-- { // memory first
+		if werr := os.WriteFile(filepath.Join(moved[i], "tasks"), tid, 0); werr != nil {
+			if restored && err == nil {
+				err = fmt.Errorf("spawn in cgroup %s: leave: %w", g.name, werr)
+			}
+			restored = false
+		}
+	}
+	if hasMem && restored {
+		if werr := writeFile(memDir, "memory.oom_control", "0"); werr != nil && err == nil {
+			err = fmt.Errorf("spawn in cgroup %s: re-enable the OOM killer: %w", g.name, werr)
+		}
+	}
+	return restored, err
+}
+
+// threadDirs returns, for each of g.dirs(), the directory of the calling
+// thread's current cgroup in the same hierarchy.
+func (g *Group) threadDirs() ([]string, error) {
+	f, err := os.Open("/proc/thread-self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	cur := map[string]string{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		parts := strings.SplitN(sc.Text(), ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			cur[c] = parts[2]
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, c := range g.ctls {
+		if seen[c.dir] {
+			continue // co-mounted: same order as uniqueDirs
+		}
+		seen[c.dir] = true
+		p, ok := cur[string(c.name)]
+		if !ok {
+			return nil, fmt.Errorf("thread has no %s cgroup", c.name)
+		}
+		rel, err := filepath.Rel(c.mroot, p)
+		if err != nil || strings.HasPrefix(rel, "..") {
+			return nil, errors.New("thread's " + string(c.name) + " cgroup " + p + " is outside the mount")
+		}
+		out = append(out, filepath.Join(c.dir, rel))
+	}
+	return out, nil
+}
