@@ -68,6 +68,8 @@ type local struct {
 	fencing     bool
 	lost        *Exit // exited while the agent was down
 	timer       *time.Timer
+	usage       *pb.Usage // last sample
+	sampledAt   time.Time
 }
 
 func (a *Agent) init() {
@@ -108,7 +110,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	var wg sync.WaitGroup
-	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reporter} {
+	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reporter, a.sample} {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx) }()
 	}
@@ -505,6 +507,95 @@ func describe(e Exit) string {
 		return fmt.Sprintf("exit status %d", e.Code)
 	}
 	return ""
+}
+
+// ---- usage ----
+
+// sampleEvery is how often the agent reads its processes' cgroup stats.
+const sampleEvery = 2 * time.Second
+
+// sample reads every running process's usage periodically, so that CPU use
+// can be given as a rate.
+func (a *Agent) sample(ctx context.Context) {
+	t := time.NewTicker(sampleEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		a.mu.Lock()
+		procs := make([]*local, 0, len(a.procs))
+		for _, l := range a.procs {
+			if l.proc != nil {
+				procs = append(procs, l)
+			}
+		}
+		a.mu.Unlock()
+		for _, l := range procs {
+			a.sampleOne(l)
+		}
+	}
+}
+
+func (a *Agent) sampleOne(l *local) {
+	a.mu.Lock()
+	p := l.proc
+	a.mu.Unlock()
+	if p == nil {
+		return
+	}
+	u, err := p.Stats()
+	if err != nil {
+		return
+	}
+	now := a.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if prev := l.usage; prev != nil && u.CpuUsageNanos >= prev.CpuUsageNanos {
+		if dt := now.Sub(l.sampledAt); dt > 0 {
+			u.CpuMilli = int64(float64(u.CpuUsageNanos-prev.CpuUsageNanos) / float64(dt.Nanoseconds()) * 1000)
+		}
+	}
+	l.usage, l.sampledAt = u, now
+}
+
+// Usage returns the latest usage of the given processes (all when ids is
+// empty). Memory is read fresh; the CPU rate is from the last two samples.
+func (a *Agent) Usage(ids []string) map[string]*pb.Usage {
+	a.mu.Lock()
+	var want []*local
+	if len(ids) == 0 {
+		for _, l := range a.procs {
+			want = append(want, l)
+		}
+	} else {
+		for _, id := range ids {
+			if l := a.procs[id]; l != nil {
+				want = append(want, l)
+			}
+		}
+	}
+	a.mu.Unlock()
+	out := make(map[string]*pb.Usage, len(want))
+	for _, l := range want {
+		a.mu.Lock()
+		p, last := l.proc, l.usage
+		a.mu.Unlock()
+		if p == nil {
+			continue
+		}
+		u, err := p.Stats()
+		if err != nil {
+			continue
+		}
+		if last != nil {
+			u.CpuMilli = last.CpuMilli
+		}
+		out[l.id] = u
+	}
+	return out
 }
 
 // ---- reports ----

@@ -40,6 +40,7 @@ type Proc interface {
 	Done() <-chan struct{}
 	Exit() Exit
 	Resize(r *pb.Resources) error
+	Stats() (*pb.Usage, error) // cumulative CPU time and current memory
 }
 
 // Found is a sandbox left by an earlier agent.

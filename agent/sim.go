@@ -52,3 +52,4 @@ func (p *simProc) Kill() error                  { return p.Signal(syscall.SIGKIL
 func (p *simProc) Done() <-chan struct{}        { return p.done }
 func (p *simProc) Exit() Exit                   { return p.exit }
 func (p *simProc) Resize(r *pb.Resources) error { return nil }
+func (p *simProc) Stats() (*pb.Usage, error)    { return &pb.Usage{}, nil }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -211,4 +212,58 @@ func (h *agentAPI) Apply(ctx context.Context, req *connect.Request[pb.ApplyReque
 		return nil, apiError(res.Err)
 	}
 	return connect.NewResponse(&pb.ApplyResponse{Ids: res.IDs, Index: res.Index}), nil
+}
+
+// Usage answers for this node's own processes.
+func (h *agentAPI) Usage(ctx context.Context, req *connect.Request[pb.UsageRequest]) (*resp[pb.UsageResponse], error) {
+	out := &pb.UsageResponse{}
+	if h.s.UsageOf != nil {
+		out.Usage = h.s.UsageOf(req.Msg.Ids)
+	}
+	return connect.NewResponse(out), nil
+}
+
+// usage asks the nodes holding recs for their current use, in parallel, and
+// returns copies of recs with Usage filled in where a node answered in time.
+func (s *Server) usage(ctx context.Context, recs []*pb.ProcessRecord) []*pb.ProcessRecord {
+	byNode := map[string][]string{}
+	for _, r := range recs {
+		if r.Node != "" && !table.Terminal(r.State) {
+			byNode[r.Node] = append(byNode[r.Node], r.Id)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	var mu sync.Mutex
+	got := map[string]*pb.Usage{}
+	var wg sync.WaitGroup
+	for node, ids := range byNode {
+		n := s.Table.Node(node)
+		if n == nil || n.State != pb.NodeState_NODE_STATE_UP || n.ApiAddr == "" {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := s.peer(n.ApiAddr).agent.Usage(ctx, connect.NewRequest(&pb.UsageRequest{Ids: ids}))
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			for id, u := range resp.Msg.Usage {
+				got[id] = u
+			}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	out := make([]*pb.ProcessRecord, len(recs))
+	for i, r := range recs {
+		if u := got[r.Id]; u != nil {
+			r = proto.CloneOf(r)
+			r.Usage = u
+		}
+		out[i] = r
+	}
+	return out
 }

@@ -18,6 +18,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/shim-run/shim/metrics"
+	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/raftlog"
 	"github.com/shim-run/shim/table"
@@ -51,6 +52,8 @@ type Server struct {
 	NewID   func() string
 	Log     *slog.Logger
 	Metrics *metrics.Metrics
+	// UsageOf returns this node's processes' current use (the agent's Usage).
+	UsageOf func(ids []string) map[string]*pb.Usage
 
 	peersMu sync.Mutex
 	clients map[string]*peer

@@ -162,6 +162,11 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 	if err := table.ValidateResources(r); err != nil {
 		return nil, apiError(err)
 	}
+	if !m.Force {
+		if err := s.checkShrink(ctx, cur, r); err != nil {
+			return nil, err
+		}
+	}
 	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Resize{Resize: &pb.Resize{Id: ids[0], Resources: r}}})
 	if err != nil {
 		return nil, err
@@ -170,6 +175,25 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 		return nil, err
 	}
 	return connect.NewResponse(&pb.ResizeResponse{Process: s.Table.Get(ids[0])}), nil
+}
+
+// checkShrink refuses a new maximum below what the process uses now.
+func (s *Server) checkShrink(ctx context.Context, cur *pb.ProcessRecord, r *pb.Resources) error {
+	u := s.usage(ctx, []*pb.ProcessRecord{cur})[0].Usage
+	if u == nil {
+		return nil
+	}
+	if r.MemMaxBytes > 0 && int64(u.MemoryBytes) > r.MemMaxBytes {
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf(
+			"memory max %s is below current use %s of %s; pass --force to shrink anyway",
+			table.Bytes(r.MemMaxBytes), table.Bytes(int64(u.MemoryBytes)), cur.Id))
+	}
+	if r.CpuMaxMilli > 0 && u.CpuMilli > r.CpuMaxMilli {
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf(
+			"cpu max %s is below current use %s of %s; pass --force to shrink anyway",
+			table.Cores(r.CpuMaxMilli), table.Cores(u.CpuMilli), cur.Id))
+	}
+	return nil
 }
 
 // mergeResources overlays the non-zero fields of upd on cur, then resets the
@@ -237,6 +261,9 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 		recs = s.records(ids)
 	} else {
 		recs = s.Table.Processes(m.All, m.Node)
+	}
+	if m.Usage {
+		recs = s.usage(ctx, recs)
 	}
 	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index}), nil
 }

@@ -200,6 +200,7 @@ func run(ctx context.Context, o *options) error {
 		}
 	}
 
+	srv.UsageOf = ag.Usage
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); srv.Run(ctx) }()

@@ -85,6 +85,13 @@ func (p proc) Signal(sig syscall.Signal) error { return p.p.Signal(sig) }
 func (p proc) Kill() error                     { return p.p.Kill() }
 func (p proc) Done() <-chan struct{}           { return p.p.Done() }
 func (p proc) Resize(r *pb.Resources) error    { return p.p.Resize(resources(r)) }
+func (p proc) Stats() (*pb.Usage, error) {
+	u, err := p.p.Stats()
+	if err != nil {
+		return nil, err
+	}
+	return &pb.Usage{CpuUsageNanos: u.CPUUsageNanos, MemoryBytes: u.MemoryBytes}, nil
+}
 func (p proc) Exit() agent.Exit {
 	x := p.p.Exit()
 	return agent.Exit{Code: x.Code, Signal: x.Signal, OOMKilled: x.OOMKilled, Reason: x.Reason}

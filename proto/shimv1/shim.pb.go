@@ -2171,6 +2171,7 @@ type ListRequest struct {
 	Node          string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`                                // only this node
 	MinIndex      uint64                 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`       // blocking query: wait until the table index exceeds this
 	WaitMillis    int64                  `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"` // blocking query: for at most this long
+	Usage         bool                   `protobuf:"varint,6,opt,name=usage,proto3" json:"usage,omitempty"`                             // ask the owning nodes for current CPU and memory use
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2238,6 +2239,13 @@ func (x *ListRequest) GetWaitMillis() int64 {
 		return x.WaitMillis
 	}
 	return 0
+}
+
+func (x *ListRequest) GetUsage() bool {
+	if x != nil {
+		return x.Usage
+	}
+	return false
 }
 
 type ListResponse struct {
@@ -3176,6 +3184,94 @@ func (*ReportResponse) Descriptor() ([]byte, []int) {
 	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
 }
 
+type UsageRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageRequest) Reset() {
+	*x = UsageRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageRequest) ProtoMessage() {}
+
+func (x *UsageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageRequest.ProtoReflect.Descriptor instead.
+func (*UsageRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *UsageRequest) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+type UsageResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Usage         map[string]*Usage      `protobuf:"bytes,1,rep,name=usage,proto3" json:"usage,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageResponse) Reset() {
+	*x = UsageResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageResponse) ProtoMessage() {}
+
+func (x *UsageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageResponse.ProtoReflect.Descriptor instead.
+func (*UsageResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *UsageResponse) GetUsage() map[string]*Usage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
 type ApplyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Command       *Command               `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
@@ -3185,7 +3281,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3197,7 +3293,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3210,7 +3306,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ApplyRequest) GetCommand() *Command {
@@ -3230,7 +3326,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3242,7 +3338,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3255,7 +3351,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ApplyResponse) GetIds() []string {
@@ -3287,7 +3383,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3299,7 +3395,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3312,7 +3408,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -3497,14 +3593,15 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04move\x18\x04 \x01(\bR\x04move\x12\x14\n" +
 	"\x05clear\x18\x05 \x03(\tR\x05clear\"B\n" +
 	"\x0eResizeResponse\x120\n" +
-	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\x83\x01\n" +
+	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\x99\x01\n" +
 	"\vListRequest\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x10\n" +
 	"\x03all\x18\x02 \x01(\bR\x03all\x12\x12\n" +
 	"\x04node\x18\x03 \x01(\tR\x04node\x12\x1b\n" +
 	"\tmin_index\x18\x04 \x01(\x04R\bminIndex\x12\x1f\n" +
 	"\vwait_millis\x18\x05 \x01(\x03R\n" +
-	"waitMillis\"Z\n" +
+	"waitMillis\x12\x14\n" +
+	"\x05usage\x18\x06 \x01(\bR\x05usage\"Z\n" +
 	"\fListResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"\x0e\n" +
@@ -3563,7 +3660,15 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"tableIndex\"8\n" +
 	"\rReportRequest\x12'\n" +
 	"\x06report\x18\x01 \x01(\v2\x0f.shim.v1.ReportR\x06report\"\x10\n" +
-	"\x0eReportResponse\":\n" +
+	"\x0eReportResponse\" \n" +
+	"\fUsageRequest\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\"\x92\x01\n" +
+	"\rUsageResponse\x127\n" +
+	"\x05usage\x18\x01 \x03(\v2!.shim.v1.UsageResponse.UsageEntryR\x05usage\x1aH\n" +
+	"\n" +
+	"UsageEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12$\n" +
+	"\x05value\x18\x02 \x01(\v2\x0e.shim.v1.UsageR\x05value:\x028\x01\":\n" +
 	"\fApplyRequest\x12*\n" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
@@ -3614,14 +3719,15 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04List\x12\x14.shim.v1.ListRequest\x1a\x15.shim.v1.ListResponse\x126\n" +
 	"\x05Nodes\x12\x15.shim.v1.NodesRequest\x1a\x16.shim.v1.NodesResponse\x122\n" +
 	"\x04Logs\x12\x14.shim.v1.LogsRequest\x1a\x12.shim.v1.LogsChunk0\x01\x126\n" +
-	"\x05Drain\x12\x15.shim.v1.DrainRequest\x1a\x16.shim.v1.DrainResponse2\xfc\x02\n" +
+	"\x05Drain\x12\x15.shim.v1.DrainRequest\x1a\x16.shim.v1.DrainResponse2\xb4\x03\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
 	"\tHeartbeat\x12\x19.shim.v1.HeartbeatRequest\x1a\x1a.shim.v1.HeartbeatResponse\x12H\n" +
 	"\vAssignments\x12\x1b.shim.v1.AssignmentsRequest\x1a\x1c.shim.v1.AssignmentsResponse\x129\n" +
 	"\x06Report\x12\x16.shim.v1.ReportRequest\x1a\x17.shim.v1.ReportResponse\x126\n" +
-	"\x05Apply\x12\x15.shim.v1.ApplyRequest\x1a\x16.shim.v1.ApplyResponseB.Z,github.com/shim-run/shim/proto/shimv1;shimv1b\x06proto3"
+	"\x05Apply\x12\x15.shim.v1.ApplyRequest\x1a\x16.shim.v1.ApplyResponse\x126\n" +
+	"\x05Usage\x12\x15.shim.v1.UsageRequest\x1a\x16.shim.v1.UsageResponseB.Z,github.com/shim-run/shim/proto/shimv1;shimv1b\x06proto3"
 
 var (
 	file_shim_v1_shim_proto_rawDescOnce sync.Once
@@ -3636,7 +3742,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -3687,9 +3793,12 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*AssignmentsResponse)(nil), // 46: shim.v1.AssignmentsResponse
 	(*ReportRequest)(nil),       // 47: shim.v1.ReportRequest
 	(*ReportResponse)(nil),      // 48: shim.v1.ReportResponse
-	(*ApplyRequest)(nil),        // 49: shim.v1.ApplyRequest
-	(*ApplyResponse)(nil),       // 50: shim.v1.ApplyResponse
-	(*SnapshotHeader)(nil),      // 51: shim.v1.SnapshotHeader
+	(*UsageRequest)(nil),        // 49: shim.v1.UsageRequest
+	(*UsageResponse)(nil),       // 50: shim.v1.UsageResponse
+	(*ApplyRequest)(nil),        // 51: shim.v1.ApplyRequest
+	(*ApplyResponse)(nil),       // 52: shim.v1.ApplyResponse
+	(*SnapshotHeader)(nil),      // 53: shim.v1.SnapshotHeader
+	nil,                         // 54: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	6,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -3739,38 +3848,42 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	9,  // 44: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	5,  // 45: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
 	21, // 46: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	12, // 47: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	24, // 48: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	26, // 49: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	28, // 50: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	30, // 51: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	32, // 52: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	35, // 53: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	37, // 54: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	39, // 55: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	41, // 56: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	43, // 57: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	45, // 58: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	47, // 59: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	49, // 60: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	25, // 61: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	27, // 62: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	29, // 63: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	31, // 64: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	34, // 65: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	36, // 66: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	38, // 67: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	40, // 68: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	42, // 69: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	44, // 70: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	46, // 71: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	48, // 72: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	50, // 73: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	61, // [61:74] is the sub-list for method output_type
-	48, // [48:61] is the sub-list for method input_type
-	48, // [48:48] is the sub-list for extension type_name
-	48, // [48:48] is the sub-list for extension extendee
-	0,  // [0:48] is the sub-list for field type_name
+	54, // 47: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	12, // 48: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	10, // 49: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	24, // 50: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	26, // 51: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	28, // 52: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	30, // 53: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	32, // 54: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	35, // 55: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	37, // 56: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	39, // 57: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	41, // 58: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	43, // 59: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	45, // 60: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	47, // 61: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	51, // 62: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	49, // 63: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	25, // 64: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	27, // 65: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	29, // 66: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	31, // 67: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	34, // 68: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	36, // 69: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	38, // 70: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	40, // 71: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	42, // 72: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	44, // 73: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	46, // 74: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	48, // 75: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	52, // 76: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	50, // 77: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	64, // [64:78] is the sub-list for method output_type
+	50, // [50:64] is the sub-list for method input_type
+	50, // [50:50] is the sub-list for extension type_name
+	50, // [50:50] is the sub-list for extension extendee
+	0,  // [0:50] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -3796,7 +3909,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   46,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -65,6 +65,8 @@ const (
 	AgentServiceReportProcedure = "/shim.v1.AgentService/Report"
 	// AgentServiceApplyProcedure is the fully-qualified name of the AgentService's Apply RPC.
 	AgentServiceApplyProcedure = "/shim.v1.AgentService/Apply"
+	// AgentServiceUsageProcedure is the fully-qualified name of the AgentService's Usage RPC.
+	AgentServiceUsageProcedure = "/shim.v1.AgentService/Usage"
 )
 
 // ShimServiceClient is a client for the shim.v1.ShimService service.
@@ -301,6 +303,7 @@ type AgentServiceClient interface {
 	Assignments(context.Context, *connect.Request[shimv1.AssignmentsRequest]) (*connect.Response[shimv1.AssignmentsResponse], error)
 	Report(context.Context, *connect.Request[shimv1.ReportRequest]) (*connect.Response[shimv1.ReportResponse], error)
 	Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error)
+	Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the shim.v1.AgentService service. By default, it
@@ -350,6 +353,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("Apply")),
 			connect.WithClientOptions(opts...),
 		),
+		usage: connect.NewClient[shimv1.UsageRequest, shimv1.UsageResponse](
+			httpClient,
+			baseURL+AgentServiceUsageProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("Usage")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -361,6 +370,7 @@ type agentServiceClient struct {
 	assignments *connect.Client[shimv1.AssignmentsRequest, shimv1.AssignmentsResponse]
 	report      *connect.Client[shimv1.ReportRequest, shimv1.ReportResponse]
 	apply       *connect.Client[shimv1.ApplyRequest, shimv1.ApplyResponse]
+	usage       *connect.Client[shimv1.UsageRequest, shimv1.UsageResponse]
 }
 
 // Join calls shim.v1.AgentService.Join.
@@ -393,6 +403,11 @@ func (c *agentServiceClient) Apply(ctx context.Context, req *connect.Request[shi
 	return c.apply.CallUnary(ctx, req)
 }
 
+// Usage calls shim.v1.AgentService.Usage.
+func (c *agentServiceClient) Usage(ctx context.Context, req *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error) {
+	return c.usage.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the shim.v1.AgentService service.
 type AgentServiceHandler interface {
 	Join(context.Context, *connect.Request[shimv1.JoinRequest]) (*connect.Response[shimv1.JoinResponse], error)
@@ -401,6 +416,7 @@ type AgentServiceHandler interface {
 	Assignments(context.Context, *connect.Request[shimv1.AssignmentsRequest]) (*connect.Response[shimv1.AssignmentsResponse], error)
 	Report(context.Context, *connect.Request[shimv1.ReportRequest]) (*connect.Response[shimv1.ReportResponse], error)
 	Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error)
+	Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -446,6 +462,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("Apply")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceUsageHandler := connect.NewUnaryHandler(
+		AgentServiceUsageProcedure,
+		svc.Usage,
+		connect.WithSchema(agentServiceMethods.ByName("Usage")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceJoinProcedure:
@@ -460,6 +482,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceReportHandler.ServeHTTP(w, r)
 		case AgentServiceApplyProcedure:
 			agentServiceApplyHandler.ServeHTTP(w, r)
+		case AgentServiceUsageProcedure:
+			agentServiceUsageHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -491,4 +515,8 @@ func (UnimplementedAgentServiceHandler) Report(context.Context, *connect.Request
 
 func (UnimplementedAgentServiceHandler) Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.AgentService.Apply is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.AgentService.Usage is not implemented"))
 }
