@@ -171,7 +171,7 @@ func (a *Agent) join(ctx context.Context) error {
 
 // ---- lease and fencing ----
 
-// heartbeats renews the lease every quarter lease. The lease is counted from
+// heartbeats renews the lease every fifth of a lease. The lease is counted from
 // the moment the acknowledged heartbeat was sent (see server/lease.go).
 func (a *Agent) heartbeats(ctx context.Context) {
 	for {
@@ -197,10 +197,16 @@ func (a *Agent) heartbeats(ctx context.Context) {
 			}
 			a.renew(sent.Add(lease), resp.Msg.Index)
 		}
+		// Renew every fifth of a lease; after a failure, try again soon, so
+		// that a new leader is found before the lease runs out.
+		wait := a.Lease / 5
+		if err != nil {
+			wait = min(wait, 50*time.Millisecond)
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(a.Lease / 4):
+		case <-time.After(wait):
 		}
 	}
 }

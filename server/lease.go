@@ -10,7 +10,7 @@ import (
 
 // Node leases.
 //
-// Every node renews a lease with the leader by heartbeating every Lease/4.
+// Every node renews a lease with the leader by heartbeating every Lease/5.
 // The leader keeps the time it last heard from each node in memory only; just
 // the transitions (down, up) go through Raft.
 //
@@ -27,9 +27,14 @@ import (
 // A new leader has not heard from anyone. It grants every node a fresh lease
 // from the moment it took office, so it neither declares nodes dead for its
 // own ignorance nor waits longer than one lease period. A stale leader cut off
-// in a minority steps down within Raft's leader lease (250 ms), before the
-// majority can even elect a successor (election timeout 500 ms), so a node
-// it acknowledged still fences before the successor's deadline.
+// in a minority steps down within Raft's leader lease (150 ms in shimd),
+// before the majority can even elect a successor (followers wait 300-600 ms),
+// so a node it acknowledged still fences before the successor's deadline.
+//
+// The cost of this scheme: a node keeps its processes through a leader
+// election only if a new leader answers it within one lease of its last
+// acknowledged heartbeat. shimd's Raft timing elects within about 600 ms, and
+// nodes retry every 50 ms after a miss, to stay inside the 1 s default.
 
 // Margin is the safety margin the leader adds to a node's lease.
 func Margin(lease time.Duration) time.Duration {

@@ -115,6 +115,12 @@ func run(ctx context.Context, o *options) error {
 		rn, err = raftlog.Open(raftlog.Config{
 			ID: o.name, BindAddr: o.raftAddr, DataDir: filepath.Join(o.dataDir, "raft"),
 			Bootstrap: len(join) == 0, Logger: os.Stderr,
+			// A new leader must answer heartbeats before any node's lease
+			// (1 s, renewed every 200 ms) runs out, so elections must finish
+			// well within 800 ms: followers notice a dead leader after
+			// 300-600 ms. A deposed leader steps down after 150 ms.
+			HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
+			LeaderLeaseTimeout: 150 * time.Millisecond,
 		}, &server.FSM{Table: t, Watch: w})
 		if err != nil {
 			return fmt.Errorf("raft: %w", err)
