@@ -41,6 +41,10 @@ type Agent struct {
 	Metrics *metrics.Metrics
 	// OnServers is told the servers' API addresses after each join.
 	OnServers func([]string)
+	// StopGrace is how long a stopped process has to exit after its stop
+	// signal before it is killed (default 5 s). A workload is PID 1 of its
+	// namespace, so signals it has no handler for never reach it.
+	StopGrace time.Duration
 
 	mu         sync.Mutex
 	procs      map[string]*local
@@ -87,6 +91,9 @@ func (a *Agent) init() {
 	}
 	if a.Lease <= 0 {
 		a.Lease = time.Second
+	}
+	if a.StopGrace <= 0 {
+		a.StopGrace = 5 * time.Second
 	}
 	a.procs = map[string]*local{}
 	a.kick = make(chan struct{}, 1)
@@ -353,6 +360,16 @@ func (a *Agent) reconcileLocked() {
 			if err := l.proc.Signal(sig); err != nil {
 				a.Log.Warn("stop: signal failed; killing", "id", l.id, "err", err)
 				_ = l.proc.Kill()
+			} else if sig != syscall.SIGKILL {
+				p := l.proc
+				time.AfterFunc(a.StopGrace, func() {
+					select {
+					case <-p.Done():
+					default:
+						a.Log.Info("stop: grace period over; killing", "id", l.id)
+						_ = p.Kill()
+					}
+				})
 			}
 		case restart.Finish:
 			if l != nil && l.timer != nil {

@@ -2484,7 +2484,6 @@ type LogsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Follow        bool                   `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
-	StderrOnly    bool                   `protobuf:"varint,3,opt,name=stderr_only,json=stderrOnly,proto3" json:"stderr_only,omitempty"`
 	TailBytes     int64                  `protobuf:"varint,4,opt,name=tail_bytes,json=tailBytes,proto3" json:"tail_bytes,omitempty"` // 0 = whole file
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2530,13 +2529,6 @@ func (x *LogsRequest) GetId() string {
 func (x *LogsRequest) GetFollow() bool {
 	if x != nil {
 		return x.Follow
-	}
-	return false
-}
-
-func (x *LogsRequest) GetStderrOnly() bool {
-	if x != nil {
-		return x.StderrOnly
 	}
 	return false
 }
@@ -3617,14 +3609,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05voter\x18\a \x01(\bR\x05voter\"P\n" +
 	"\rNodesResponse\x12)\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x13.shim.v1.NodeStatusR\x05nodes\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"u\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"Z\n" +
 	"\vLogsRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
-	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1f\n" +
-	"\vstderr_only\x18\x03 \x01(\bR\n" +
-	"stderrOnly\x12\x1d\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1d\n" +
 	"\n" +
-	"tail_bytes\x18\x04 \x01(\x03R\ttailBytes\"\x1f\n" +
+	"tail_bytes\x18\x04 \x01(\x03R\ttailBytesJ\x04\b\x03\x10\x04\"\x1f\n" +
 	"\tLogsChunk\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"<\n" +
 	"\fDrainRequest\x12\x12\n" +

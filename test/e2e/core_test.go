@@ -21,7 +21,7 @@ func TestCoreLifecycle(t *testing.T) {
 	const n = 50
 	ids := map[string]bool{}
 	for i := range n {
-		out := c.must("spawn", "--name", fmt.Sprintf("svc-%d", i), "--cpu", "0.01:0.5", "--mem", "1M:64M", "--pids", "64",
+		out := c.must("spawn", "--name", fmt.Sprintf("svc-%d", i), "--cpu", "0.01:0.1", "--mem", "1M:64M", "--pids", "64",
 			"--restart", "always", "--", "/bin/sleep", "100000")
 		id := strings.TrimSpace(out)
 		if strings.ContainsAny(id, " \n") || id == "" {
@@ -57,8 +57,8 @@ func TestCoreLifecycle(t *testing.T) {
 			t.Fatalf("%s: memory.limit_in_bytes = %s, want 64M", p.ID, got)
 		}
 		cpu := cgroupOf(t, p.PID, "cpu")
-		if got := readInt(t, filepath.Join("/sys/fs/cgroup/cpu", cpu, "cpu.cfs_quota_us")); got != "50000" {
-			t.Fatalf("%s: cpu.cfs_quota_us = %s, want 50000", p.ID, got)
+		if got := readInt(t, filepath.Join("/sys/fs/cgroup/cpu", cpu, "cpu.cfs_quota_us")); got != "10000" {
+			t.Fatalf("%s: cpu.cfs_quota_us = %s, want 10000", p.ID, got)
 		}
 		pids := cgroupOf(t, p.PID, "pids")
 		if got := readInt(t, filepath.Join("/sys/fs/cgroup/pids", pids, "pids.max")); got != "64" {
@@ -154,7 +154,12 @@ func TestBadInput(t *testing.T) {
 	snapshot := func() string { return c.must("ps", "-a", "-o", "json") }
 	before := snapshot()
 
-	big := strings.Repeat("x", 2<<20)
+	// 12 arguments of 100 KiB: over the API's 1 MiB limit, under the
+	// kernel's 128 KiB per argument.
+	var big []string
+	for range 12 {
+		big = append(big, strings.Repeat("x", 100<<10))
+	}
 	cases := []struct {
 		name string
 		args []string
@@ -168,7 +173,7 @@ func TestBadInput(t *testing.T) {
 		{"negative", []string{"spawn", "--cpu", "-1", "--", "/bin/true"}, "-1"},
 		{"negative mem", []string{"spawn", "--mem", "-5M", "--", "/bin/true"}, "-5M"},
 		{"too big", []string{"spawn", "--cpu", "1000", "--", "/bin/true"}, "room"},
-		{"oversized request", []string{"spawn", "--", "/bin/echo", big}, "large"},
+		{"oversized request", append([]string{"spawn", "--", "/bin/echo"}, big...), "large"},
 		{"unknown kill", []string{"kill", "nosuchid"}, "nosuchid"},
 		{"unknown ps", []string{"ps", "nosuchid"}, "nosuchid"},
 		{"unknown logs", []string{"logs", "nosuchid"}, "nosuchid"},

@@ -72,8 +72,11 @@ type cluster struct {
 func startCluster(t *testing.T, n int, extra ...string) *cluster {
 	t.Helper()
 	c := &cluster{t: t}
+	// Node names are unique per run, so cgroups left by one test never meet
+	// another.
+	prefix := fmt.Sprintf("e%d", time.Now().UnixNano()%1e6)
 	for i := range n {
-		d := &daemon{name: fmt.Sprintf("e2e-%d", i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
+		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
 		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
 		if i > 0 {
 			d.args = append(d.args, "--join", c.nodes[0].api)

@@ -1,0 +1,367 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/table"
+)
+
+// ---- JSON views. Field names are a contract for scripts: add, don't rename.
+
+type resourcesJSON struct {
+	CPUMin   float64 `json:"cpu_min"`   // cores
+	CPUMax   float64 `json:"cpu_max"`   // cores
+	CPUBurst float64 `json:"cpu_burst"` // cores
+	MemMin   int64   `json:"mem_min"`   // bytes
+	MemMax   int64   `json:"mem_max"`   // bytes
+	Pids     int64   `json:"pids"`
+}
+
+type usageJSON struct {
+	CPU        float64 `json:"cpu"`         // recent rate, cores
+	CPUSeconds float64 `json:"cpu_seconds"` // total CPU time
+	Mem        uint64  `json:"mem"`         // bytes
+}
+
+type incarnationJSON struct {
+	Incarnation uint64  `json:"incarnation"`
+	Node        string  `json:"node"`
+	Pid         int64   `json:"pid"`
+	State       string  `json:"state"`
+	ExitCode    int32   `json:"exit_code"`
+	Reason      string  `json:"reason"`
+	Started     *string `json:"started"`
+	Ended       *string `json:"ended"`
+}
+
+type processJSON struct {
+	ID          string            `json:"id"`
+	Name        string            `json:"name"`
+	Node        string            `json:"node"`
+	State       string            `json:"state"`
+	Pid         int64             `json:"pid"`
+	Incarnation uint64            `json:"incarnation"`
+	Restarts    uint32            `json:"restarts"`
+	ExitCode    int32             `json:"exit_code"`
+	Reason      string            `json:"reason"`
+	Command     []string          `json:"command"`
+	Env         []string          `json:"env"`
+	Dir         string            `json:"dir"`
+	User        string            `json:"user"`
+	Rootfs      string            `json:"rootfs"`
+	Restart     string            `json:"restart"`
+	Isolation   string            `json:"isolation"`
+	Network     string            `json:"network"`
+	Pinned      string            `json:"pinned_node"`
+	Resources   resourcesJSON     `json:"resources"`
+	Usage       *usageJSON        `json:"usage"`
+	Stop        bool              `json:"stop"`
+	Created     *string           `json:"created"`
+	Started     *string           `json:"started"`
+	Finished    *string           `json:"finished"`
+	Updated     *string           `json:"updated"`
+	History     []incarnationJSON `json:"history"`
+	ModifyIndex uint64            `json:"modify_index"`
+}
+
+type amountJSON struct {
+	CPU  float64 `json:"cpu"` // cores
+	Mem  int64   `json:"mem"` // bytes
+	Pids int64   `json:"pids,omitempty"`
+}
+
+type nodeUsageJSON struct {
+	CPU float64 `json:"cpu"` // cores
+	Mem uint64  `json:"mem"` // bytes
+}
+
+type nodeJSON struct {
+	Name        string         `json:"name"`
+	Role        string         `json:"role"`
+	State       string         `json:"state"`
+	Draining    bool           `json:"draining"`
+	Leader      bool           `json:"leader"`
+	Voter       bool           `json:"voter"`
+	API         string         `json:"api"`
+	Raft        string         `json:"raft"`
+	Capacity    amountJSON     `json:"capacity"`
+	Reserved    amountJSON     `json:"reserved"`
+	Limit       amountJSON     `json:"limit"`
+	Overcommit  uint32         `json:"overcommit_percent"`
+	Processes   uint32         `json:"processes"`
+	Usage       *nodeUsageJSON `json:"usage"`
+	Joined      *string        `json:"joined"`
+	Updated     *string        `json:"updated"`
+	ModifyIndex uint64         `json:"modify_index"`
+}
+
+func cores(milli int64) float64 { return float64(milli) / 1000 }
+
+// stamp is an RFC 3339 UTC time, or nil for "never".
+func stamp(unixNano int64) *string {
+	if unixNano == 0 {
+		return nil
+	}
+	s := time.Unix(0, unixNano).UTC().Format(time.RFC3339Nano)
+	return &s
+}
+
+func resourcesView(r *pb.Resources) resourcesJSON {
+	return resourcesJSON{
+		CPUMin: cores(r.GetCpuMinMilli()), CPUMax: cores(r.GetCpuMaxMilli()), CPUBurst: cores(r.GetCpuBurstMilli()),
+		MemMin: r.GetMemMinBytes(), MemMax: r.GetMemMaxBytes(), Pids: r.GetPidsMax(),
+	}
+}
+
+func restartName(p pb.RestartPolicy) string {
+	switch p {
+	case pb.RestartPolicy_RESTART_POLICY_ALWAYS:
+		return "always"
+	case pb.RestartPolicy_RESTART_POLICY_NEVER:
+		return "never"
+	}
+	return "on-failure"
+}
+
+func isolationName(i pb.Isolation) string {
+	switch i {
+	case pb.Isolation_ISOLATION_PROCESS:
+		return "process"
+	case pb.Isolation_ISOLATION_CONTAINER:
+		return "container"
+	}
+	return "default"
+}
+
+func networkName(n pb.Network) string {
+	if n == pb.Network_NETWORK_NONE {
+		return "none"
+	}
+	return "host"
+}
+
+// processView is the JSON object for one process record.
+func processView(r *pb.ProcessRecord) processJSON {
+	s := r.GetSpec()
+	v := processJSON{
+		ID: r.GetId(), Name: s.GetName(), Node: r.GetNode(), State: table.StateName(r.GetState()),
+		Pid: r.GetPid(), Incarnation: r.GetIncarnation(), Restarts: r.GetRestarts(),
+		ExitCode: r.GetExitCode(), Reason: r.GetReason(),
+		Command: append([]string{}, s.GetCommand()...), Env: append([]string{}, s.GetEnv()...),
+		Dir: s.GetDir(), User: s.GetUser(), Rootfs: s.GetRootfs(),
+		Restart: restartName(s.GetRestart()), Isolation: isolationName(s.GetIsolation()),
+		Network: networkName(s.GetNetwork()), Pinned: s.GetNode(),
+		Resources: resourcesView(s.GetResources()), Stop: r.GetStop(),
+		Created: stamp(r.GetCreatedUnixNano()), Started: stamp(r.GetStartedUnixNano()),
+		Finished: stamp(r.GetFinishedUnixNano()), Updated: stamp(r.GetUpdatedUnixNano()),
+		History: []incarnationJSON{}, ModifyIndex: r.GetModifyIndex(),
+	}
+	if u := r.GetUsage(); u != nil {
+		v.Usage = &usageJSON{CPU: cores(u.GetCpuMilli()), CPUSeconds: float64(u.GetCpuUsageNanos()) / 1e9, Mem: u.GetMemoryBytes()}
+	}
+	for _, h := range r.GetHistory() {
+		v.History = append(v.History, incarnationJSON{
+			Incarnation: h.GetIncarnation(), Node: h.GetNode(), Pid: h.GetPid(),
+			State: table.StateName(h.GetState()), ExitCode: h.GetExitCode(), Reason: h.GetReason(),
+			Started: stamp(h.GetStartedUnixNano()), Ended: stamp(h.GetEndedUnixNano()),
+		})
+	}
+	return v
+}
+
+func roleName(r pb.NodeRole) string {
+	switch r {
+	case pb.NodeRole_NODE_ROLE_SERVER:
+		return "server"
+	case pb.NodeRole_NODE_ROLE_WORKER:
+		return "worker"
+	}
+	return "unknown"
+}
+
+// nodeView is the JSON object for one node.
+func nodeView(s *pb.NodeStatus) nodeJSON {
+	n := s.GetNode()
+	c, res, lim := n.GetCapacity(), s.GetReserved(), s.GetLimit()
+	v := nodeJSON{
+		Name: n.GetName(), Role: roleName(n.GetRole()), State: table.NodeStateName(n.GetState()),
+		Draining: n.GetDraining(), Leader: s.GetLeader(), Voter: s.GetVoter(),
+		API: n.GetApiAddr(), Raft: n.GetRaftAddr(),
+		Capacity:   amountJSON{CPU: cores(capCPU(c)), Mem: capMem(c), Pids: c.GetPidsMax()},
+		Reserved:   amountJSON{CPU: cores(res.GetCpuMinMilli()), Mem: res.GetMemMinBytes()},
+		Limit:      amountJSON{CPU: cores(lim.GetCpuMaxMilli()), Mem: lim.GetMemMaxBytes()},
+		Overcommit: n.GetOvercommitPercent(), Processes: s.GetProcesses(),
+		Joined: stamp(n.GetJoinedUnixNano()), Updated: stamp(n.GetUpdatedUnixNano()),
+		ModifyIndex: n.GetModifyIndex(),
+	}
+	if u := s.GetUsage(); u != nil {
+		v.Usage = &nodeUsageJSON{CPU: cores(u.GetCpuMilli()), Mem: u.GetMemoryBytes()}
+	}
+	return v
+}
+
+// writeJSON prints v indented, without HTML escaping.
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// ---- Tables.
+
+// capCPU and capMem read a node's capacity from a node's capacity: the detected
+// allocatable amount is stored as the max (falling back to the min).
+func capCPU(r *pb.Resources) int64 { return max(r.GetCpuMaxMilli(), r.GetCpuMinMilli()) }
+func capMem(r *pb.Resources) int64 { return max(r.GetMemMaxBytes(), r.GetMemMinBytes()) }
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func orDash[T int64 | int32 | uint32 | uint64](n T, f func(T) string) string {
+	if n == 0 {
+		return "-"
+	}
+	return f(n)
+}
+
+func itoa[T int64 | int32 | uint32 | uint64](n T) string { return strconv.FormatInt(int64(n), 10) }
+
+// cell makes free text safe for a tabwriter cell.
+func cell(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// age renders a duration like `docker ps`: 45s, 12m, 3h, 5d.
+func age(d time.Duration) string {
+	switch {
+	case d < 0:
+		return "0s"
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d/time.Second))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d/time.Minute))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d/time.Hour))
+	}
+	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
+}
+
+// commandLine joins argv, quoting arguments that need it.
+func commandLine(argv []string) string {
+	parts := make([]string, len(argv))
+	for i, a := range argv {
+		if a == "" || strings.ContainsFunc(a, func(c rune) bool {
+			return c <= ' ' || c == '"' || c == '\'' || c == '\\' || c == '$' || c == '`' || c == 0x7f
+		}) {
+			a = strconv.Quote(a)
+		}
+		parts[i] = a
+	}
+	return strings.Join(parts, " ")
+}
+
+func truncate(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	return string(r[:n-3]) + "..."
+}
+
+// cpuBounds renders min/max/burst in cores, "-" for unset.
+func cpuBounds(r *pb.Resources) string {
+	c := func(m int64) string { return orDash(m, table.Cores) }
+	return c(r.GetCpuMinMilli()) + "/" + c(r.GetCpuMaxMilli()) + "/" + c(r.GetCpuBurstMilli())
+}
+
+// memBounds renders min/max with binary units, "-" for unset.
+func memBounds(r *pb.Resources) string {
+	b := func(n int64) string { return orDash(n, table.Bytes) }
+	return b(r.GetMemMinBytes()) + "/" + b(r.GetMemMaxBytes())
+}
+
+// exitText is the exit code of a process that has exited, else "-".
+func exitText(r *pb.ProcessRecord) string {
+	switch r.GetState() {
+	case pb.ProcessState_PROCESS_STATE_EXITED, pb.ProcessState_PROCESS_STATE_FAILED,
+		pb.ProcessState_PROCESS_STATE_KILLED, pb.ProcessState_PROCESS_STATE_BACKOFF:
+		return itoa(r.GetExitCode())
+	}
+	return "-"
+}
+
+// usageText renders the recent CPU rate (percent of one core) and memory.
+func usageText(r *pb.ProcessRecord) (cpu, mem string) {
+	u := r.GetUsage()
+	if u == nil || r.GetState() != pb.ProcessState_PROCESS_STATE_RUNNING {
+		return "-", "-"
+	}
+	return fmt.Sprintf("%.0f%%", float64(u.GetCpuMilli())/10), table.Bytes(int64(u.GetMemoryBytes()))
+}
+
+// writeProcessTable prints the `shim ps` table; wide adds bounds, usage and
+// the reason.
+func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide bool, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	head := "ID\tNAME\tNODE\tSTATE\tPID\tINC\tRESTARTS\tEXIT\tAGE"
+	if wide {
+		head += "\tCPU(MIN/MAX/BURST)\tMEM(MIN/MAX)\tPIDS\tCPU%\tMEMUSED\tREASON"
+	} else {
+		head += "\tCPU%\tMEM"
+	}
+	fmt.Fprintln(tw, head+"\tCOMMAND")
+	for _, r := range recs {
+		s := r.GetSpec()
+		row := []string{
+			r.GetId(), dash(s.GetName()), dash(r.GetNode()), table.StateName(r.GetState()),
+			orDash(r.GetPid(), itoa), itoa(r.GetIncarnation()), itoa(r.GetRestarts()), exitText(r),
+			orDash(r.GetCreatedUnixNano(), func(n int64) string { return age(now.Sub(time.Unix(0, n))) }),
+		}
+		cmd := cell(commandLine(s.GetCommand()))
+		if wide {
+			cpu, mem := usageText(r)
+			row = append(row, cpuBounds(s.GetResources()), memBounds(s.GetResources()),
+				orDash(s.GetResources().GetPidsMax(), itoa), cpu, mem, dash(cell(r.GetReason())), cmd)
+		} else {
+			cpu, mem := usageText(r)
+			row = append(row, cpu, mem, truncate(cmd, 40))
+		}
+		fmt.Fprintln(tw, strings.Join(row, "\t"))
+	}
+	return tw.Flush()
+}
+
+// nodeStateText is the node state, with ",draining" appended when draining.
+func nodeStateText(n *pb.NodeRecord) string {
+	s := table.NodeStateName(n.GetState())
+	if n.GetDraining() {
+		s += ",draining"
+	}
+	return s
+}
+
+// writeNodeTable prints the `shim nodes` table.
+func writeNodeTable(w io.Writer, nodes []*pb.NodeStatus) error {
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(res/cap)\tMEM(res/cap)\tPROCS")
+	for _, s := range nodes {
+		n, c, res := s.GetNode(), s.GetNode().GetCapacity(), s.GetReserved()
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s\t%s/%s\t%d\n",
+			n.GetName(), roleName(n.GetRole()), nodeStateText(n), s.GetLeader(), dash(n.GetApiAddr()),
+			table.Cores(res.GetCpuMinMilli()), table.Cores(capCPU(c)),
+			table.Bytes(res.GetMemMinBytes()), table.Bytes(capMem(c)), s.GetProcesses())
+	}
+	return tw.Flush()
+}
