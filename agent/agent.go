@@ -56,6 +56,7 @@ type Agent struct {
 	fenceTimer *time.Timer
 	kick       chan struct{}
 	reports    chan *pb.StatusUpdate
+	startSem   chan struct{}
 }
 
 // local is the agent's view of one process.
@@ -72,6 +73,7 @@ type local struct {
 	fencing     bool
 	lost        *Exit // exited while the agent was down
 	timer       *time.Timer
+	starting    bool      // the runtime is starting it
 	usage       *pb.Usage // last sample
 	sampledAt   time.Time
 }
@@ -98,6 +100,7 @@ func (a *Agent) init() {
 	a.procs = map[string]*local{}
 	a.kick = make(chan struct{}, 1)
 	a.reports = make(chan *pb.StatusUpdate, 4096)
+	a.startSem = make(chan struct{}, startParallel)
 }
 
 // Run adopts what an earlier agent left, joins the cluster and serves the
@@ -254,7 +257,7 @@ func (a *Agent) checkLease() {
 	a.fenced = true
 	n := 0
 	for _, l := range a.procs {
-		if l.proc != nil || l.timer != nil {
+		if l.proc != nil || l.timer != nil || l.starting {
 			a.fenceLocked(l, "lease expired")
 			n++
 		}
@@ -269,6 +272,7 @@ func (a *Agent) fenceLocked(l *local, why string) {
 		l.timer = nil
 	}
 	if l.proc == nil {
+		// Not running (backoff, or still starting: start sees it gone).
 		delete(a.procs, l.id)
 		a.dropState(l.id)
 		return
@@ -337,7 +341,7 @@ func (a *Agent) reconcileLocked() {
 	locals := make([]restart.Local, 0, len(a.procs))
 	for _, l := range a.procs {
 		locals = append(locals, restart.Local{
-			ID: l.id, Incarnation: l.inc, Running: l.proc != nil, Waiting: l.timer != nil,
+			ID: l.id, Incarnation: l.inc, Running: l.proc != nil || l.starting, Waiting: l.timer != nil,
 			Lost: l.lost != nil, Stopping: l.stopping || l.fencing, Resources: l.applied,
 		})
 	}
@@ -349,6 +353,9 @@ func (a *Agent) reconcileLocked() {
 		case restart.Stop:
 			l.rec = act.Record
 			l.stopping = true
+			if l.proc == nil {
+				continue // starting: start stops it when it is up
+			}
 			sig := syscall.Signal(act.Record.StopSignal)
 			if sig == 0 {
 				sig = syscall.SIGTERM
@@ -379,6 +386,9 @@ func (a *Agent) reconcileLocked() {
 			a.dropState(act.ID)
 			a.report(act.Record, pb.ProcessState_PROCESS_STATE_KILLED, 0, Exit{Code: -1, Reason: "killed"}, act.Record.Restarts)
 		case restart.Resize:
+			if l.proc == nil {
+				continue // starting: start applies the new bounds when it is up
+			}
 			if err := l.proc.Resize(act.Record.Spec.GetResources()); err != nil {
 				a.Log.Warn("resize failed", "id", l.id, "err", err)
 				continue
@@ -404,34 +414,79 @@ func (a *Agent) reconcileLocked() {
 	}
 }
 
-// startLocked starts one incarnation of a process.
+// startParallel bounds how many processes one node starts at once.
+const startParallel = 4
+
+// startLocked starts one incarnation of a process. The slow part, the
+// runtime's Start, runs outside the lock so that lease renewals and fencing
+// never wait behind a burst of starts.
 func (a *Agent) startLocked(rec *pb.ProcessRecord, restarts uint32) {
-	spec := rec.Spec
-	start := time.Now()
-	p, err := a.Runtime.Start(Spec{
-		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: a.env(rec), Dir: spec.Dir,
-		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
-		Network: spec.Network, User: spec.User, Rootfs: spec.Rootfs,
-	})
-	if err != nil {
-		a.Metrics.ProcessFailures.Inc()
-		a.Log.Warn("start failed", "id", rec.Id, "err", err)
-		delete(a.procs, rec.Id)
-		a.report(rec, pb.ProcessState_PROCESS_STATE_FAILED, 0, Exit{Code: -1, Reason: err.Error()}, restarts)
-		return
-	}
-	a.Metrics.ProcessStarts.Inc()
-	a.Metrics.StartLatency.Observe(time.Since(start).Seconds())
 	l := a.procs[rec.Id]
 	if l == nil {
 		l = &local{id: rec.Id}
 		a.procs[rec.Id] = l
 	}
-	l.inc, l.rec, l.proc, l.applied, l.restarts = rec.Incarnation, rec, p, spec.Resources, restarts
-	l.startedAt, l.stopping, l.fencing, l.timer = a.Now(), false, false, nil
+	l.inc, l.rec, l.restarts = rec.Incarnation, rec, restarts
+	l.starting, l.stopping, l.fencing, l.timer = true, false, false, nil
+	go a.start(l, rec, restarts)
+}
+
+func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
+	a.startSem <- struct{}{}
+	defer func() { <-a.startSem }()
+	a.mu.Lock()
+	ok := a.procs[l.id] == l && l.starting && !l.fencing
+	a.mu.Unlock()
+	if !ok {
+		return
+	}
+	spec := rec.Spec
+	begin := time.Now()
+	p, err := a.Runtime.Start(Spec{
+		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: a.env(rec), Dir: spec.Dir,
+		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
+		Network: spec.Network, User: spec.User, Rootfs: spec.Rootfs,
+	})
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err != nil {
+		a.Metrics.ProcessFailures.Inc()
+		a.Log.Warn("start failed", "id", rec.Id, "err", err)
+		if a.procs[l.id] == l {
+			delete(a.procs, l.id)
+		}
+		a.report(rec, pb.ProcessState_PROCESS_STATE_FAILED, 0, Exit{Code: -1, Reason: err.Error()}, restarts)
+		return
+	}
+	a.Metrics.ProcessStarts.Inc()
+	a.Metrics.StartLatency.Observe(time.Since(begin).Seconds())
+	if a.procs[l.id] != l || l.fencing || !a.mayStartLocked() {
+		// Fenced or moved while starting: it must not run.
+		_ = p.Kill()
+		if a.procs[l.id] == l {
+			delete(a.procs, l.id)
+		}
+		return
+	}
+	l.proc, l.applied, l.starting, l.startedAt = p, spec.Resources, false, a.Now()
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)
+	if l.stopping || !sameAssignment(a.assigned, rec) {
+		// Killed or resized while it was starting: catch up now.
+		l.stopping = false
+		a.reconcileLocked()
+	}
+}
+
+// sameAssignment reports whether rec is still the current assignment.
+func sameAssignment(assigned []*pb.ProcessRecord, rec *pb.ProcessRecord) bool {
+	for _, r := range assigned {
+		if r.Id == rec.Id {
+			return r == rec
+		}
+	}
+	return false
 }
 
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
