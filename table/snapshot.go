@@ -15,6 +15,11 @@ import (
 
 const snapshotVersion = 1
 
+// snapshotBuffer sizes the buffers of Persist and Restore. Each call
+// allocates one, so it is kept modest: the sink or file behind them is
+// buffered too.
+const snapshotBuffer = 64 << 10
+
 // Snapshot is a point-in-time capture of the table. Taking one copies only
 // pointers (records are immutable), so it is cheap enough to do on the apply
 // path; Persist does the encoding and I/O later.
@@ -49,7 +54,7 @@ func (t *Table) Snapshot() *Snapshot {
 // bytes.
 func (s *Snapshot) Persist(w io.Writer) error {
 	sort.Slice(s.procs, func(i, j int) bool { return s.procs[i].Id < s.procs[j].Id })
-	bw := bufio.NewWriterSize(w, 1<<20)
+	bw := bufio.NewWriterSize(w, snapshotBuffer)
 	hdr := &pb.SnapshotHeader{
 		Version: snapshotVersion, Index: s.index, Pending: s.pending,
 		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
@@ -76,7 +81,7 @@ func (s *Snapshot) Release() {}
 // Restore replaces the whole table with the snapshot read from r. On error
 // the table is left unchanged.
 func (t *Table) Restore(r io.Reader) error {
-	br := bufio.NewReaderSize(r, 1<<20)
+	br := bufio.NewReaderSize(r, snapshotBuffer)
 	opts := protodelim.UnmarshalOptions{MaxSize: 64 << 20}
 	var hdr pb.SnapshotHeader
 	if err := opts.UnmarshalFrom(br, &hdr); err != nil {

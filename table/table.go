@@ -2,6 +2,8 @@ package table
 
 import (
 	"fmt"
+	"math"
+	"math/bits"
 	"slices"
 	"sort"
 	"strings"
@@ -63,25 +65,32 @@ func (t *Table) reset() {
 }
 
 // Apply decodes and applies one Raft log entry. It returns a Result (never
-// nil); a command that fails leaves the table exactly as it was.
+// nil); a command that fails, or an entry that does not decode, leaves the
+// table exactly as it was, index included.
 func (t *Table) Apply(index uint64, data []byte) any {
 	var cmd pb.Command
 	if err := proto.Unmarshal(data, &cmd); err != nil {
-		t.mu.Lock()
-		t.index = max(t.index, index)
-		t.mu.Unlock()
-		return Result{Index: index, Err: fmt.Errorf("%w: %v", ErrDecode, err)}
+		return Result{Index: t.Index(), Err: fmt.Errorf("%w: %v", ErrDecode, err)}
 	}
 	return t.ApplyCommand(index, &cmd)
 }
 
-// ApplyCommand applies a decoded command at the given log index.
+// ApplyCommand applies a decoded command at the given log index. The table's
+// index advances only when the command succeeds (a Batch always succeeds; its
+// sub-commands succeed or fail one by one). The table never keeps a
+// reference into cmd.
 func (t *Table) ApplyCommand(index uint64, cmd *pb.Command) Result {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	prev := t.index
 	t.index = max(t.index, index)
-	tx := &txn{t: t, now: cmd.NowUnixNano, touched: map[string]bool{}}
-	res := tx.apply(cmd)
+	tx := &txn{t: t, touched: map[string]bool{}}
+	res := tx.apply(cmd, 0)
+	if res.Err != nil {
+		// Every operation checks before it changes anything, so nothing
+		// but the index needs undoing.
+		t.index = prev
+	}
 	res.Index = t.index
 	for n := range tx.touched {
 		res.Nodes = append(res.Nodes, n)
@@ -98,43 +107,42 @@ type txn struct {
 	touched map[string]bool
 }
 
-func (x *txn) apply(cmd *pb.Command) Result {
-	if cmd.NowUnixNano > 0 {
-		x.now = cmd.NowUnixNano
+// apply applies one command. A command without a time (now_unix_nano 0)
+// takes the time of the batch holding it.
+func (x *txn) apply(cmd *pb.Command, now int64) Result {
+	if t := cmd.GetNowUnixNano(); t != 0 {
+		now = t
 	}
+	x.now = now
 	var ids []string
 	var err error
-	switch op := cmd.Op.(type) {
+	switch op := cmd.GetOp().(type) {
 	case *pb.Command_Batch:
 		var res Result
-		for _, c := range op.Batch.Commands {
-			if c.NowUnixNano == 0 {
-				c = proto.CloneOf(c)
-				c.NowUnixNano = x.now
-			}
-			r := x.apply(c)
+		for _, c := range op.Batch.GetCommands() {
+			r := x.apply(c, now)
 			res.IDs = append(res.IDs, r.IDs...)
 			res.Results = append(res.Results, r)
 		}
 		return res
 	case *pb.Command_RegisterNode:
-		err = x.registerNode(op.RegisterNode.Node)
+		ids, err = x.registerNode(op.RegisterNode.GetNode())
 	case *pb.Command_SetNodeState:
-		ids, err = x.setNodeState(op.SetNodeState.Name, op.SetNodeState.State)
+		ids, err = x.setNodeState(op.SetNodeState.GetName(), op.SetNodeState.GetState())
 	case *pb.Command_SetDraining:
-		err = x.setDraining(op.SetDraining.Name, op.SetDraining.Draining)
+		ids, err = x.setDraining(op.SetDraining.GetName(), op.SetDraining.GetDraining())
 	case *pb.Command_RemoveNode:
-		ids, err = x.removeNode(op.RemoveNode.Name)
+		ids, err = x.removeNode(op.RemoveNode.GetName())
 	case *pb.Command_Spawn:
-		ids, err = x.spawn(op.Spawn.Ids, op.Spawn.Spec)
+		ids, err = x.spawn(op.Spawn.GetIds(), op.Spawn.GetSpec())
 	case *pb.Command_Kill:
-		ids, err = x.kill(op.Kill.Ids, op.Kill.Signal)
+		ids, err = x.kill(op.Kill.GetIds(), op.Kill.GetSignal())
 	case *pb.Command_Report:
 		ids = x.report(op.Report)
 	case *pb.Command_Resize:
-		ids, err = x.resize(op.Resize.Id, op.Resize.Resources)
+		ids, err = x.resize(op.Resize.GetId(), op.Resize.GetResources())
 	case *pb.Command_Prune:
-		ids = x.prune(op.Prune.BeforeUnixNano)
+		ids = x.prune(op.Prune.GetBeforeUnixNano())
 	default:
 		err = fmt.Errorf("%w: empty command", ErrDecode)
 	}
@@ -226,15 +234,15 @@ func sortedKeys(m map[string]struct{}) []string {
 
 // ---- nodes ----
 
-func (x *txn) registerNode(n *pb.NodeRecord) error {
+func (x *txn) registerNode(n *pb.NodeRecord) ([]string, error) {
 	if n == nil || n.Name == "" {
-		return fmt.Errorf("%w: node without a name", ErrInvalid)
+		return nil, fmt.Errorf("%w: node without a name", ErrInvalid)
 	}
 	if err := ValidateName(n.Name); err != nil {
-		return err
+		return nil, err
 	}
 	if err := ValidateResources(n.Capacity); err != nil {
-		return fmt.Errorf("node %s capacity: %w", n.Name, err)
+		return nil, fmt.Errorf("node %s capacity: %w", n.Name, err)
 	}
 	t := x.t
 	rec := proto.CloneOf(n)
@@ -252,8 +260,7 @@ func (x *txn) registerNode(n *pb.NodeRecord) error {
 	rec.ModifyIndex = t.index
 	t.nodes[n.Name] = rec
 	x.touched[n.Name] = true
-	x.placePending()
-	return nil
+	return x.placePending(), nil
 }
 
 func (x *txn) setNodeState(name string, s pb.NodeState) ([]string, error) {
@@ -275,20 +282,19 @@ func (x *txn) setNodeState(name string, s pb.NodeState) ([]string, error) {
 	t.nodes[name] = rec
 	x.touched[name] = true
 	if s == pb.NodeState_NODE_STATE_UP {
-		x.placePending()
-		return nil, nil
+		return x.placePending(), nil
 	}
 	return x.evacuate(name, "node "+name+" "+NodeStateName(s)), nil
 }
 
-func (x *txn) setDraining(name string, draining bool) error {
+func (x *txn) setDraining(name string, draining bool) ([]string, error) {
 	t := x.t
 	old := t.nodes[name]
 	if old == nil {
-		return fmt.Errorf("%w: %q", ErrUnknownNode, name)
+		return nil, fmt.Errorf("%w: %q", ErrUnknownNode, name)
 	}
 	if old.Draining == draining {
-		return nil
+		return nil, nil
 	}
 	rec := proto.CloneOf(old)
 	rec.Draining = draining
@@ -297,9 +303,9 @@ func (x *txn) setDraining(name string, draining bool) error {
 	t.nodes[name] = rec
 	x.touched[name] = true
 	if !draining {
-		x.placePending()
+		return x.placePending(), nil
 	}
-	return nil
+	return nil, nil
 }
 
 func (x *txn) removeNode(name string) ([]string, error) {
@@ -331,7 +337,7 @@ func (x *txn) evacuate(name, reason string) []string {
 			continue
 		}
 		rec.Incarnation++
-		rec.Pid, rec.StartTime = 0, 0
+		rec.Pid, rec.StartTime, rec.StartedUnixNano = 0, 0, 0
 		if n, err := t.place(rec.Spec, nil); err == nil {
 			rec.Node, rec.State = n, pb.ProcessState_PROCESS_STATE_STARTING
 			rec.Reason = "moved: " + reason
@@ -362,9 +368,11 @@ func (x *txn) retire(rec *pb.ProcessRecord, reason string) {
 	}
 }
 
-// placePending places waiting processes, oldest first, where they now fit.
-func (x *txn) placePending() {
+// placePending places waiting processes, oldest first, where they now fit,
+// and returns the ids it placed.
+func (x *txn) placePending() []string {
 	t := x.t
+	var placed []string
 	for _, id := range slices.Clone(t.pending) {
 		rec := t.procs[id]
 		n, err := t.place(rec.Spec, nil)
@@ -374,7 +382,9 @@ func (x *txn) placePending() {
 		rec = proto.CloneOf(rec)
 		rec.Node, rec.State, rec.Reason = n, pb.ProcessState_PROCESS_STATE_STARTING, ""
 		x.put(rec)
+		placed = append(placed, id)
 	}
+	return placed
 }
 
 // ---- processes ----
@@ -417,6 +427,7 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 		}
 		a.add(spec.Resources, 1)
 	}
+	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller
 	for i, id := range ids {
 		x.put(&pb.ProcessRecord{
 			Id: id, Spec: spec, Node: nodes[i], State: pb.ProcessState_PROCESS_STATE_STARTING,
@@ -460,11 +471,15 @@ func (x *txn) report(r *pb.Report) []string {
 	t := x.t
 	var changed []string
 	freed := false
-	for _, u := range r.Updates {
+	for _, u := range r.GetUpdates() {
+		if u == nil || !reportable(u.State) {
+			continue
+		}
 		old := t.procs[u.Id]
 		// Reports about an incarnation the table has moved elsewhere are
-		// stale; the node learns from its assignments to stop that copy.
-		if old == nil || old.Node != r.Node || old.Incarnation != u.Incarnation || !live(old) {
+		// stale; the node learns from its assignments to stop that copy. A
+		// queued process has no node, so nothing may report on it.
+		if old == nil || old.Node == "" || old.Node != r.GetNode() || old.Incarnation != u.Incarnation || !live(old) {
 			continue
 		}
 		state := u.State
@@ -483,7 +498,11 @@ func (x *txn) report(r *pb.Report) []string {
 		}
 		switch state {
 		case pb.ProcessState_PROCESS_STATE_RUNNING:
-			rec.Pid, rec.StartTime, rec.StartedUnixNano = u.Pid, u.StartTime, at
+			// The same run reported again keeps its start time (else a
+			// repeated report without a time would rewrite the record).
+			if old.State != pb.ProcessState_PROCESS_STATE_RUNNING || old.Pid != u.Pid || old.StartTime != u.StartTime {
+				rec.Pid, rec.StartTime, rec.StartedUnixNano = u.Pid, u.StartTime, at
+			}
 		case pb.ProcessState_PROCESS_STATE_BACKOFF:
 			rec.ExitCode, rec.Reason = u.ExitCode, u.Reason
 		default: // terminal
@@ -499,10 +518,20 @@ func (x *txn) report(r *pb.Report) []string {
 		x.put(rec)
 		changed = append(changed, u.Id)
 	}
-	if freed && len(t.pending) > 0 {
-		x.placePending()
+	if freed {
+		changed = append(changed, x.placePending()...)
 	}
 	return changed
+}
+
+// reportable reports whether a node may report state s. PENDING and STARTING
+// are the table's to set: a node cannot queue or re-place a process.
+func reportable(s pb.ProcessState) bool {
+	switch s {
+	case pb.ProcessState_PROCESS_STATE_RUNNING, pb.ProcessState_PROCESS_STATE_BACKOFF:
+		return true
+	}
+	return Terminal(s)
 }
 
 func (x *txn) resize(id string, r *pb.Resources) ([]string, error) {
@@ -527,9 +556,19 @@ func (x *txn) resize(id string, r *pb.Resources) ([]string, error) {
 	}
 	rec := proto.CloneOf(old)
 	rec.Spec = proto.CloneOf(rec.Spec)
+	if rec.Spec == nil {
+		rec.Spec = &pb.ProcessSpec{}
+	}
 	rec.Spec.Resources = proto.CloneOf(r)
 	x.put(rec)
-	return []string{id}, nil
+	// The process may have shrunk, or be queued and now fit somewhere.
+	changed := []string{id}
+	for _, p := range x.placePending() {
+		if p != id {
+			changed = append(changed, p)
+		}
+	}
+	return changed, nil
 }
 
 func (x *txn) prune(before int64) []string {
@@ -557,6 +596,7 @@ func (t *Table) place(spec *pb.ProcessSpec, extra map[string]*Alloc) (string, er
 	best, bestCount, bestFree := "", 0, int64(0)
 	var bestNo string
 	var bestNoFree [2]int64
+	var bestNoErr error
 	up := 0
 	for _, name := range t.nodeOrder {
 		n := t.nodes[name]
@@ -571,7 +611,7 @@ func (t *Table) place(spec *pb.ProcessSpec, extra map[string]*Alloc) (string, er
 		if err := fits(n, &a, spec.Resources); err != nil {
 			fc, fm := n.Capacity.GetCpuMaxMilli()-a.CPUMin, n.Capacity.GetMemMaxBytes()-a.MemMin
 			if bestNo == "" || fc > bestNoFree[0] || (fc == bestNoFree[0] && fm > bestNoFree[1]) {
-				bestNo, bestNoFree = name, [2]int64{fc, fm}
+				bestNo, bestNoFree, bestNoErr = name, [2]int64{fc, fm}, err
 			}
 			continue
 		}
@@ -592,8 +632,8 @@ func (t *Table) place(spec *pb.ProcessSpec, extra map[string]*Alloc) (string, er
 	case up == 0:
 		return "", fmt.Errorf("%w: no node is up and accepting work", ErrNoCapacity)
 	}
-	return "", fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up)",
-		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), bestNo, up)
+	return "", fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up): %v",
+		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), bestNo, up, bestNoErr)
 }
 
 func (t *Table) allocOf(node string, extra map[string]*Alloc) Alloc {
@@ -614,23 +654,50 @@ func (t *Table) allocOf(node string, extra map[string]*Alloc) Alloc {
 // fits reports whether r fits on node n that already holds a. Capacity lives
 // in the node's max fields; the sum of maxima may reach capacity times the
 // node's overcommit percentage (0 = unchecked).
+//
+// Every quantity is non-negative and may be as large as MaxInt64, so the
+// checks compare a request with what is left (limit - used) rather than
+// adding to what is used, which could overflow.
 func fits(n *pb.NodeRecord, a *Alloc, r *pb.Resources) error {
-	c := n.Capacity
-	if need := r.GetCpuMinMilli(); need > 0 && a.CPUMin+need > c.GetCpuMaxMilli() {
+	c := n.GetCapacity()
+	if need := r.GetCpuMinMilli(); need > 0 && !within(need, a.CPUMin, c.GetCpuMaxMilli()) {
 		return fmt.Errorf("cpu min %s > free %s", Cores(need), Cores(max(c.GetCpuMaxMilli()-a.CPUMin, 0)))
 	}
-	if need := r.GetMemMinBytes(); need > 0 && a.MemMin+need > c.GetMemMaxBytes() {
+	if need := r.GetMemMinBytes(); need > 0 && !within(need, a.MemMin, c.GetMemMaxBytes()) {
 		return fmt.Errorf("memory min %s > free %s", Bytes(need), Bytes(max(c.GetMemMaxBytes()-a.MemMin, 0)))
 	}
-	if oc := int64(n.OvercommitPercent); oc > 0 {
-		if m := r.GetCpuMaxMilli(); m > 0 && a.CPUMax+m > c.GetCpuMaxMilli()*oc/100 {
+	if oc := n.GetOvercommitPercent(); oc > 0 {
+		if m := r.GetCpuMaxMilli(); m > 0 && !within(m, a.CPUMax, percent(c.GetCpuMaxMilli(), oc)) {
 			return fmt.Errorf("cpu max would exceed %d%% of capacity", oc)
 		}
-		if m := r.GetMemMaxBytes(); m > 0 && a.MemMax+m > c.GetMemMaxBytes()*oc/100 {
+		if m := r.GetMemMaxBytes(); m > 0 && !within(m, a.MemMax, percent(c.GetMemMaxBytes(), oc)) {
 			return fmt.Errorf("memory max would exceed %d%% of capacity", oc)
 		}
 	}
 	return nil
+}
+
+// within reports whether used+need <= limit, without overflow. A negative
+// used means the sum already wrapped (sums of maxima are not checked while a
+// node has no overcommit limit): nothing more fits.
+func within(need, used, limit int64) bool {
+	return used >= 0 && limit >= used && need <= limit-used
+}
+
+// percent returns v*p/100 for v >= 0, saturating at MaxInt64.
+func percent(v int64, p uint32) int64 {
+	if v <= 0 {
+		return 0
+	}
+	hi, lo := bits.Mul64(uint64(v), uint64(p))
+	if hi >= 100 {
+		return math.MaxInt64
+	}
+	q, _ := bits.Div64(hi, lo, 100)
+	if q > math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return int64(q)
 }
 
 // ---- reads ----
@@ -652,6 +719,11 @@ func (t *Table) Get(id string) *pb.ProcessRecord {
 // Resolve turns a reference into process ids: an exact id, a unique id
 // prefix, or a name (every process with that name).
 func (t *Table) Resolve(ref string) ([]string, error) {
+	if ref == "" {
+		// Unnamed processes share the empty name; "" must not mean all of
+		// them.
+		return nil, fmt.Errorf("%w: no process %q", ErrNotFound, ref)
+	}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	if t.procs[ref] != nil {
@@ -704,13 +776,13 @@ func (t *Table) Processes(all bool, node string) []*pb.ProcessRecord {
 	return out
 }
 
-// Assignments returns a node's live processes and the index of the last
-// change to them.
+// Assignments returns a node's live processes, sorted by id, and the index
+// of the last change to them.
 func (t *Table) Assignments(node string) ([]*pb.ProcessRecord, uint64) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	out := make([]*pb.ProcessRecord, 0, len(t.byNode[node]))
-	for id := range t.byNode[node] {
+	for _, id := range sortedKeys(t.byNode[node]) {
 		out = append(out, t.procs[id])
 	}
 	return out, t.nodeIndex[node]

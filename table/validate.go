@@ -106,12 +106,16 @@ func ValidateID(id string) error {
 	return nil
 }
 
-// Cores formats millicores as cores ("0.5", "2").
+// Cores formats millicores as cores ("0.5", "2", "-1.25").
 func Cores(milli int64) string {
-	if milli%1000 == 0 {
-		return fmt.Sprintf("%d", milli/1000)
+	sign, u := "", uint64(milli)
+	if milli < 0 {
+		sign, u = "-", -u // two's complement: right for MinInt64 too
 	}
-	return strings.TrimRight(strings.TrimRight(fmt.Sprintf("%d.%03d", milli/1000, milli%1000), "0"), ".")
+	if u%1000 == 0 {
+		return fmt.Sprintf("%s%d", sign, u/1000)
+	}
+	return sign + strings.TrimRight(fmt.Sprintf("%d.%03d", u/1000, u%1000), "0")
 }
 
 // Bytes formats a byte count with a binary suffix ("64M", "1.5G").
@@ -122,7 +126,8 @@ func Bytes(b int64) string {
 	}
 	suffixes := "KMGTPE"
 	v, i := float64(b)/unit, 0
-	for v >= unit && i < len(suffixes)-1 {
+	// Step up a unit when v would round to 1024 ("1M", not "1024K").
+	for v >= unit-0.05 && i < len(suffixes)-1 {
 		v /= unit
 		i++
 	}
