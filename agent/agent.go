@@ -45,6 +45,9 @@ type Agent struct {
 	// signal before it is killed (default 5 s). A workload is PID 1 of its
 	// namespace, so signals it has no handler for never reach it.
 	StopGrace time.Duration
+	// Hold is how long the cluster waits for this shimd to come back after
+	// a clean stop before it moves the node's processes (default 30 s).
+	Hold time.Duration
 
 	mu         sync.Mutex
 	procs      map[string]*local
@@ -125,6 +128,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		go func() { defer wg.Done(); f(ctx) }()
 	}
 	wg.Wait()
+	a.holdLease()
 	a.mu.Lock()
 	a.fenceTimer.Stop()
 	for _, l := range a.procs {
@@ -219,6 +223,25 @@ func (a *Agent) heartbeats(ctx context.Context) {
 		case <-time.After(wait):
 		}
 	}
+}
+
+// holdLease tells the leader this shimd is stopping on purpose, so that it
+// waits Hold for it to come back before moving the node's processes, which
+// keep running meanwhile.
+func (a *Agent) holdLease() {
+	if a.Hold <= 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, err := call(ctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+		return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name, HoldMillis: a.Hold.Milliseconds()}))
+	})
+	if err != nil {
+		a.Log.Warn("could not hold the lease for a restart; the node's processes may be moved", "err", err)
+		return
+	}
+	a.Log.Info("lease held for a restart", "for", a.Hold)
 }
 
 func (a *Agent) renew(until time.Time, index uint64) {
@@ -325,11 +348,26 @@ func (a *Agent) watch(ctx context.Context) {
 		backoff = 20 * time.Millisecond
 		index = resp.Msg.Index
 		a.mu.Lock()
-		a.assigned = resp.Msg.Processes
+		a.assigned = a.effective(resp.Msg.Processes)
 		a.tableIndex = resp.Msg.TableIndex
 		a.reconcileLocked()
 		a.mu.Unlock()
 	}
+}
+
+// effective turns the table's assignments into what this node must run: a
+// process moving here (make-before-break) is its next incarnation, starting.
+func (a *Agent) effective(recs []*pb.ProcessRecord) []*pb.ProcessRecord {
+	out := make([]*pb.ProcessRecord, len(recs))
+	for i, r := range recs {
+		if r.MoveTo == a.Node.Name && r.Node != a.Node.Name {
+			r = proto.CloneOf(r)
+			r.Node, r.MoveTo, r.Incarnation = a.Node.Name, "", r.Incarnation+1
+			r.State, r.Pid, r.Restarts = pb.ProcessState_PROCESS_STATE_STARTING, 0, 0
+		}
+		out[i] = r
+	}
+	return out
 }
 
 func (a *Agent) reconcileLocked() {

@@ -121,6 +121,14 @@ func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.Heartb
 			return connect.NewResponse(out), nil
 		}
 		s.leases.renew(name, now)
+		if h := req.Msg.HoldMillis; h > 0 {
+			until := now.Add(time.Duration(h) * time.Millisecond)
+			if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Hold{Hold: &pb.Hold{
+				Name: name, UntilUnixNano: until.UnixNano()}}}); err != nil {
+				return nil, err
+			}
+			s.Log.Info("node is restarting; holding its lease", "node", name, "until", until)
+		}
 		if n.State != pb.NodeState_NODE_STATE_UP {
 			if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
 				Name: name, State: pb.NodeState_NODE_STATE_UP}}}); err != nil {

@@ -268,3 +268,49 @@ func TestClusterLeaderLoss(t *testing.T) {
 		}
 	}
 }
+
+func TestClusterDrainMakeBeforeBreak(t *testing.T) {
+	c := newCluster(t, 3, 500*time.Millisecond)
+	ctx := context.Background()
+	waitFor(t, 5*time.Second, "3 nodes up", func() bool {
+		resp, err := c.client(0).Nodes(ctx, connect.NewRequest(&pb.NodesRequest{}))
+		return err == nil && len(resp.Msg.Nodes) == 3
+	})
+	if _, err := c.client(0).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/sleep", "100"), Count: 12})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "12 running", c.allRunning(0, 12))
+	if _, err := c.client(1).Drain(ctx, connect.NewRequest(&pb.DrainRequest{Node: "n2"})); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "n2 drained", func() bool {
+		for _, r := range c.list(0, false) {
+			if r.Node == "n2" || r.MoveTo != "" || r.State != pb.ProcessState_PROCESS_STATE_RUNNING {
+				return false
+			}
+		}
+		return true
+	})
+	for _, r := range c.list(0, false) {
+		if r.Incarnation == 2 && (len(r.History) != 1 || r.History[0].Node != "n2") {
+			t.Fatalf("moved process lacks history: %v", r)
+		}
+	}
+	// The drained node takes no new work until undrained.
+	resp, err := c.client(0).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/true"), Count: 6}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range resp.Msg.Processes {
+		if r.Node == "n2" {
+			t.Fatalf("new work placed on draining n2")
+		}
+	}
+	if _, err := c.client(0).Drain(ctx, connect.NewRequest(&pb.DrainRequest{Node: "n2", Undrain: true})); err != nil {
+		t.Fatal(err)
+	}
+	resp, err = c.client(0).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec("/bin/true")}))
+	if err != nil || resp.Msg.Processes[0].Node != "n2" {
+		t.Fatalf("after undrain, spawn went to %v (%v)", resp.Msg.GetProcesses(), err)
+	}
+}

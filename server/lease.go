@@ -113,6 +113,9 @@ func (s *Server) checkLeases(ctx context.Context) {
 		if v.Node.State != pb.NodeState_NODE_STATE_UP {
 			continue
 		}
+		if v.Node.HoldUntilUnixNano > now.UnixNano() {
+			continue // its shimd is restarting; see Agent.Hold
+		}
 		last, ok := s.leases.seen[v.Node.Name]
 		if !ok {
 			s.leases.seen[v.Node.Name] = now

@@ -268,6 +268,9 @@ func (g *gen) report() *pb.Command {
 	node, inc := pick(g, fzNodes), uint64(1)
 	if r := g.a.Get(id); r != nil {
 		node, inc = r.Node, r.Incarnation
+		if r.MoveTo != "" && g.int(2) == 0 {
+			node, inc = r.MoveTo, r.Incarnation+1 // the move's target
+		}
 	}
 	switch g.int(8) {
 	case 0:

@@ -237,13 +237,18 @@ func checkInvariants(t *Table) error {
 			if r.Spec.GetNode() != "" && r.Spec.GetNode() != r.Node {
 				return fmt.Errorf("%s is pinned to %s but runs on %s", id, r.Spec.GetNode(), r.Node)
 			}
-			addIndex(byNode, r.Node, id)
-			a := alloc[r.Node]
-			if a == nil {
-				a = &Alloc{}
-				alloc[r.Node] = a
+			if r.MoveTo == r.Node {
+				return fmt.Errorf("%s moves to the node it runs on", id)
 			}
-			a.add(r.Spec.GetResources(), 1)
+			for _, h := range holders(r) {
+				addIndex(byNode, h, id)
+				a := alloc[h]
+				if a == nil {
+					a = &Alloc{}
+					alloc[h] = a
+				}
+				a.add(r.Spec.GetResources(), 1)
+			}
 		case r.State == pb.ProcessState_PROCESS_STATE_UNSPECIFIED || r.State > killed:
 			return fmt.Errorf("%s has state %d", id, r.State)
 		}

@@ -108,8 +108,10 @@ func (t *Table) Restore(r io.Reader) error {
 		}
 		nt.procs[p.Id] = p
 		addIndex(nt.byName, p.Spec.GetName(), p.Id)
-		if live(p) && p.Node != "" {
-			nt.hold(p)
+		if live(p) {
+			for _, n := range holders(p) {
+				nt.hold(n, p)
+			}
 		}
 	}
 	// Every node's assignment index becomes the snapshot index: no agent can

@@ -141,6 +141,8 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 		ids = x.report(op.Report)
 	case *pb.Command_Resize:
 		ids, err = x.resize(op.Resize.GetId(), op.Resize.GetResources())
+	case *pb.Command_Hold:
+		err = x.hold(op.Hold)
 	case *pb.Command_Prune:
 		ids = x.prune(op.Prune.GetBeforeUnixNano())
 	default:
@@ -155,9 +157,11 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 	rec.ModifyIndex = t.index
 	rec.UpdatedUnixNano = x.now
 	old := t.procs[rec.Id]
-	if old != nil && live(old) && old.Node != "" {
-		t.release(old)
-		x.touched[old.Node] = true
+	if old != nil && live(old) {
+		for _, n := range holders(old) {
+			t.release(n, old)
+			x.touched[n] = true
+		}
 	}
 	if old != nil && old.State == pb.ProcessState_PROCESS_STATE_PENDING && rec.State != old.State {
 		t.pending = slices.DeleteFunc(t.pending, func(id string) bool { return id == rec.Id })
@@ -169,28 +173,42 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 	if old == nil {
 		addIndex(t.byName, rec.Spec.GetName(), rec.Id)
 	}
-	if live(rec) && rec.Node != "" {
-		t.hold(rec)
-		x.touched[rec.Node] = true
+	if live(rec) {
+		for _, n := range holders(rec) {
+			t.hold(n, rec)
+			x.touched[n] = true
+		}
 	}
 }
 
-func (t *Table) hold(rec *pb.ProcessRecord) {
-	addIndex(t.byNode, rec.Node, rec.Id)
-	a := t.alloc[rec.Node]
+// holders are the nodes a live record reserves room on: its node, and during
+// a make-before-break move also the node it moves to.
+func holders(rec *pb.ProcessRecord) []string {
+	switch {
+	case rec.Node == "":
+		return nil
+	case rec.MoveTo != "":
+		return []string{rec.Node, rec.MoveTo}
+	}
+	return []string{rec.Node}
+}
+
+func (t *Table) hold(node string, rec *pb.ProcessRecord) {
+	addIndex(t.byNode, node, rec.Id)
+	a := t.alloc[node]
 	if a == nil {
 		a = &Alloc{}
-		t.alloc[rec.Node] = a
+		t.alloc[node] = a
 	}
 	a.add(rec.Spec.GetResources(), 1)
 }
 
-func (t *Table) release(rec *pb.ProcessRecord) {
-	delIndex(t.byNode, rec.Node, rec.Id)
-	if a := t.alloc[rec.Node]; a != nil {
+func (t *Table) release(node string, rec *pb.ProcessRecord) {
+	delIndex(t.byNode, node, rec.Id)
+	if a := t.alloc[node]; a != nil {
 		a.add(rec.Spec.GetResources(), -1)
 		if a.Count == 0 {
-			delete(t.alloc, rec.Node)
+			delete(t.alloc, node)
 		}
 	}
 }
@@ -305,7 +323,47 @@ func (x *txn) setDraining(name string, draining bool) ([]string, error) {
 	if !draining {
 		return x.placePending(), nil
 	}
-	return nil, nil
+	return x.moveOff(name), nil
+}
+
+// moveOff starts a make-before-break move for every live, unpinned process
+// on a draining node: the process keeps running here while its next
+// incarnation starts on the node chosen by placement, and the move commits
+// only when that one reports running (see report). Processes with nowhere to
+// go stay where they are.
+func (x *txn) moveOff(name string) []string {
+	t := x.t
+	var moved []string
+	for _, id := range sortedKeys(t.byNode[name]) {
+		old := t.procs[id]
+		if old.Node != name || old.MoveTo != "" || old.Stop || old.Spec.GetNode() == name {
+			continue
+		}
+		target, err := t.place(old.Spec, nil)
+		if err != nil {
+			continue
+		}
+		rec := proto.CloneOf(old)
+		rec.MoveTo = target
+		x.put(rec)
+		moved = append(moved, id)
+	}
+	return moved
+}
+
+// hold records that a node's shimd is restarting until the given time.
+func (x *txn) hold(h *pb.Hold) error {
+	t := x.t
+	old := t.nodes[h.GetName()]
+	if old == nil {
+		return fmt.Errorf("%w: %q", ErrUnknownNode, h.GetName())
+	}
+	rec := proto.CloneOf(old)
+	rec.HoldUntilUnixNano = h.UntilUnixNano
+	rec.UpdatedUnixNano = x.now
+	rec.ModifyIndex = t.index
+	t.nodes[rec.Name] = rec
+	return nil
 }
 
 func (x *txn) removeNode(name string) ([]string, error) {
@@ -328,6 +386,12 @@ func (x *txn) evacuate(name, reason string) []string {
 	ids := sortedKeys(t.byNode[name])
 	for _, id := range ids {
 		rec := proto.CloneOf(t.procs[id])
+		if rec.Node != name {
+			// It was moving here: the move is off, it stays where it runs.
+			rec.MoveTo = ""
+			x.put(rec)
+			continue
+		}
 		x.retire(rec, reason)
 		if rec.Stop {
 			rec.State = pb.ProcessState_PROCESS_STATE_KILLED
@@ -338,7 +402,12 @@ func (x *txn) evacuate(name, reason string) []string {
 		}
 		rec.Incarnation++
 		rec.Pid, rec.StartTime, rec.StartedUnixNano = 0, 0, 0
-		if n, err := t.place(rec.Spec, nil); err == nil {
+		if rec.MoveTo != "" {
+			// A move was under way: its next incarnation is already
+			// starting on the target, so finish the move there.
+			rec.Node, rec.MoveTo, rec.State = rec.MoveTo, "", pb.ProcessState_PROCESS_STATE_STARTING
+			rec.Reason = "moved: " + reason
+		} else if n, err := t.place(rec.Spec, nil); err == nil {
 			rec.Node, rec.State = n, pb.ProcessState_PROCESS_STATE_STARTING
 			rec.Reason = "moved: " + reason
 		} else {
@@ -476,6 +545,11 @@ func (x *txn) report(r *pb.Report) []string {
 			continue
 		}
 		old := t.procs[u.Id]
+		if old != nil && old.MoveTo != "" && old.MoveTo == r.GetNode() && u.Incarnation == old.Incarnation+1 && live(old) {
+			x.put(x.moveReport(old, u))
+			changed = append(changed, u.Id)
+			continue
+		}
 		// Reports about an incarnation the table has moved elsewhere are
 		// stale; the node learns from its assignments to stop that copy. A
 		// queued process has no node, so nothing may report on it.
@@ -532,6 +606,28 @@ func reportable(s pb.ProcessState) bool {
 		return true
 	}
 	return Terminal(s)
+}
+
+// moveReport handles a report from the node a process is moving to: running
+// commits the move (the old node then stops its copy), anything else calls
+// the move off and the old incarnation keeps running.
+func (x *txn) moveReport(old *pb.ProcessRecord, u *pb.StatusUpdate) *pb.ProcessRecord {
+	rec := proto.CloneOf(old)
+	target := rec.MoveTo
+	rec.MoveTo = ""
+	if u.State != pb.ProcessState_PROCESS_STATE_RUNNING {
+		rec.Reason = fmt.Sprintf("move to %s failed: %s", target, u.Reason)
+		return rec
+	}
+	x.retire(rec, "moved to "+target)
+	at := u.AtUnixNano
+	if at == 0 {
+		at = x.now
+	}
+	rec.Node, rec.Incarnation, rec.State = target, u.Incarnation, pb.ProcessState_PROCESS_STATE_RUNNING
+	rec.Pid, rec.StartTime, rec.StartedUnixNano, rec.Restarts = u.Pid, u.StartTime, at, u.Restarts
+	rec.Reason = "moved from " + old.Node
+	return rec
 }
 
 func (x *txn) resize(id string, r *pb.Resources) ([]string, error) {

@@ -949,3 +949,54 @@ func TestConcurrentReads(t *testing.T) {
 	}
 	<-done
 }
+
+func TestDrainMovesMakeBeforeBreak(t *testing.T) {
+	x := newTester(t)
+	x.ok(nodeCmd("n1", 4*core, gib))
+	x.ok(spawnCmd(spec(100), "a", "b"))
+	x.ok(spawnCmd(pinned(spec(100), "n1"), "p"))
+	x.ok(reportCmd("n1", upd("a", 1, pb.ProcessState_PROCESS_STATE_RUNNING), upd("b", 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	x.ok(nodeCmd("n2", 4*core, gib))
+	x.ok(drainCmd("n1", true))
+	// The moves are planned; the old copies keep running and both nodes
+	// hold the reservation.
+	for _, id := range []string{"a", "b"} {
+		r := x.get(id)
+		if r.Node != "n1" || r.MoveTo != "n2" || r.State != pb.ProcessState_PROCESS_STATE_RUNNING || r.Incarnation != 1 {
+			t.Fatalf("%s after drain: %v", id, r)
+		}
+	}
+	if x.get("p").MoveTo != "" {
+		t.Fatal("a pinned process was moved")
+	}
+	if got, _ := x.tb.Assignments("n2"); len(got) != 2 {
+		t.Fatalf("n2 assignments %d, want 2", len(got))
+	}
+	// A stale report from n1 about the old copy still lands.
+	x.ok(reportCmd("n1", upd("a", 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	// The new incarnation runs on n2: the move commits.
+	x.ok(reportCmd("n2", upd("a", 2, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	a := x.get("a")
+	if a.Node != "n2" || a.MoveTo != "" || a.Incarnation != 2 || len(a.History) != 1 || a.History[0].Node != "n1" {
+		t.Fatalf("a after move: %v", a)
+	}
+	if got, _ := x.tb.Assignments("n1"); len(got) != 2 { // b (still moving) and p
+		t.Fatalf("n1 assignments %d, want 2", len(got))
+	}
+	// The target failing to start calls the move off; the old copy stays.
+	x.ok(reportCmd("n2", upd("b", 2, pb.ProcessState_PROCESS_STATE_FAILED)))
+	b := x.get("b")
+	if b.Node != "n1" || b.MoveTo != "" || b.Incarnation != 1 || b.State != pb.ProcessState_PROCESS_STATE_RUNNING {
+		t.Fatalf("b after failed move: %v", b)
+	}
+	// A node lost mid-move: the move finishes on its target.
+	x.ok(drainCmd("n1", false))
+	x.ok(drainCmd("n1", true))
+	if x.get("b").MoveTo != "n2" {
+		t.Fatal("b not moving again")
+	}
+	x.ok(downCmd("n1"))
+	if b := x.get("b"); b.Node != "n2" || b.Incarnation != 2 || b.State != pb.ProcessState_PROCESS_STATE_STARTING {
+		t.Fatalf("b after n1 lost mid-move: %v", b)
+	}
+}

@@ -32,7 +32,7 @@ import (
 
 type options struct {
 	name, dataDir, api, raftAddr, role, join, logLevel string
-	lease                                              time.Duration
+	lease, hold                                        time.Duration
 	reserveCPU, reserveMem, cpuCap, memCap             string
 	overcommit                                         uint32
 	simulate                                           int
@@ -57,6 +57,7 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.role, "role", "server", "server (Raft voter) or worker (runs processes, not in Raft)")
 	f.StringVar(&o.join, "join", "", "API address of any member, comma-separated for several; empty bootstraps a new cluster")
 	f.DurationVar(&o.lease, "lease", time.Second, "node lease: a node that cannot renew it for this long is fenced and replaced")
+	f.DurationVar(&o.hold, "shutdown-hold", 30*time.Second, "after a clean stop, how long the cluster waits for this shimd to return before moving its processes")
 	f.StringVar(&o.reserveCPU, "reserve-cpu", "0", "CPU cores kept back for the system")
 	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
 	f.StringVar(&o.cpuCap, "cpu", "", "CPU cores this node offers (default: detected)")
@@ -196,6 +197,7 @@ func run(ctx context.Context, o *options) error {
 		Runtime: rt,
 		DataDir: o.dataDir,
 		Lease:   o.lease,
+		Hold:    o.hold,
 		Log:     log,
 		Metrics: m,
 	}

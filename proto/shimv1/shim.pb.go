@@ -676,6 +676,7 @@ type ProcessRecord struct {
 	ModifyIndex      uint64                 `protobuf:"varint,17,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"` // raft index of the last change
 	Usage            *Usage                 `protobuf:"bytes,18,opt,name=usage,proto3" json:"usage,omitempty"`                                 // last reported by the node
 	StartTime        uint64                 `protobuf:"varint,19,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`       // /proc start time of pid (guards PID reuse)
+	MoveTo           string                 `protobuf:"bytes,20,opt,name=move_to,json=moveTo,proto3" json:"move_to,omitempty"`                 // make-before-break move in progress: incarnation+1 starts here
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
@@ -843,6 +844,13 @@ func (x *ProcessRecord) GetStartTime() uint64 {
 	return 0
 }
 
+func (x *ProcessRecord) GetMoveTo() string {
+	if x != nil {
+		return x.MoveTo
+	}
+	return ""
+}
+
 // Usage is measured from cgroup stats.
 type Usage struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -916,7 +924,8 @@ type NodeRecord struct {
 	JoinedUnixNano    int64                  `protobuf:"varint,8,opt,name=joined_unix_nano,json=joinedUnixNano,proto3" json:"joined_unix_nano,omitempty"`
 	UpdatedUnixNano   int64                  `protobuf:"varint,9,opt,name=updated_unix_nano,json=updatedUnixNano,proto3" json:"updated_unix_nano,omitempty"`
 	ModifyIndex       uint64                 `protobuf:"varint,10,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
-	OvercommitPercent uint32                 `protobuf:"varint,11,opt,name=overcommit_percent,json=overcommitPercent,proto3" json:"overcommit_percent,omitempty"` // sum of max may reach capacity * this / 100
+	OvercommitPercent uint32                 `protobuf:"varint,11,opt,name=overcommit_percent,json=overcommitPercent,proto3" json:"overcommit_percent,omitempty"`     // sum of max may reach capacity * this / 100
+	HoldUntilUnixNano int64                  `protobuf:"varint,12,opt,name=hold_until_unix_nano,json=holdUntilUnixNano,proto3" json:"hold_until_unix_nano,omitempty"` // shimd is restarting: do not judge its lease before this
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -1028,6 +1037,13 @@ func (x *NodeRecord) GetOvercommitPercent() uint32 {
 	return 0
 }
 
+func (x *NodeRecord) GetHoldUntilUnixNano() int64 {
+	if x != nil {
+		return x.HoldUntilUnixNano
+	}
+	return 0
+}
+
 type Command struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	NowUnixNano int64                  `protobuf:"varint,1,opt,name=now_unix_nano,json=nowUnixNano,proto3" json:"now_unix_nano,omitempty"`
@@ -1043,6 +1059,7 @@ type Command struct {
 	//	*Command_Resize
 	//	*Command_Batch
 	//	*Command_Prune
+	//	*Command_Hold
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1182,6 +1199,15 @@ func (x *Command) GetPrune() *Prune {
 	return nil
 }
 
+func (x *Command) GetHold() *Hold {
+	if x != nil {
+		if x, ok := x.Op.(*Command_Hold); ok {
+			return x.Hold
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1226,6 +1252,10 @@ type Command_Prune struct {
 	Prune *Prune `protobuf:"bytes,19,opt,name=prune,proto3,oneof"`
 }
 
+type Command_Hold struct {
+	Hold *Hold `protobuf:"bytes,20,opt,name=hold,proto3,oneof"`
+}
+
 func (*Command_RegisterNode) isCommand_Op() {}
 
 func (*Command_SetNodeState) isCommand_Op() {}
@@ -1245,6 +1275,8 @@ func (*Command_Resize) isCommand_Op() {}
 func (*Command_Batch) isCommand_Op() {}
 
 func (*Command_Prune) isCommand_Op() {}
+
+func (*Command_Hold) isCommand_Op() {}
 
 type Batch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1482,6 +1514,60 @@ func (x *RemoveNode) GetName() string {
 	return ""
 }
 
+// Hold asks the leader not to judge a node's lease before a time: its shimd
+// is restarting and its processes keep running meanwhile.
+type Hold struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	UntilUnixNano int64                  `protobuf:"varint,2,opt,name=until_unix_nano,json=untilUnixNano,proto3" json:"until_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Hold) Reset() {
+	*x = Hold{}
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Hold) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Hold) ProtoMessage() {}
+
+func (x *Hold) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Hold.ProtoReflect.Descriptor instead.
+func (*Hold) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Hold) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Hold) GetUntilUnixNano() int64 {
+	if x != nil {
+		return x.UntilUnixNano
+	}
+	return 0
+}
+
 type Spawn struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"` // one process per id, all with the same spec
@@ -1492,7 +1578,7 @@ type Spawn struct {
 
 func (x *Spawn) Reset() {
 	*x = Spawn{}
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1590,7 @@ func (x *Spawn) String() string {
 func (*Spawn) ProtoMessage() {}
 
 func (x *Spawn) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1603,7 @@ func (x *Spawn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Spawn.ProtoReflect.Descriptor instead.
 func (*Spawn) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Spawn) GetIds() []string {
@@ -1544,7 +1630,7 @@ type Kill struct {
 
 func (x *Kill) Reset() {
 	*x = Kill{}
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1556,7 +1642,7 @@ func (x *Kill) String() string {
 func (*Kill) ProtoMessage() {}
 
 func (x *Kill) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1569,7 +1655,7 @@ func (x *Kill) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Kill.ProtoReflect.Descriptor instead.
 func (*Kill) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Kill) GetIds() []string {
@@ -1604,7 +1690,7 @@ type StatusUpdate struct {
 
 func (x *StatusUpdate) Reset() {
 	*x = StatusUpdate{}
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1702,7 @@ func (x *StatusUpdate) String() string {
 func (*StatusUpdate) ProtoMessage() {}
 
 func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1715,7 @@ func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusUpdate.ProtoReflect.Descriptor instead.
 func (*StatusUpdate) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatusUpdate) GetId() string {
@@ -1705,7 +1791,7 @@ type Report struct {
 
 func (x *Report) Reset() {
 	*x = Report{}
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1717,7 +1803,7 @@ func (x *Report) String() string {
 func (*Report) ProtoMessage() {}
 
 func (x *Report) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1730,7 +1816,7 @@ func (x *Report) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Report.ProtoReflect.Descriptor instead.
 func (*Report) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Report) GetNode() string {
@@ -1757,7 +1843,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1769,7 +1855,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1782,7 +1868,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Resize) GetId() string {
@@ -1809,7 +1895,7 @@ type Prune struct {
 
 func (x *Prune) Reset() {
 	*x = Prune{}
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1907,7 @@ func (x *Prune) String() string {
 func (*Prune) ProtoMessage() {}
 
 func (x *Prune) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1920,7 @@ func (x *Prune) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Prune.ProtoReflect.Descriptor instead.
 func (*Prune) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Prune) GetBeforeUnixNano() int64 {
@@ -1855,7 +1941,7 @@ type SpawnRequest struct {
 
 func (x *SpawnRequest) Reset() {
 	*x = SpawnRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1867,7 +1953,7 @@ func (x *SpawnRequest) String() string {
 func (*SpawnRequest) ProtoMessage() {}
 
 func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1880,7 +1966,7 @@ func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnRequest.ProtoReflect.Descriptor instead.
 func (*SpawnRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SpawnRequest) GetSpec() *ProcessSpec {
@@ -1913,7 +1999,7 @@ type SpawnResponse struct {
 
 func (x *SpawnResponse) Reset() {
 	*x = SpawnResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1925,7 +2011,7 @@ func (x *SpawnResponse) String() string {
 func (*SpawnResponse) ProtoMessage() {}
 
 func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1938,7 +2024,7 @@ func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnResponse.ProtoReflect.Descriptor instead.
 func (*SpawnResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SpawnResponse) GetProcesses() []*ProcessRecord {
@@ -1958,7 +2044,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1970,7 +2056,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1983,7 +2069,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *KillRequest) GetIds() []string {
@@ -2009,7 +2095,7 @@ type KillResponse struct {
 
 func (x *KillResponse) Reset() {
 	*x = KillResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2107,7 @@ func (x *KillResponse) String() string {
 func (*KillResponse) ProtoMessage() {}
 
 func (x *KillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2120,7 @@ func (x *KillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillResponse.ProtoReflect.Descriptor instead.
 func (*KillResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *KillResponse) GetProcesses() []*ProcessRecord {
@@ -2057,7 +2143,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2069,7 +2155,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2082,7 +2168,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ResizeRequest) GetId() string {
@@ -2129,7 +2215,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +2227,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +2240,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ResizeResponse) GetProcess() *ProcessRecord {
@@ -2178,7 +2264,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2190,7 +2276,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2203,7 +2289,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListRequest) GetIds() []string {
@@ -2258,7 +2344,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2270,7 +2356,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2283,7 +2369,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListResponse) GetProcesses() []*ProcessRecord {
@@ -2308,7 +2394,7 @@ type NodesRequest struct {
 
 func (x *NodesRequest) Reset() {
 	*x = NodesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2406,7 @@ func (x *NodesRequest) String() string {
 func (*NodesRequest) ProtoMessage() {}
 
 func (x *NodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2419,7 @@ func (x *NodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
 func (*NodesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
 }
 
 type NodeStatus struct {
@@ -2351,7 +2437,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2363,7 +2449,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2376,7 +2462,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *NodeStatus) GetNode() *NodeRecord {
@@ -2438,7 +2524,7 @@ type NodesResponse struct {
 
 func (x *NodesResponse) Reset() {
 	*x = NodesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2450,7 +2536,7 @@ func (x *NodesResponse) String() string {
 func (*NodesResponse) ProtoMessage() {}
 
 func (x *NodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2463,7 +2549,7 @@ func (x *NodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesResponse.ProtoReflect.Descriptor instead.
 func (*NodesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *NodesResponse) GetNodes() []*NodeStatus {
@@ -2491,7 +2577,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2503,7 +2589,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2516,7 +2602,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *LogsRequest) GetId() string {
@@ -2549,7 +2635,7 @@ type LogsChunk struct {
 
 func (x *LogsChunk) Reset() {
 	*x = LogsChunk{}
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2561,7 +2647,7 @@ func (x *LogsChunk) String() string {
 func (*LogsChunk) ProtoMessage() {}
 
 func (x *LogsChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2574,7 +2660,7 @@ func (x *LogsChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsChunk.ProtoReflect.Descriptor instead.
 func (*LogsChunk) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *LogsChunk) GetData() []byte {
@@ -2594,7 +2680,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2606,7 +2692,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2619,7 +2705,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DrainRequest) GetNode() string {
@@ -2645,7 +2731,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2657,7 +2743,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2670,7 +2756,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DrainResponse) GetNode() *NodeRecord {
@@ -2689,7 +2775,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2701,7 +2787,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2714,7 +2800,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *JoinRequest) GetNode() *NodeRecord {
@@ -2733,7 +2819,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2745,7 +2831,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2758,7 +2844,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *JoinResponse) GetServers() []string {
@@ -2777,7 +2863,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2789,7 +2875,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2802,7 +2888,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *LeaveRequest) GetName() string {
@@ -2820,7 +2906,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2832,7 +2918,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2845,20 +2931,20 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
 }
 
 type HeartbeatRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	Usage         []*StatusUpdate        `protobuf:"bytes,2,rep,name=usage,proto3" json:"usage,omitempty"` // optional usage samples (not written to Raft)
+	HoldMillis    int64                  `protobuf:"varint,3,opt,name=hold_millis,json=holdMillis,proto3" json:"hold_millis,omitempty"` // shimd is stopping: hold the node's lease this long
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2870,7 +2956,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2883,7 +2969,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *HeartbeatRequest) GetNode() string {
@@ -2893,11 +2979,11 @@ func (x *HeartbeatRequest) GetNode() string {
 	return ""
 }
 
-func (x *HeartbeatRequest) GetUsage() []*StatusUpdate {
+func (x *HeartbeatRequest) GetHoldMillis() int64 {
 	if x != nil {
-		return x.Usage
+		return x.HoldMillis
 	}
-	return nil
+	return 0
 }
 
 type HeartbeatResponse struct {
@@ -2912,7 +2998,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2924,7 +3010,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2937,7 +3023,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *HeartbeatResponse) GetLeaseMillis() int64 {
@@ -2979,7 +3065,7 @@ type AssignmentsRequest struct {
 
 func (x *AssignmentsRequest) Reset() {
 	*x = AssignmentsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2991,7 +3077,7 @@ func (x *AssignmentsRequest) String() string {
 func (*AssignmentsRequest) ProtoMessage() {}
 
 func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3004,7 +3090,7 @@ func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*AssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *AssignmentsRequest) GetNode() string {
@@ -3040,7 +3126,7 @@ type AssignmentsResponse struct {
 
 func (x *AssignmentsResponse) Reset() {
 	*x = AssignmentsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3052,7 +3138,7 @@ func (x *AssignmentsResponse) String() string {
 func (*AssignmentsResponse) ProtoMessage() {}
 
 func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3065,7 +3151,7 @@ func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*AssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AssignmentsResponse) GetProcesses() []*ProcessRecord {
@@ -3105,7 +3191,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3117,7 +3203,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3130,7 +3216,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ReportRequest) GetReport() *Report {
@@ -3148,7 +3234,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3160,7 +3246,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3173,7 +3259,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
 }
 
 type UsageRequest struct {
@@ -3185,7 +3271,7 @@ type UsageRequest struct {
 
 func (x *UsageRequest) Reset() {
 	*x = UsageRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3197,7 +3283,7 @@ func (x *UsageRequest) String() string {
 func (*UsageRequest) ProtoMessage() {}
 
 func (x *UsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3210,7 +3296,7 @@ func (x *UsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRequest.ProtoReflect.Descriptor instead.
 func (*UsageRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *UsageRequest) GetIds() []string {
@@ -3229,7 +3315,7 @@ type UsageResponse struct {
 
 func (x *UsageResponse) Reset() {
 	*x = UsageResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3241,7 +3327,7 @@ func (x *UsageResponse) String() string {
 func (*UsageResponse) ProtoMessage() {}
 
 func (x *UsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3254,7 +3340,7 @@ func (x *UsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageResponse.ProtoReflect.Descriptor instead.
 func (*UsageResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UsageResponse) GetUsage() map[string]*Usage {
@@ -3273,7 +3359,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3285,7 +3371,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3298,7 +3384,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ApplyRequest) GetCommand() *Command {
@@ -3318,7 +3404,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3330,7 +3416,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3343,7 +3429,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ApplyResponse) GetIds() []string {
@@ -3375,7 +3461,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3387,7 +3473,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3400,7 +3486,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -3471,7 +3557,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n" +
 	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x12&\n" +
-	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\x8e\x05\n" +
+	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xa7\x05\n" +
 	"\rProcessRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x12\n" +
@@ -3494,11 +3580,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\fmodify_index\x18\x11 \x01(\x04R\vmodifyIndex\x12$\n" +
 	"\x05usage\x18\x12 \x01(\v2\x0e.shim.v1.UsageR\x05usage\x12\x1d\n" +
 	"\n" +
-	"start_time\x18\x13 \x01(\x04R\tstartTime\"o\n" +
+	"start_time\x18\x13 \x01(\x04R\tstartTime\x12\x17\n" +
+	"\amove_to\x18\x14 \x01(\tR\x06moveTo\"o\n" +
 	"\x05Usage\x12&\n" +
 	"\x0fcpu_usage_nanos\x18\x01 \x01(\x04R\rcpuUsageNanos\x12!\n" +
 	"\fmemory_bytes\x18\x02 \x01(\x04R\vmemoryBytes\x12\x1b\n" +
-	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\"\x9d\x03\n" +
+	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\"\xce\x03\n" +
 	"\n" +
 	"NodeRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
@@ -3512,7 +3599,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x11updated_unix_nano\x18\t \x01(\x03R\x0fupdatedUnixNano\x12!\n" +
 	"\fmodify_index\x18\n" +
 	" \x01(\x04R\vmodifyIndex\x12-\n" +
-	"\x12overcommit_percent\x18\v \x01(\rR\x11overcommitPercent\"\x96\x04\n" +
+	"\x12overcommit_percent\x18\v \x01(\rR\x11overcommitPercent\x12/\n" +
+	"\x14hold_until_unix_nano\x18\f \x01(\x03R\x11holdUntilUnixNano\"\xbb\x04\n" +
 	"\aCommand\x12\"\n" +
 	"\rnow_unix_nano\x18\x01 \x01(\x03R\vnowUnixNano\x12<\n" +
 	"\rregister_node\x18\n" +
@@ -3526,7 +3614,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x06report\x18\x10 \x01(\v2\x0f.shim.v1.ReportH\x00R\x06report\x12)\n" +
 	"\x06resize\x18\x11 \x01(\v2\x0f.shim.v1.ResizeH\x00R\x06resize\x12&\n" +
 	"\x05batch\x18\x12 \x01(\v2\x0e.shim.v1.BatchH\x00R\x05batch\x12&\n" +
-	"\x05prune\x18\x13 \x01(\v2\x0e.shim.v1.PruneH\x00R\x05pruneB\x04\n" +
+	"\x05prune\x18\x13 \x01(\v2\x0e.shim.v1.PruneH\x00R\x05prune\x12#\n" +
+	"\x04hold\x18\x14 \x01(\v2\r.shim.v1.HoldH\x00R\x04holdB\x04\n" +
 	"\x02op\"5\n" +
 	"\x05Batch\x12,\n" +
 	"\bcommands\x18\x01 \x03(\v2\x10.shim.v1.CommandR\bcommands\"7\n" +
@@ -3540,7 +3629,10 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\bdraining\x18\x02 \x01(\bR\bdraining\" \n" +
 	"\n" +
 	"RemoveNode\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"C\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"B\n" +
+	"\x04Hold\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
+	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"C\n" +
 	"\x05Spawn\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\"0\n" +
@@ -3628,10 +3720,11 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\aservers\x18\x01 \x03(\tR\aservers\"\"\n" +
 	"\fLeaveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x0f\n" +
-	"\rLeaveResponse\"S\n" +
+	"\rLeaveResponse\"M\n" +
 	"\x10HeartbeatRequest\x12\x12\n" +
-	"\x04node\x18\x01 \x01(\tR\x04node\x12+\n" +
-	"\x05usage\x18\x02 \x03(\v2\x15.shim.v1.StatusUpdateR\x05usage\"\x8c\x01\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1f\n" +
+	"\vhold_millis\x18\x03 \x01(\x03R\n" +
+	"holdMillisJ\x04\b\x02\x10\x03\"\x8c\x01\n" +
 	"\x11HeartbeatResponse\x12!\n" +
 	"\flease_millis\x18\x01 \x01(\x03R\vleaseMillis\x12\x14\n" +
 	"\x05known\x18\x02 \x01(\bR\x05known\x12(\n" +
@@ -3732,7 +3825,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -3752,43 +3845,44 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*SetNodeState)(nil),        // 15: shim.v1.SetNodeState
 	(*SetDraining)(nil),         // 16: shim.v1.SetDraining
 	(*RemoveNode)(nil),          // 17: shim.v1.RemoveNode
-	(*Spawn)(nil),               // 18: shim.v1.Spawn
-	(*Kill)(nil),                // 19: shim.v1.Kill
-	(*StatusUpdate)(nil),        // 20: shim.v1.StatusUpdate
-	(*Report)(nil),              // 21: shim.v1.Report
-	(*Resize)(nil),              // 22: shim.v1.Resize
-	(*Prune)(nil),               // 23: shim.v1.Prune
-	(*SpawnRequest)(nil),        // 24: shim.v1.SpawnRequest
-	(*SpawnResponse)(nil),       // 25: shim.v1.SpawnResponse
-	(*KillRequest)(nil),         // 26: shim.v1.KillRequest
-	(*KillResponse)(nil),        // 27: shim.v1.KillResponse
-	(*ResizeRequest)(nil),       // 28: shim.v1.ResizeRequest
-	(*ResizeResponse)(nil),      // 29: shim.v1.ResizeResponse
-	(*ListRequest)(nil),         // 30: shim.v1.ListRequest
-	(*ListResponse)(nil),        // 31: shim.v1.ListResponse
-	(*NodesRequest)(nil),        // 32: shim.v1.NodesRequest
-	(*NodeStatus)(nil),          // 33: shim.v1.NodeStatus
-	(*NodesResponse)(nil),       // 34: shim.v1.NodesResponse
-	(*LogsRequest)(nil),         // 35: shim.v1.LogsRequest
-	(*LogsChunk)(nil),           // 36: shim.v1.LogsChunk
-	(*DrainRequest)(nil),        // 37: shim.v1.DrainRequest
-	(*DrainResponse)(nil),       // 38: shim.v1.DrainResponse
-	(*JoinRequest)(nil),         // 39: shim.v1.JoinRequest
-	(*JoinResponse)(nil),        // 40: shim.v1.JoinResponse
-	(*LeaveRequest)(nil),        // 41: shim.v1.LeaveRequest
-	(*LeaveResponse)(nil),       // 42: shim.v1.LeaveResponse
-	(*HeartbeatRequest)(nil),    // 43: shim.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),   // 44: shim.v1.HeartbeatResponse
-	(*AssignmentsRequest)(nil),  // 45: shim.v1.AssignmentsRequest
-	(*AssignmentsResponse)(nil), // 46: shim.v1.AssignmentsResponse
-	(*ReportRequest)(nil),       // 47: shim.v1.ReportRequest
-	(*ReportResponse)(nil),      // 48: shim.v1.ReportResponse
-	(*UsageRequest)(nil),        // 49: shim.v1.UsageRequest
-	(*UsageResponse)(nil),       // 50: shim.v1.UsageResponse
-	(*ApplyRequest)(nil),        // 51: shim.v1.ApplyRequest
-	(*ApplyResponse)(nil),       // 52: shim.v1.ApplyResponse
-	(*SnapshotHeader)(nil),      // 53: shim.v1.SnapshotHeader
-	nil,                         // 54: shim.v1.UsageResponse.UsageEntry
+	(*Hold)(nil),                // 18: shim.v1.Hold
+	(*Spawn)(nil),               // 19: shim.v1.Spawn
+	(*Kill)(nil),                // 20: shim.v1.Kill
+	(*StatusUpdate)(nil),        // 21: shim.v1.StatusUpdate
+	(*Report)(nil),              // 22: shim.v1.Report
+	(*Resize)(nil),              // 23: shim.v1.Resize
+	(*Prune)(nil),               // 24: shim.v1.Prune
+	(*SpawnRequest)(nil),        // 25: shim.v1.SpawnRequest
+	(*SpawnResponse)(nil),       // 26: shim.v1.SpawnResponse
+	(*KillRequest)(nil),         // 27: shim.v1.KillRequest
+	(*KillResponse)(nil),        // 28: shim.v1.KillResponse
+	(*ResizeRequest)(nil),       // 29: shim.v1.ResizeRequest
+	(*ResizeResponse)(nil),      // 30: shim.v1.ResizeResponse
+	(*ListRequest)(nil),         // 31: shim.v1.ListRequest
+	(*ListResponse)(nil),        // 32: shim.v1.ListResponse
+	(*NodesRequest)(nil),        // 33: shim.v1.NodesRequest
+	(*NodeStatus)(nil),          // 34: shim.v1.NodeStatus
+	(*NodesResponse)(nil),       // 35: shim.v1.NodesResponse
+	(*LogsRequest)(nil),         // 36: shim.v1.LogsRequest
+	(*LogsChunk)(nil),           // 37: shim.v1.LogsChunk
+	(*DrainRequest)(nil),        // 38: shim.v1.DrainRequest
+	(*DrainResponse)(nil),       // 39: shim.v1.DrainResponse
+	(*JoinRequest)(nil),         // 40: shim.v1.JoinRequest
+	(*JoinResponse)(nil),        // 41: shim.v1.JoinResponse
+	(*LeaveRequest)(nil),        // 42: shim.v1.LeaveRequest
+	(*LeaveResponse)(nil),       // 43: shim.v1.LeaveResponse
+	(*HeartbeatRequest)(nil),    // 44: shim.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),   // 45: shim.v1.HeartbeatResponse
+	(*AssignmentsRequest)(nil),  // 46: shim.v1.AssignmentsRequest
+	(*AssignmentsResponse)(nil), // 47: shim.v1.AssignmentsResponse
+	(*ReportRequest)(nil),       // 48: shim.v1.ReportRequest
+	(*ReportResponse)(nil),      // 49: shim.v1.ReportResponse
+	(*UsageRequest)(nil),        // 50: shim.v1.UsageRequest
+	(*UsageResponse)(nil),       // 51: shim.v1.UsageResponse
+	(*ApplyRequest)(nil),        // 52: shim.v1.ApplyRequest
+	(*ApplyResponse)(nil),       // 53: shim.v1.ApplyResponse
+	(*SnapshotHeader)(nil),      // 54: shim.v1.SnapshotHeader
+	nil,                         // 55: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	6,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -3807,68 +3901,68 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	15, // 13: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
 	16, // 14: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
 	17, // 15: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	18, // 16: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	19, // 17: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	21, // 18: shim.v1.Command.report:type_name -> shim.v1.Report
-	22, // 19: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	19, // 16: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	20, // 17: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	22, // 18: shim.v1.Command.report:type_name -> shim.v1.Report
+	23, // 19: shim.v1.Command.resize:type_name -> shim.v1.Resize
 	13, // 20: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	23, // 21: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	12, // 22: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	11, // 23: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	5,  // 24: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	7,  // 25: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	3,  // 26: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	20, // 27: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	6,  // 28: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	7,  // 29: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	9,  // 30: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	9,  // 31: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	6,  // 32: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	9,  // 33: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	9,  // 34: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	11, // 35: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	6,  // 36: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	6,  // 37: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	10, // 38: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	33, // 39: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	11, // 40: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	11, // 41: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	20, // 42: shim.v1.HeartbeatRequest.usage:type_name -> shim.v1.StatusUpdate
+	24, // 21: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	18, // 22: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	12, // 23: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	11, // 24: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	5,  // 25: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	7,  // 26: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	3,  // 27: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	21, // 28: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	6,  // 29: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	7,  // 30: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	9,  // 31: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	9,  // 32: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	6,  // 33: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	9,  // 34: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	9,  // 35: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	11, // 36: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	6,  // 37: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	6,  // 38: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	10, // 39: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	34, // 40: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	11, // 41: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	11, // 42: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
 	5,  // 43: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
 	9,  // 44: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	5,  // 45: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	21, // 46: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	54, // 47: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	22, // 46: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	55, // 47: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
 	12, // 48: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
 	10, // 49: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	24, // 50: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	26, // 51: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	28, // 52: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	30, // 53: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	32, // 54: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	35, // 55: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	37, // 56: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	39, // 57: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	41, // 58: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	43, // 59: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	45, // 60: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	47, // 61: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	51, // 62: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	49, // 63: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	25, // 64: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	27, // 65: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	29, // 66: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	31, // 67: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	34, // 68: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	36, // 69: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	38, // 70: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	40, // 71: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	42, // 72: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	44, // 73: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	46, // 74: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	48, // 75: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	52, // 76: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	50, // 77: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	25, // 50: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	27, // 51: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	29, // 52: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	31, // 53: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	33, // 54: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	36, // 55: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	38, // 56: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	40, // 57: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	42, // 58: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	44, // 59: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	46, // 60: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	48, // 61: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	52, // 62: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	50, // 63: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	26, // 64: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	28, // 65: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	30, // 66: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	32, // 67: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	35, // 68: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	37, // 69: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	39, // 70: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	41, // 71: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	43, // 72: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	45, // 73: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	47, // 74: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	49, // 75: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	53, // 76: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	51, // 77: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
 	64, // [64:78] is the sub-list for method output_type
 	50, // [50:64] is the sub-list for method input_type
 	50, // [50:50] is the sub-list for extension type_name
@@ -3892,6 +3986,7 @@ func file_shim_v1_shim_proto_init() {
 		(*Command_Resize)(nil),
 		(*Command_Batch)(nil),
 		(*Command_Prune)(nil),
+		(*Command_Hold)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3899,7 +3994,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   49,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
