@@ -49,11 +49,16 @@ type Agent struct {
 	// a clean stop before it moves the node's processes (default 30 s).
 	Hold time.Duration
 
-	mu         sync.Mutex
-	procs      map[string]*local
-	assigned   []*pb.ProcessRecord
-	leaseUntil time.Time // monotonic: the node may run processes until then
-	fenced     bool
+	mu       sync.Mutex
+	procs    map[string]*local
+	assigned []*pb.ProcessRecord
+	// lease is guarded by its own lock, so that renewing and fencing never
+	// wait behind the agent's other work.
+	lease struct {
+		sync.Mutex
+		until  time.Time // monotonic: the node may run processes until then
+		fenced bool
+	}
 	minIndex   uint64 // act on assignments only from a table at least this new
 	tableIndex uint64 // table index of the assignments held
 	fenceTimer *time.Timer
@@ -115,10 +120,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	// Adopted processes may run for one lease while the agent finds the
 	// leader; after that, with no lease, they are fenced.
-	a.mu.Lock()
-	a.leaseUntil = a.Now().Add(a.Lease)
+	a.lease.Lock()
+	a.lease.until = a.Now().Add(a.Lease)
 	a.fenceTimer = time.AfterFunc(a.Lease, a.checkLease)
-	a.mu.Unlock()
+	a.lease.Unlock()
 	if err := a.join(ctx); err != nil {
 		return err
 	}
@@ -129,8 +134,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	wg.Wait()
 	a.holdLease()
-	a.mu.Lock()
+	a.lease.Lock()
 	a.fenceTimer.Stop()
+	a.lease.Unlock()
+	a.mu.Lock()
 	for _, l := range a.procs {
 		if l.timer != nil {
 			l.timer.Stop()
@@ -185,38 +192,44 @@ func (a *Agent) join(ctx context.Context) error {
 
 // ---- lease and fencing ----
 
-// heartbeats renews the lease every fifth of a lease. The lease is counted from
-// the moment the acknowledged heartbeat was sent (see server/lease.go).
+// heartbeats renews the lease every fifth of a lease (every 50 ms while
+// unanswered). Each heartbeat runs on its own, so one stuck on a leader that
+// is gone never delays the next, which may reach the new one. The lease is
+// counted from the moment the acknowledged heartbeat was sent (see
+// server/lease.go).
 func (a *Agent) heartbeats(ctx context.Context) {
+	var rejoin sync.Mutex
 	for {
 		sent := a.Now()
-		hctx, cancel := context.WithTimeout(ctx, a.Lease/2)
-		resp, err := call(hctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
-			return c.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name}))
-		})
-		cancel()
-		switch {
-		case err != nil:
-			a.Log.Debug("heartbeat failed", "err", err)
-		case !resp.Msg.Known:
-			a.Log.Warn("the cluster does not know this node; joining again")
-			if err := a.join(ctx); err != nil {
-				return
+		go func() {
+			hctx, cancel := context.WithTimeout(ctx, a.Lease/2)
+			defer cancel()
+			resp, err := call(hctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+				return c.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name}))
+			})
+			switch {
+			case err != nil:
+				a.Log.Debug("heartbeat failed", "err", err)
+			case !resp.Msg.Known:
+				if rejoin.TryLock() {
+					a.Log.Warn("the cluster does not know this node; joining again")
+					_ = a.join(ctx)
+					rejoin.Unlock()
+				}
+			default:
+				lease := time.Duration(resp.Msg.LeaseMillis) * time.Millisecond
+				if lease <= 0 {
+					lease = a.Lease
+				}
+				a.renew(sent.Add(lease), resp.Msg.Index)
 			}
-			continue
-		default:
-			lease := time.Duration(resp.Msg.LeaseMillis) * time.Millisecond
-			if lease <= 0 {
-				lease = a.Lease
-			}
-			a.renew(sent.Add(lease), resp.Msg.Index)
-		}
-		// Renew every fifth of a lease; after a failure, try again soon, so
-		// that a new leader is found before the lease runs out.
+		}()
 		wait := a.Lease / 5
-		if err != nil {
-			wait = min(wait, 50*time.Millisecond)
+		a.lease.Lock()
+		if a.lease.until.Sub(a.Now()) < a.Lease*3/4 {
+			wait = min(wait, 50*time.Millisecond) // the last beats went unanswered
 		}
+		a.lease.Unlock()
 		select {
 		case <-ctx.Done():
 			return
@@ -245,19 +258,23 @@ func (a *Agent) holdLease() {
 }
 
 func (a *Agent) renew(until time.Time, index uint64) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if !until.After(a.leaseUntil) {
+	a.lease.Lock()
+	if !until.After(a.lease.until) {
+		a.lease.Unlock()
 		return
 	}
-	a.leaseUntil = until
+	a.lease.until = until
 	a.fenceTimer.Reset(time.Until(until))
-	if a.fenced {
+	wasFenced := a.lease.fenced
+	a.lease.fenced = false
+	a.lease.Unlock()
+	if wasFenced {
 		// Back from a partition or a pause: act only on a table at least as
 		// new as the leader's, so stale copies are fenced before anything
 		// else happens.
-		a.fenced = false
+		a.mu.Lock()
 		a.minIndex = index
+		a.mu.Unlock()
 		a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
 		select {
 		case a.kick <- struct{}{}:
@@ -266,18 +283,29 @@ func (a *Agent) renew(until time.Time, index uint64) {
 	}
 }
 
-// checkLease fences the node when its lease has run out.
+// checkLease fences the node when its lease has run out: it kills every
+// process in the node's sandboxes at once, without waiting for the agent's
+// lock, and only then tidies the agent's books.
 func (a *Agent) checkLease() {
+	a.lease.Lock()
+	if left := time.Until(a.lease.until); a.Now().Before(a.lease.until) {
+		a.fenceTimer.Reset(left)
+		a.lease.Unlock()
+		return
+	}
+	if a.lease.fenced {
+		a.lease.Unlock()
+		return
+	}
+	a.lease.fenced = true
+	a.lease.Unlock()
+	start := time.Now()
+	if err := a.Runtime.KillAll(); err != nil {
+		a.Log.Error("fence: kill all failed", "err", err)
+	}
+	took := time.Since(start)
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.Now().Before(a.leaseUntil) {
-		a.fenceTimer.Reset(time.Until(a.leaseUntil))
-		return
-	}
-	if a.fenced {
-		return
-	}
-	a.fenced = true
 	n := 0
 	for _, l := range a.procs {
 		if l.proc != nil || l.timer != nil || l.starting {
@@ -285,7 +313,7 @@ func (a *Agent) checkLease() {
 			n++
 		}
 	}
-	a.Log.Warn("lease expired: fenced every local process", "processes", n)
+	a.Log.Warn("lease expired: fenced every local process", "processes", n, "took", took)
 }
 
 // fenceLocked kills a process at once; the table has or will have moved it.
@@ -308,8 +336,16 @@ func (a *Agent) fenceLocked(l *local, why string) {
 	a.Log.Warn("fenced process", "id", l.id, "incarnation", l.inc, "pid", l.proc.PID(), "why", why)
 }
 
+// mayStartLocked reports whether the node may start processes: it holds a
+// lease and has seen a table at least as new as the one that granted it.
 func (a *Agent) mayStartLocked() bool {
-	return !a.fenced && a.Now().Before(a.leaseUntil) && a.tableIndex >= a.minIndex
+	return a.leaseValid() && a.tableIndex >= a.minIndex
+}
+
+func (a *Agent) leaseValid() bool {
+	a.lease.Lock()
+	defer a.lease.Unlock()
+	return !a.lease.fenced && a.Now().Before(a.lease.until)
 }
 
 // ---- assignments ----
@@ -477,6 +513,9 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	a.mu.Unlock()
 	if !ok {
 		return
+	}
+	if !a.leaseValid() {
+		return // the lease ran out while it waited its turn; fenced already
 	}
 	spec := rec.Spec
 	begin := time.Now()

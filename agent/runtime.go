@@ -56,4 +56,5 @@ type Runtime interface {
 	Adopt(id string, inc uint64, pid int, startTime uint64) (Proc, error)
 	Existing() ([]Found, error)
 	Remove(id string, inc uint64) error // kill and clean up a sandbox that will not be adopted
+	KillAll() error                     // SIGKILL every process in every sandbox of this node, at once
 }

@@ -14,13 +14,36 @@ import (
 // the same API, lease and report paths as real ones.
 type SimRuntime struct {
 	pids atomic.Int64
+	mu   sync.Mutex
+	live map[*simProc]bool
 }
 
 var errSimAdopt = errors.New("simulated processes do not survive the agent")
 
 // Start starts a simulated process.
 func (r *SimRuntime) Start(s Spec) (Proc, error) {
-	return &simProc{pid: int(r.pids.Add(1)), done: make(chan struct{})}, nil
+	p := &simProc{pid: int(r.pids.Add(1)), done: make(chan struct{}), rt: r}
+	r.mu.Lock()
+	if r.live == nil {
+		r.live = map[*simProc]bool{}
+	}
+	r.live[p] = true
+	r.mu.Unlock()
+	return p, nil
+}
+
+// KillAll ends every simulated process.
+func (r *SimRuntime) KillAll() error {
+	r.mu.Lock()
+	ps := make([]*simProc, 0, len(r.live))
+	for p := range r.live {
+		ps = append(ps, p)
+	}
+	r.mu.Unlock()
+	for _, p := range ps {
+		_ = p.Kill()
+	}
+	return nil
 }
 
 // Adopt always fails: simulated processes end with their agent.
@@ -37,6 +60,7 @@ type simProc struct {
 	once sync.Once
 	done chan struct{}
 	exit Exit
+	rt   *SimRuntime
 }
 
 func (p *simProc) PID() int          { return p.pid }
@@ -45,6 +69,9 @@ func (p *simProc) Signal(sig syscall.Signal) error {
 	p.once.Do(func() {
 		p.exit = Exit{Code: -1, Signal: sig.String()}
 		close(p.done)
+		p.rt.mu.Lock()
+		delete(p.rt.live, p)
+		p.rt.mu.Unlock()
 	})
 	return nil
 }

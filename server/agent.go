@@ -19,9 +19,12 @@ type agentAPI struct{ s *Server }
 
 // onLeader runs local on the leader; elsewhere it calls remote on the leader
 // (servers) or on any server (workers), retrying while there is no leader.
-func onLeader[T any](ctx context.Context, s *Server, local func() (T, error), remote func(p *peer) (T, error)) (T, error) {
+//
+// attempt, if set, bounds each remote try, so that a call stuck on a leader
+// that is gone gives way to a try on its successor.
+func onLeader[T any](ctx context.Context, s *Server, attempt time.Duration, local func() (T, error), remote func(ctx context.Context, p *peer) (T, error)) (T, error) {
 	if s.Table == nil {
-		return forward(ctx, s, remote)
+		return forward(ctx, s, func(p *peer) (T, error) { return remote(ctx, p) })
 	}
 	var zero T
 	backoff := 5 * time.Millisecond
@@ -30,8 +33,13 @@ func onLeader[T any](ctx context.Context, s *Server, local func() (T, error), re
 			return local()
 		}
 		if addr := s.leaderAPI(); addr != "" {
-			v, err := remote(s.peer(addr))
-			if err == nil || !retryable(err) {
+			actx, cancel := ctx, context.CancelFunc(func() {})
+			if attempt > 0 {
+				actx, cancel = context.WithTimeout(ctx, attempt)
+			}
+			v, err := remote(actx, s.peer(addr))
+			cancel()
+			if err == nil || (!retryable(err) && connect.CodeOf(err) != connect.CodeDeadlineExceeded) {
 				return v, err
 			}
 		}
@@ -56,7 +64,7 @@ func (h *agentAPI) Join(ctx context.Context, req *connect.Request[pb.JoinRequest
 	if n.Role == pb.NodeRole_NODE_ROLE_SERVER && n.RaftAddr == "" {
 		return nil, invalid("join: server %s has no raft address", n.Name)
 	}
-	return onLeader(ctx, s, func() (*resp[pb.JoinResponse], error) {
+	return onLeader(ctx, s, 0, func() (*resp[pb.JoinResponse], error) {
 		if n.Role == pb.NodeRole_NODE_ROLE_SERVER {
 			if err := s.Raft.AddVoter(ctx, n.Name, n.RaftAddr); err != nil {
 				return nil, apiError(fmt.Errorf("join %s: add voter: %w", n.Name, err))
@@ -68,7 +76,7 @@ func (h *agentAPI) Join(ctx context.Context, req *connect.Request[pb.JoinRequest
 		s.leases.renew(n.Name, s.Now())
 		s.Log.Info("node joined", "node", n.Name, "role", n.Role, "api", n.ApiAddr)
 		return connect.NewResponse(&pb.JoinResponse{Servers: s.serverAPIs()}), nil
-	}, func(p *peer) (*resp[pb.JoinResponse], error) {
+	}, func(ctx context.Context, p *peer) (*resp[pb.JoinResponse], error) {
 		return p.agent.Join(ctx, connect.NewRequest(req.Msg))
 	})
 }
@@ -87,7 +95,7 @@ func (s *Server) serverAPIs() []string {
 func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveRequest]) (*resp[pb.LeaveResponse], error) {
 	s := h.s
 	name := req.Msg.Name
-	return onLeader(ctx, s, func() (*resp[pb.LeaveResponse], error) {
+	return onLeader(ctx, s, 0, func() (*resp[pb.LeaveResponse], error) {
 		n := s.Table.Node(name)
 		if n == nil {
 			return nil, apiError(fmt.Errorf("%w: %q", table.ErrUnknownNode, name))
@@ -103,7 +111,7 @@ func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveReque
 			return nil, err
 		}
 		return connect.NewResponse(&pb.LeaveResponse{}), nil
-	}, func(p *peer) (*resp[pb.LeaveResponse], error) {
+	}, func(ctx context.Context, p *peer) (*resp[pb.LeaveResponse], error) {
 		return p.agent.Leave(ctx, connect.NewRequest(req.Msg))
 	})
 }
@@ -112,7 +120,7 @@ func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveReque
 func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*resp[pb.HeartbeatResponse], error) {
 	s := h.s
 	name := req.Msg.Node
-	return onLeader(ctx, s, func() (*resp[pb.HeartbeatResponse], error) {
+	return onLeader(ctx, s, 200*time.Millisecond, func() (*resp[pb.HeartbeatResponse], error) {
 		now := s.Now()
 		n := s.Table.Node(name)
 		out := &pb.HeartbeatResponse{LeaseMillis: s.Lease.Milliseconds()}
@@ -139,7 +147,7 @@ func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.Heartb
 		}
 		out.Known, out.State, out.Index = true, n.State, s.Table.Index()
 		return connect.NewResponse(out), nil
-	}, func(p *peer) (*resp[pb.HeartbeatResponse], error) {
+	}, func(ctx context.Context, p *peer) (*resp[pb.HeartbeatResponse], error) {
 		return p.agent.Heartbeat(ctx, connect.NewRequest(req.Msg))
 	})
 }

@@ -27,7 +27,7 @@ import (
 // A new leader has not heard from anyone. It grants every node a fresh lease
 // from the moment it took office, so it neither declares nodes dead for its
 // own ignorance nor waits longer than one lease period. A stale leader cut off
-// in a minority steps down within Raft's leader lease (150 ms in shimd),
+// in a minority steps down within Raft's leader lease (250 ms in shimd),
 // before the majority can even elect a successor (followers wait 300-600 ms),
 // so a node it acknowledged still fences before the successor's deadline.
 //

@@ -466,6 +466,9 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 	if err := ValidateSpec(spec); err != nil {
 		return nil, err
 	}
+	if x.respawn(ids, spec) {
+		return ids, nil
+	}
 	seen := make(map[string]bool, len(ids))
 	for _, id := range ids {
 		if err := ValidateID(id); err != nil {
@@ -504,6 +507,20 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 		})
 	}
 	return ids, nil
+}
+
+// respawn reports whether this very spawn was applied already: a proposer
+// that lost leadership while committing cannot tell whether its entry made
+// it, so it proposes again, and the second copy must succeed and change
+// nothing.
+func (x *txn) respawn(ids []string, spec *pb.ProcessSpec) bool {
+	for _, id := range ids {
+		r := x.t.procs[id]
+		if r == nil || r.CreatedUnixNano != x.now || !proto.Equal(r.Spec, spec) {
+			return false
+		}
+	}
+	return true
 }
 
 func (x *txn) kill(ids []string, signal int32) ([]string, error) {

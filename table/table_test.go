@@ -728,7 +728,7 @@ func TestBatch(t *testing.T) {
 		nodeCmd("n1", core, gib),
 		&pb.Command{NowUnixNano: 7, Op: nodeCmd("n2", core, gib).Op},
 		spawnCmd(spec(100), "a"),
-		spawnCmd(spec(100), "a"), // fails alone
+		spawnCmd(spec(200), "a"), // fails alone (the same spawn again would be a harmless repeat)
 		spawnCmd(spec(100), "b"),
 	)
 	b.NowUnixNano = 5
@@ -999,4 +999,26 @@ func TestDrainMovesMakeBeforeBreak(t *testing.T) {
 	if b := x.get("b"); b.Node != "n2" || b.Incarnation != 2 || b.State != pb.ProcessState_PROCESS_STATE_STARTING {
 		t.Fatalf("b after n1 lost mid-move: %v", b)
 	}
+}
+
+func TestSpawnAppliedTwiceIsANoOp(t *testing.T) {
+	x := newTester(t)
+	x.ok(nodeCmd("n1", 4*core, gib))
+	cmd := spawnCmd(spec(100), "a", "b")
+	cmd.NowUnixNano = 42
+	x.ok(cmd)
+	before := clone(t, x.tb)
+	// The same entry proposed again after a lost leadership.
+	again := spawnCmd(spec(100), "a", "b")
+	again.NowUnixNano = 42
+	if res := x.tb.ApplyCommand(x.tb.Index()+1, again); res.Err != nil {
+		t.Fatalf("re-applied spawn: %v", res.Err)
+	}
+	if got := x.get("a"); !proto.Equal(got, before.Get("a")) {
+		t.Fatalf("re-applied spawn changed a: %v", got)
+	}
+	// A different spawn with a taken id still fails.
+	other := spawnCmd(spec(200), "a")
+	other.NowUnixNano = 42
+	x.fail(other, ErrExists)
 }

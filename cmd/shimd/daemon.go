@@ -119,9 +119,9 @@ func run(ctx context.Context, o *options) error {
 			// A new leader must answer heartbeats before any node's lease
 			// (1 s, renewed every 200 ms) runs out, so elections must finish
 			// well within 800 ms: followers notice a dead leader after
-			// 300-600 ms. A deposed leader steps down after 150 ms.
+			// 300-600 ms. A deposed leader steps down after 250 ms.
 			HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
-			LeaderLeaseTimeout: 150 * time.Millisecond,
+			LeaderLeaseTimeout: 250 * time.Millisecond,
 		}, &server.FSM{Table: t, Watch: w})
 		if err != nil {
 			return fmt.Errorf("raft: %w", err)
