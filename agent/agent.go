@@ -56,8 +56,9 @@ type Agent struct {
 	// wait behind the agent's other work.
 	lease struct {
 		sync.Mutex
-		until  time.Time // monotonic: the node may run processes until then
-		fenced bool
+		until   time.Time // monotonic: the node may run processes until then
+		fenced  bool
+		stopped bool // the agent is shutting down: no fence, no starts
 	}
 	minIndex   uint64 // act on assignments only from a table at least this new
 	tableIndex uint64 // table index of the assignments held
@@ -127,6 +128,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.join(ctx); err != nil {
 		return err
 	}
+	go func() {
+		// Stopping on purpose: the processes outlive the agent, so the
+		// fence is off from now on; the leader is asked to hold the lease.
+		<-ctx.Done()
+		a.lease.Lock()
+		a.lease.stopped = true
+		a.fenceTimer.Stop()
+		a.lease.Unlock()
+	}()
 	var wg sync.WaitGroup
 	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reporter, a.sample} {
 		wg.Add(1)
@@ -134,9 +144,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	wg.Wait()
 	a.holdLease()
-	a.lease.Lock()
-	a.fenceTimer.Stop()
-	a.lease.Unlock()
 	a.mu.Lock()
 	for _, l := range a.procs {
 		if l.timer != nil {
@@ -293,7 +300,7 @@ func (a *Agent) checkLease() {
 		a.lease.Unlock()
 		return
 	}
-	if a.lease.fenced {
+	if a.lease.fenced || a.lease.stopped {
 		a.lease.Unlock()
 		return
 	}
@@ -345,7 +352,7 @@ func (a *Agent) mayStartLocked() bool {
 func (a *Agent) leaseValid() bool {
 	a.lease.Lock()
 	defer a.lease.Unlock()
-	return !a.lease.fenced && a.Now().Before(a.lease.until)
+	return !a.lease.fenced && !a.lease.stopped && a.Now().Before(a.lease.until)
 }
 
 // ---- assignments ----
@@ -474,7 +481,7 @@ func (a *Agent) reconcileLocked() {
 		case restart.Start:
 			a.startLocked(act.Record, act.Record.Restarts)
 		case restart.Recover:
-			exit := Exit{Code: -1, Reason: "exited while shimd was down"}
+			exit := Exit{Code: -1, Reason: "not running here: exited while shimd was down, or fenced"}
 			if l != nil && l.lost != nil {
 				exit = *l.lost
 			}
@@ -556,6 +563,16 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	}
 }
 
+// stillAssigned reports whether the table still assigns l's incarnation here.
+func (a *Agent) stillAssigned(l *local) bool {
+	for _, r := range a.assigned {
+		if r.Id == l.id {
+			return r.Incarnation == l.inc && !r.Stop
+		}
+	}
+	return false
+}
+
 // sameAssignment reports whether rec is still the current assignment.
 func sameAssignment(assigned []*pb.ProcessRecord, rec *pb.ProcessRecord) bool {
 	for _, r := range assigned {
@@ -608,6 +625,11 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 	case l.fencing:
 		delete(a.procs, l.id)
 		a.dropState(l.id)
+		if a.stillAssigned(l) {
+			// Fenced for a lost lease that came back before the leader
+			// moved it: the table still wants it here, so start it again.
+			a.reconcileLocked()
+		}
 		return
 	case l.stopping || rec.GetStop():
 		delete(a.procs, l.id)

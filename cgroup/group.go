@@ -162,6 +162,31 @@ func (g *Group) writeV1Extras(v V1, fresh bool) error {
 	return nil
 }
 
+// SetPidsMax sets only the task limit (0 = unlimited), leaving the other
+// limits as they are.
+func (g *Group) SetPidsMax(n int64) error {
+	if n < 0 {
+		return fmt.Errorf("set pids.max of cgroup %s: %d: %w", g.name, n, ErrInvalid)
+	}
+	val := "max"
+	if n > 0 {
+		val = strconv.FormatInt(n, 10)
+	}
+	dir, ok := g.dir, g.m.v2
+	if !ok {
+		dir, ok = g.ctlDir(cgroup1.Pids)
+	}
+	if !ok {
+		return nil // no pids controller: nothing to limit
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err := writeFile(dir, "pids.max", val); err != nil {
+		return fmt.Errorf("set pids.max of cgroup %s: %w", g.name, notFound(err))
+	}
+	return nil
+}
+
 func (g *Group) updateV2(r Resources) error {
 	v := MapV2(r)
 	for _, f := range []struct {
@@ -382,8 +407,10 @@ func (g *Group) thaw() {
 // deleteTimeout bounds how long Delete waits for exiting processes.
 var deleteTimeout = 5 * time.Second
 
-// Delete removes the group from every hierarchy, then removes the parents
-// that are left empty, up to but not including the cgroup mount. It waits
+// Delete removes the group from every hierarchy (on v1 also from those the
+// Manager does not use, where a container runtime may have created it), then
+// removes the parents that are left empty, up to but not including the
+// cgroup mount. It waits
 // (up to 5s) for exiting processes to leave, and fails with ErrBusy if
 // processes remain; call Kill first. Deleting a deleted group is a no-op.
 func (g *Group) Delete() error {
@@ -400,7 +427,11 @@ func (g *Group) Delete() error {
 	g.m.mu.Lock()
 	defer g.m.mu.Unlock()
 	var errs []error
-	for _, d := range g.dirs() {
+	dirs := g.dirs()
+	for _, x := range g.m.extra {
+		dirs = append(dirs, filepath.Join(x, g.rel))
+	}
+	for _, d := range dirs {
 		err := poll(deleteTimeout, func() (bool, error) {
 			err := os.Remove(d)
 			if errors.Is(err, syscall.EBUSY) {

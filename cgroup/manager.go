@@ -53,6 +53,11 @@ type Manager struct {
 	v2   bool
 	ctls []controller      // v1 only
 	hier cgroup1.Hierarchy // v1 only: ctls as library subsystems
+	// extra are the other mounted hierarchies (v1 only: cpuset, devices,
+	// blkio, named and hybrid-unified ones). Groups are never created there,
+	// but a container runtime joining a group (libcontainer) creates the
+	// same path in every hierarchy, so Delete removes it there too.
+	extra []string
 
 	// mu orders directory creation against removal of empty parents, so a
 	// Delete never removes a parent that a concurrent Create is using.
@@ -80,7 +85,7 @@ func NewManager(root string) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cgroup manager %s: %w: %w", root, ErrUnsupported, err)
 	}
-	mroots, err := v1MountRoots()
+	mroots, mpoints, err := v1Mounts()
 	if err != nil {
 		return nil, fmt.Errorf("cgroup manager %s: %w", root, err)
 	}
@@ -117,6 +122,14 @@ func NewManager(root string) (*Manager, error) {
 		return nil, fmt.Errorf("cgroup manager %s: none of %v mounted: %w", root, v1Controllers, ErrUnsupported)
 	}
 	m.hier = func() ([]cgroup1.Subsystem, error) { return subs, nil }
+	for _, mp := range mpoints {
+		if real, err := filepath.EvalSymlinks(mp); err == nil {
+			mp = real
+		}
+		if !slices.ContainsFunc(m.ctls, func(c controller) bool { return c.dir == mp }) && !slices.Contains(m.extra, mp) {
+			m.extra = append(m.extra, mp)
+		}
+	}
 	return m, nil
 }
 
@@ -295,7 +308,7 @@ func (m *Manager) mkdirParentsV2() error {
 func (m *Manager) removeParents() {
 	mounts := []string{v2Mount}
 	if !m.v2 {
-		mounts = uniqueDirs(m.ctls, ".")
+		mounts = append(uniqueDirs(m.ctls, "."), m.extra...)
 	}
 	for _, mnt := range mounts {
 		for rel := m.root; rel != "." && rel != "/"; rel = filepath.Dir(rel) {
@@ -344,28 +357,35 @@ func notFound(err error) error {
 	return err
 }
 
-// v1MountRoots maps each v1 controller to the root of its mount, from
-// /proc/self/mountinfo (field 4; "/" unless a sub-hierarchy is bind-mounted
-// or a cgroup namespace is in use).
-func v1MountRoots() (map[string]string, error) {
+// v1Mounts reads /proc/self/mountinfo. It maps each v1 controller to the
+// root of its mount (field 4; "/" unless a sub-hierarchy is bind-mounted or
+// a cgroup namespace is in use), and lists the mount points of every cgroup
+// hierarchy whose root is "/" (v1 ones and a hybrid setup's unified one).
+func v1Mounts() (roots map[string]string, points []string, err error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer f.Close()
-	out := map[string]string{}
+	roots = map[string]string{}
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		sep := slices.Index(fields, "-")
-		if sep < 0 || len(fields) < sep+4 || fields[sep+1] != "cgroup" {
+		if sep < 4 || len(fields) < sep+4 || (fields[sep+1] != "cgroup" && fields[sep+1] != "cgroup2") {
+			continue
+		}
+		if fields[3] == "/" && !slices.Contains(points, fields[4]) {
+			points = append(points, fields[4])
+		}
+		if fields[sep+1] != "cgroup" {
 			continue
 		}
 		for _, opt := range strings.Split(fields[sep+3], ",") {
-			if _, dup := out[opt]; !dup {
-				out[opt] = fields[3]
+			if _, dup := roots[opt]; !dup {
+				roots[opt] = fields[3]
 			}
 		}
 	}
-	return out, sc.Err()
+	return roots, points, sc.Err()
 }

@@ -71,6 +71,19 @@ func (g *Group) Spawn(start func(cgroupFD int) error) error {
 	return <-errc
 }
 
+// SpawnLocked is Spawn for a caller that already runs on a goroutine locked
+// to its OS thread (runtime.LockOSThread), for example because the thread
+// joined a namespace the child must be born in: on v1 that very thread is
+// moved into g and back. It reports whether the thread is back in its
+// original cgroups; if not, the caller must let the goroutine exit while
+// still locked, so that the runtime discards the thread.
+func (g *Group) SpawnLocked(start func(cgroupFD int) error) (restored bool, err error) {
+	if g.m.v2 {
+		return true, g.Spawn(start)
+	}
+	return g.spawnV1(start)
+}
+
 // spawnV1 runs on a locked thread. It reports whether the thread is back in
 // its original cgroups.
 func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
@@ -96,13 +109,43 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 			}
 		}
 	}
+	// The CPU cgroup and the borrowed thread (v1 only): inside g the thread
+	// runs under g's CPU weight and quota. Under load a small weight or quota
+	// can keep it off the CPU for hundreds of milliseconds, and since it runs
+	// Go code, a stop-the-world pause of the whole agent waits for it. So g's
+	// CPU bounds are lifted for the duration (weight of one core, no quota)
+	// and restored once the thread has left; the workload runs a few
+	// microseconds before its exec with the lifted bounds at most.
+	cpuDir, hasCPU := g.ctlDir(cgroup1.Cpu)
+	var shares, quota []byte
+	if hasCPU {
+		shares, _ = os.ReadFile(filepath.Join(cpuDir, "cpu.shares"))
+		quota, _ = os.ReadFile(filepath.Join(cpuDir, "cpu.cfs_quota_us"))
+		_ = writeFile(cpuDir, "cpu.cfs_quota_us", "-1")
+		_ = writeFile(cpuDir, "cpu.shares", "1024")
+		defer func() {
+			// After the thread has left: restore the workload's bounds.
+			if len(shares) > 0 {
+				if werr := writeFile(cpuDir, "cpu.shares", strings.TrimSpace(string(shares))); werr != nil && err == nil {
+					err = fmt.Errorf("spawn in cgroup %s: restore cpu.shares: %w", g.name, werr)
+				}
+			}
+			if len(quota) > 0 {
+				if werr := writeFile(cpuDir, "cpu.cfs_quota_us", strings.TrimSpace(string(quota))); werr != nil && err == nil {
+					err = fmt.Errorf("spawn in cgroup %s: restore cpu.cfs_quota_us: %w", g.name, werr)
+				}
+			}
+		}()
+	}
 	memDir, hasMem := g.ctlDir(cgroup1.Memory)
 	if hasMem {
 		if err := writeFile(memDir, "memory.oom_control", "1"); err != nil {
 			hasMem = false // without the guard the window is still tiny
 		}
 	}
-	tid := []byte(strconv.Itoa(unix.Gettid()))
+	// "0" is the calling thread; unlike its TID it lets the kernel skip the
+	// global threadgroup lock.
+	tid := []byte("0")
 	var moved []string
 	for i, dir := range g.dirs() {
 		if err = os.WriteFile(filepath.Join(dir, "tasks"), tid, 0); err != nil {

@@ -7,6 +7,13 @@
 // no parent-death signal: workloads outlive the agent, and a restarted agent
 // finds them with Existing and takes them back with Adopt.
 //
+// Two isolation levels share that model (see Isolation): a process is
+// cloned directly into its namespaces and cgroup with the host's file
+// system; a container is a libcontainer sandbox with its own root file
+// system, masked /proc and /sys, few capabilities, no_new_privs and a
+// seccomp filter. Binaries that start containers must call Init early in
+// main (see IsInit).
+//
 // Each Process costs one parked goroutine: exit is learned from a pidfd
 // through the Go netpoller, never by polling.
 package exec
@@ -18,6 +25,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -46,11 +54,43 @@ type Spec struct {
 	Incarnation uint64 // restart counter; with ID it names the cgroup
 	Argv        []string
 	Env         []string // exactly the workload's environment, "K=V"; nil = empty
-	Dir         string   // working directory; "" = the agent's
-	Stdout      string   // file appended to (created with its parents); "" = /dev/null
-	Stderr      string   // file appended to (created with its parents); "" = /dev/null
-	Resources   cgroup.Resources
+	// Dir is the working directory: "" = the agent's (a container's "/").
+	// In a container with the host view it is bind-mounted read-write at
+	// the same path (the work directory); with Rootfs it is inside Rootfs.
+	Dir       string
+	Stdout    string // file appended to (created with its parents); "" = /dev/null
+	Stderr    string // file appended to (created with its parents); "" = /dev/null
+	Resources cgroup.Resources
+	Isolation Isolation
+	Network   Network
+	User      string // "UID[:GID]" (GID defaults to UID); "" = the agent's (root)
+	// Rootfs is a container's root directory (mounted read-only); "" = a
+	// read-only view of the host's /usr, /etc, /bin, /sbin and /lib*.
+	Rootfs string
 }
+
+// Isolation selects how a workload is sandboxed.
+type Isolation int
+
+const (
+	// IsolationProcess clones the workload directly into new pid, mount,
+	// uts and ipc namespaces and its cgroup; it sees the host's files.
+	IsolationProcess Isolation = iota
+	// IsolationContainer runs it in a libcontainer sandbox: the same
+	// namespaces and cgroup, plus its own read-only root file system,
+	// masked and read-only /proc and /sys paths, runc's default
+	// capabilities, no_new_privs and (built with -tags seccomp) a seccomp
+	// filter.
+	IsolationContainer
+)
+
+// Network selects a workload's network namespace.
+type Network int
+
+const (
+	NetworkHost Network = iota // the host's network namespace
+	NetworkNone                // a private network namespace with only lo (up)
+)
 
 // Exit describes how a process ended.
 type Exit struct {
@@ -75,6 +115,9 @@ const (
 // Cgroups. It holds no per-process state and is safe for concurrent use.
 type Runtime struct {
 	Cgroups *cgroup.Manager
+	// StateDir holds libcontainer's state while a container starts and the
+	// root directory of the host view; "" = /run/shim.
+	StateDir string
 }
 
 // Process is a started or adopted workload.
@@ -120,14 +163,15 @@ const nsFlags = syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWI
 
 // Start starts s in a new cgroup with s.Resources applied. The process is in
 // that cgroup before it executes its first instruction (see
-// cgroup.Group.Spawn). The executable is resolved first, using PATH from
-// s.Env or else the agent's; if it does not exist the error wraps
-// ErrNotFound and nothing is created. On any later failure the cgroup is
-// removed again.
+// cgroup.Group.Spawn; for containers libcontainer places its init there
+// before the workload is exec'd). The executable is resolved first, using
+// PATH from s.Env or else the agent's (in a container: s.Env's or a default
+// PATH, inside its root); if it does not exist the error wraps ErrNotFound
+// and nothing is created. On any later failure the cgroup is removed again.
 //
-// The mount namespace is unshared in the child (SysProcAttr.Unshareflags)
-// rather than cloned, so that Go also makes "/" recursively private there
-// and mounts never propagate back to the host.
+// For process isolation the mount namespace is unshared in the child
+// (SysProcAttr.Unshareflags) rather than cloned, so that Go also makes "/"
+// recursively private there and mounts never propagate back to the host.
 func (r *Runtime) Start(s Spec) (*Process, error) {
 	if r.Cgroups == nil {
 		return nil, fmt.Errorf("start: Runtime.Cgroups is nil: %w", ErrInvalid)
@@ -139,15 +183,24 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 	if len(s.Argv) == 0 {
 		return nil, fmt.Errorf("start %s: empty Argv: %w", name, ErrInvalid)
 	}
-	if s.Dir != "" {
-		if fi, err := os.Stat(s.Dir); err != nil || !fi.IsDir() {
-			if err == nil {
-				err = syscall.ENOTDIR
-			}
-			return nil, fmt.Errorf("start %s: working directory %q: %w", name, s.Dir, err)
-		}
+	cred, err := parseUser(s.User)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	path, err := lookPath(s.Argv[0], s.Env, s.Dir)
+	switch {
+	case s.Isolation != IsolationProcess && s.Isolation != IsolationContainer:
+		return nil, fmt.Errorf("start %s: isolation %d: %w", name, s.Isolation, ErrInvalid)
+	case s.Network != NetworkHost && s.Network != NetworkNone:
+		return nil, fmt.Errorf("start %s: network %d: %w", name, s.Network, ErrInvalid)
+	case s.Rootfs != "" && s.Isolation != IsolationContainer:
+		return nil, fmt.Errorf("start %s: a root file system needs container isolation: %w", name, ErrInvalid)
+	}
+	var path string
+	if s.Isolation == IsolationContainer {
+		path, err = r.checkContainer(s, name)
+	} else {
+		path, err = checkProcess(s, name)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -160,32 +213,23 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 			f.Close()
 		}
 	}()
-	g, err := r.Cgroups.Create(name, s.Resources)
+	res := s.Resources
+	if s.Isolation == IsolationContainer && res.PidsMax > 0 {
+		// libcontainer's init (a Go program) runs in the group before the
+		// workload; see startContainer.
+		res.PidsMax += initPidsHeadroom
+	}
+	g, err := r.Cgroups.Create(name, res)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	pidfd := -1
-	attr := &syscall.ProcAttr{
-		Dir:   s.Dir,
-		Env:   s.Env,
-		Files: []uintptr{stdio[0].Fd(), stdio[1].Fd(), stdio[2].Fd()},
-		Sys: &syscall.SysProcAttr{
-			Setsid:       true, // a Ctrl-C on the agent's terminal never reaches workloads
-			Cloneflags:   nsFlags,
-			Unshareflags: syscall.CLONE_NEWNS,
-			PidFD:        &pidfd,
-			// No Pdeathsig: workloads must outlive the agent.
-		},
+	var pid, pidfd int
+	if s.Isolation == IsolationContainer {
+		pid, err = r.startContainer(s, name, path, cred, stdio, g)
+		pidfd = -1
+	} else {
+		pid, pidfd, err = startProcess(s, path, cred, stdio, g)
 	}
-	pid := 0
-	err = g.Spawn(func(cgroupFD int) error {
-		if cgroupFD >= 0 {
-			attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cgroupFD
-		}
-		var err error
-		pid, _, err = syscall.StartProcess(path, s.Argv, attr)
-		return err
-	})
 	if err == nil && pidfd < 0 {
 		pidfd, err = unix.PidfdOpen(pid, 0)
 	}
@@ -202,6 +246,9 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 			unix.Close(pidfd)
 		}
 		_ = g.Delete()
+		if s.Isolation == IsolationContainer {
+			return nil, fmt.Errorf("start %s: container: %w", name, err)
+		}
 		return nil, fmt.Errorf("start %s: exec %q: %w", name, path, err)
 	}
 	p := &Process{name: name, pid: pid, child: true, group: g, done: make(chan struct{})}
@@ -210,6 +257,132 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 	p.pidfd = os.NewFile(uintptr(pidfd), "pidfd")
 	go p.wait()
 	return p, nil
+}
+
+// checkProcess checks s.Dir and resolves the executable on the host.
+func checkProcess(s Spec, name string) (string, error) {
+	if err := checkDir(s.Dir, name); err != nil {
+		return "", err
+	}
+	return lookPath(s.Argv[0], s.Env, s.Dir)
+}
+
+// checkDir checks that dir ("" = none) is a directory on the host.
+func checkDir(dir, name string) error {
+	if dir == "" {
+		return nil
+	}
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		if err == nil {
+			err = syscall.ENOTDIR
+		}
+		return fmt.Errorf("start %s: working directory %q: %w", name, dir, err)
+	}
+	return nil
+}
+
+// startProcess clones the workload straight into its namespaces and g. It
+// returns the pid and a pidfd (-1 if the kernel gave none).
+func startProcess(s Spec, path string, cred *syscall.Credential, stdio []*os.File, g *cgroup.Group) (pid, pidfd int, err error) {
+	pidfd = -1
+	attr := &syscall.ProcAttr{
+		Dir:   s.Dir,
+		Env:   s.Env,
+		Files: []uintptr{stdio[0].Fd(), stdio[1].Fd(), stdio[2].Fd()},
+		Sys: &syscall.SysProcAttr{
+			Setsid:       true, // a Ctrl-C on the agent's terminal never reaches workloads
+			Cloneflags:   nsFlags,
+			Unshareflags: syscall.CLONE_NEWNS,
+			PidFD:        &pidfd,
+			Credential:   cred,
+			// No Pdeathsig: workloads must outlive the agent.
+		},
+	}
+	start := func(cgroupFD int) error {
+		if cgroupFD >= 0 {
+			attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cgroupFD
+		}
+		var err error
+		pid, _, err = syscall.StartProcess(path, s.Argv, attr)
+		return err
+	}
+	if s.Network == NetworkNone {
+		err = spawnInNewNetns(g, start)
+	} else {
+		err = g.Spawn(start)
+	}
+	return pid, pidfd, err
+}
+
+// spawnInNewNetns forks through g.SpawnLocked from a thread that has its own
+// new network namespace with lo up, so the child is born there (a plain
+// CLONE_NEWNET would leave lo down). The thread then returns to the
+// agent's namespace, or is discarded if it cannot.
+func spawnInNewNetns(g *cgroup.Group, start func(int) error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		keep, err := func() (bool, error) {
+			orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return true, fmt.Errorf("network namespace: %w", err)
+			}
+			defer unix.Close(orig)
+			if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+				return true, fmt.Errorf("new network namespace: %w", err)
+			}
+			back := func() bool { return unix.Setns(orig, unix.CLONE_NEWNET) == nil }
+			if err := loopbackUp(); err != nil {
+				return back(), fmt.Errorf("new network namespace: %w", err)
+			}
+			restored, err := g.SpawnLocked(start)
+			return back() && restored, err
+		}()
+		if keep {
+			runtime.UnlockOSThread()
+		} // else: the runtime discards a thread that exits locked
+		errc <- err
+	}()
+	return <-errc
+}
+
+// loopbackUp sets lo up in the calling thread's network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("lo up: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return fmt.Errorf("lo up: %w", err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("lo up: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("lo up: %w", err)
+	}
+	return nil
+}
+
+// parseUser parses "UID[:GID]"; "" is nil (keep the agent's identity). The
+// supplementary groups are always cleared.
+func parseUser(u string) (*syscall.Credential, error) {
+	if u == "" {
+		return nil, nil
+	}
+	us, gs, hasG := strings.Cut(u, ":")
+	uid, err := strconv.ParseUint(us, 10, 32)
+	gid := uid
+	if err == nil && hasG {
+		gid, err = strconv.ParseUint(gs, 10, 32)
+	}
+	if err != nil || uid == 1<<32-1 || gid == 1<<32-1 {
+		return nil, fmt.Errorf("user %q: want UID[:GID] (numbers): %w", u, ErrInvalid)
+	}
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
 }
 
 // Adopt takes charge of a workload started by an earlier agent: incarnation

@@ -7,9 +7,14 @@ package main
 import (
 	"fmt"
 	"os"
+
+	"github.com/shim-run/shim/exec"
 )
 
 func main() {
+	if exec.IsInit() { // re-executed by libcontainer as a container's init
+		exec.Init() // never returns
+	}
 	if err := newCommand().Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "shimd:", err)
 		os.Exit(1)

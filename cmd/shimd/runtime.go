@@ -1,9 +1,12 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"syscall"
+	"time"
 
 	"github.com/shim-run/shim/agent"
 	"github.com/shim-run/shim/cgroup"
@@ -33,11 +36,42 @@ func resources(r *pb.Resources) cgroup.Resources {
 	}
 }
 
+// isolation maps the API's isolation; unspecified is the node's default,
+// direct process isolation.
+func isolation(i pb.Isolation) exec.Isolation {
+	if i == pb.Isolation_ISOLATION_CONTAINER {
+		return exec.IsolationContainer
+	}
+	return exec.IsolationProcess
+}
+
+// network maps the API's network mode; unspecified is the host's.
+func network(n pb.Network) exec.Network {
+	if n == pb.Network_NETWORK_NONE {
+		return exec.NetworkNone
+	}
+	return exec.NetworkHost
+}
+
 func (e *execRuntime) Start(s agent.Spec) (agent.Proc, error) {
-	p, err := e.rt.Start(exec.Spec{
+	spec := exec.Spec{
 		ID: s.ID, Incarnation: s.Incarnation, Argv: s.Argv, Env: s.Env, Dir: s.Dir,
 		Stdout: s.LogPath, Stderr: s.LogPath, Resources: resources(s.Resources),
-	})
+		Isolation: isolation(s.Isolation), Network: network(s.Network), User: s.User, Rootfs: s.Rootfs,
+	}
+	p, err := e.rt.Start(spec)
+	if errors.Is(err, cgroup.ErrExists) {
+		// The sandbox of a run that was just fenced or killed is still
+		// being torn down: finish that, then start afresh.
+		deadline := time.Now().Add(2 * time.Second)
+		for errors.Is(err, cgroup.ErrExists) && time.Now().Before(deadline) {
+			_ = e.Remove(s.ID, s.Incarnation)
+			p, err = e.rt.Start(spec)
+			if errors.Is(err, cgroup.ErrExists) {
+				time.Sleep(20 * time.Millisecond) // the kernel is still tearing the old group down
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -95,4 +129,27 @@ func (p proc) Stats() (*pb.Usage, error) {
 func (p proc) Exit() agent.Exit {
 	x := p.p.Exit()
 	return agent.Exit{Code: x.Code, Signal: x.Signal, OOMKilled: x.OOMKilled, Reason: x.Reason}
+}
+
+// KillAll sends SIGKILL to every process in every sandbox of this node at
+// once: the fence. It neither freezes nor waits, so it takes about a
+// millisecond per hundred processes.
+func (e *execRuntime) KillAll() error {
+	names, err := e.cg.List()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		g, err := e.cg.Open(n)
+		if err != nil {
+			continue
+		}
+		pids, _ := g.Procs()
+		for _, pid := range pids {
+			if pid != os.Getpid() {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+	return nil
 }

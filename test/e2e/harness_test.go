@@ -82,6 +82,9 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 			d.args = append(d.args, "--join", c.nodes[0].api)
 		}
 		d.args = append(d.args, extra...)
+		if os.Getenv("SHIM_E2E_DEBUG") != "" {
+			d.args = append(d.args, "--log-level", "debug")
+		}
 		c.nodes = append(c.nodes, d)
 		c.start(d)
 	}
@@ -140,8 +143,11 @@ func (c *cluster) cleanup() {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	if c.t.Failed() {
+		keep := filepath.Join(os.TempDir(), "shim-e2e-"+c.t.Name())
+		_ = os.MkdirAll(keep, 0o755)
 		for _, d := range c.nodes {
 			b, _ := os.ReadFile(filepath.Join(d.dir, "shimd.log"))
+			_ = os.WriteFile(filepath.Join(keep, d.name+".log"), b, 0o644)
 			c.t.Logf("---- %s log (tail) ----\n%s", d.name, tail(string(b), 3000))
 		}
 	}
@@ -269,7 +275,7 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out after %s waiting for %s", d, what)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond) // each poll runs the CLI: keep it light
 	}
 }
 

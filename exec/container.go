@@ -1,0 +1,447 @@
+package exec
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+
+	securejoin "github.com/cyphar/filepath-securejoin"
+	"github.com/opencontainers/cgroups"
+	devconfig "github.com/opencontainers/cgroups/devices/config"
+	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
+	"github.com/opencontainers/runc/libcontainer/seccomp"
+	"github.com/opencontainers/runc/libcontainer/specconv"
+	"golang.org/x/sys/unix"
+
+	"github.com/shim-run/shim/cgroup"
+	"github.com/shim-run/shim/exec/internal/boot"
+
+	// The cgroup v1 devices controller and v2 device eBPF programs.
+	_ "github.com/opencontainers/cgroups/devices"
+)
+
+func init() {
+	// Starting a container, libcontainer joins its mount namespace from a
+	// goroutine locked to its thread, and lets the thread end with the
+	// goroutine. The runtime cannot end the main thread, only park it: had
+	// that goroutine run there, the process (/proc/self is the main thread)
+	// would see the container's mounts from then on. Keeping the main
+	// goroutine on the main thread (a package init may do this) rules it
+	// out; the same holds for the threads cgroup.Spawn discards.
+	runtime.LockOSThread()
+}
+
+// IsInit reports whether this process is a container's init, started by
+// libcontainer as "<this binary> init". A binary that starts containers
+// must then call Init before anything else in main:
+//
+//	if exec.IsInit() {
+//		exec.Init()
+//	}
+//
+// In practice the call is not reached: a package initializer imported by
+// exec (exec/internal/boot) already diverts the init, as early as Go
+// allows, to skip the initializers of packages the init does not need.
+func IsInit() bool { return boot.IsInit() }
+
+// Init runs libcontainer's init, which finishes setting up the sandbox and
+// executes the workload. It never returns.
+func Init() { boot.Init() }
+
+// initPidsHeadroom is added to a container's pids.max while libcontainer's
+// init runs in the group (it is a Go program with several threads, next to
+// the short-lived nsexec stages); the exact limit is set as soon as the
+// workload has been exec'd.
+const initPidsHeadroom = 16
+
+// defaultPath is the PATH used to find a container's executable when its
+// environment has none.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// hostView lists the host directories a container without Rootfs sees,
+// read-only. Those that are symlinks on the host (merged /usr) are
+// recreated as the same symlinks instead of being mounted.
+var hostView = []string{"/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"}
+
+// maskedHostFiles are hidden (bound to /dev/null) in the host view: the
+// workload may run as root.
+var maskedHostFiles = []string{"/etc/shadow", "/etc/gshadow"}
+
+const defaultStateDir = "/run/shim"
+
+// stateDir returns where libcontainer keeps a container's state while it
+// starts, and where the host view's root directory is.
+func (r *Runtime) stateDir() string {
+	if r.StateDir != "" {
+		return r.StateDir
+	}
+	return defaultStateDir
+}
+
+// containerRoot returns libcontainer's state directory for r's containers.
+func (r *Runtime) containerRoot() string {
+	return filepath.Join(r.stateDir(), "containers", strings.ReplaceAll(r.Cgroups.Root(), "/", "_"))
+}
+
+// view is the prepared root directory of the host view, shared by all
+// containers: empty mount points and the host's top-level symlinks.
+type view struct {
+	once    sync.Once
+	dir     string
+	mounts  []*configs.Mount // read-only binds of hostView
+	masked  []string         // maskedHostFiles that exist
+	prepErr error
+}
+
+var views sync.Map // state dir -> *view
+
+func (r *Runtime) hostView() (*view, error) {
+	sd := r.stateDir()
+	v, _ := views.LoadOrStore(sd, &view{})
+	vw := v.(*view)
+	vw.once.Do(func() { vw.prepErr = vw.prepare(filepath.Join(sd, "rootfs")) })
+	return vw, vw.prepErr
+}
+
+func (v *view) prepare(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("container root: %w", err)
+	}
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return fmt.Errorf("container root: %w", err)
+	}
+	v.dir = real
+	for _, d := range []string{"proc", "dev", "sys", "tmp"} {
+		if err := os.Mkdir(filepath.Join(real, d), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("container root: %w", err)
+		}
+	}
+	for _, h := range hostView {
+		fi, err := os.Lstat(h)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("container root: %w", err)
+		}
+		in := filepath.Join(real, h)
+		switch {
+		case fi.Mode()&fs.ModeSymlink != 0:
+			target, err := os.Readlink(h)
+			if err != nil {
+				return fmt.Errorf("container root: %w", err)
+			}
+			if cur, err := os.Readlink(in); err == nil && cur == target {
+				continue
+			}
+			_ = os.Remove(in)
+			if err := os.Symlink(target, in); err != nil {
+				// Another agent on this host may have just made it.
+				if cur, rerr := os.Readlink(in); rerr != nil || cur != target {
+					return fmt.Errorf("container root: %w", err)
+				}
+			}
+		case fi.IsDir():
+			if err := os.Mkdir(in, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+				return fmt.Errorf("container root: %w", err)
+			}
+			v.mounts = append(v.mounts, &configs.Mount{
+				Source: h, Destination: h, Device: "bind",
+				Flags: unix.MS_BIND | unix.MS_REC | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV,
+			})
+		}
+	}
+	for _, f := range maskedHostFiles {
+		if _, err := os.Stat(f); err == nil {
+			v.masked = append(v.masked, f)
+		}
+	}
+	return nil
+}
+
+// checkContainer validates a container Spec and resolves its executable as
+// the container will see it. It returns the path to exec.
+func (r *Runtime) checkContainer(s Spec, name string) (string, error) {
+	if s.Dir != "" && !filepath.IsAbs(s.Dir) {
+		return "", fmt.Errorf("start %s: working directory %q: must be absolute in a container: %w", name, s.Dir, ErrInvalid)
+	}
+	if s.Rootfs == "" {
+		if err := checkDir(s.Dir, name); err != nil {
+			return "", err // the work directory
+		}
+		path, err := lookPath(s.Argv[0], withPath(s.Env), s.Dir)
+		if err != nil {
+			return "", err
+		}
+		if !inHostView(path, s.Dir) {
+			return "", fmt.Errorf("exec: %q: %w (not inside the container's view of the host: %s)", s.Argv[0], ErrNotFound, strings.Join(hostView, " "))
+		}
+		return path, nil
+	}
+	if !filepath.IsAbs(s.Rootfs) {
+		return "", fmt.Errorf("start %s: root file system %q: must be absolute: %w", name, s.Rootfs, ErrInvalid)
+	}
+	if fi, err := os.Stat(s.Rootfs); err != nil || !fi.IsDir() {
+		if err == nil {
+			err = syscall.ENOTDIR
+		}
+		return "", fmt.Errorf("start %s: root file system %q: %w", name, s.Rootfs, err)
+	}
+	root, err := filepath.EvalSymlinks(s.Rootfs)
+	if err != nil {
+		return "", fmt.Errorf("start %s: root file system %q: %w", name, s.Rootfs, err)
+	}
+	// s.Dir is made by libcontainer if missing (it may be below a mount
+	// such as /tmp).
+	file := s.Argv[0]
+	if strings.Contains(file, "/") {
+		if !filepath.IsAbs(file) {
+			file = filepath.Join("/", s.Dir, file)
+		}
+		if err := checkExec(inRoot(root, file), ""); err != nil {
+			return "", fmt.Errorf("exec: %q: %w", s.Argv[0], err)
+		}
+		return file, nil
+	}
+	for _, d := range filepath.SplitList(envPath(withPath(s.Env))) {
+		if !filepath.IsAbs(d) {
+			continue
+		}
+		p := filepath.Join(d, file)
+		if checkExec(inRoot(root, p), "") == nil {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("exec: %q: %w", file, ErrNotFound)
+}
+
+// inRoot resolves path inside root like a chroot would (symlinks cannot
+// leave root); on failure it returns a path that does not exist.
+func inRoot(root, path string) string {
+	p, err := securejoin.SecureJoin(root, path)
+	if err != nil {
+		return filepath.Join(root, "\x00")
+	}
+	return p
+}
+
+// inHostView reports whether path (as resolved by lookPath, maybe relative
+// to dir) is visible in the host view.
+func inHostView(path, dir string) bool {
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(dir, path)
+	}
+	path = filepath.Clean(path)
+	for _, d := range append(slices.Clip(hostView), dir) {
+		if d != "" && (path == d || strings.HasPrefix(path, d+"/")) {
+			if _, err := os.Lstat(d); err == nil {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// withPath returns env, with the default PATH added for the lookup if env
+// has none (the workload's environment is not changed).
+func withPath(env []string) []string {
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "PATH=") {
+			return env
+		}
+	}
+	return append(slices.Clip(env), "PATH="+defaultPath)
+}
+
+func envPath(env []string) string {
+	p := ""
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
+			p = v
+		}
+	}
+	return p
+}
+
+// startContainer starts s through libcontainer in the existing group g and
+// returns the workload's pid (a child of this process: nsexec clones with
+// CLONE_PARENT). libcontainer moves its init into g before that init does
+// anything else, so the workload is in g from its first instruction.
+func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Credential, stdio []*os.File, g *cgroup.Group) (int, error) {
+	cfg, err := r.containerConfig(s, g)
+	if err != nil {
+		return 0, err
+	}
+	oneProc.Do(func() {
+		if _, set := os.LookupEnv("GOMAXPROCS"); !set {
+			os.Setenv("GOMAXPROCS", "1")
+		}
+	})
+	root := r.containerRoot()
+	id := containerID(name)
+	_ = os.RemoveAll(filepath.Join(root, id)) // left by an agent that died mid-start
+	c, err := libcontainer.Create(root, id, cfg)
+	if err != nil {
+		return 0, err
+	}
+	// The state is only needed until the workload runs: an agent adopts
+	// containers by pid and cgroup, like processes.
+	defer os.RemoveAll(filepath.Join(root, id))
+	argv := slices.Clone(s.Argv)
+	if !strings.Contains(argv[0], "/") {
+		argv[0] = path // libcontainer's init looks it up with the workload's PATH only
+	}
+	cwd := s.Dir
+	if cwd == "" {
+		cwd = "/"
+	}
+	env := s.Env
+	if env == nil {
+		env = []string{}
+	}
+	p := &libcontainer.Process{
+		Args: argv, Env: env, Cwd: cwd, Init: true,
+		Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2],
+	}
+	if cred != nil {
+		p.UID, p.GID = int(cred.Uid), int(cred.Gid)
+	}
+	// Start returns once init is ready and waits for Exec; on failure it
+	// has killed init and removed the group.
+	if err := c.Start(p); err != nil {
+		return 0, err
+	}
+	pid, err := p.Pid()
+	if err != nil {
+		return 0, err
+	}
+	if err := c.Exec(); err != nil {
+		return pid, err
+	}
+	if s.Resources.PidsMax > 0 {
+		if err := g.SetPidsMax(s.Resources.PidsMax); err != nil {
+			return pid, err
+		}
+	}
+	return pid, nil
+}
+
+// oneProc sets GOMAXPROCS=1 in this process's environment (unless it is
+// set) before the first container start: libcontainer passes that variable
+// on to every container init, and an init that starts with one P skips
+// shrinking to the single P libcontainer.Init uses (about 10% fewer page
+// faults per start). It does not change this process's own GOMAXPROCS;
+// children that inherit its environment see it.
+var oneProc sync.Once
+
+// containerID makes a libcontainer id (letters, digits, "_+-.") from a
+// group name.
+func containerID(name string) string {
+	return strings.Map(func(c rune) rune {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '+', c == '-', c == '.':
+			return c
+		}
+		return '_'
+	}, name)
+}
+
+// containerConfig builds the libcontainer configuration for s in group g.
+func (r *Runtime) containerConfig(s Spec, g *cgroup.Group) (*configs.Config, error) {
+	example := specconv.Example() // runc's defaults: capabilities, masked and read-only paths
+	caps := example.Process.Capabilities
+	cfg := &configs.Config{
+		Readonlyfs:      true,
+		RootPropagation: unix.MS_PRIVATE | unix.MS_REC,
+		Namespaces: configs.Namespaces{
+			{Type: configs.NEWNS}, {Type: configs.NEWUTS}, {Type: configs.NEWIPC}, {Type: configs.NEWPID},
+		},
+		Hostname: hostname(s.ID),
+		Capabilities: &configs.Capabilities{
+			Bounding: caps.Bounding, Effective: caps.Effective, Permitted: caps.Permitted,
+		},
+		NoNewPrivileges: true,
+		MaskPaths:       example.Linux.MaskedPaths,
+		ReadonlyPaths:   example.Linux.ReadonlyPaths,
+		Cgroups: &cgroups.Cgroup{
+			Path:      g.Path(),
+			Resources: &cgroups.Resources{Devices: deviceRules()},
+		},
+	}
+	for _, d := range specconv.AllowedDevices {
+		if d.Path != "" {
+			cfg.Devices = append(cfg.Devices, d)
+		}
+	}
+	if s.Network == NetworkNone {
+		cfg.Namespaces = append(cfg.Namespaces, configs.Namespace{Type: configs.NEWNET})
+		cfg.Networks = []*configs.Network{{Type: "loopback"}}
+	}
+	if seccomp.Enabled {
+		cfg.Seccomp = defaultSeccomp()
+	}
+	const (
+		noexec = unix.MS_NOSUID | unix.MS_NOEXEC | unix.MS_NODEV
+	)
+	cfg.Mounts = []*configs.Mount{
+		{Source: "proc", Destination: "/proc", Device: "proc", Flags: noexec},
+		{Source: "tmpfs", Destination: "/dev", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_STRICTATIME, Data: "mode=755,size=65536k"},
+		{Source: "shm", Destination: "/dev/shm", Device: "tmpfs", Flags: noexec, Data: "mode=1777,size=65536k"},
+		{Source: "sysfs", Destination: "/sys", Device: "sysfs", Flags: noexec | unix.MS_RDONLY},
+		{Source: "tmpfs", Destination: "/tmp", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_NODEV, Data: "mode=1777"},
+	}
+	if s.Rootfs != "" {
+		root, err := filepath.EvalSymlinks(s.Rootfs)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Rootfs = root
+		return cfg, nil
+	}
+	v, err := r.hostView()
+	if err != nil {
+		return nil, err
+	}
+	cfg.Rootfs = v.dir
+	for _, m := range v.mounts {
+		m := *m // each config its own, whatever libcontainer does with it
+		cfg.Mounts = append(cfg.Mounts, &m)
+	}
+	cfg.MaskPaths = append(slices.Clip(cfg.MaskPaths), v.masked...)
+	if s.Dir != "" {
+		// The work directory, read-write.
+		cfg.Mounts = append(cfg.Mounts, &configs.Mount{
+			Source: s.Dir, Destination: s.Dir, Device: "bind",
+			Flags: unix.MS_BIND | unix.MS_REC | unix.MS_NOSUID | unix.MS_NODEV,
+		})
+	}
+	return cfg, nil
+}
+
+// deviceRules are runc's default device cgroup rules: nothing but the
+// standard character devices.
+func deviceRules() []*devconfig.Rule {
+	var rules []*devconfig.Rule
+	for _, d := range specconv.AllowedDevices {
+		rules = append(rules, &d.Rule)
+	}
+	return rules
+}
+
+// hostname is the container's host name: the workload id, cut to the
+// kernel's 64 bytes.
+func hostname(id string) string {
+	if len(id) > 64 {
+		id = id[:64]
+	}
+	return id
+}
