@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -66,6 +67,8 @@ type Agent struct {
 	kick       chan struct{}
 	reports    chan *pb.StatusUpdate
 	startSem   chan struct{}
+	serverKey  string       // the servers last passed to OnServers
+	good       atomic.Int32 // index in Addrs() of the address that answered last
 }
 
 // local is the agent's view of one process.
@@ -154,18 +157,32 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// call runs f against the API addresses in turn until one answers.
-func call[T any](ctx context.Context, a *Agent, f func(c shimv1connect.AgentServiceClient) (T, error)) (T, error) {
+// call runs f against the API addresses in turn, starting with the one that
+// answered last, until one answers. attempt, if set, bounds each try, so that
+// an address that hangs (a server cut off) does not use up the whole call.
+func call[T any](ctx context.Context, a *Agent, attempt time.Duration, f func(ctx context.Context, c shimv1connect.AgentServiceClient) (T, error)) (T, error) {
 	var zero T
 	err := errors.New("no API address")
-	for _, addr := range a.Addrs() {
+	addrs := a.Addrs()
+	first := int(a.good.Load())
+	for i := range addrs {
+		k := (first + i) % len(addrs)
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if attempt > 0 && len(addrs) > 1 {
+			actx, cancel = context.WithTimeout(ctx, attempt)
+		}
 		var v T
-		v, err = f(a.Client(addr))
+		v, err = f(actx, a.Client(addrs[k]))
+		cancel()
 		if err == nil {
+			a.good.Store(int32(k))
 			return v, nil
 		}
 		if c := connect.CodeOf(err); c != connect.CodeUnavailable && c != connect.CodeUnknown && c != connect.CodeDeadlineExceeded {
 			return zero, err
+		}
+		if ctx.Err() != nil {
+			break
 		}
 	}
 	return zero, err
@@ -176,8 +193,8 @@ func (a *Agent) join(ctx context.Context) error {
 	backoff := 50 * time.Millisecond
 	for {
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		resp, err := call(rctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.JoinResponse], error) {
-			return c.Join(rctx, connect.NewRequest(&pb.JoinRequest{Node: a.Node}))
+		resp, err := call(rctx, a, 0, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.JoinResponse], error) {
+			return c.Join(ctx, connect.NewRequest(&pb.JoinRequest{Node: a.Node}))
 		})
 		cancel()
 		if err == nil {
@@ -211,8 +228,8 @@ func (a *Agent) heartbeats(ctx context.Context) {
 		go func() {
 			hctx, cancel := context.WithTimeout(ctx, a.Lease/2)
 			defer cancel()
-			resp, err := call(hctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
-				return c.Heartbeat(hctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name}))
+			resp, err := call(hctx, a, a.Lease/5, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+				return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name}))
 			})
 			switch {
 			case err != nil:
@@ -229,6 +246,7 @@ func (a *Agent) heartbeats(ctx context.Context) {
 					lease = a.Lease
 				}
 				a.renew(sent.Add(lease), resp.Msg.Index)
+				a.servers(resp.Msg.Servers)
 			}
 		}()
 		wait := a.Lease / 5
@@ -245,6 +263,21 @@ func (a *Agent) heartbeats(ctx context.Context) {
 	}
 }
 
+// servers passes on a changed list of the servers' API addresses.
+func (a *Agent) servers(addrs []string) {
+	if len(addrs) == 0 || a.OnServers == nil {
+		return
+	}
+	key := strings.Join(addrs, ",")
+	a.mu.Lock()
+	changed := key != a.serverKey
+	a.serverKey = key
+	a.mu.Unlock()
+	if changed {
+		a.OnServers(addrs)
+	}
+}
+
 // holdLease tells the leader this shimd is stopping on purpose, so that it
 // waits Hold for it to come back before moving the node's processes, which
 // keep running meanwhile.
@@ -254,7 +287,7 @@ func (a *Agent) holdLease() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	_, err := call(ctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+	_, err := call(ctx, a, 500*time.Millisecond, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
 		return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name, HoldMillis: a.Hold.Milliseconds()}))
 	})
 	if err != nil {
@@ -329,9 +362,15 @@ func (a *Agent) fenceLocked(l *local, why string) {
 		l.timer.Stop()
 		l.timer = nil
 	}
+	if l.starting {
+		// start kills it as soon as the runtime hands it over, and keeps
+		// the entry until it is gone, so that nothing reuses its sandbox
+		// before that.
+		l.fencing = true
+		return
+	}
 	if l.proc == nil {
-		// Not running (backoff, or still starting: start sees it gone).
-		delete(a.procs, l.id)
+		delete(a.procs, l.id) // waiting out a backoff: nothing runs
 		a.dropState(l.id)
 		return
 	}
@@ -371,8 +410,8 @@ func (a *Agent) watch(ctx context.Context) {
 			}
 		}()
 		after := index
-		resp, err := call(wctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.AssignmentsResponse], error) {
-			return c.Assignments(wctx, connect.NewRequest(&pb.AssignmentsRequest{Node: a.Node.Name, MinIndex: after, WaitMillis: 30000}))
+		resp, err := call(wctx, a, 0, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.AssignmentsResponse], error) {
+			return c.Assignments(ctx, connect.NewRequest(&pb.AssignmentsRequest{Node: a.Node.Name, MinIndex: after, WaitMillis: 30000}))
 		})
 		kicked := wctx.Err() != nil && ctx.Err() == nil
 		cancel()
@@ -545,10 +584,12 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	a.Metrics.ProcessStarts.Inc()
 	a.Metrics.StartLatency.Observe(time.Since(begin).Seconds())
 	if a.procs[l.id] != l || l.fencing || !a.mayStartLocked() {
-		// Fenced or moved while starting: it must not run.
+		// Fenced, moved or killed while starting: it must not run. The
+		// entry stays until the process and its sandbox are gone.
 		_ = p.Kill()
 		if a.procs[l.id] == l {
-			delete(a.procs, l.id)
+			l.proc, l.starting, l.fencing = p, false, true
+			go a.wait(l, p)
 		}
 		return
 	}
@@ -819,8 +860,8 @@ func (a *Agent) reporter(ctx context.Context) {
 			batch = append(batch, pending[id])
 		}
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := call(rctx, a, func(c shimv1connect.AgentServiceClient) (*connect.Response[pb.ReportResponse], error) {
-			return c.Report(rctx, connect.NewRequest(&pb.ReportRequest{Report: &pb.Report{Node: a.Node.Name, Updates: batch}}))
+		_, err := call(rctx, a, 2*time.Second, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.ReportResponse], error) {
+			return c.Report(ctx, connect.NewRequest(&pb.ReportRequest{Report: &pb.Report{Node: a.Node.Name, Updates: batch}}))
 		})
 		cancel()
 		if err != nil {

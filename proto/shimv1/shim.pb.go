@@ -2991,7 +2991,8 @@ type HeartbeatResponse struct {
 	LeaseMillis   int64                  `protobuf:"varint,1,opt,name=lease_millis,json=leaseMillis,proto3" json:"lease_millis,omitempty"`
 	Known         bool                   `protobuf:"varint,2,opt,name=known,proto3" json:"known,omitempty"` // false: the node must re-register
 	State         NodeState              `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
-	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"` // leader's table index when it granted the lease
+	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`    // leader's table index when it granted the lease
+	Servers       []string               `protobuf:"bytes,5,rep,name=servers,proto3" json:"servers,omitempty"` // API addresses of the servers that are up
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3052,6 +3053,13 @@ func (x *HeartbeatResponse) GetIndex() uint64 {
 		return x.Index
 	}
 	return 0
+}
+
+func (x *HeartbeatResponse) GetServers() []string {
+	if x != nil {
+		return x.Servers
+	}
+	return nil
 }
 
 type AssignmentsRequest struct {
@@ -3724,12 +3732,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x10HeartbeatRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1f\n" +
 	"\vhold_millis\x18\x03 \x01(\x03R\n" +
-	"holdMillisJ\x04\b\x02\x10\x03\"\x8c\x01\n" +
+	"holdMillisJ\x04\b\x02\x10\x03\"\xa6\x01\n" +
 	"\x11HeartbeatResponse\x12!\n" +
 	"\flease_millis\x18\x01 \x01(\x03R\vleaseMillis\x12\x14\n" +
 	"\x05known\x18\x02 \x01(\bR\x05known\x12(\n" +
 	"\x05state\x18\x03 \x01(\x0e2\x12.shim.v1.NodeStateR\x05state\x12\x14\n" +
-	"\x05index\x18\x04 \x01(\x04R\x05index\"f\n" +
+	"\x05index\x18\x04 \x01(\x04R\x05index\x12\x18\n" +
+	"\aservers\x18\x05 \x03(\tR\aservers\"f\n" +
 	"\x12AssignmentsRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tmin_index\x18\x02 \x01(\x04R\bminIndex\x12\x1f\n" +
