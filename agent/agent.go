@@ -432,8 +432,19 @@ func (a *Agent) watch(ctx context.Context) {
 		a.mu.Lock()
 		a.assigned = a.effective(resp.Msg.Processes)
 		a.tableIndex = resp.Msg.TableIndex
+		behind := a.tableIndex < a.minIndex
 		a.reconcileLocked()
 		a.mu.Unlock()
+		if behind {
+			// The server that answered has not caught up with the table
+			// that granted the lease: ask again shortly rather than wait
+			// for the next change to this node.
+			index = 0
+			select {
+			case <-ctx.Done():
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
 	}
 }
 
