@@ -348,3 +348,51 @@ func TestKillManyForkingProcesses(t *testing.T) {
 	}
 	expectGone(t, m)
 }
+
+// TestSetPidsMaxAndExtraHierarchies covers SetPidsMax, and that Delete also
+// removes a group that a container runtime created in the hierarchies the
+// Manager does not use itself (v1).
+func TestSetPidsMaxAndExtraHierarchies(t *testing.T) {
+	m := newTestManager(t)
+	g, err := m.Create("x.1", Resources{PidsMax: 7, MemMaxBytes: 32 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		n    int64
+		want string
+	}{{5, "5"}, {0, "max"}, {9, "9"}} {
+		if err := g.SetPidsMax(c.n); err != nil {
+			t.Fatalf("SetPidsMax(%d): %v", c.n, err)
+		}
+		expectFile(t, g, "pids", "pids.max", c.want)
+	}
+	expectFile(t, g, "memory", "memory.limit_in_bytes", strconv.Itoa(32<<20)) // untouched
+	if err := g.SetPidsMax(-1); !errors.Is(err, ErrInvalid) {
+		t.Errorf("SetPidsMax(-1): %v, want ErrInvalid", err)
+	}
+	var extra []string
+	for _, x := range m.extra {
+		d := filepath.Join(x, g.rel)
+		if err := os.MkdirAll(d, 0o755); err == nil {
+			extra = append(extra, d)
+		}
+	}
+	if !m.v2 && len(extra) == 0 {
+		t.Log("no other v1 hierarchy mounted: only SetPidsMax checked")
+	}
+	if err := g.Delete(); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	for _, d := range extra {
+		if _, err := os.Stat(d); err == nil {
+			t.Errorf("%s left behind", d)
+		}
+		top := filepath.Dir(filepath.Dir(d))
+		if _, err := os.Stat(top); err == nil {
+			t.Errorf("%s left behind", top)
+			_ = os.RemoveAll(top)
+		}
+	}
+	expectGone(t, m)
+}

@@ -58,9 +58,24 @@ func Init() { boot.Init() }
 
 // initPidsHeadroom is added to a container's pids.max while libcontainer's
 // init runs in the group (it is a Go program with several threads, next to
-// the short-lived nsexec stages); the exact limit is set as soon as the
-// workload has been exec'd.
+// the short-lived nsexec stages).
 const initPidsHeadroom = 16
+
+// initResources are a container group's bounds while libcontainer's init
+// sets the sandbox up in it, before the workload runs. That init is a Go
+// program doing the agent's work: it gets the CPU weight of one core and no
+// quota (a workload's small max or weight would stretch every start to
+// seconds under load), and pids headroom for its threads. startContainer
+// applies the workload's own bounds as soon as the workload is exec'd, so
+// its first instructions may run with the lifted bounds for a moment.
+func initResources(r cgroup.Resources) cgroup.Resources {
+	r.CPUMinMilli = max(r.CPUMinMilli, 1000)
+	r.CPUMaxMilli, r.CPUBurstMilli = 0, 0
+	if r.PidsMax > 0 {
+		r.PidsMax += initPidsHeadroom
+	}
+	return r
+}
 
 // defaultPath is the PATH used to find a container's executable when its
 // environment has none.
@@ -86,9 +101,10 @@ func (r *Runtime) stateDir() string {
 	return defaultStateDir
 }
 
-// containerRoot returns libcontainer's state directory for r's containers.
+// containerRoot returns libcontainer's state directory, shared by all
+// Runtimes with the same StateDir (see containerID).
 func (r *Runtime) containerRoot() string {
-	return filepath.Join(r.stateDir(), "containers", strings.ReplaceAll(r.Cgroups.Root(), "/", "_"))
+	return filepath.Join(r.stateDir(), "containers")
 }
 
 // view is the prepared root directory of the host view, shared by all
@@ -287,7 +303,7 @@ func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Creden
 		}
 	})
 	root := r.containerRoot()
-	id := containerID(name)
+	id := containerID(r.Cgroups.Root() + "/" + name)
 	_ = os.RemoveAll(filepath.Join(root, id)) // left by an agent that died mid-start
 	c, err := libcontainer.Create(root, id, cfg)
 	if err != nil {
@@ -327,8 +343,8 @@ func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Creden
 	if err := c.Exec(); err != nil {
 		return pid, err
 	}
-	if s.Resources.PidsMax > 0 {
-		if err := g.SetPidsMax(s.Resources.PidsMax); err != nil {
+	if initResources(s.Resources) != s.Resources {
+		if err := g.Update(s.Resources); err != nil {
 			return pid, err
 		}
 	}
@@ -344,15 +360,18 @@ func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Creden
 var oneProc sync.Once
 
 // containerID makes a libcontainer id (letters, digits, "_+-.") from a
-// group name.
-func containerID(name string) string {
+// group's path below the cgroup mount, unique on the host: "/" becomes "+",
+// anything else not allowed "_".
+func containerID(path string) string {
 	return strings.Map(func(c rune) rune {
 		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '+', c == '-', c == '.':
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '_', c == '-', c == '.':
 			return c
+		case c == '/':
+			return '+'
 		}
 		return '_'
-	}, name)
+	}, path)
 }
 
 // containerConfig builds the libcontainer configuration for s in group g.

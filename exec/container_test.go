@@ -46,7 +46,9 @@ func fields(out string) map[string]string {
 	return m
 }
 
-func TestContainerSandbox(t *testing.T) {
+// TestSandboxContainerView checks what a container on the host view sees
+// and may do.
+func TestSandboxContainerView(t *testing.T) {
 	rt := newRuntime(t)
 	work := t.TempDir()
 	script := `echo pid=$$
@@ -98,9 +100,27 @@ echo uid=$(id -u)`
 		t.Logf("output:\n%s", out)
 	}
 	expectNoGroups(t, rt)
+	expectNoGroupsAnywhere(t, rt)
 }
 
-func TestContainerRootfsAndUser(t *testing.T) {
+// expectNoGroupsAnywhere checks every mounted hierarchy, including those
+// only libcontainer joins (cpuset, devices, ... on v1).
+func expectNoGroupsAnywhere(t *testing.T, rt *Runtime) {
+	t.Helper()
+	top := strings.Split(rt.Cgroups.Root(), "/")[0]
+	dirs, _ := filepath.Glob("/sys/fs/cgroup/*/" + top)
+	if d := filepath.Join("/sys/fs/cgroup", top); rt.Cgroups.V2() {
+		dirs = append(dirs, d)
+	}
+	for _, d := range dirs {
+		if _, err := os.Stat(d); err == nil {
+			t.Errorf("%s left behind", d)
+		}
+	}
+}
+
+// TestSandboxRootfsAndUser runs a container on its own root as another user.
+func TestSandboxRootfsAndUser(t *testing.T) {
 	rt := newRuntime(t)
 	root := busyboxRoot(t)
 	script := `echo uid=$(id -u) gid=$(id -g) groups=$(id -G)
@@ -153,7 +173,9 @@ func busyboxRoot(t *testing.T) string {
 	return root
 }
 
-func TestContainerNotFoundAndCleanup(t *testing.T) {
+// TestSandboxNotFoundAndCleanup checks the errors before and after the
+// group exists, and that a failed start leaves nothing behind.
+func TestSandboxNotFoundAndCleanup(t *testing.T) {
 	rt := newRuntime(t)
 	self, _ := os.Executable()
 	for _, argv0 := range []string{"/no/such", "no-such-binary", self} {
@@ -181,18 +203,24 @@ func TestContainerNotFoundAndCleanup(t *testing.T) {
 	}
 	if _, err := rt.Start(Spec{ID: "broken", Isolation: IsolationContainer, Rootfs: root, Argv: []string{"/bin/sh"}}); err == nil {
 		t.Errorf("Start with a broken rootfs succeeded")
+	} else {
+		t.Logf("broken rootfs: %v", err)
 	}
 	if names, err := rt.Cgroups.List(); err != nil || len(names) != 0 {
 		t.Errorf("groups after failed starts: %v, %v", names, err)
 	}
 	expectNoGroups(t, rt)
-	if ents, _ := os.ReadDir(rt.containerRoot()); len(ents) != 0 {
-		t.Errorf("libcontainer state left in %s: %v", rt.containerRoot(), ents)
+	expectNoGroupsAnywhere(t, rt)
+	ents, _ := os.ReadDir(rt.containerRoot())
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), containerID(rt.Cgroups.Root()+"/")) {
+			t.Errorf("libcontainer state left: %s", filepath.Join(rt.containerRoot(), e.Name()))
+		}
 	}
 }
 
-// TestBothIsolations runs the cgroup guarantees for both isolation levels.
-func TestBothIsolations(t *testing.T) {
+// TestResourceBothIsolations runs the cgroup guarantees for both isolation levels.
+func TestResourceBothIsolations(t *testing.T) {
 	for _, iso := range []Isolation{IsolationProcess, IsolationContainer} {
 		t.Run(fmt.Sprint("isolation=", iso), func(t *testing.T) {
 			t.Run("first instruction", func(t *testing.T) {
@@ -228,6 +256,39 @@ func TestBothIsolations(t *testing.T) {
 				if !e.OOMKilled || e.Reason != ReasonOOMKilled {
 					t.Errorf("exit %+v, output %q; want oom-killed", e, out)
 				}
+				expectNoGroups(t, rt)
+			})
+			t.Run("limits", func(t *testing.T) {
+				// The workload's own bounds are in place once Start returns
+				// (a container's init runs with lifted ones).
+				rt := newRuntime(t)
+				r := cgroup.Resources{CPUMinMilli: 100, CPUMaxMilli: 200, CPUBurstMilli: 100, MemMaxBytes: 48 << 20, PidsMax: 6}
+				p, err := rt.Start(Spec{ID: "lim", Isolation: iso, Argv: []string{"/bin/sleep", "60"}, Resources: r})
+				if err != nil {
+					t.Fatal(err)
+				}
+				name := "lim.0"
+				files := map[string]string{}
+				if rt.Cgroups.V2() {
+					v := cgroup.MapV2(r)
+					files[filepath.Join(groupDir(rt, "", name), "cpu.max")] = v.CPUMax
+					files[filepath.Join(groupDir(rt, "", name), "cpu.weight")] = strconv.FormatUint(v.CPUWeight, 10)
+					files[filepath.Join(groupDir(rt, "", name), "pids.max")] = v.PidsMax
+				} else {
+					v := cgroup.MapV1(r)
+					files[filepath.Join(groupDir(rt, "cpu", name), "cpu.cfs_quota_us")] = strconv.FormatInt(v.CPUCfsQuotaUs, 10)
+					files[filepath.Join(groupDir(rt, "cpu", name), "cpu.cfs_burst_us")] = strconv.FormatUint(v.CPUCfsBurstUs, 10)
+					files[filepath.Join(groupDir(rt, "cpu", name), "cpu.shares")] = strconv.FormatUint(v.CPUShares, 10)
+					files[filepath.Join(groupDir(rt, "pids", name), "pids.max")] = strconv.FormatInt(v.PidsMax, 10)
+					files[filepath.Join(groupDir(rt, "memory", name), "memory.limit_in_bytes")] = strconv.FormatInt(v.MemoryLimit, 10)
+				}
+				for f, want := range files {
+					if got := readTrim(t, f); got != want {
+						t.Errorf("%s = %s, want %s", f, got, want)
+					}
+				}
+				_ = p.Kill()
+				wait(t, p)
 				expectNoGroups(t, rt)
 			})
 			t.Run("adopt", func(t *testing.T) { testAdopt(t, iso) })
@@ -275,7 +336,9 @@ func testAdopt(t *testing.T, iso Isolation) {
 	expectNoGroups(t, rt)
 }
 
-func TestProcessNetNoneAndUser(t *testing.T) {
+// TestSandboxProcessNetNoneAndUser checks process isolation's private
+// network (lo up) and identity.
+func TestSandboxProcessNetNoneAndUser(t *testing.T) {
 	rt := newRuntime(t)
 	if _, err := osexec.LookPath("ip"); err != nil {
 		t.Skip("iproute2 not installed")
@@ -303,9 +366,9 @@ echo uid=$(id -u) gid=$(id -g) groups=$(id -G)`
 	expectNoGroups(t, rt)
 }
 
-// TestConcurrentContainers starts containers from several goroutines at
+// TestSandboxConcurrent starts containers from several goroutines at
 // once, both isolation levels mixed.
-func TestConcurrentContainers(t *testing.T) {
+func TestSandboxConcurrent(t *testing.T) {
 	rt := newRuntime(t)
 	const workers, each = 4, 3
 	errc := make(chan error, workers*each)

@@ -14,6 +14,10 @@
 // seccomp filter. Binaries that start containers must call Init early in
 // main (see IsInit).
 //
+// Importing the package locks the main goroutine to the main thread (see
+// the package's init), and the first container start sets GOMAXPROCS=1 in
+// the process environment if it is unset (passed on to container inits).
+//
 // Each Process costs one parked goroutine: exit is learned from a pidfd
 // through the Go netpoller, never by polling.
 package exec
@@ -214,10 +218,8 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		}
 	}()
 	res := s.Resources
-	if s.Isolation == IsolationContainer && res.PidsMax > 0 {
-		// libcontainer's init (a Go program) runs in the group before the
-		// workload; see startContainer.
-		res.PidsMax += initPidsHeadroom
+	if s.Isolation == IsolationContainer {
+		res = initResources(res)
 	}
 	g, err := r.Cgroups.Create(name, res)
 	if err != nil {
