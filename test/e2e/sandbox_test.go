@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -35,7 +36,12 @@ func (c *cluster) run(args ...string) (map[string]string, string) {
 // hostLinks lists the interfaces of the host's network namespace.
 func hostLinks(t *testing.T) string {
 	t.Helper()
-	b, err := os.ReadFile("/proc/net/dev")
+	// /proc/net follows the main thread, which a test that entered another
+	// network namespace on a locked goroutine may have left there (Go
+	// wedges rather than ends the main thread); read this thread's view.
+	runtime.LockOSThread()
+	b, err := os.ReadFile("/proc/thread-self/net/dev")
+	runtime.UnlockOSThread()
 	if err != nil {
 		t.Fatal(err)
 	}
