@@ -59,7 +59,9 @@ type Agent struct {
 		sync.Mutex
 		until   time.Time // monotonic: the node may run processes until then
 		fenced  bool
-		stopped bool // the agent is shutting down: no fence, no starts
+		killing bool   // the fence is under way; a renewal waits for it
+		index   uint64 // the index of a renewal that came while killing
+		stopped bool   // the agent is shutting down: no fence, no starts
 	}
 	minIndex   uint64 // act on assignments only from a table at least this new
 	tableIndex uint64 // table index of the assignments held
@@ -305,21 +307,31 @@ func (a *Agent) renew(until time.Time, index uint64) {
 	}
 	a.lease.until = until
 	a.fenceTimer.Reset(time.Until(until))
+	if a.lease.killing {
+		a.lease.index = index // checkLease takes it from here
+		a.lease.Unlock()
+		return
+	}
 	wasFenced := a.lease.fenced
 	a.lease.fenced = false
 	a.lease.Unlock()
 	if wasFenced {
-		// Back from a partition or a pause: act only on a table at least as
-		// new as the leader's, so stale copies are fenced before anything
-		// else happens.
-		a.mu.Lock()
-		a.minIndex = index
-		a.mu.Unlock()
-		a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
-		select {
-		case a.kick <- struct{}{}:
-		default:
-		}
+		a.regained(index)
+	}
+}
+
+// regained lets a fenced node act again once it has seen the table that
+// granted its new lease.
+func (a *Agent) regained(index uint64) {
+	// Back from a partition or a pause: act only on a table at least as new
+	// as the leader's, so stale copies are fenced before anything else.
+	a.mu.Lock()
+	a.minIndex = index
+	a.mu.Unlock()
+	a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
+	select {
+	case a.kick <- struct{}{}:
+	default:
 	}
 }
 
@@ -337,7 +349,7 @@ func (a *Agent) checkLease() {
 		a.lease.Unlock()
 		return
 	}
-	a.lease.fenced = true
+	a.lease.fenced, a.lease.killing, a.lease.index = true, true, 0
 	a.lease.Unlock()
 	start := time.Now()
 	if err := a.Runtime.KillAll(); err != nil {
@@ -345,7 +357,6 @@ func (a *Agent) checkLease() {
 	}
 	took := time.Since(start)
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	n := 0
 	for _, l := range a.procs {
 		if l.proc != nil || l.timer != nil || l.starting {
@@ -353,7 +364,21 @@ func (a *Agent) checkLease() {
 			n++
 		}
 	}
+	a.mu.Unlock()
 	a.Log.Warn("lease expired: fenced every local process", "processes", n, "took", took)
+	// A renewal that came in meanwhile takes effect only now, after the
+	// fence has finished.
+	a.lease.Lock()
+	a.lease.killing = false
+	back := a.lease.index != 0 && a.Now().Before(a.lease.until)
+	index := a.lease.index
+	if back {
+		a.lease.fenced = false
+	}
+	a.lease.Unlock()
+	if back {
+		a.regained(index)
+	}
 }
 
 // fenceLocked kills a process at once; the table has or will have moved it.
