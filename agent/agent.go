@@ -727,17 +727,24 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 	}
 	l.consecutive = d.Consecutive
 	a.report(rec, pb.ProcessState_PROCESS_STATE_BACKOFF, 0, exit, l.restarts)
-	l.timer = time.AfterFunc(d.Delay, func() {
+	a.restartAfter(l, d.Delay)
+}
+
+// restartAfter starts l again after delay. Without a lease (or before the
+// table that granted it is seen) it waits and tries again; losing the lease
+// for good is the fence's business, which drops the waiting entry.
+func (a *Agent) restartAfter(l *local, delay time.Duration) {
+	l.timer = time.AfterFunc(delay, func() {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if a.procs[l.id] != l || l.timer == nil {
 			return
 		}
-		l.timer = nil
 		if !a.mayStartLocked() {
-			a.fenceLocked(l, "no lease at restart time")
+			a.restartAfter(l, 100*time.Millisecond)
 			return
 		}
+		l.timer = nil
 		a.startLocked(l.rec, l.restarts+1)
 	})
 }
