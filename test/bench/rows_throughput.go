@@ -1,0 +1,254 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+)
+
+// simCluster starts 3 servers (drained, so they run nothing) and simulated
+// workers, sims per simulator process, and waits until every node is up.
+func simCluster(e *env, tag string, nodes, perSim int) (*cluster, error) {
+	c := newCluster(e, tag)
+	if err := c.startServers(3); err != nil {
+		return c, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.drain(ctx, false, names(c.servers...)...); err != nil {
+		return c, err
+	}
+	for left := nodes; left > 0; left -= perSim {
+		if _, err := c.addWorker(min(left, perSim)); err != nil {
+			return c, err
+		}
+	}
+	t0 := time.Now()
+	if err := c.waitNodesUp(3+nodes, 60*time.Second+time.Duration(nodes)*20*time.Millisecond); err != nil {
+		return c, err
+	}
+	e.debugf("%d simulated nodes up in %s", nodes, time.Since(t0).Round(time.Millisecond))
+	return c, nil
+}
+
+type loadResult struct {
+	placed   int64
+	elapsed  time.Duration
+	perSec   []float64 // placements committed in each second
+	latMS    []float64 // per request
+	errors   int64
+	firstErr error
+}
+
+// spawnLoad runs conc clients, each sending Spawn{Count: batch} in a loop,
+// spread over the servers, until dur has passed or total placements were
+// made (total 0: no limit).
+func spawnLoad(c *cluster, conc, batch int, dur time.Duration, total int64) loadResult {
+	var clients []shimv1connect.ShimServiceClient
+	for _, d := range c.servers {
+		clients = append(clients, c.api(d.api))
+	}
+	var placed, errs atomic.Int64
+	var mu sync.Mutex
+	var lat []float64
+	var firstErr error
+	ctx, cancel := context.WithTimeout(context.Background(), dur)
+	defer cancel()
+	var wg sync.WaitGroup
+	spec := sleepSpec(pb.Isolation_ISOLATION_UNSPECIFIED)
+	start := time.Now()
+	var perSec []float64
+	sampler := make(chan struct{})
+	go func() {
+		defer close(sampler)
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		last := int64(0)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				p := placed.Load()
+				perSec = append(perSec, float64(p-last))
+				last = p
+			}
+		}
+	}()
+	var claimed atomic.Int64
+	for i := range conc {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := clients[i%len(clients)]
+			for ctx.Err() == nil {
+				n := batch
+				if total > 0 {
+					got := claimed.Add(int64(batch))
+					if got-int64(batch) >= total {
+						return
+					}
+					n = int(min(int64(batch), total-(got-int64(batch))))
+				}
+				t0 := time.Now()
+				r, err := cl.Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec, Count: uint32(n)}))
+				if err != nil {
+					if ctx.Err() != nil {
+						return
+					}
+					errs.Add(1)
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					if total > 0 {
+						claimed.Add(-int64(n))
+					}
+					time.Sleep(10 * time.Millisecond)
+					continue
+				}
+				placed.Add(int64(len(r.Msg.Processes)))
+				mu.Lock()
+				lat = append(lat, ms(time.Since(t0)))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	cancel()
+	<-sampler
+	return loadResult{placed: placed.Load(), elapsed: elapsed, perSec: perSec, latMS: lat, errors: errs.Load(), firstErr: firstErr}
+}
+
+// ---- row 2: placement throughput ----
+
+func rowPlacement(e *env) []Result {
+	nodes := pick(e, 100, 1000)
+	dur := pick(e, 8*time.Second, 30*time.Second)
+	configs := []struct{ conc, batch int }{{64, 1}, {16, 100}, {8, 1000}}
+	var out []Result
+	for i, cf := range configs {
+		row := fmt.Sprintf("2%c", 'a'+i)
+		what := fmt.Sprintf("placements committed/s, %d clients × Spawn{Count:%d}", cf.conc, cf.batch)
+		const goal = "≥ 10,000"
+		c, err := simCluster(e, "place", nodes, e.simsPer)
+		if err != nil {
+			c.close()
+			out = append(out, failed(row, what, "/s", goal, err))
+			continue
+		}
+		before := e.scrapeAll(c.servers...)
+		cpu0 := map[string]float64{}
+		for _, d := range append(append([]*daemon(nil), c.servers...), c.workers...) {
+			cpu0[d.name] = cpuSeconds(d.pid())
+		}
+		var stopPerf func()
+		if ld, err := c.leader(context.Background()); err == nil {
+			stopPerf = e.perf("row"+row+"-leader", ld.pid())
+		}
+		lr := spawnLoad(c, cf.conc, cf.batch, dur, 0)
+		if stopPerf != nil {
+			stopPerf()
+		}
+		delta := e.scrapeAll(c.servers...).sub(before)
+		var cpuNote string
+		for _, d := range append(append([]*daemon(nil), c.servers...), c.workers...) {
+			cpuNote += fmt.Sprintf(" %s %.2f", short(d), (cpuSeconds(d.pid())-cpu0[d.name])/lr.elapsed.Seconds())
+		}
+		ld, _ := c.leader(context.Background())
+		rss := 0.0
+		if ld != nil {
+			rss, _ = rssKiB(ld.pid())
+		}
+		c.close()
+		rate := float64(lr.placed) / lr.elapsed.Seconds()
+		lat := summarize(lr.latMS)
+		note := fmt.Sprintf("overall %.0f/s (%d in %.1f s), %d simulated nodes; request latency p50 %.1f ms p99 %.1f ms; %d errors; shim_placements_total Δ %.0f; raft apply %s; CPU cores used:%s; leader RSS %.0f MiB",
+			rate, lr.placed, lr.elapsed.Seconds(), nodes, lat.Median, lat.P99, lr.errors, delta["shim_placements_total"],
+			delta.histSummary("shim_raft_apply_seconds"), cpuNote, rss/1024)
+		if lr.firstErr != nil {
+			note += "; first error: " + lr.firstErr.Error()
+		}
+		out = append(out, Result{Row: row, What: what, Unit: "/s", Sample: lr.perSec, Goal: goal + " (overall)",
+			Check: func(Stats) bool { return rate >= 10000 }, Note: note})
+	}
+	return out
+}
+
+// ---- row 3: process starts on one node ----
+
+func rowStarts(e *env) []Result {
+	n := pick(e, 500, 2000)
+	rounds := pick(e, 2, 3)
+	const what, goal = "process starts/s on one node (Spawn{Count} → all running)", "≥ 500"
+	c := newCluster(e, "starts")
+	defer c.close()
+	if err := c.startServers(1); err != nil {
+		return []Result{failed("3", what, "/s", goal, err)}
+	}
+	var rates, nodeRates []float64
+	var notes []string
+	for r := range rounds {
+		before := e.scrapeAll(c.servers...)
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		t0 := time.Now()
+		recs, err := c.spawn(ctx, sleepSpec(pb.Isolation_ISOLATION_PROCESS), n)
+		cancel()
+		if err != nil {
+			return []Result{failed("3", what, "/s", goal, err)}
+		}
+		ids := idsOf(recs)
+		recs, err = c.waitProcs(ids, 5*time.Minute, allRunning(n))
+		t1 := time.Now()
+		if err != nil {
+			return []Result{failed("3", what, "/s", goal, err)}
+		}
+		delta := e.scrapeAll(c.servers...).sub(before)
+		var firstCreated, lastStarted int64
+		for _, p := range recs {
+			if firstCreated == 0 || p.CreatedUnixNano < firstCreated {
+				firstCreated = p.CreatedUnixNano
+			}
+			lastStarted = max(lastStarted, p.StartedUnixNano)
+		}
+		rates = append(rates, float64(n)/t1.Sub(t0).Seconds())
+		nodeRates = append(nodeRates, float64(n)/time.Duration(lastStarted-firstCreated).Seconds())
+		notes = append(notes, fmt.Sprintf("round %d: starts_total Δ %.0f, exec start %s", r+1,
+			delta["shim_process_starts_total"], delta.histSummary("shim_process_start_seconds")))
+		ctx, cancel = context.WithTimeout(context.Background(), 60*time.Second)
+		err = c.killProcs(ctx, ids)
+		cancel()
+		if err == nil {
+			_, err = c.waitProcs(ids, 2*time.Minute, allTerminal)
+		}
+		if err != nil {
+			return []Result{failed("3", what, "/s", goal, fmt.Errorf("cleanup: %w", err))}
+		}
+	}
+	return []Result{
+		{Row: "3", What: what, Unit: "/s", Sample: rates, Goal: goal, Check: func(s Stats) bool { return s.Median >= 500 },
+			Note: fmt.Sprintf("single-server cluster (Raft, API and agent in one shimd), %d × /bin/sleep per round, --isolation process. %s",
+				n, joinNotes(notes))},
+		{Row: "3b", What: "same, node side: first created → last reported running", Unit: "/s", Sample: nodeRates},
+	}
+}
+
+func joinNotes(ns []string) string {
+	s := ""
+	for i, n := range ns {
+		if i > 0 {
+			s += "; "
+		}
+		s += n
+	}
+	return s
+}
