@@ -428,6 +428,25 @@ func (c *cluster) killProcs(ctx context.Context, ids []string) error {
 	return nil
 }
 
+// killAll kills every live process in the table and waits (up to a minute)
+// until they have all finished.
+func (c *cluster) killAll() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	r, err := c.list(ctx, &pb.ListRequest{})
+	if err != nil || len(r.Processes) == 0 {
+		return
+	}
+	ids := idsOf(r.Processes)
+	if err := c.killProcs(ctx, ids); err != nil {
+		c.e.logf("%s: kill all: %v", c.tag, err)
+		return
+	}
+	if _, err := c.waitProcs(ids, time.Minute, allTerminal); err != nil {
+		c.e.logf("%s: kill all: %v", c.tag, err)
+	}
+}
+
 func (c *cluster) list(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
 	return anyServer(c, ctx, func(ctx context.Context, cl shimv1connect.ShimServiceClient) (*pb.ListResponse, error) {
 		r, err := cl.List(ctx, connect.NewRequest(req))

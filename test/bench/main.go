@@ -51,7 +51,7 @@ func main() {
 	verbose := flag.Bool("v", false, "verbose progress")
 	out := flag.String("o", "", "also write the report (Markdown) to this file")
 	perfDir := flag.String("perf", "", "record `perf` profiles of the leader shimd during load phases (rows 2, 6, 7) into this directory")
-	simsPer := flag.Int("sims-per-process", 25, "simulated workers per `shimd --simulate` process (its shared HTTP client keeps 64 idle connections per server)")
+	simsPer := flag.Int("sims-per-process", 100, "simulated workers per `shimd --simulate` process (its shared HTTP client keeps 64 idle connections per server)")
 	srcDir := flag.String("src", "", "build shimd and shim from this source tree (e.g. a patched copy) instead of the working tree")
 	rev := flag.String("rev", "", "build shimd and shim from this git revision (git archive) instead of the working tree")
 	profile := flag.String("profile", "", "write CPU profiles of the in-process measurements to this directory")

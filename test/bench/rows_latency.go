@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -97,6 +99,45 @@ func rowSpawnLatency(e *env) []Result {
 		out = append(out, Result{Row: m.row, What: m.what, Unit: "ms", Sample: total, Goal: goal, Note: note,
 			Check: func(s Stats) bool { return s.Median <= m.p50 && s.P99 <= 50 }})
 	}
+	// The same through the API (Go Connect client, Spawn{Wait: true}): the
+	// server-side path without the CLI's process start-up.
+	for _, m := range []struct {
+		row, what string
+		iso       pb.Isolation
+		p50       float64
+	}{
+		{"1g", "API Spawn{Wait} → running, process isolation (no CLI)", pb.Isolation_ISOLATION_PROCESS, 10},
+		{"1h", "API Spawn{Wait} → running, container isolation (no CLI)", pb.Isolation_ISOLATION_CONTAINER, 20},
+	} {
+		var xs []float64
+		var err error
+		cl := c.api(c.servers[0].api)
+		for i := range pick(e, 50, 500) + warm {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			t0 := time.Now()
+			var r *connect.Response[pb.SpawnResponse]
+			r, err = cl.Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: sleepSpec(m.iso), Wait: true}))
+			d := time.Since(t0)
+			cancel()
+			if err != nil {
+				break
+			}
+			if len(r.Msg.Processes) != 1 || r.Msg.Processes[0].State != pb.ProcessState_PROCESS_STATE_RUNNING {
+				err = fmt.Errorf("spawn returned %v", r.Msg.Processes)
+				break
+			}
+			if i >= warm {
+				xs = append(xs, ms(d))
+			}
+		}
+		goal := fmt.Sprintf("(CLI goal: p50 ≤ %.0f, p99 ≤ 50)", m.p50)
+		if err != nil {
+			out = append(out, failed(m.row, m.what, "ms", goal, err))
+			continue
+		}
+		out = append(out, Result{Row: m.row, What: m.what, Unit: "ms", Sample: xs, Goal: goal,
+			Note: "sent to the first server (the bootstrap server, normally the leader)"})
+	}
 	// Baseline: the CLI alone (a read), to separate process start-up of the
 	// CLI from the spawn path.
 	var ps []float64
@@ -107,6 +148,53 @@ func rowSpawnLatency(e *env) []Result {
 		}
 	}
 	out = append(out, Result{Row: "1c", What: "baseline: `shim nodes` (CLI start-up + one read)", Unit: "ms", Sample: ps})
+	out = append(out, execBaselines(e)...)
+	return out
+}
+
+// execBaselines times fork+exec+exit of /bin/true, a hello-world Go binary
+// and `shim --help`: the floor under any CLI-driven latency on this machine.
+func execBaselines(e *env) []Result {
+	hello := filepath.Join(e.tmp, "hello")
+	_ = os.MkdirAll(hello, 0o755)
+	_ = os.WriteFile(filepath.Join(hello, "go.mod"), []byte("module hello\n\ngo 1.26\n"), 0o644)
+	_ = os.WriteFile(filepath.Join(hello, "main.go"), []byte("package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hi\") }\n"), 0o644)
+	build := exec.Command("go", "build", "-o", "hello", ".")
+	build.Dir = hello
+	build.Env = append(os.Environ(), "GOWORK=off")
+	helloErr := build.Run()
+	run := func(argv ...string) ([]float64, error) {
+		var xs []float64
+		for range 30 {
+			cmd := exec.Command(argv[0], argv[1:]...)
+			t0 := time.Now()
+			if err := cmd.Run(); err != nil {
+				return nil, err
+			}
+			xs = append(xs, ms(time.Since(t0)))
+		}
+		return xs, nil
+	}
+	var out []Result
+	for _, b := range []struct {
+		row, what string
+		argv      []string
+	}{
+		{"1d", "baseline: fork+exec+exit of /bin/true", []string{"/bin/true"}},
+		{"1e", "baseline: fork+exec+exit of a hello-world Go binary", []string{filepath.Join(hello, "hello")}},
+		{"1f", "baseline: `shim --help` (CLI start-up, no network)", []string{filepath.Join(e.bin, "shim"), "--help"}},
+	} {
+		if b.row == "1e" && helloErr != nil {
+			out = append(out, failed(b.row, b.what, "ms", "", helloErr))
+			continue
+		}
+		xs, err := run(b.argv...)
+		if err != nil {
+			out = append(out, failed(b.row, b.what, "ms", "", err))
+			continue
+		}
+		out = append(out, Result{Row: b.row, What: b.what, Unit: "ms", Sample: xs})
+	}
 	return out
 }
 

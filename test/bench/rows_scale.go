@@ -23,9 +23,10 @@ import (
 
 func rowScale(e *env) []Result {
 	const nodes, procs = 1000, 100000
-	psRuns := pick(e, 5, 20)
+	psRuns := pick(e, 3, 20)
 	var out []Result
-	c, err := simCluster(e, "scale", nodes, e.simsPer)
+	// A 5 s lease: this row is about the table, row 7 about heartbeats.
+	c, err := simCluster(e, "scale", nodes, e.simsPer, "--lease", "5s")
 	if err != nil {
 		out = append(out, failed("6a", "`shim ps -o json`, 100k processes", "ms", "≤ 1000", err))
 	} else {
@@ -47,32 +48,36 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 	if ld, err := c.leader(context.Background()); err == nil {
 		stopPerf = e.perf("row6-spawn-leader", ld.pid())
 	}
-	lr := spawnLoad(c, 8, 1000, 10*time.Minute, int64(procs))
+	lr := spawnLoad(c, 8, 1000, pick(e, 3*time.Minute, 10*time.Minute), int64(procs))
 	stopPerf()
-	if lr.placed != int64(procs) {
-		return []Result{failed("6a", psWhat, "ms", psGoal, fmt.Errorf("placed %d of %d: %v", lr.placed, procs, lr.firstErr))}
-	}
 	placedIn := time.Since(t0)
+	var problems []string
+	if lr.placed != int64(procs) {
+		problems = append(problems, fmt.Sprintf("only %d of %d placed in %s (first error: %v)", lr.placed, procs,
+			placedIn.Round(time.Second), lr.firstErr))
+	}
 	// Wait until the simulated nodes have reported every process running.
-	var running int
-	deadline := time.Now().Add(5 * time.Minute)
+	var running, live int
+	deadline := time.Now().Add(pick(e, 2*time.Minute, 5*time.Minute))
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		r, err := c.list(ctx, &pb.ListRequest{})
 		cancel()
 		if err == nil {
-			running = 0
+			running, live = 0, len(r.Processes)
 			for _, p := range r.Processes {
 				if p.State == pb.ProcessState_PROCESS_STATE_RUNNING {
 					running++
 				}
 			}
-			if running == procs {
+			if running >= int(lr.placed) {
 				break
 			}
 		}
 		if time.Now().After(deadline) {
-			return []Result{failed("6a", psWhat, "ms", psGoal, fmt.Errorf("only %d of %d running after 5 min", running, procs))}
+			problems = append(problems, fmt.Sprintf("only %d of %d live processes running after %s", running, live,
+				time.Since(t0).Round(time.Second)))
+			break
 		}
 		time.Sleep(2 * time.Second)
 	}
@@ -109,9 +114,10 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 	// Raft snapshots the real cluster took on its own (hclog lines).
 	snaps := raftSnapshotTimes(c)
 	out := []Result{
-		{Row: "6a", What: psWhat, Unit: "ms", Sample: psMS, Goal: psGoal, Check: func(s Stats) bool { return s.Median <= 1000 },
-			Note: fmt.Sprintf("against the leader; %.1f MB of JSON; the 100k were placed in %.1f s (8 clients × 1000) and all reported running after %.1f s",
-				float64(size)/1e6, placedIn.Seconds(), runningIn.Seconds())},
+		{Row: "6a", What: psWhat, Unit: "ms", Sample: psMS, Goal: psGoal,
+			Check: func(s Stats) bool { return s.Median <= 1000 && len(problems) == 0 },
+			Note: fmt.Sprintf("against the leader; servers run --lease 5s (heartbeats are row 7); %.1f MB of JSON listing %d processes; %d placed in %.1f s (8 clients × Spawn{Count:1000}), %d reported running after %.1f s%s",
+				float64(size)/1e6, live, lr.placed, placedIn.Seconds(), running, runningIn.Seconds(), problemNote(problems))},
 		{Row: "6b", What: "leader shimd RSS with 100k processes", Unit: "MiB", Sample: []float64{rssLeader / 1024},
 			Goal: "≤ 1024", Check: func(s Stats) bool { return s.Max <= 1024 },
 			Note: fmt.Sprintf("after the ps runs; before them %.0f MiB; all servers: %s", rssBefore/1024, strings.Join(rssNote, ", "))},
@@ -121,6 +127,13 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 			Sample: snaps, Note: "from hashicorp/raft's 'starting snapshot' → 'snapshot complete' lines; includes table Snapshot, Persist and file sync"})
 	}
 	return out
+}
+
+func problemNote(ps []string) string {
+	if len(ps) == 0 {
+		return ""
+	}
+	return "; NOT AT FULL SCALE: " + strings.Join(ps, "; ")
 }
 
 var hclogTime = regexp.MustCompile(`^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[Z+-][0-9:]*)\s+\[INFO\]\s+raft[^:]*: (starting snapshot up to|snapshot complete up to)`)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,9 +16,10 @@ import (
 
 // simCluster starts 3 servers (drained, so they run nothing) and simulated
 // workers, sims per simulator process, and waits until every node is up.
-func simCluster(e *env, tag string, nodes, perSim int) (*cluster, error) {
+// flags go to servers and simulators alike.
+func simCluster(e *env, tag string, nodes, perSim int, flags ...string) (*cluster, error) {
 	c := newCluster(e, tag)
-	if err := c.startServers(3); err != nil {
+	if err := c.startServers(3, flags...); err != nil {
 		return c, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -26,7 +28,7 @@ func simCluster(e *env, tag string, nodes, perSim int) (*cluster, error) {
 		return c, err
 	}
 	for left := nodes; left > 0; left -= perSim {
-		if _, err := c.addWorker(min(left, perSim)); err != nil {
+		if _, err := c.addWorker(min(left, perSim), flags...); err != nil {
 			return c, err
 		}
 	}
@@ -133,7 +135,7 @@ func spawnLoad(c *cluster, conc, batch int, dur time.Duration, total int64) load
 
 func rowPlacement(e *env) []Result {
 	nodes := pick(e, 100, 1000)
-	dur := pick(e, 8*time.Second, 30*time.Second)
+	dur := pick(e, 5*time.Second, 30*time.Second)
 	configs := []struct{ conc, batch int }{{64, 1}, {16, 100}, {8, 1000}}
 	var out []Result
 	for i, cf := range configs {
@@ -164,16 +166,17 @@ func rowPlacement(e *env) []Result {
 		for _, d := range append(append([]*daemon(nil), c.servers...), c.workers...) {
 			cpuNote += fmt.Sprintf(" %s %.2f", short(d), (cpuSeconds(d.pid())-cpu0[d.name])/lr.elapsed.Seconds())
 		}
-		ld, _ := c.leader(context.Background())
-		rss := 0.0
-		if ld != nil {
-			rss, _ = rssKiB(ld.pid())
+		rss := math.NaN()
+		if ld, err := c.leader(context.Background()); err == nil {
+			if r, err := rssKiB(ld.pid()); err == nil {
+				rss = r
+			}
 		}
 		c.close()
 		rate := float64(lr.placed) / lr.elapsed.Seconds()
 		lat := summarize(lr.latMS)
-		note := fmt.Sprintf("overall %.0f/s (%d in %.1f s), %d simulated nodes; request latency p50 %.1f ms p99 %.1f ms; %d errors; shim_placements_total Δ %.0f; raft apply %s; CPU cores used:%s; leader RSS %.0f MiB",
-			rate, lr.placed, lr.elapsed.Seconds(), nodes, lat.Median, lat.P99, lr.errors, delta["shim_placements_total"],
+		note := fmt.Sprintf("overall %.0f/s (%d in %.1f s), %d simulated nodes; request latency p50 %.1f ms p99 %.1f ms; %d errors; shim_placements_total Δ %.0f; lease expirations during the run %.0f; raft apply %s; CPU cores used:%s; leader RSS %.0f MiB",
+			rate, lr.placed, lr.elapsed.Seconds(), nodes, lat.Median, lat.P99, lr.errors, delta["shim_placements_total"], delta["shim_lease_expirations_total"],
 			delta.histSummary("shim_raft_apply_seconds"), cpuNote, rss/1024)
 		if lr.firstErr != nil {
 			note += "; first error: " + lr.firstErr.Error()
