@@ -822,9 +822,10 @@ func (a *Agent) sampleOne(l *local) {
 	l.usage, l.sampledAt = u, now
 }
 
-// Usage returns the latest usage of the given processes (all when ids is
-// empty). Memory is read fresh; the CPU rate is from the last two samples.
-func (a *Agent) Usage(ids []string) map[string]*pb.Usage {
+// Usage returns the use of the given processes (all when ids is empty):
+// their last sample, or, with fresh, their cgroups read now (the CPU rate
+// still comes from the last two samples).
+func (a *Agent) Usage(ids []string, fresh bool) map[string]*pb.Usage {
 	a.mu.Lock()
 	var want []*local
 	if len(ids) == 0 {
@@ -838,8 +839,17 @@ func (a *Agent) Usage(ids []string) map[string]*pb.Usage {
 			}
 		}
 	}
-	a.mu.Unlock()
 	out := make(map[string]*pb.Usage, len(want))
+	if !fresh {
+		for _, l := range want {
+			if l.proc != nil && l.usage != nil {
+				out[l.id] = l.usage
+			}
+		}
+		a.mu.Unlock()
+		return out
+	}
+	a.mu.Unlock()
 	for _, l := range want {
 		a.mu.Lock()
 		p, last := l.proc, l.usage

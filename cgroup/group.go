@@ -293,21 +293,20 @@ func (g *Group) stats() (Usage, error) {
 		u.PidsCurrent, _ = readUint(filepath.Join(g.dir, "pids.current"))
 		return u, nil
 	}
-	m, err := g.cg.Stat(cgroup1.IgnoreNotExist)
-	if err != nil {
-		return u, err
+	// Four small files rather than the library's Stat, which reads every
+	// controller's full statistics (memory.stat and more): usage is sampled
+	// for every process every few seconds.
+	if dir, ok := g.ctlDir(cgroup1.Cpuacct); ok {
+		u.CPUUsageNanos, _ = readUint(filepath.Join(dir, "cpuacct.usage"))
 	}
-	if m.CPU != nil && m.CPU.Usage != nil {
-		u.CPUUsageNanos = m.CPU.Usage.Total
+	if dir, ok := g.ctlDir(cgroup1.Memory); ok {
+		u.MemoryBytes, _ = readUint(filepath.Join(dir, "memory.usage_in_bytes"))
+		if kv, err := readKV(filepath.Join(dir, "memory.oom_control")); err == nil {
+			u.OOMKills = kv["oom_kill"]
+		}
 	}
-	if m.Memory != nil && m.Memory.Usage != nil {
-		u.MemoryBytes = m.Memory.Usage.Usage
-	}
-	if m.Pids != nil {
-		u.PidsCurrent = m.Pids.Current
-	}
-	if m.MemoryOomControl != nil {
-		u.OOMKills = m.MemoryOomControl.OomKill
+	if dir, ok := g.ctlDir(cgroup1.Pids); ok {
+		u.PidsCurrent, _ = readUint(filepath.Join(dir, "pids.current"))
 	}
 	return u, nil
 }

@@ -235,14 +235,16 @@ func (h *agentAPI) Apply(ctx context.Context, req *connect.Request[pb.ApplyReque
 func (h *agentAPI) Usage(ctx context.Context, req *connect.Request[pb.UsageRequest]) (*resp[pb.UsageResponse], error) {
 	out := &pb.UsageResponse{}
 	if h.s.UsageOf != nil {
-		out.Usage = h.s.UsageOf(req.Msg.Ids)
+		out.Usage = h.s.UsageOf(req.Msg.Ids, req.Msg.Fresh)
 	}
 	return connect.NewResponse(out), nil
 }
 
-// usage asks the nodes holding recs for their current use, in parallel, and
-// returns copies of recs with Usage filled in where a node answered in time.
-func (s *Server) usage(ctx context.Context, recs []*pb.ProcessRecord) []*pb.ProcessRecord {
+// usage asks the nodes holding recs for their use, in parallel, and returns
+// copies of recs with Usage filled in where a node answered in time. Nodes
+// answer from their last sample (a few seconds old at most) unless fresh is
+// set, so listing a large table costs them nothing.
+func (s *Server) usage(ctx context.Context, recs []*pb.ProcessRecord, fresh bool) []*pb.ProcessRecord {
 	byNode := map[string][]string{}
 	for _, r := range recs {
 		if r.Node != "" && !table.Terminal(r.State) {
@@ -262,7 +264,7 @@ func (s *Server) usage(ctx context.Context, recs []*pb.ProcessRecord) []*pb.Proc
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			resp, err := s.peer(n.ApiAddr).agent.Usage(ctx, connect.NewRequest(&pb.UsageRequest{Ids: ids}))
+			resp, err := s.peer(n.ApiAddr).agent.Usage(ctx, connect.NewRequest(&pb.UsageRequest{Ids: ids, Fresh: fresh}))
 			if err != nil {
 				return
 			}

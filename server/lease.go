@@ -55,31 +55,34 @@ func (l *leases) renew(node string, now time.Time) {
 	l.mu.Unlock()
 }
 
-// runLeases checks leases while this server leads.
+// runLeases checks leases while this server leads. It wakes at the earliest
+// deadline of any node (or every tenth of a lease while there is none), so a
+// lease is judged within a millisecond or so of running out, without polling.
 func (s *Server) runLeases(ctx context.Context) {
-	tick := time.NewTicker(max(s.Lease/10, 10*time.Millisecond))
-	defer tick.Stop()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.Raft.LeaderChanges():
-		case <-tick.C:
+		case <-timer.C:
 		}
-		if !s.Raft.IsLeader() {
-			s.leases.mu.Lock()
-			s.leases.active = false
-			s.leases.mu.Unlock()
-			continue
-		}
+		next := max(s.Lease/10, 10*time.Millisecond)
 		s.leases.mu.Lock()
 		active := s.leases.active
 		s.leases.mu.Unlock()
-		if !active {
+		switch {
+		case !s.Raft.IsLeader():
+			s.leases.mu.Lock()
+			s.leases.active = false
+			s.leases.mu.Unlock()
+		case !active:
 			s.takeOffice(ctx)
-			continue
+		default:
+			next = min(next, s.checkLeases(ctx))
 		}
-		s.checkLeases(ctx)
+		timer.Reset(next)
 	}
 }
 
@@ -103,32 +106,36 @@ func (s *Server) takeOffice(ctx context.Context) {
 	s.Log.Info("leading: every node has a fresh lease", "nodes", len(s.leases.seen), "lease", s.Lease)
 }
 
-// checkLeases commits every up node whose lease ran out as down, in one batch.
-func (s *Server) checkLeases(ctx context.Context) {
+// checkLeases commits every up node whose lease ran out as down, in one
+// batch. It returns how long until the next lease among the others runs out.
+func (s *Server) checkLeases(ctx context.Context) (next time.Duration) {
 	now := s.Now()
 	deadline := s.Lease + Margin(s.Lease)
+	next = deadline
 	var expired []*pb.Command
 	s.leases.mu.Lock()
-	for _, v := range s.Table.Nodes() {
-		if v.Node.State != pb.NodeState_NODE_STATE_UP {
+	for _, n := range s.Table.NodeRecords() {
+		if n.State != pb.NodeState_NODE_STATE_UP {
 			continue
 		}
-		if v.Node.HoldUntilUnixNano > now.UnixNano() {
+		if n.HoldUntilUnixNano > now.UnixNano() {
 			continue // its shimd is restarting; see Agent.Hold
 		}
-		last, ok := s.leases.seen[v.Node.Name]
+		last, ok := s.leases.seen[n.Name]
 		if !ok {
-			s.leases.seen[v.Node.Name] = now
+			s.leases.seen[n.Name] = now
 			continue
 		}
-		if now.Sub(last) > deadline {
-			expired = append(expired, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
-				Name: v.Node.Name, State: pb.NodeState_NODE_STATE_DOWN}}})
+		if left := deadline - now.Sub(last); left >= 0 {
+			next = min(next, left+time.Millisecond)
+			continue
 		}
+		expired = append(expired, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
+			Name: n.Name, State: pb.NodeState_NODE_STATE_DOWN}}})
 	}
 	s.leases.mu.Unlock()
 	if len(expired) == 0 {
-		return
+		return next
 	}
 	start := time.Now()
 	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -136,7 +143,7 @@ func (s *Server) checkLeases(ctx context.Context) {
 	res, err := s.apply(actx, &pb.Command{Op: &pb.Command_Batch{Batch: &pb.Batch{Commands: expired}}})
 	if err != nil {
 		s.Log.Warn("cannot mark nodes down", "err", err)
-		return
+		return next
 	}
 	for _, c := range expired {
 		s.Log.Warn("node lease expired: marked down, its processes moved", "node", c.GetSetNodeState().Name)
@@ -144,4 +151,5 @@ func (s *Server) checkLeases(ctx context.Context) {
 	}
 	s.Metrics.RestartLatency.Observe(time.Since(start).Seconds())
 	s.Log.Info("moved processes", "count", len(res.IDs))
+	return next
 }

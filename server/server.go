@@ -52,8 +52,9 @@ type Server struct {
 	NewID   func() string
 	Log     *slog.Logger
 	Metrics *metrics.Metrics
-	// UsageOf returns this node's processes' current use (the agent's Usage).
-	UsageOf func(ids []string) map[string]*pb.Usage
+	// UsageOf returns this node's processes' use (the agent's Usage): the
+	// last sample, or read now when fresh is set.
+	UsageOf func(ids []string, fresh bool) map[string]*pb.Usage
 
 	peersMu sync.Mutex
 	clients map[string]*peer

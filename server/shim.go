@@ -179,7 +179,7 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 
 // checkShrink refuses a new maximum below what the process uses now.
 func (s *Server) checkShrink(ctx context.Context, cur *pb.ProcessRecord, r *pb.Resources) error {
-	u := s.usage(ctx, []*pb.ProcessRecord{cur})[0].Usage
+	u := s.usage(ctx, []*pb.ProcessRecord{cur}, true)[0].Usage
 	if u == nil {
 		return nil
 	}
@@ -263,7 +263,7 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 		recs = s.Table.Processes(m.All, m.Node)
 	}
 	if m.Usage {
-		recs = s.usage(ctx, recs)
+		recs = s.usage(ctx, recs, false)
 	}
 	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index}), nil
 }

@@ -918,6 +918,18 @@ func (t *Table) Nodes() []NodeView {
 	return out
 }
 
+// NodeRecords returns every node record, sorted by name, without the
+// allocation sums Nodes adds.
+func (t *Table) NodeRecords() []*pb.NodeRecord {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]*pb.NodeRecord, 0, len(t.nodeOrder))
+	for _, name := range t.nodeOrder {
+		out = append(out, t.nodes[name])
+	}
+	return out
+}
+
 // Node returns one node record, or nil.
 func (t *Table) Node(name string) *pb.NodeRecord {
 	t.mu.RLock()

@@ -3270,9 +3270,11 @@ func (*ReportResponse) Descriptor() ([]byte, []int) {
 	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
 }
 
+// ids empty = all; fresh reads the cgroups now instead of the last sample.
 type UsageRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	Fresh         bool                   `protobuf:"varint,2,opt,name=fresh,proto3" json:"fresh,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3312,6 +3314,13 @@ func (x *UsageRequest) GetIds() []string {
 		return x.Ids
 	}
 	return nil
+}
+
+func (x *UsageRequest) GetFresh() bool {
+	if x != nil {
+		return x.Fresh
+	}
+	return false
 }
 
 type UsageResponse struct {
@@ -3752,9 +3761,10 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"tableIndex\"8\n" +
 	"\rReportRequest\x12'\n" +
 	"\x06report\x18\x01 \x01(\v2\x0f.shim.v1.ReportR\x06report\"\x10\n" +
-	"\x0eReportResponse\" \n" +
+	"\x0eReportResponse\"6\n" +
 	"\fUsageRequest\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\tR\x03ids\"\x92\x01\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
+	"\x05fresh\x18\x02 \x01(\bR\x05fresh\"\x92\x01\n" +
 	"\rUsageResponse\x127\n" +
 	"\x05usage\x18\x01 \x03(\v2!.shim.v1.UsageResponse.UsageEntryR\x05usage\x1aH\n" +
 	"\n" +
