@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -52,7 +53,8 @@ type Agent struct {
 
 	mu       sync.Mutex
 	procs    map[string]*local
-	assigned []*pb.ProcessRecord
+	table    map[string]*pb.ProcessRecord // the node's assignments as the table has them
+	assigned []*pb.ProcessRecord          // what the node must run: effective(table), by id
 	// lease is guarded by its own lock, so that renewing and fencing never
 	// wait behind the agent's other work.
 	lease struct {
@@ -436,7 +438,7 @@ func (a *Agent) watch(ctx context.Context) {
 		}()
 		after := index
 		resp, err := call(wctx, a, 0, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.AssignmentsResponse], error) {
-			return c.Assignments(ctx, connect.NewRequest(&pb.AssignmentsRequest{Node: a.Node.Name, MinIndex: after, WaitMillis: 30000}))
+			return c.Assignments(ctx, connect.NewRequest(&pb.AssignmentsRequest{Node: a.Node.Name, MinIndex: after, WaitMillis: 30000, Delta: after > 0}))
 		})
 		kicked := wctx.Err() != nil && ctx.Err() == nil
 		cancel()
@@ -455,7 +457,7 @@ func (a *Agent) watch(ctx context.Context) {
 		backoff = 20 * time.Millisecond
 		index = resp.Msg.Index
 		a.mu.Lock()
-		a.assigned = a.effective(resp.Msg.Processes)
+		a.merge(resp.Msg)
 		a.tableIndex = resp.Msg.TableIndex
 		behind := a.tableIndex < a.minIndex
 		a.reconcileLocked()
@@ -471,6 +473,26 @@ func (a *Agent) watch(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// merge applies an answer to the assignments query: a full list, or the
+// changes since the index asked for.
+func (a *Agent) merge(m *pb.AssignmentsResponse) {
+	if m.Full || a.table == nil {
+		a.table = make(map[string]*pb.ProcessRecord, len(m.Processes))
+	}
+	for _, id := range m.Removed {
+		delete(a.table, id)
+	}
+	for _, r := range m.Processes {
+		a.table[r.Id] = r
+	}
+	recs := make([]*pb.ProcessRecord, 0, len(a.table))
+	for _, r := range a.table {
+		recs = append(recs, r)
+	}
+	slices.SortFunc(recs, func(x, y *pb.ProcessRecord) int { return strings.Compare(x.Id, y.Id) })
+	a.assigned = a.effective(recs)
 }
 
 // effective turns the table's assignments into what this node must run: a

@@ -116,26 +116,25 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 	// CPU bounds are lifted for the duration (weight of one core, no quota)
 	// and restored once the thread has left; the workload runs a few
 	// microseconds before its exec with the lifted bounds at most.
-	cpuDir, hasCPU := g.ctlDir(cgroup1.Cpu)
-	var shares, quota []byte
-	if hasCPU {
-		shares, _ = os.ReadFile(filepath.Join(cpuDir, "cpu.shares"))
-		quota, _ = os.ReadFile(filepath.Join(cpuDir, "cpu.cfs_quota_us"))
-		_ = writeFile(cpuDir, "cpu.cfs_quota_us", "-1")
-		_ = writeFile(cpuDir, "cpu.shares", "1024")
-		defer func() {
-			// After the thread has left: restore the workload's bounds.
-			if len(shares) > 0 {
-				if werr := writeFile(cpuDir, "cpu.shares", strings.TrimSpace(string(shares))); werr != nil && err == nil {
-					err = fmt.Errorf("spawn in cgroup %s: restore cpu.shares: %w", g.name, werr)
-				}
+	//
+	// Only values that differ from the lifted ones are written: every write
+	// of cpu.cfs_quota_us costs a tg_set_bandwidth in the kernel, the most
+	// expensive step of a start when done needlessly.
+	if cpuDir, ok := g.ctlDir(cgroup1.Cpu); ok {
+		for _, f := range []struct{ file, lifted string }{{"cpu.cfs_quota_us", "-1"}, {"cpu.shares", "1024"}} {
+			b, _ := os.ReadFile(filepath.Join(cpuDir, f.file))
+			cur := strings.TrimSpace(string(b))
+			if cur == "" || cur == f.lifted {
+				continue
 			}
-			if len(quota) > 0 {
-				if werr := writeFile(cpuDir, "cpu.cfs_quota_us", strings.TrimSpace(string(quota))); werr != nil && err == nil {
-					err = fmt.Errorf("spawn in cgroup %s: restore cpu.cfs_quota_us: %w", g.name, werr)
+			_ = writeFile(cpuDir, f.file, f.lifted)
+			defer func() {
+				// After the thread has left: restore the workload's bound.
+				if werr := writeFile(cpuDir, f.file, cur); werr != nil && err == nil {
+					err = fmt.Errorf("spawn in cgroup %s: restore %s: %w", g.name, f.file, werr)
 				}
-			}
-		}()
+			}()
+		}
 	}
 	memDir, hasMem := g.ctlDir(cgroup1.Memory)
 	if hasMem {

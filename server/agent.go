@@ -166,27 +166,29 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 	defer cancel()
 	for {
 		ch := s.Watch.Node(m.Node)
-		recs, idx := s.Table.Assignments(m.Node)
-		if idx > m.MinIndex || m.MinIndex == 0 {
-			return connect.NewResponse(assignments(s, m.Node, recs, idx)), nil
+		if m.MinIndex == 0 || s.Table.NodeIndex(m.Node) > m.MinIndex {
+			break
 		}
 		select {
 		case <-wctx.Done():
 			if ctx.Err() != nil {
 				return nil, apiError(ctx.Err())
 			}
-			return connect.NewResponse(assignments(s, m.Node, recs, idx)), nil
 		case <-ch:
+			continue
 		}
+		break
 	}
-}
-
-func assignments(s *Server, node string, recs []*pb.ProcessRecord, idx uint64) *pb.AssignmentsResponse {
-	out := &pb.AssignmentsResponse{Processes: recs, Index: idx, TableIndex: s.Table.Index()}
-	if n := s.Table.Node(node); n != nil {
+	since := uint64(0)
+	if m.Delta {
+		since = m.MinIndex
+	}
+	recs, removed, full, idx := s.Table.AssignmentsSince(m.Node, since)
+	out := &pb.AssignmentsResponse{Processes: recs, Removed: removed, Full: full, Index: idx, TableIndex: s.Table.Index()}
+	if n := s.Table.Node(m.Node); n != nil {
 		out.State = n.State
 	}
-	return out
+	return connect.NewResponse(out), nil
 }
 
 func (h *agentAPI) Report(ctx context.Context, req *connect.Request[pb.ReportRequest]) (*resp[pb.ReportResponse], error) {

@@ -93,7 +93,9 @@ func NewID() string {
 // Handler returns the HTTP handler for the API, /metrics and /healthz.
 func (s *Server) Handler() http.Handler {
 	s.init()
-	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes)}
+	// No gzip: members talk over a LAN, where compressing every blocking
+	// query's answer cost more CPU than anything else the agent did.
+	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes), connect.WithCompression("gzip", nil, nil)}
 	mux := http.NewServeMux()
 	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s}, opts...))
 	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s}, opts...))

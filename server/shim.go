@@ -56,19 +56,20 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	return connect.NewResponse(&pb.SpawnResponse{Processes: s.records(ids)}), nil
 }
 
-// waitStarted blocks until every process is running or finished.
+// waitStarted blocks until every process has been running or finished. A
+// process seen started is not looked at again, so waiting for n processes
+// costs O(n) over all wake-ups, not O(n) per wake-up.
 func (s *Server) waitStarted(ctx context.Context, ids []string) error {
 	for {
 		ch := s.Watch.Any()
-		done := true
-		for _, id := range ids {
-			r := s.Table.Get(id)
+		for len(ids) > 0 {
+			r := s.Table.Get(ids[0])
 			if r != nil && r.State != pb.ProcessState_PROCESS_STATE_RUNNING && !table.Terminal(r.State) {
-				done = false
 				break
 			}
+			ids = ids[1:]
 		}
-		if done {
+		if len(ids) == 0 {
 			return nil
 		}
 		select {

@@ -82,6 +82,60 @@ type gen struct {
 	index  uint64
 	shrunk bool              // a node was re-registered smaller: reservations may exceed capacity
 	incs   map[string]uint64 // last incarnation seen per id
+	past   map[string][]view // per node: earlier full assignments, newest last
+}
+
+// view is a node's full assignments as of index.
+type view struct {
+	index uint64
+	recs  map[string]*pb.ProcessRecord
+}
+
+// checkDeltas checks that every earlier view of a node's assignments, brought
+// forward with AssignmentsSince, equals the node's full assignments now.
+func (g *gen) checkDeltas(t *testing.T) {
+	if g.past == nil {
+		g.past = map[string][]view{}
+	}
+	for _, node := range fzNodes {
+		all, removed, full, idx := g.a.AssignmentsSince(node, 0)
+		if !full || len(removed) > 0 {
+			t.Fatalf("step %d: AssignmentsSince(%s, 0): full %v, removed %v", g.index, node, full, removed)
+		}
+		now := map[string]*pb.ProcessRecord{}
+		for _, r := range all {
+			now[r.Id] = r
+		}
+		for _, v := range g.past[node] {
+			changed, removed, full, _ := g.a.AssignmentsSince(node, v.index)
+			got := map[string]*pb.ProcessRecord{}
+			if !full {
+				for id, r := range v.recs {
+					got[id] = r
+				}
+			}
+			for _, id := range removed {
+				delete(got, id)
+			}
+			for _, r := range changed {
+				got[r.Id] = r
+			}
+			if len(got) != len(now) {
+				t.Fatalf("step %d: %s since %d: delta gives %d processes, want %d", g.index, node, v.index, len(got), len(now))
+			}
+			for id, r := range now {
+				if got[id] != r {
+					t.Fatalf("step %d: %s since %d: %s is stale or missing", g.index, node, v.index, id)
+				}
+			}
+		}
+		if ps := g.past[node]; len(ps) == 0 || ps[len(ps)-1].index != idx {
+			g.past[node] = append(ps, view{index: idx, recs: now})
+			if len(g.past[node]) > 8 {
+				g.past[node] = g.past[node][1:]
+			}
+		}
+	}
 }
 
 // byte returns the next input byte, or 0 once the input is used up.
@@ -156,6 +210,7 @@ func (g *gen) step(t *testing.T) {
 			t.Fatalf("step %d: %v", g.index, err)
 		}
 	}
+	g.checkDeltas(t)
 	seen := map[string]bool{}
 	for _, r := range g.a.Processes(true, "") {
 		seen[r.Id] = true

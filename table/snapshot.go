@@ -124,6 +124,7 @@ func (t *Table) Restore(r io.Reader) error {
 	defer t.mu.Unlock()
 	t.index, t.procs, t.nodes, t.nodeOrder = nt.index, nt.procs, nt.nodes, nt.nodeOrder
 	t.byNode, t.byName, t.pending, t.alloc, t.nodeIndex = nt.byNode, nt.byName, nt.pending, nt.alloc, nt.nodeIndex
+	t.left, t.leftBase = map[string]*departures{}, hdr.Index
 	return nil
 }
 

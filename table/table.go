@@ -28,7 +28,28 @@ type Table struct {
 	pending   []string                       // PENDING process ids, oldest first
 	alloc     map[string]*Alloc              // per node: sums over its live processes
 	nodeIndex map[string]uint64              // per node: index of the last change to its assignments
+	// left logs, per node, the processes that stopped being assigned to it,
+	// so that an agent can be sent what changed rather than everything.
+	// Derived state: it starts empty at reset and Restore (leftBase).
+	left     map[string]*departures
+	leftBase uint64
 }
+
+// departures is one node's log of processes no longer assigned to it. It is
+// complete for every index after since.
+type departures struct {
+	since uint64
+	log   []departure
+}
+
+type departure struct {
+	id    string
+	index uint64
+}
+
+// maxDepartures bounds each node's log; an agent further behind than the
+// log reaches is sent its full assignments.
+const maxDepartures = 1024
 
 // Alloc sums the bounds of the live processes on one node.
 type Alloc struct {
@@ -62,6 +83,23 @@ func (t *Table) reset() {
 	t.pending = nil
 	t.alloc = map[string]*Alloc{}
 	t.nodeIndex = map[string]uint64{}
+	t.left = map[string]*departures{}
+	t.leftBase = 0
+}
+
+// depart logs that id is no longer assigned to node as of the table index.
+func (t *Table) depart(node, id string) {
+	d := t.left[node]
+	if d == nil {
+		d = &departures{since: t.leftBase}
+		t.left[node] = d
+	}
+	if len(d.log) >= maxDepartures {
+		drop := len(d.log) / 2
+		d.since = d.log[drop-1].index
+		d.log = slices.Delete(d.log, 0, drop)
+	}
+	d.log = append(d.log, departure{id: id, index: t.index})
 }
 
 // Apply decodes and applies one Raft log entry. It returns a Result (never
@@ -161,6 +199,9 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 		for _, n := range holders(old) {
 			t.release(n, old)
 			x.touched[n] = true
+			if !live(rec) || !slices.Contains(holders(rec), n) {
+				t.depart(n, rec.Id)
+			}
 		}
 	}
 	if old != nil && old.State == pb.ProcessState_PROCESS_STATE_PENDING && rec.State != old.State {
@@ -899,6 +940,56 @@ func (t *Table) Assignments(node string) ([]*pb.ProcessRecord, uint64) {
 		out = append(out, t.procs[id])
 	}
 	return out, t.nodeIndex[node]
+}
+
+// AssignmentsSince returns what changed in a node's assignments after index
+// since: the processes assigned now that changed, and the ids no longer
+// assigned. When since is 0 or older than the table can tell, full is set
+// and changed holds every assigned process (removed is then empty).
+func (t *Table) AssignmentsSince(node string, since uint64) (changed []*pb.ProcessRecord, removed []string, full bool, index uint64) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	d := t.left[node]
+	base := t.leftBase
+	if d != nil {
+		base = d.since
+	}
+	full = since == 0 || since < base
+	for _, id := range sortedKeys(t.byNode[node]) {
+		if r := t.procs[id]; full || r.ModifyIndex > since {
+			changed = append(changed, r)
+		}
+	}
+	if !full && d != nil {
+		i, _ := slices.BinarySearchFunc(d.log, since+1, func(e departure, idx uint64) int {
+			return cmpUint(e.index, idx)
+		})
+		seen := map[string]bool{}
+		for _, e := range d.log[i:] {
+			if _, back := t.byNode[node][e.id]; !back && !seen[e.id] {
+				seen[e.id] = true
+				removed = append(removed, e.id)
+			}
+		}
+	}
+	return changed, removed, full, t.nodeIndex[node]
+}
+
+func cmpUint(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// NodeIndex returns the index of the last change to a node's assignments.
+func (t *Table) NodeIndex(node string) uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.nodeIndex[node]
 }
 
 // NodeView is a node record with its current allocation.

@@ -3063,10 +3063,12 @@ func (x *HeartbeatResponse) GetServers() []string {
 }
 
 type AssignmentsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	MinIndex      uint64                 `protobuf:"varint,2,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
-	WaitMillis    int64                  `protobuf:"varint,3,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Node       string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	MinIndex   uint64                 `protobuf:"varint,2,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`
+	WaitMillis int64                  `protobuf:"varint,3,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"`
+	// delta asks only for what changed after min_index (see the response).
+	Delta         bool `protobuf:"varint,4,opt,name=delta,proto3" json:"delta,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3122,12 +3124,23 @@ func (x *AssignmentsRequest) GetWaitMillis() int64 {
 	return 0
 }
 
+func (x *AssignmentsRequest) GetDelta() bool {
+	if x != nil {
+		return x.Delta
+	}
+	return false
+}
+
 type AssignmentsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Processes     []*ProcessRecord       `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"` // index of the last change to this node's assignments
-	State         NodeState              `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
-	TableIndex    uint64                 `protobuf:"varint,4,opt,name=table_index,json=tableIndex,proto3" json:"table_index,omitempty"` // the answering server's table index
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// With full, every process assigned to the node; otherwise (a delta) only
+	// those changed after the request's min_index.
+	Processes     []*ProcessRecord `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
+	Index         uint64           `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"` // index of the last change to this node's assignments
+	State         NodeState        `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
+	TableIndex    uint64           `protobuf:"varint,4,opt,name=table_index,json=tableIndex,proto3" json:"table_index,omitempty"` // the answering server's table index
+	Removed       []string         `protobuf:"bytes,5,rep,name=removed,proto3" json:"removed,omitempty"`                          // delta only: no longer assigned to the node
+	Full          bool             `protobuf:"varint,6,opt,name=full,proto3" json:"full,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3188,6 +3201,20 @@ func (x *AssignmentsResponse) GetTableIndex() uint64 {
 		return x.TableIndex
 	}
 	return 0
+}
+
+func (x *AssignmentsResponse) GetRemoved() []string {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
+}
+
+func (x *AssignmentsResponse) GetFull() bool {
+	if x != nil {
+		return x.Full
+	}
+	return false
 }
 
 type ReportRequest struct {
@@ -3747,18 +3774,21 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05known\x18\x02 \x01(\bR\x05known\x12(\n" +
 	"\x05state\x18\x03 \x01(\x0e2\x12.shim.v1.NodeStateR\x05state\x12\x14\n" +
 	"\x05index\x18\x04 \x01(\x04R\x05index\x12\x18\n" +
-	"\aservers\x18\x05 \x03(\tR\aservers\"f\n" +
+	"\aservers\x18\x05 \x03(\tR\aservers\"|\n" +
 	"\x12AssignmentsRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tmin_index\x18\x02 \x01(\x04R\bminIndex\x12\x1f\n" +
 	"\vwait_millis\x18\x03 \x01(\x03R\n" +
-	"waitMillis\"\xac\x01\n" +
+	"waitMillis\x12\x14\n" +
+	"\x05delta\x18\x04 \x01(\bR\x05delta\"\xda\x01\n" +
 	"\x13AssignmentsResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12(\n" +
 	"\x05state\x18\x03 \x01(\x0e2\x12.shim.v1.NodeStateR\x05state\x12\x1f\n" +
 	"\vtable_index\x18\x04 \x01(\x04R\n" +
-	"tableIndex\"8\n" +
+	"tableIndex\x12\x18\n" +
+	"\aremoved\x18\x05 \x03(\tR\aremoved\x12\x12\n" +
+	"\x04full\x18\x06 \x01(\bR\x04full\"8\n" +
 	"\rReportRequest\x12'\n" +
 	"\x06report\x18\x01 \x01(\v2\x0f.shim.v1.ReportR\x06report\"\x10\n" +
 	"\x0eReportResponse\"6\n" +
