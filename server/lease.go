@@ -27,14 +27,18 @@ import (
 // A new leader has not heard from anyone. It grants every node a fresh lease
 // from the moment it took office, so it neither declares nodes dead for its
 // own ignorance nor waits longer than one lease period. A stale leader cut off
-// in a minority steps down within Raft's leader lease (250 ms in shimd),
-// before the majority can even elect a successor (followers wait 300-600 ms),
-// so a node it acknowledged still fences before the successor's deadline.
+// in a minority may still acknowledge heartbeats until Raft's leader lease
+// (200 ms in shimd) without a quorum makes it step down; its successor cannot
+// take office before the followers' own 200 ms heartbeat timeout has passed
+// since they last heard from it. A node acknowledged by the stale leader in
+// that overlap fences at most a few milliseconds after the successor's fresh
+// lease would run out, which the margin covers.
 //
 // The cost of this scheme: a node keeps its processes through a leader
 // election only if a new leader answers it within one lease of its last
-// acknowledged heartbeat. shimd's Raft timing elects within about 600 ms, and
-// nodes retry every 50 ms after a miss, to stay inside the 1 s default.
+// acknowledged heartbeat, i.e. within 800 ms of the old leader's death at the
+// default 1 s lease renewed every 200 ms. shimd's Raft timing elects within
+// 200-600 ms (cmd/shimd), and nodes retry every 50 ms after a miss.
 
 // Margin is the safety margin the leader adds to a node's lease.
 func Margin(lease time.Duration) time.Duration {

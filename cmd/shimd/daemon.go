@@ -118,10 +118,13 @@ func run(ctx context.Context, o *options) error {
 			Bootstrap: len(join) == 0, Logger: os.Stderr,
 			// A new leader must answer heartbeats before any node's lease
 			// (1 s, renewed every 200 ms) runs out, so elections must finish
-			// well within 800 ms: followers notice a dead leader after
-			// 300-600 ms. A deposed leader steps down after 250 ms.
-			HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
-			LeaderLeaseTimeout: 250 * time.Millisecond,
+			// well within 800 ms. hashicorp/raft's follower checks its last
+			// contact on a timer of [HT, 2HT), so it notices a dead leader
+			// HT to 3HT after the last contact: 200-600 ms here, and the
+			// election ends when the last of a majority has noticed. A
+			// deposed leader steps down after 200 ms without a quorum.
+			HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond,
+			LeaderLeaseTimeout: 200 * time.Millisecond,
 		}, &server.FSM{Table: t, Watch: w})
 		if err != nil {
 			return fmt.Errorf("raft: %w", err)
