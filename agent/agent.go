@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -64,8 +65,16 @@ type Agent struct {
 		killing bool   // the fence is under way; a renewal waits for it
 		index   uint64 // the index of a renewal that came while killing
 		stopped bool   // the agent is shutting down: no fence, no starts
+		granted bool   // a leader has granted a lease since the agent started
 	}
-	minIndex   uint64 // act on assignments only from a table at least this new
+	// minIndex is the leader's table index when the lease was granted (at
+	// start, or again after a fence). The agent acts on assignments only from
+	// a table at least that new: a replica still catching up (its own server
+	// just restarted, or a lagging follower) may assign it incarnations the
+	// cluster has long moved elsewhere. Until the first grant it is the
+	// largest index, so nothing is started, stopped or fenced on a table of
+	// unknown age.
+	minIndex   uint64
 	tableIndex uint64 // table index of the assignments held
 	fenceTimer *time.Timer
 	kick       chan struct{}
@@ -117,6 +126,7 @@ func (a *Agent) init() {
 	a.kick = make(chan struct{}, 1)
 	a.reports = make(chan *pb.StatusUpdate, 4096)
 	a.startSem = make(chan struct{}, startParallel)
+	a.minIndex = math.MaxUint64
 }
 
 // Run adopts what an earlier agent left, joins the cluster and serves the
@@ -314,23 +324,27 @@ func (a *Agent) renew(until time.Time, index uint64) {
 		a.lease.Unlock()
 		return
 	}
-	wasFenced := a.lease.fenced
-	a.lease.fenced = false
+	wasFenced, first := a.lease.fenced, !a.lease.granted
+	a.lease.fenced, a.lease.granted = false, true
 	a.lease.Unlock()
-	if wasFenced {
-		a.regained(index)
+	if wasFenced || first {
+		a.regained(index, first)
 	}
 }
 
-// regained lets a fenced node act again once it has seen the table that
-// granted its new lease.
-func (a *Agent) regained(index uint64) {
+// regained lets a node act, at start or after a fence, once it has seen the
+// table that granted its lease.
+func (a *Agent) regained(index uint64, first bool) {
 	// Back from a partition or a pause: act only on a table at least as new
 	// as the leader's, so stale copies are fenced before anything else.
 	a.mu.Lock()
 	a.minIndex = index
 	a.mu.Unlock()
-	a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
+	if first {
+		a.Log.Info("lease granted; acting on a table at least this new", "index", index)
+	} else {
+		a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
+	}
 	select {
 	case a.kick <- struct{}{}:
 	default:
@@ -379,7 +393,7 @@ func (a *Agent) checkLease() {
 	}
 	a.lease.Unlock()
 	if back {
-		a.regained(index)
+		a.regained(index, false)
 	}
 }
 
@@ -511,6 +525,9 @@ func (a *Agent) effective(recs []*pb.ProcessRecord) []*pb.ProcessRecord {
 }
 
 func (a *Agent) reconcileLocked() {
+	if a.tableIndex < a.minIndex {
+		return // assignments from a table older than the lease's: wait (see minIndex)
+	}
 	for _, r := range a.assigned {
 		if l := a.procs[r.Id]; l != nil && l.inc == r.Incarnation {
 			l.rec = r
