@@ -75,7 +75,9 @@ type Agent struct {
 	// largest index, so nothing is started, stopped or fenced on a table of
 	// unknown age.
 	minIndex   uint64
-	tableIndex uint64 // table index of the assignments held
+	tableIndex uint64    // table index of the assignments held
+	nodeIndex  uint64    // index of the last change to the assignments held
+	lagSince   time.Time // when a heartbeat first showed newer assignments than held
 	fenceTimer *time.Timer
 	kick       chan struct{}
 	reports    chan *pb.StatusUpdate
@@ -261,6 +263,7 @@ func (a *Agent) heartbeats(ctx context.Context) {
 				}
 				a.renew(sent.Add(lease), resp.Msg.Index)
 				a.servers(resp.Msg.Servers)
+				a.checkWatch(resp.Msg.NodeIndex)
 			}
 		}()
 		wait := a.Lease / 5
@@ -273,6 +276,36 @@ func (a *Agent) heartbeats(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
+		}
+	}
+}
+
+// watchLag is how long the assignments held may trail the leader's before
+// the agent asks again.
+const watchLag = 100 * time.Millisecond
+
+// checkWatch compares the leader's index of the node's assignments, from a
+// heartbeat, with the assignments held. A watch that has not delivered them
+// within watchLag is waiting on a server that is cut off (its connection
+// hangs until the long poll's end) or behind: it is asked again, from the
+// address that answers.
+func (a *Agent) checkWatch(nodeIndex uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if nodeIndex <= a.nodeIndex {
+		a.lagSince = time.Time{}
+		return
+	}
+	now := a.Now()
+	switch {
+	case a.lagSince.IsZero():
+		a.lagSince = now
+	case now.Sub(a.lagSince) >= watchLag:
+		a.lagSince = time.Time{}
+		a.Log.Warn("assignments are behind the leader's; asking again", "held", a.nodeIndex, "leader", nodeIndex)
+		select {
+		case a.kick <- struct{}{}:
+		default:
 		}
 	}
 }
@@ -472,7 +505,7 @@ func (a *Agent) watch(ctx context.Context) {
 		index = resp.Msg.Index
 		a.mu.Lock()
 		a.merge(resp.Msg)
-		a.tableIndex = resp.Msg.TableIndex
+		a.tableIndex, a.nodeIndex = resp.Msg.TableIndex, resp.Msg.Index
 		behind := a.tableIndex < a.minIndex
 		a.reconcileLocked()
 		a.mu.Unlock()

@@ -146,6 +146,7 @@ func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.Heartb
 			n = s.Table.Node(name)
 		}
 		out.Known, out.State, out.Index = true, n.State, s.Table.Index()
+		out.NodeIndex = s.Table.NodeIndex(name)
 		out.Servers = s.serverAPIs()
 		return connect.NewResponse(out), nil
 	}, func(ctx context.Context, p *peer) (*resp[pb.HeartbeatResponse], error) {

@@ -2987,12 +2987,16 @@ func (x *HeartbeatRequest) GetHoldMillis() int64 {
 }
 
 type HeartbeatResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	LeaseMillis   int64                  `protobuf:"varint,1,opt,name=lease_millis,json=leaseMillis,proto3" json:"lease_millis,omitempty"`
-	Known         bool                   `protobuf:"varint,2,opt,name=known,proto3" json:"known,omitempty"` // false: the node must re-register
-	State         NodeState              `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
-	Index         uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`    // leader's table index when it granted the lease
-	Servers       []string               `protobuf:"bytes,5,rep,name=servers,proto3" json:"servers,omitempty"` // API addresses of the servers that are up
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	LeaseMillis int64                  `protobuf:"varint,1,opt,name=lease_millis,json=leaseMillis,proto3" json:"lease_millis,omitempty"`
+	Known       bool                   `protobuf:"varint,2,opt,name=known,proto3" json:"known,omitempty"` // false: the node must re-register
+	State       NodeState              `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
+	Index       uint64                 `protobuf:"varint,4,opt,name=index,proto3" json:"index,omitempty"`    // leader's table index when it granted the lease
+	Servers     []string               `protobuf:"bytes,5,rep,name=servers,proto3" json:"servers,omitempty"` // API addresses of the servers that are up
+	// node_index is the index of the last change to the node's assignments in
+	// the leader's table. An agent whose assignments query has not brought it
+	// that far is waiting on a server that is cut off or behind, and asks again.
+	NodeIndex     uint64 `protobuf:"varint,6,opt,name=node_index,json=nodeIndex,proto3" json:"node_index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3060,6 +3064,13 @@ func (x *HeartbeatResponse) GetServers() []string {
 		return x.Servers
 	}
 	return nil
+}
+
+func (x *HeartbeatResponse) GetNodeIndex() uint64 {
+	if x != nil {
+		return x.NodeIndex
+	}
+	return 0
 }
 
 type AssignmentsRequest struct {
@@ -3768,13 +3779,15 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x10HeartbeatRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1f\n" +
 	"\vhold_millis\x18\x03 \x01(\x03R\n" +
-	"holdMillisJ\x04\b\x02\x10\x03\"\xa6\x01\n" +
+	"holdMillisJ\x04\b\x02\x10\x03\"\xc5\x01\n" +
 	"\x11HeartbeatResponse\x12!\n" +
 	"\flease_millis\x18\x01 \x01(\x03R\vleaseMillis\x12\x14\n" +
 	"\x05known\x18\x02 \x01(\bR\x05known\x12(\n" +
 	"\x05state\x18\x03 \x01(\x0e2\x12.shim.v1.NodeStateR\x05state\x12\x14\n" +
 	"\x05index\x18\x04 \x01(\x04R\x05index\x12\x18\n" +
-	"\aservers\x18\x05 \x03(\tR\aservers\"|\n" +
+	"\aservers\x18\x05 \x03(\tR\aservers\x12\x1d\n" +
+	"\n" +
+	"node_index\x18\x06 \x01(\x04R\tnodeIndex\"|\n" +
 	"\x12AssignmentsRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1b\n" +
 	"\tmin_index\x18\x02 \x01(\x04R\bminIndex\x12\x1f\n" +
