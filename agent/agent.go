@@ -51,6 +51,10 @@ type Agent struct {
 	// Hold is how long the cluster waits for this shimd to come back after
 	// a clean stop before it moves the node's processes (default 30 s).
 	Hold time.Duration
+	// Deadline, if set, is told every new deadline of the node's lease,
+	// for the guard: a separate process that fences the node when the agent
+	// cannot (package guard). After a clean stop it is the held lease's.
+	Deadline func(until time.Time)
 
 	mu       sync.Mutex
 	procs    map[string]*local
@@ -143,6 +147,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.lease.Lock()
 	a.lease.until = a.Now().Add(a.Lease)
 	a.fenceTimer = time.AfterFunc(a.Lease, a.checkLease)
+	a.publish(a.lease.until)
 	a.lease.Unlock()
 	if err := a.join(ctx); err != nil {
 		return err
@@ -334,13 +339,17 @@ func (a *Agent) holdLease() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
+	sent := a.Now()
 	_, err := call(ctx, a, 500*time.Millisecond, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
 		return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name, HoldMillis: a.Hold.Milliseconds()}))
 	})
 	if err != nil {
-		a.Log.Warn("could not hold the lease for a restart; the node's processes may be moved", "err", err)
+		a.Log.Warn("could not hold the lease for a restart: the guard stops the node's processes when the lease runs out, as the cluster will move them", "err", err)
 		return
 	}
+	a.lease.Lock()
+	a.publish(sent.Add(a.Hold))
+	a.lease.Unlock()
 	a.Log.Info("lease held for a restart", "for", a.Hold)
 }
 
@@ -352,6 +361,7 @@ func (a *Agent) renew(until time.Time, index uint64) {
 	}
 	a.lease.until = until
 	a.fenceTimer.Reset(time.Until(until))
+	a.publish(until)
 	if a.lease.killing {
 		a.lease.index = index // checkLease takes it from here
 		a.lease.Unlock()
@@ -362,6 +372,14 @@ func (a *Agent) renew(until time.Time, index uint64) {
 	a.lease.Unlock()
 	if wasFenced || first {
 		a.regained(index, first)
+	}
+}
+
+// publish passes a lease deadline on to the guard. Call with a.lease held,
+// so deadlines are published in the order they were granted.
+func (a *Agent) publish(until time.Time) {
+	if a.Deadline != nil {
+		a.Deadline(until)
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/shim-run/shim/agent"
+	"github.com/shim-run/shim/guard"
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -66,6 +67,7 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
+	cmd.AddCommand(guardCommand())
 	return cmd
 }
 
@@ -165,6 +167,13 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return err
 	}
+	// The guard fences this node's processes at the lease deadline the
+	// agent publishes, should the agent be unable to: crashed or paused.
+	deadline, err := guard.Open(filepath.Join(o.dataDir, guard.FileName), true)
+	if err != nil {
+		return err
+	}
+	defer deadline.Close()
 	httpc := server.NewHTTPClient()
 	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
@@ -197,12 +206,17 @@ func run(ctx context.Context, o *options) error {
 				addrsMu.Unlock()
 			}
 		},
-		Runtime: rt,
-		DataDir: o.dataDir,
-		Lease:   o.lease,
-		Hold:    o.hold,
-		Log:     log,
-		Metrics: m,
+		Runtime:  rt,
+		DataDir:  o.dataDir,
+		Lease:    o.lease,
+		Hold:     o.hold,
+		Deadline: deadline.SetTime,
+		Log:      log,
+		Metrics:  m,
+	}
+	deadline.SetTime(time.Now().Add(o.lease)) // the agent's first lease: see Agent.Run
+	if err := startGuard(o.dataDir, o.name, log); err != nil {
+		return err
 	}
 	if role == pb.NodeRole_NODE_ROLE_SERVER && !rn.HadState() && len(join) > 0 {
 		// A new server must be a voter before its own API can answer.

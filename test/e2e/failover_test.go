@@ -11,10 +11,11 @@ import (
 	"time"
 )
 
-// killNode kills a node as if its host died: shimd with SIGKILL, then every
-// process in the node's cgroups.
+// killNode kills a node as if its host died: shimd and its guard with
+// SIGKILL, then every process in the node's cgroups.
 func (c *cluster) killNode(d *daemon) {
 	c.t.Helper()
+	killGuard(d)
 	_ = d.cmd.Process.Signal(syscall.SIGKILL)
 	_ = d.cmd.Wait()
 	d.cmd = nil

@@ -138,6 +138,7 @@ func (c *cluster) cleanup() {
 	}
 	for _, d := range c.nodes {
 		c.stop(d, syscall.SIGTERM)
+		killGuard(d)
 	}
 	for _, pid := range pids {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
@@ -150,6 +151,19 @@ func (c *cluster) cleanup() {
 			_ = os.WriteFile(filepath.Join(keep, d.name+".log"), b, 0o644)
 			c.t.Logf("---- %s log (tail) ----\n%s", d.name, tail(string(b), 3000))
 		}
+	}
+}
+
+// killGuard kills a node's guard (the process that fences the node's
+// sandboxes should shimd die; see package guard), as a host's death would.
+func killGuard(d *daemon) {
+	b, err := os.ReadFile(filepath.Join(d.dir, "guard.pid"))
+	if err != nil {
+		return
+	}
+	var pid int
+	if _, err := fmt.Sscan(string(b), &pid); err == nil && pid > 0 {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 }
 

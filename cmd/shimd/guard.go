@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	osexec "os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/shim-run/shim/guard"
+)
+
+// guardPIDFile holds the pid of the data dir's guard.
+const guardPIDFile = "guard.pid"
+
+// guardCommand is the hidden `shimd guard` subcommand: the node's dead-man
+// switch (package guard). shimd starts it; it outlives shimd, and kills the
+// node's sandboxes if shimd's lease runs out while shimd is dead or paused.
+func guardCommand() *cobra.Command {
+	var name, dataDir string
+	cmd := &cobra.Command{
+		Use:    "guard",
+		Short:  "the node's dead-man switch (started by shimd)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("guard", name)
+			f, err := guard.Open(filepath.Join(dataDir, guard.FileName), false)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			rt, err := newRuntime(name, log)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			log.Info("guard started", "data", dataDir)
+			err = (&guard.Guard{File: f, Kill: rt.KillAll, Log: log}).Run(ctx)
+			if err == context.Canceled {
+				return nil
+			}
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&name, "name", "", "node name")
+	cmd.Flags().StringVar(&dataDir, "data-dir", "", "shimd's data dir")
+	return cmd
+}
+
+// startGuard makes sure a guard runs for dataDir: the one in guard.pid if it
+// is alive, else a new one, detached in its own session. Call it with the
+// data dir locked and its lease file created.
+func startGuard(dataDir, name string, log *slog.Logger) error {
+	dir, err := filepath.Abs(dataDir)
+	if err != nil {
+		return fmt.Errorf("guard: %w", err)
+	}
+	pidPath := filepath.Join(dir, guardPIDFile)
+	if b, err := os.ReadFile(pidPath); err == nil {
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && isGuard(pid, dir) {
+			log.Info("guard already running", "pid", pid)
+			return nil
+		}
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("guard: %w", err)
+	}
+	out, err := os.OpenFile(filepath.Join(dir, "guard.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("guard: %w", err)
+	}
+	defer out.Close()
+	cmd := osexec.Command(exe, "guard", "--name", name, "--data-dir", dir)
+	cmd.Stdout, cmd.Stderr, cmd.Dir = out, out, "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // not stopped or killed with shimd's session
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start guard: %w", err)
+	}
+	go func() { _ = cmd.Wait() }() // reap it should it end while shimd runs
+	if err := os.WriteFile(pidPath, []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644); err != nil {
+		return fmt.Errorf("guard: %w", err)
+	}
+	log.Info("guard started", "pid", cmd.Process.Pid)
+	return nil
+}
+
+// isGuard reports whether pid is a live guard of dir.
+func isGuard(pid int, dir string) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	if err != nil {
+		return false
+	}
+	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	if len(args) < 2 || args[1] != "guard" || !slices.Contains(args, dir) {
+		return false
+	}
+	st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(st), ')')
+	return i > 0 && i+2 < len(st) && st[i+2] != 'Z' && st[i+2] != 'X'
+}

@@ -1,0 +1,177 @@
+// Package guard is a node's dead-man switch. The agent publishes its lease
+// deadline in a small memory-mapped file; a guard, run as a separate process
+// that outlives the agent, kills every sandbox of the node once that deadline
+// has passed. It fences the node's processes when the agent itself cannot:
+// crashed, killed with SIGKILL, or paused with SIGSTOP while the cluster
+// moves its processes elsewhere.
+//
+// The deadline is the agent's own (see server/lease.go): the moment the node
+// must have stopped its processes, which is before the leader may declare the
+// node down. It is a CLOCK_MONOTONIC time, which all processes on a host
+// share, so no wall clock is involved.
+package guard
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// FileName is the deadline file's name in shimd's data dir.
+const FileName = "lease"
+
+// File is a shared lease deadline: eight bytes in a memory-mapped file, the
+// CLOCK_MONOTONIC time in nanoseconds until which the node may run processes.
+// Zero means no deadline was ever set. Loads and stores are atomic, so the
+// agent and the guard never see a torn value.
+type File struct {
+	path string
+	f    *os.File
+	mem  []byte
+	ino  uint64
+}
+
+// Open maps the deadline file at path, creating it when writable.
+func Open(path string, writable bool) (*File, error) {
+	flag, prot := os.O_RDONLY, unix.PROT_READ
+	if writable {
+		flag, prot = os.O_RDWR|os.O_CREATE, unix.PROT_READ|unix.PROT_WRITE
+	}
+	f, err := os.OpenFile(path, flag, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lease deadline file: %w", err)
+	}
+	fail := func(err error) (*File, error) {
+		f.Close()
+		return nil, fmt.Errorf("lease deadline file %s: %w", path, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		return fail(err)
+	}
+	if st.Size() < 8 {
+		if !writable {
+			return fail(errors.New("too short"))
+		}
+		if err := f.Truncate(8); err != nil {
+			return fail(err)
+		}
+	}
+	mem, err := unix.Mmap(int(f.Fd()), 0, 8, prot, unix.MAP_SHARED)
+	if err != nil {
+		return fail(err)
+	}
+	return &File{path: path, f: f, mem: mem, ino: st.Sys().(*syscall.Stat_t).Ino}, nil
+}
+
+func (f *File) word() *int64 { return (*int64)(unsafe.Pointer(&f.mem[0])) }
+
+// Set publishes a deadline (CLOCK_MONOTONIC nanoseconds).
+func (f *File) Set(mono int64) { atomic.StoreInt64(f.word(), mono) }
+
+// SetTime publishes until, a time.Time from this process's clock, as a
+// CLOCK_MONOTONIC deadline.
+func (f *File) SetTime(until time.Time) { f.Set(Monotonic() + int64(time.Until(until))) }
+
+// Get returns the deadline.
+func (f *File) Get() int64 { return atomic.LoadInt64(f.word()) }
+
+// Removed reports whether the file is no longer at its path (its data dir
+// was removed or replaced).
+func (f *File) Removed() bool {
+	var st unix.Stat_t
+	return unix.Stat(f.path, &st) != nil || st.Ino != f.ino
+}
+
+// Close unmaps and closes the file.
+func (f *File) Close() error {
+	err := unix.Munmap(f.mem)
+	if cerr := f.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Monotonic returns the CLOCK_MONOTONIC time in nanoseconds.
+func Monotonic() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}
+
+// Timing of the guard's loop.
+const (
+	// Idle is the longest the guard sleeps: it notices a removed file or a
+	// deadline set for the first time within it.
+	Idle = time.Second
+	// Recheck is how soon the guard looks again after a kill while the
+	// deadline stays passed: nothing may run in the node's sandboxes then.
+	Recheck = 100 * time.Millisecond
+)
+
+// Step decides what the guard does at monotonic time now with deadline d:
+// whether to kill the node's sandboxes, and how long to wait before looking
+// again. It is a pure function.
+func Step(now, d int64) (kill bool, wait time.Duration) {
+	switch {
+	case d == 0:
+		return false, Idle // not armed yet
+	case now < d:
+		return false, min(time.Duration(d-now), Idle)
+	}
+	return true, Recheck
+}
+
+// Guard fences the node when the published deadline passes. Fields are
+// dependencies; Kill and File are required.
+type Guard struct {
+	File *File
+	// Kill sends SIGKILL to every process in every sandbox of the node.
+	Kill  func() error
+	Log   *slog.Logger
+	Now   func() int64                         // CLOCK_MONOTONIC ns; default Monotonic
+	After func(time.Duration) <-chan time.Time // default time.After
+}
+
+// Run guards until ctx ends or the deadline file is removed.
+func (g *Guard) Run(ctx context.Context) error {
+	if g.Now == nil {
+		g.Now = Monotonic
+	}
+	if g.After == nil {
+		g.After = time.After
+	}
+	if g.Log == nil {
+		g.Log = slog.Default()
+	}
+	fenced := int64(0) // the deadline the last fence was for
+	for {
+		if g.File.Removed() {
+			g.Log.Info("guard: lease file removed; exiting")
+			return nil
+		}
+		d := g.File.Get()
+		kill, wait := Step(g.Now(), d)
+		if kill {
+			if err := g.Kill(); err != nil {
+				g.Log.Error("guard: fence failed", "err", err)
+			} else if fenced != d {
+				g.Log.Warn("guard: the agent's lease ran out without renewal; killed every process in the node's sandboxes")
+			}
+			fenced = d
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-g.After(wait):
+		}
+	}
+}
