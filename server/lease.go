@@ -22,7 +22,9 @@ import (
 // after Lease + Margin. So the node always fences first, as long as the two
 // clocks' rates differ by less than Margin/Lease (25% by default; real
 // clocks differ by parts per million) and the node's fence runs within the
-// margin. Wall-clock time is never compared across machines.
+// margin. Wall-clock time is never compared across machines. Should the
+// agent be unable to fence (crashed, killed, paused), the node's guard
+// process does, at the same deadline (package guard).
 //
 // A new leader has not heard from anyone. It grants every node a fresh lease
 // from the moment it took office, so it neither declares nodes dead for its
