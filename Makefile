@@ -4,7 +4,7 @@ TAGS    ?= seccomp
 BIN     ?= bin
 PKGS    := ./...
 
-.PHONY: all build test unit lint demo bench generate clean
+.PHONY: all build run test unit lint demo bench generate clean
 
 all: build
 
@@ -26,7 +26,12 @@ test: lint
 unit:
 	$(GO) test -tags $(TAGS) -count=1 -short $(PKGS)
 
-# The main job: a local 3-node cluster that runs example services.
+# The main job: shimd with no flags is a single-node cluster (data in
+# ./shim-data, API on 127.0.0.1:7070). Talk to it with bin/shim.
+run: build
+	./$(BIN)/shimd
+
+# A tour: a local 3-node cluster that runs example services and loses a node.
 demo: build
 	./examples/demo.sh
 

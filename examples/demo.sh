@@ -45,8 +45,8 @@ echo; echo "== spawning example services"
 sleep 1
 "$BIN/shim" ps -a
 
-echo; echo "== killing node-c: its shimd and every process it ran, as if the host died"
-kill -9 "${pids[2]}"
+echo; echo "== killing node-c: its shimd, its guard and every process it ran, as if the host died"
+kill -9 "$(cat "$DATA/node-c/guard.pid")" "${pids[2]}"
 for f in /sys/fs/cgroup/pids/shim/node-c/*/cgroup.procs; do
   [ -f "$f" ] && xargs -r kill -9 <"$f" 2>/dev/null || true
 done
