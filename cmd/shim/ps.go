@@ -59,7 +59,7 @@ func (a *app) psCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return a.printProcesses(a.out, recs, output)
+			return a.printProcesses(a.out, recs, output, all)
 		},
 	}
 	cmd.Flags().BoolVarP(&all, "all", "a", false, "include finished processes")
@@ -68,7 +68,7 @@ func (a *app) psCmd() *cobra.Command {
 	return cmd
 }
 
-func (a *app) printProcesses(w io.Writer, recs []*pb.ProcessRecord, output string) error {
+func (a *app) printProcesses(w io.Writer, recs []*pb.ProcessRecord, output string, history bool) error {
 	if output == "json" {
 		views := make([]processJSON, 0, len(recs))
 		for _, r := range recs {
@@ -76,7 +76,7 @@ func (a *app) printProcesses(w io.Writer, recs []*pb.ProcessRecord, output strin
 		}
 		return writeJSON(w, views)
 	}
-	return writeProcessTable(w, recs, output == "wide", a.now())
+	return writeProcessTable(w, recs, output == "wide", history, a.now())
 }
 
 func (a *app) topCmd() *cobra.Command {
@@ -132,7 +132,7 @@ func (a *app) topFrame(ctx context.Context, w io.Writer, all bool) error {
 		fmt.Fprintf(w, "  nodes: %s", nodeSummary(nodes))
 	}
 	fmt.Fprint(w, "\n\n")
-	return writeProcessTable(w, recs, true, a.now())
+	return writeProcessTable(w, recs, true, false, a.now())
 }
 
 // processSummary counts processes by state: "5 (3 running, 2 pending)".

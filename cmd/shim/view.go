@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -312,8 +313,10 @@ func usageText(r *pb.ProcessRecord) (cpu, mem string) {
 }
 
 // writeProcessTable prints the `shim ps` table; wide adds bounds, usage and
-// the reason.
-func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide bool, now time.Time) error {
+// the reason; history adds a row under each process for every earlier
+// incarnation (moved off a lost node, fenced, or moved by a drain), with why
+// it ended in place of the command.
+func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	head := "ID\tNAME\tNODE\tSTATE\tPID\tINC\tRESTARTS\tEXIT\tAGE"
 	if wide {
@@ -339,8 +342,30 @@ func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide bool, now tim
 			row = append(row, cpu, mem, truncate(cmd, 40))
 		}
 		fmt.Fprintln(tw, strings.Join(row, "\t"))
+		if history {
+			for _, h := range slices.Backward(r.GetHistory()) {
+				fmt.Fprintln(tw, strings.Join(historyRow(h, wide, now), "\t"))
+			}
+		}
 	}
 	return tw.Flush()
+}
+
+// historyRow renders an earlier incarnation under its process's row.
+func historyRow(h *pb.Incarnation, wide bool, now time.Time) []string {
+	exit := "-"
+	if h.GetState() != pb.ProcessState_PROCESS_STATE_KILLED || h.GetExitCode() != 0 {
+		exit = itoa(h.GetExitCode())
+	}
+	row := []string{
+		"  └─", "", dash(h.GetNode()), table.StateName(h.GetState()), orDash(h.GetPid(), itoa), itoa(h.GetIncarnation()), "", exit,
+		orDash(h.GetEndedUnixNano(), func(n int64) string { return "ended " + age(now.Sub(time.Unix(0, n))) + " ago" }),
+	}
+	why := "(" + dash(cell(h.GetReason())) + ")"
+	if wide {
+		return append(row, "", "", "", "", "", why, "")
+	}
+	return append(row, "", "", why)
 }
 
 // nodeStateText is the node state, with ",draining" appended when draining.

@@ -124,7 +124,7 @@ func TestProcessTable(t *testing.T) {
 	now := t0.Add(90 * time.Second)
 
 	var buf bytes.Buffer
-	if err := writeProcessTable(&buf, []*pb.ProcessRecord{r, done}, false, now); err != nil {
+	if err := writeProcessTable(&buf, []*pb.ProcessRecord{r, done}, false, false, now); err != nil {
 		t.Fatal(err)
 	}
 	want := "ID      NAME  NODE  STATE    PID   INC  RESTARTS  EXIT  AGE  CPU%  MEM  COMMAND\n" +
@@ -135,7 +135,7 @@ func TestProcessTable(t *testing.T) {
 	}
 
 	buf.Reset()
-	if err := writeProcessTable(&buf, []*pb.ProcessRecord{r, done}, true, now); err != nil {
+	if err := writeProcessTable(&buf, []*pb.ProcessRecord{r, done}, true, false, now); err != nil {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
@@ -157,10 +157,39 @@ func TestProcessTable(t *testing.T) {
 	}
 }
 
+func TestProcessTableHistory(t *testing.T) {
+	r := sampleRecord()
+	r.History = []*pb.Incarnation{
+		{Incarnation: 1, Node: "n0", Pid: 7, State: pb.ProcessState_PROCESS_STATE_KILLED, Reason: "node n0 down",
+			EndedUnixNano: t0.Add(30 * time.Second).UnixNano()},
+	}
+	now := t0.Add(90 * time.Second)
+	var buf bytes.Buffer
+	if err := writeProcessTable(&buf, []*pb.ProcessRecord{r}, false, true, now); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimRight(buf.String(), "\n"), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("table with history has %d lines, want 3:\n%s", len(lines), buf.String())
+	}
+	for _, want := range []string{"└─", "n0", "killed", "7", "ended 1m ago", "(node n0 down)"} {
+		if !strings.Contains(lines[2], want) {
+			t.Errorf("history row lacks %q: %s", want, lines[2])
+		}
+	}
+	buf.Reset()
+	if err := writeProcessTable(&buf, []*pb.ProcessRecord{r}, false, false, now); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(buf.String(), "└─") {
+		t.Errorf("history shown without -a:\n%s", buf.String())
+	}
+}
+
 func TestEmptyJSON(t *testing.T) {
 	a := newApp(nil, nil)
 	var buf bytes.Buffer
-	if err := a.printProcesses(&buf, nil, "json"); err != nil {
+	if err := a.printProcesses(&buf, nil, "json", false); err != nil {
 		t.Fatal(err)
 	}
 	if buf.String() != "[]\n" {
