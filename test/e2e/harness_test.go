@@ -137,11 +137,17 @@ func (c *cluster) cleanup() {
 		}
 	}
 	for _, d := range c.nodes {
+		if d.cmd != nil {
+			_ = d.cmd.Process.Signal(syscall.SIGCONT) // a test may have paused it
+		}
 		c.stop(d, syscall.SIGTERM)
 		killGuard(d)
 	}
 	for _, pid := range pids {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for _, d := range c.nodes {
+		killCgroups(d.name) // stale incarnations the table no longer lists
 	}
 	if c.t.Failed() {
 		keep := filepath.Join(os.TempDir(), "shim-e2e-"+c.t.Name())
