@@ -51,6 +51,10 @@ type Agent struct {
 	// Hold is how long the cluster waits for this shimd to come back after
 	// a clean stop before it moves the node's processes (default 30 s).
 	Hold time.Duration
+	// Resume is the deadline of the lease the previous agent on this node
+	// held (from the guard's file): processes it left may run until then.
+	// Zero: none, the node starts fenced until a leader grants a lease.
+	Resume time.Time
 	// Deadline, if set, is told every new deadline of the node's lease,
 	// for the guard: a separate process that fences the node when the agent
 	// cannot (package guard). After a clean stop it is the held lease's.
@@ -142,11 +146,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.adopt(); err != nil {
 		return fmt.Errorf("adopt processes: %w", err)
 	}
-	// Adopted processes may run for one lease while the agent finds the
-	// leader; after that, with no lease, they are fenced.
+	// Adopted processes may run until the lease the previous agent held
+	// runs out (the held one after a clean stop), while this one finds the
+	// leader; after that, with no lease, they are fenced. Running them any
+	// longer could overlap their replacements.
 	a.lease.Lock()
-	a.lease.until = a.Now().Add(a.Lease)
-	a.fenceTimer = time.AfterFunc(a.Lease, a.checkLease)
+	a.lease.until = a.Resume
+	if now := a.Now(); a.lease.until.Before(now) {
+		a.lease.until = now
+	}
+	a.fenceTimer = time.AfterFunc(a.lease.until.Sub(a.Now()), a.checkLease)
 	a.publish(a.lease.until)
 	a.lease.Unlock()
 	if err := a.join(ctx); err != nil {
@@ -355,13 +364,20 @@ func (a *Agent) holdLease() {
 
 func (a *Agent) renew(until time.Time, index uint64) {
 	a.lease.Lock()
-	if !until.After(a.lease.until) {
+	switch {
+	case !a.Now().Before(until):
 		a.lease.Unlock()
-		return
+		return // acknowledged too late to be worth anything
+	case until.After(a.lease.until):
+		a.lease.until = until
+		a.fenceTimer.Reset(time.Until(until))
+		a.publish(until)
+	case a.lease.granted:
+		a.lease.Unlock()
+		return // nothing new: the lease held runs longer
 	}
-	a.lease.until = until
-	a.fenceTimer.Reset(time.Until(until))
-	a.publish(until)
+	// A first grant may run out before the lease held since the agent
+	// started (a clean stop's held lease): it still lets the agent act.
 	if a.lease.killing {
 		a.lease.index = index // checkLease takes it from here
 		a.lease.Unlock()

@@ -211,10 +211,10 @@ func run(ctx context.Context, o *options) error {
 		Lease:    o.lease,
 		Hold:     o.hold,
 		Deadline: deadline.SetTime,
+		Resume:   resumeLease(deadline, max(o.lease, o.hold)),
 		Log:      log,
 		Metrics:  m,
 	}
-	deadline.SetTime(time.Now().Add(o.lease)) // the agent's first lease: see Agent.Run
 	if err := startGuard(o.dataDir, o.name, log); err != nil {
 		return err
 	}

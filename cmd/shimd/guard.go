@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -93,6 +94,19 @@ func startGuard(dataDir, name string, log *slog.Logger) error {
 	}
 	log.Info("guard started", "pid", cmd.Process.Pid)
 	return nil
+}
+
+// resumeLease returns the deadline of the lease the previous shimd held, as
+// its guard still enforces it: the adopted processes may run until then. It
+// is capped at longest from now (CLOCK_MONOTONIC restarts at boot, so a file
+// from before a reboot could otherwise promise years).
+func resumeLease(f *guard.File, longest time.Duration) time.Time {
+	d := f.Get()
+	if d == 0 {
+		return time.Time{}
+	}
+	left := min(time.Duration(d-guard.Monotonic()), longest)
+	return time.Now().Add(left)
 }
 
 // isGuard reports whether pid is a live guard of dir.
