@@ -105,6 +105,9 @@ type local struct {
 	consecutive int
 	startedAt   time.Time
 	stopping    bool
+	done        bool // finished; its final report may not be in the table yet
+	handoff     bool // stopping after a make-before-break move: no report
+	movedAway   bool // the table says it left by a make-before-break move
 	fencing     bool
 	lost        *Exit // exited while the agent was down
 	timer       *time.Timer
@@ -565,6 +568,11 @@ func (a *Agent) merge(m *pb.AssignmentsResponse) {
 	for _, id := range m.Removed {
 		delete(a.table, id)
 	}
+	for _, id := range m.HandedOff {
+		if l := a.procs[id]; l != nil {
+			l.movedAway = true
+		}
+	}
 	for _, r := range m.Processes {
 		a.table[r.Id] = r
 	}
@@ -605,8 +613,17 @@ func (a *Agent) reconcileLocked() {
 		locals = append(locals, restart.Local{
 			ID: l.id, Incarnation: l.inc, Running: l.proc != nil || l.starting, Waiting: l.timer != nil,
 			Lost: l.lost != nil, Stopping: l.stopping || l.fencing, Resources: l.applied,
+			MovingAway: l.movedAway || (l.rec != nil && l.rec.MoveTo != "" && l.rec.MoveTo != a.Node.Name), Done: l.done,
 		})
 	}
+	defer func() {
+		// Finished entries are kept only until the table has moved on.
+		for id, l := range a.procs {
+			if l.done && !a.assignedInc(id, l.inc) {
+				delete(a.procs, id)
+			}
+		}
+	}()
 	for _, act := range restart.Reconcile(a.assigned, locals, a.mayStartLocked()) {
 		l := a.procs[act.ID]
 		switch act.Kind {
@@ -618,34 +635,19 @@ func (a *Agent) reconcileLocked() {
 			if l.proc == nil {
 				continue // starting: start stops it when it is up
 			}
-			sig := syscall.Signal(act.Record.StopSignal)
-			if sig == 0 {
-				sig = syscall.SIGTERM
-			}
-			if l.timer != nil {
-				l.timer.Stop()
-				l.timer = nil
-			}
-			if err := l.proc.Signal(sig); err != nil {
-				a.Log.Warn("stop: signal failed; killing", "id", l.id, "err", err)
-				_ = l.proc.Kill()
-			} else if sig != syscall.SIGKILL {
-				p := l.proc
-				time.AfterFunc(a.StopGrace, func() {
-					select {
-					case <-p.Done():
-					default:
-						a.Log.Info("stop: grace period over; killing", "id", l.id)
-						_ = p.Kill()
-					}
-				})
-			}
+			a.stopLocked(l, syscall.Signal(act.Record.StopSignal))
+		case restart.Handoff:
+			// Its next incarnation runs elsewhere: stop this one as a
+			// kill would, and forget it without a report.
+			l.stopping, l.handoff = true, true
+			a.stopLocked(l, syscall.SIGTERM)
+			a.Log.Info("moved elsewhere; stopping the old incarnation", "id", l.id, "incarnation", l.inc)
 		case restart.Finish:
-			if l != nil && l.timer != nil {
-				l.timer.Stop()
+			if l == nil {
+				l = &local{id: act.ID, inc: act.Record.Incarnation}
+				a.procs[act.ID] = l
 			}
-			delete(a.procs, act.ID)
-			a.dropState(act.ID)
+			a.doneLocked(l)
 			a.report(act.Record, pb.ProcessState_PROCESS_STATE_KILLED, 0, Exit{Code: -1, Reason: "killed"}, act.Record.Restarts)
 		case restart.Resize:
 			if l.proc == nil {
@@ -676,6 +678,35 @@ func (a *Agent) reconcileLocked() {
 	}
 }
 
+// stopLocked sends l's process sig (SIGTERM when 0), and SIGKILL once the
+// stop grace period is over.
+func (a *Agent) stopLocked(l *local, sig syscall.Signal) {
+	if sig == 0 {
+		sig = syscall.SIGTERM
+	}
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
+	if err := l.proc.Signal(sig); err != nil {
+		a.Log.Warn("stop: signal failed; killing", "id", l.id, "err", err)
+		_ = l.proc.Kill()
+		return
+	}
+	if sig == syscall.SIGKILL {
+		return
+	}
+	p := l.proc
+	time.AfterFunc(a.StopGrace, func() {
+		select {
+		case <-p.Done():
+		default:
+			a.Log.Info("stop: grace period over; killing", "id", l.id)
+			_ = p.Kill()
+		}
+	})
+}
+
 // startParallel bounds how many processes one node starts at once.
 const startParallel = 4
 
@@ -689,7 +720,7 @@ func (a *Agent) startLocked(rec *pb.ProcessRecord, restarts uint32) {
 		a.procs[rec.Id] = l
 	}
 	l.inc, l.rec, l.restarts = rec.Incarnation, rec, restarts
-	l.starting, l.stopping, l.fencing, l.timer = true, false, false, nil
+	l.starting, l.stopping, l.handoff, l.movedAway, l.fencing, l.done, l.timer = true, false, false, false, false, false, nil
 	go a.start(l, rec, restarts)
 }
 
@@ -718,7 +749,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		a.Metrics.ProcessFailures.Inc()
 		a.Log.Warn("start failed", "id", rec.Id, "err", err)
 		if a.procs[l.id] == l {
-			delete(a.procs, l.id)
+			a.doneLocked(l)
 		}
 		a.report(rec, pb.ProcessState_PROCESS_STATE_FAILED, 0, Exit{Code: -1, Reason: err.Error()}, restarts)
 		return
@@ -754,6 +785,12 @@ func (a *Agent) stillAssigned(l *local) bool {
 		}
 	}
 	return false
+}
+
+// assignedInc reports whether the table assigns incarnation inc of id here.
+func (a *Agent) assignedInc(id string, inc uint64) bool {
+	i, ok := slices.BinarySearchFunc(a.assigned, id, func(r *pb.ProcessRecord, id string) int { return strings.Compare(r.Id, id) })
+	return ok && a.assigned[i].Incarnation == inc
 }
 
 // sameAssignment reports whether rec is still the current assignment.
@@ -805,6 +842,10 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 	l.proc = nil
 	rec := l.rec
 	switch {
+	case l.handoff:
+		delete(a.procs, l.id)
+		a.dropState(l.id)
+		return
 	case l.fencing:
 		delete(a.procs, l.id)
 		a.dropState(l.id)
@@ -815,15 +856,13 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 		}
 		return
 	case l.stopping || rec.GetStop():
-		delete(a.procs, l.id)
-		a.dropState(l.id)
+		a.doneLocked(l)
 		a.report(rec, pb.ProcessState_PROCESS_STATE_KILLED, 0, exit, l.restarts)
 		return
 	}
 	d := a.Policy.Decide(rec.Spec.GetRestart(), exit.Failed(), a.Now().Sub(l.startedAt), l.consecutive)
 	if !d.Restart {
-		delete(a.procs, l.id)
-		a.dropState(l.id)
+		a.doneLocked(l)
 		state := pb.ProcessState_PROCESS_STATE_EXITED
 		if exit.Failed() {
 			state = pb.ProcessState_PROCESS_STATE_FAILED
@@ -834,6 +873,20 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 	l.consecutive = d.Consecutive
 	a.report(rec, pb.ProcessState_PROCESS_STATE_BACKOFF, 0, exit, l.restarts)
 	a.restartAfter(l, d.Delay)
+}
+
+// doneLocked keeps l as finished here. Its final state is reported, but
+// until the table shows it the table still lists it as live: forgetting it
+// now would make it look lost, and Reconcile would "recover" it (report it
+// again as dead for an unknown reason, or start it again). reconcileLocked
+// drops it once the table no longer assigns that incarnation.
+func (a *Agent) doneLocked(l *local) {
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
+	l.proc, l.done, l.starting = nil, true, false
+	a.dropState(l.id)
 }
 
 // restartAfter starts l again after delay. Without a lease (or before the
@@ -856,9 +909,12 @@ func (a *Agent) restartAfter(l *local, delay time.Duration) {
 }
 
 func (a *Agent) report(rec *pb.ProcessRecord, state pb.ProcessState, pid int64, exit Exit, restarts uint32) {
+	// The runtime's plain "exited" or "signaled" says less than the code or
+	// the signal does; its other reasons (killed, oom-killed, unknown) say
+	// more.
 	reason := exit.Reason
-	if reason == "" {
-		reason = describe(exit)
+	if d := describe(exit); d != "" && (reason == "" || reason == "exited" || reason == "signaled") {
+		reason = d
 	}
 	a.queue(&pb.StatusUpdate{Id: rec.Id, Incarnation: rec.Incarnation, State: state, Pid: pid,
 		ExitCode: int32(exit.Code), Reason: reason, Restarts: restarts, AtUnixNano: a.Now().UnixNano()})

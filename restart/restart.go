@@ -15,11 +15,17 @@ import (
 type Local struct {
 	ID          string
 	Incarnation uint64
-	Running     bool          // a live process exists
-	Waiting     bool          // exited, waiting out a restart backoff
-	Lost        bool          // exited while the agent was down; exit not yet handled
-	Stopping    bool          // a stop signal was already sent
-	Resources   *pb.Resources // bounds applied to its cgroup
+	Running     bool // a live process exists
+	Waiting     bool // exited, waiting out a restart backoff
+	Lost        bool // exited while the agent was down; exit not yet handled
+	Stopping    bool // a stop signal was already sent
+	// MovingAway: the last assignment seen was moving it to another node
+	// make-before-break (a drain, or a resize --move).
+	MovingAway bool
+	// Done: it finished here and its final state is reported; the table
+	// may still list it as live until that report is applied.
+	Done      bool
+	Resources *pb.Resources // bounds applied to its cgroup
 }
 
 // Kind is what to do with a process.
@@ -40,10 +46,13 @@ const (
 	// Recover runs the restart policy for a process that died while the
 	// agent was down.
 	Recover
+	// Handoff stops, gracefully, a process whose make-before-break move
+	// committed: its next incarnation already runs on the other node.
+	Handoff
 )
 
 func (k Kind) String() string {
-	return [...]string{"", "start", "stop", "fence", "resize", "finish", "recover"}[k]
+	return [...]string{"", "start", "stop", "fence", "resize", "finish", "recover", "handoff"}[k]
 }
 
 // Action is one step for the agent.
@@ -55,7 +64,9 @@ type Action struct {
 
 // Reconcile returns the actions that bring local in line with assigned,
 // sorted by process id, fences first. It starts nothing when mayStart is
-// false (the node holds no lease), but always fences.
+// false (the node holds no lease), but always fences. A process that left
+// by a committed make-before-break move is handed off (stopped gracefully)
+// rather than fenced, but only while the node holds its lease.
 func Reconcile(assigned []*pb.ProcessRecord, local []Local, mayStart bool) []Action {
 	want := make(map[string]*pb.ProcessRecord, len(assigned))
 	for _, r := range assigned {
@@ -65,8 +76,19 @@ func Reconcile(assigned []*pb.ProcessRecord, local []Local, mayStart bool) []Act
 	have := make(map[string]bool, len(local))
 	for _, l := range local {
 		r := want[l.ID]
+		if l.Done {
+			if r != nil && r.Incarnation == l.Incarnation {
+				have[l.ID] = true // not lost: its end is on its way to the table
+			}
+			continue
+		}
 		if r == nil || r.Incarnation != l.Incarnation {
-			if l.Running || l.Waiting || l.Lost {
+			switch {
+			case l.MovingAway && l.Running && mayStart:
+				if !l.Stopping {
+					out = append(out, Action{Kind: Handoff, ID: l.ID})
+				}
+			case l.Running || l.Waiting || l.Lost:
 				out = append(out, Action{Kind: Fence, ID: l.ID})
 			}
 			continue

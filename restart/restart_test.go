@@ -54,6 +54,12 @@ func TestReconcile(t *testing.T) {
 		{"lost while down: recover", []*pb.ProcessRecord{rec("a", 1, running)}, []Local{{ID: "a", Incarnation: 1, Lost: true}}, true, []string{"recover:a"}},
 		{"lost, no lease: wait", []*pb.ProcessRecord{rec("a", 1, running)}, []Local{{ID: "a", Incarnation: 1, Lost: true}}, false, nil},
 		{"fences first", []*pb.ProcessRecord{rec("a", 1, starting)}, []Local{{ID: "z", Incarnation: 1, Running: true}}, true, []string{"fence:z", "start:a"}},
+		{"moved away make-before-break: handoff", nil, []Local{{ID: "a", Incarnation: 1, Running: true, MovingAway: true}}, true, []string{"handoff:a"}},
+		{"handing off already", nil, []Local{{ID: "a", Incarnation: 1, Running: true, MovingAway: true, Stopping: true}}, true, nil},
+		{"moved away, no lease: fence", nil, []Local{{ID: "a", Incarnation: 1, Running: true, MovingAway: true}}, false, []string{"fence:a"}},
+		{"finished, table not told yet: nothing", []*pb.ProcessRecord{rec("a", 1, running)}, []Local{{ID: "a", Incarnation: 1, Done: true}}, true, nil},
+		{"finished, new incarnation here: start", []*pb.ProcessRecord{rec("a", 2, starting)}, []Local{{ID: "a", Incarnation: 1, Done: true}}, true, []string{"start:a"}},
+		{"moving away, not yet moved", []*pb.ProcessRecord{rec("a", 1, running)}, []Local{{ID: "a", Incarnation: 1, Running: true, MovingAway: true, Resources: res}}, true, nil},
 	}
 	for _, tc := range tests {
 		got := kinds(Reconcile(tc.assigned, tc.local, tc.mayStart))

@@ -186,6 +186,9 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 	}
 	recs, removed, full, idx := s.Table.AssignmentsSince(m.Node, since)
 	out := &pb.AssignmentsResponse{Processes: recs, Removed: removed, Full: full, Index: idx, TableIndex: s.Table.Index()}
+	if len(removed) > 0 {
+		out.HandedOff = s.Table.HandedOff(m.Node, since)
+	}
 	if n := s.Table.Node(m.Node); n != nil {
 		out.State = n.State
 	}

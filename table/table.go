@@ -43,8 +43,9 @@ type departures struct {
 }
 
 type departure struct {
-	id    string
-	index uint64
+	id      string
+	index   uint64
+	handoff bool // it left by a committed make-before-break move
 }
 
 // maxDepartures bounds each node's log; an agent further behind than the
@@ -604,7 +605,11 @@ func (x *txn) report(r *pb.Report) []string {
 		}
 		old := t.procs[u.Id]
 		if old != nil && old.MoveTo != "" && old.MoveTo == r.GetNode() && u.Incarnation == old.Incarnation+1 && live(old) {
-			x.put(x.moveReport(old, u))
+			rec := x.moveReport(old, u)
+			x.put(rec)
+			if rec.Node != old.Node {
+				t.handedOff(old.Node, u.Id)
+			}
 			changed = append(changed, u.Id)
 			continue
 		}
@@ -983,6 +988,36 @@ func cmpUint(a, b uint64) int {
 		return 1
 	}
 	return 0
+}
+
+// handedOff marks id's departure from node, just logged, as a committed
+// make-before-break move: the node may stop its copy gracefully.
+func (t *Table) handedOff(node, id string) {
+	if d := t.left[node]; d != nil && len(d.log) > 0 && d.log[len(d.log)-1].id == id {
+		d.log[len(d.log)-1].handoff = true
+	}
+}
+
+// HandedOff returns which of the ids AssignmentsSince(node, since) reports
+// removed left by a committed make-before-break move: their next
+// incarnation already runs elsewhere, so the node may stop its copy
+// gracefully rather than kill it at once. It is empty when AssignmentsSince
+// would answer with a full list.
+func (t *Table) HandedOff(node string, since uint64) []string {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	d := t.left[node]
+	if d == nil || since == 0 || since < d.since {
+		return nil
+	}
+	i, _ := slices.BinarySearchFunc(d.log, since+1, func(e departure, idx uint64) int { return cmpUint(e.index, idx) })
+	var out []string
+	for _, e := range d.log[i:] {
+		if _, back := t.byNode[node][e.id]; e.handoff && !back && !slices.Contains(out, e.id) {
+			out = append(out, e.id)
+		}
+	}
+	return out
 }
 
 // NodeIndex returns the index of the last change to a node's assignments.

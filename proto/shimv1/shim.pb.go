@@ -3146,12 +3146,15 @@ type AssignmentsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// With full, every process assigned to the node; otherwise (a delta) only
 	// those changed after the request's min_index.
-	Processes     []*ProcessRecord `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
-	Index         uint64           `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"` // index of the last change to this node's assignments
-	State         NodeState        `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
-	TableIndex    uint64           `protobuf:"varint,4,opt,name=table_index,json=tableIndex,proto3" json:"table_index,omitempty"` // the answering server's table index
-	Removed       []string         `protobuf:"bytes,5,rep,name=removed,proto3" json:"removed,omitempty"`                          // delta only: no longer assigned to the node
-	Full          bool             `protobuf:"varint,6,opt,name=full,proto3" json:"full,omitempty"`
+	Processes  []*ProcessRecord `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
+	Index      uint64           `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"` // index of the last change to this node's assignments
+	State      NodeState        `protobuf:"varint,3,opt,name=state,proto3,enum=shim.v1.NodeState" json:"state,omitempty"`
+	TableIndex uint64           `protobuf:"varint,4,opt,name=table_index,json=tableIndex,proto3" json:"table_index,omitempty"` // the answering server's table index
+	Removed    []string         `protobuf:"bytes,5,rep,name=removed,proto3" json:"removed,omitempty"`                          // delta only: no longer assigned to the node
+	Full       bool             `protobuf:"varint,6,opt,name=full,proto3" json:"full,omitempty"`
+	// handed_off: of removed, those that left by a committed make-before-break
+	// move (drain, resize --move); the node stops its copy gracefully.
+	HandedOff     []string `protobuf:"bytes,7,rep,name=handed_off,json=handedOff,proto3" json:"handed_off,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3226,6 +3229,13 @@ func (x *AssignmentsResponse) GetFull() bool {
 		return x.Full
 	}
 	return false
+}
+
+func (x *AssignmentsResponse) GetHandedOff() []string {
+	if x != nil {
+		return x.HandedOff
+	}
+	return nil
 }
 
 type ReportRequest struct {
@@ -3793,7 +3803,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tmin_index\x18\x02 \x01(\x04R\bminIndex\x12\x1f\n" +
 	"\vwait_millis\x18\x03 \x01(\x03R\n" +
 	"waitMillis\x12\x14\n" +
-	"\x05delta\x18\x04 \x01(\bR\x05delta\"\xda\x01\n" +
+	"\x05delta\x18\x04 \x01(\bR\x05delta\"\xf9\x01\n" +
 	"\x13AssignmentsResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12(\n" +
@@ -3801,7 +3811,9 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vtable_index\x18\x04 \x01(\x04R\n" +
 	"tableIndex\x12\x18\n" +
 	"\aremoved\x18\x05 \x03(\tR\aremoved\x12\x12\n" +
-	"\x04full\x18\x06 \x01(\bR\x04full\"8\n" +
+	"\x04full\x18\x06 \x01(\bR\x04full\x12\x1d\n" +
+	"\n" +
+	"handed_off\x18\a \x03(\tR\thandedOff\"8\n" +
 	"\rReportRequest\x12'\n" +
 	"\x06report\x18\x01 \x01(\v2\x0f.shim.v1.ReportR\x06report\"\x10\n" +
 	"\x0eReportResponse\"6\n" +

@@ -288,12 +288,18 @@ func (c *cluster) waitNodesUp(n int, d time.Duration) {
 	})
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+// waitFor polls cond until it holds, failing the test after d; the last
+// of why, if given, says what was seen instead.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, why ...func() string) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
+			seen := ""
+			for _, w := range why {
+				seen = "; saw " + w()
+			}
+			t.Fatalf("timed out after %s waiting for %s%s", d, what, seen)
 		}
 		time.Sleep(50 * time.Millisecond) // each poll runs the CLI: keep it light
 	}
