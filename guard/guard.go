@@ -154,6 +154,9 @@ func (g *Guard) Run(ctx context.Context) error {
 	}
 	fenced := int64(0) // the deadline the last fence was for
 	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if g.File.Removed() {
 			g.Log.Info("guard: lease file removed; exiting")
 			return nil
