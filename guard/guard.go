@@ -114,6 +114,8 @@ const (
 	Idle = time.Second
 	// Recheck is how soon the guard looks again after a kill while the
 	// deadline stays passed: nothing may run in the node's sandboxes then.
+	// Once the deadline is more than Idle behind, it looks every Idle: no
+	// agent starts anything without a lease, so nothing new is expected.
 	Recheck = 100 * time.Millisecond
 )
 
@@ -126,6 +128,8 @@ func Step(now, d int64) (kill bool, wait time.Duration) {
 		return false, Idle // not armed yet
 	case now < d:
 		return false, min(time.Duration(d-now), Idle)
+	case time.Duration(now-d) > Idle:
+		return true, Idle
 	}
 	return true, Recheck
 }

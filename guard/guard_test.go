@@ -21,6 +21,7 @@ func TestStep(t *testing.T) {
 		{name: "near deadline", now: 1e9, d: 1e9 + 300e6, kill: false, wait: 300 * time.Millisecond},
 		{name: "at deadline", now: 2e9, d: 2e9, kill: true, wait: Recheck},
 		{name: "passed", now: 3e9, d: 2e9, kill: true, wait: Recheck},
+		{name: "long passed", now: 3e9 + 1, d: 2e9, kill: true, wait: Idle},
 	} {
 		kill, wait := Step(c.now, c.d)
 		if kill != c.kill || wait != c.wait {

@@ -4,9 +4,11 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +16,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 )
 
 var bin string // directory holding freshly built shimd and shim
@@ -288,21 +295,48 @@ func (c *cluster) waitNodesUp(n int, d time.Duration) {
 	})
 }
 
-// waitFor polls cond until it holds, failing the test after d; the last
-// of why, if given, says what was seen instead.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, why ...func() string) {
+// waitFor polls cond until it holds, failing the test after d. Options: a
+// func() string says what was seen instead, a time.Duration replaces the
+// poll interval (50 ms: most polls run the CLI, so keep them light).
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, opts ...any) {
 	t.Helper()
+	every := 50 * time.Millisecond
+	var why func() string
+	for _, o := range opts {
+		switch o := o.(type) {
+		case func() string:
+			why = o
+		case time.Duration:
+			every = o
+		}
+	}
 	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
 			seen := ""
-			for _, w := range why {
-				seen = "; saw " + w()
+			if why != nil {
+				seen = "; saw " + why()
 			}
 			t.Fatalf("timed out after %s waiting for %s%s", d, what, seen)
 		}
-		time.Sleep(50 * time.Millisecond) // each poll runs the CLI: keep it light
+		time.Sleep(every)
 	}
+}
+
+var apiClient = &http.Client{Timeout: 2 * time.Second}
+
+// list asks the first of addrs that answers for the live processes through
+// the API, and returns them with the time the answer arrived (nil if none
+// answered).
+func (c *cluster) list(addrs []string) ([]*pb.ProcessRecord, time.Time) {
+	for _, a := range addrs {
+		cl := shimv1connect.NewShimServiceClient(apiClient, "http://"+a)
+		r, err := cl.List(context.Background(), connect.NewRequest(&pb.ListRequest{}))
+		if err == nil {
+			return r.Msg.Processes, time.Now()
+		}
+	}
+	return nil, time.Time{}
 }
 
 // alive reports whether pid exists and is not a zombie.
