@@ -1,0 +1,294 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+)
+
+// fakeCP is the control plane as one agent sees it: it grants leases,
+// answers the assignments long poll from a table the test edits, and keeps
+// the reports.
+type fakeCP struct {
+	mu         sync.Mutex
+	up         bool   // answers heartbeats
+	index      uint64 // the leader's table index, sent with each lease
+	tableIndex uint64 // the index the assignments answers claim
+	nodeIndex  uint64
+	assigned   []*pb.ProcessRecord
+	changed    chan struct{}
+	reports    []*pb.StatusUpdate
+}
+
+func newFakeCP() *fakeCP {
+	return &fakeCP{up: true, index: 1, tableIndex: 1, changed: make(chan struct{})}
+}
+
+// set replaces the assignments and the index the answers claim.
+func (cp *fakeCP) set(tableIndex uint64, recs ...*pb.ProcessRecord) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	cp.tableIndex, cp.assigned = tableIndex, recs
+	cp.index = max(cp.index, tableIndex)
+	cp.nodeIndex++
+	close(cp.changed)
+	cp.changed = make(chan struct{})
+}
+
+func (cp *fakeCP) setUp(up bool) { cp.mu.Lock(); cp.up = up; cp.mu.Unlock() }
+
+func (cp *fakeCP) reported() []*pb.StatusUpdate {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	return append([]*pb.StatusUpdate(nil), cp.reports...)
+}
+
+var errDown = connect.NewError(connect.CodeUnavailable, errors.New("control plane down"))
+
+func (cp *fakeCP) Join(context.Context, *connect.Request[pb.JoinRequest]) (*connect.Response[pb.JoinResponse], error) {
+	return connect.NewResponse(&pb.JoinResponse{}), nil
+}
+
+func (cp *fakeCP) Leave(context.Context, *connect.Request[pb.LeaveRequest]) (*connect.Response[pb.LeaveResponse], error) {
+	return connect.NewResponse(&pb.LeaveResponse{}), nil
+}
+
+func (cp *fakeCP) Heartbeat(_ context.Context, req *connect.Request[pb.HeartbeatRequest]) (*connect.Response[pb.HeartbeatResponse], error) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	if !cp.up {
+		return nil, errDown
+	}
+	return connect.NewResponse(&pb.HeartbeatResponse{Known: true, Index: cp.index, NodeIndex: cp.nodeIndex,
+		State: pb.NodeState_NODE_STATE_UP}), nil
+}
+
+func (cp *fakeCP) Assignments(ctx context.Context, req *connect.Request[pb.AssignmentsRequest]) (*connect.Response[pb.AssignmentsResponse], error) {
+	for {
+		cp.mu.Lock()
+		ch := cp.changed
+		if req.Msg.MinIndex == 0 || cp.nodeIndex > req.Msg.MinIndex {
+			out := &pb.AssignmentsResponse{Processes: cp.assigned, Full: true, Index: cp.nodeIndex, TableIndex: cp.tableIndex}
+			cp.mu.Unlock()
+			return connect.NewResponse(out), nil
+		}
+		cp.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return nil, connect.NewError(connect.CodeCanceled, ctx.Err())
+		case <-ch:
+		}
+	}
+}
+
+func (cp *fakeCP) Report(_ context.Context, req *connect.Request[pb.ReportRequest]) (*connect.Response[pb.ReportResponse], error) {
+	cp.mu.Lock()
+	defer cp.mu.Unlock()
+	if !cp.up {
+		return nil, errDown
+	}
+	cp.reports = append(cp.reports, req.Msg.Report.Updates...)
+	return connect.NewResponse(&pb.ReportResponse{}), nil
+}
+
+func (cp *fakeCP) Apply(context.Context, *connect.Request[pb.ApplyRequest]) (*connect.Response[pb.ApplyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, nil)
+}
+
+func (cp *fakeCP) Usage(context.Context, *connect.Request[pb.UsageRequest]) (*connect.Response[pb.UsageResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, nil)
+}
+
+// countingRuntime is SimRuntime that counts starts and fences, and whose
+// processes exit at once with exitCode when it is set.
+type countingRuntime struct {
+	SimRuntime
+	starts, killAlls atomic.Int32
+	exitCode         int
+}
+
+func (r *countingRuntime) Start(s Spec) (Proc, error) {
+	r.starts.Add(1)
+	p, err := r.SimRuntime.Start(s)
+	if err == nil && r.exitCode != 0 {
+		sp := p.(*simProc)
+		sp.once.Do(func() {
+			sp.exit = Exit{Code: r.exitCode, Reason: "exited"}
+			close(sp.done)
+		})
+	}
+	return p, err
+}
+
+func (r *countingRuntime) KillAll() error {
+	r.killAlls.Add(1)
+	return r.SimRuntime.KillAll()
+}
+
+const testLease = 200 * time.Millisecond
+
+func startAgent(t *testing.T, cp *fakeCP, rt Runtime) *Agent {
+	t.Helper()
+	a := &Agent{
+		Node:    &pb.NodeRecord{Name: "n1"},
+		Addrs:   func() []string { return []string{"cp"} },
+		Client:  func(string) shimv1connect.AgentServiceClient { return cp },
+		Runtime: rt,
+		DataDir: t.TempDir(),
+		Lease:   testLease,
+		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return a
+}
+
+func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func assignment(id string, inc uint64, state pb.ProcessState) *pb.ProcessRecord {
+	return &pb.ProcessRecord{Id: id, Incarnation: inc, Node: "n1", State: state,
+		Spec: &pb.ProcessSpec{Command: []string{"/bin/true"}}}
+}
+
+// An agent must not act on assignments from a table older than the one that
+// granted its lease: a replica still replaying its log may assign it
+// incarnations the cluster has long moved elsewhere.
+func TestAgentActsOnlyOnTheGrantingTable(t *testing.T) {
+	cp := newFakeCP()
+	cp.mu.Lock()
+	cp.index = 10 // the leader is at 10 ...
+	cp.mu.Unlock()
+	cp.set(5, assignment("a", 1, pb.ProcessState_PROCESS_STATE_STARTING)) // ... the replica answering at 5
+	rt := &countingRuntime{}
+	a := startAgent(t, cp, rt)
+	waitUntil(t, 2*time.Second, "the lease granted", func() bool {
+		a.lease.Lock()
+		defer a.lease.Unlock()
+		return a.lease.granted
+	})
+	waitUntil(t, 2*time.Second, "the stale answer held", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.tableIndex == 5
+	})
+	// Several lease periods pass; the stale table is asked again and again.
+	deadline := time.Now().Add(3 * testLease)
+	for time.Now().Before(deadline) {
+		if n := rt.starts.Load(); n != 0 {
+			t.Fatalf("started %d processes from a table older than the lease's", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cp.set(10, assignment("a", 1, pb.ProcessState_PROCESS_STATE_STARTING))
+	waitUntil(t, 2*time.Second, "a started once the table caught up", func() bool { return rt.starts.Load() == 1 })
+}
+
+// An agent that cannot renew its lease kills every process at the lease's
+// end, publishes no deadline past it, and starts the process again when the
+// lease comes back while the table still assigns it here.
+func TestAgentFencesAtLeaseEnd(t *testing.T) {
+	cp := newFakeCP()
+	cp.set(1, assignment("a", 1, pb.ProcessState_PROCESS_STATE_STARTING))
+	rt := &countingRuntime{}
+	var mu sync.Mutex
+	var published []time.Time
+	a := &Agent{
+		Node:    &pb.NodeRecord{Name: "n1"},
+		Addrs:   func() []string { return []string{"cp"} },
+		Client:  func(string) shimv1connect.AgentServiceClient { return cp },
+		Runtime: rt,
+		DataDir: t.TempDir(),
+		Lease:   testLease,
+		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Deadline: func(until time.Time) {
+			mu.Lock()
+			published = append(published, until)
+			mu.Unlock()
+		},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitUntil(t, 2*time.Second, "a started", func() bool { return rt.starts.Load() == 1 })
+	fences := rt.killAlls.Load()
+
+	cut := time.Now()
+	cp.setUp(false)
+	waitUntil(t, 2*time.Second, "the fence", func() bool { return rt.killAlls.Load() > fences })
+	if took := time.Since(cut); took > testLease+100*time.Millisecond {
+		t.Errorf("fenced %s after the cut, want within the %s lease", took, testLease)
+	}
+	mu.Lock()
+	last := published[len(published)-1]
+	mu.Unlock()
+	if last.After(cut.Add(testLease)) {
+		t.Errorf("published a deadline %s after the cut, past the lease", last.Sub(cut))
+	}
+
+	cp.setUp(true)
+	waitUntil(t, 2*time.Second, "a started again with the lease back", func() bool { return rt.starts.Load() == 2 })
+}
+
+// A process that exits at once is reported with its own exit, once; the
+// agent must not take its absence, before the table has the report, for a
+// process lost while it was away.
+func TestAgentQuickExitReportedOnce(t *testing.T) {
+	cp := newFakeCP()
+	rec := assignment("a", 1, pb.ProcessState_PROCESS_STATE_STARTING)
+	rec.Spec.Restart = pb.RestartPolicy_RESTART_POLICY_NEVER
+	cp.set(1, rec)
+	rt := &countingRuntime{exitCode: 4}
+	a := startAgent(t, cp, rt)
+	waitUntil(t, 2*time.Second, "a's failure reported", func() bool {
+		for _, u := range cp.reported() {
+			if u.State == pb.ProcessState_PROCESS_STATE_FAILED {
+				return true
+			}
+		}
+		return false
+	})
+	// The table still says running (the report is "not applied" here):
+	// the agent must leave it alone.
+	running := assignment("a", 1, pb.ProcessState_PROCESS_STATE_RUNNING)
+	running.Spec.Restart = pb.RestartPolicy_RESTART_POLICY_NEVER
+	cp.set(1, running)
+	waitUntil(t, 2*time.Second, "the agent holding the new answer", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.nodeIndex == 2
+	})
+	deadline := time.Now().Add(3 * testLease) // what a wrong recovery would report, it reports within this
+	for time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, u := range cp.reported() {
+		if u.State == pb.ProcessState_PROCESS_STATE_FAILED && u.ExitCode != 4 {
+			t.Fatalf("reported %v: the quick exit was taken for a lost process", u)
+		}
+	}
+	if n := rt.starts.Load(); n != 1 {
+		t.Fatalf("started %d times, want 1 (restart never)", n)
+	}
+}
