@@ -203,10 +203,17 @@ func checkInvariants(t *Table) error {
 	if !sort.StringsAreSorted(t.nodeOrder) || len(t.nodeOrder) != len(t.nodes) {
 		return fmt.Errorf("nodeOrder %v does not match nodes", t.nodeOrder)
 	}
+	var servers []string
 	for _, n := range t.nodeOrder {
 		if t.nodes[n] == nil || t.nodes[n].Name != n {
 			return fmt.Errorf("nodeOrder holds %s, nodes do not", n)
 		}
+		if t.nodes[n].Role == pb.NodeRole_NODE_ROLE_SERVER {
+			servers = append(servers, n)
+		}
+	}
+	if !slices.Equal(servers, t.servers) {
+		return fmt.Errorf("servers %v, want %v", t.servers, servers)
 	}
 	byNode := map[string]map[string]struct{}{}
 	byName := map[string]map[string]struct{}{}

@@ -99,8 +99,12 @@ func (t *Table) Restore(r io.Reader) error {
 		}
 		nt.nodes[n.Name] = n
 		nt.nodeOrder = append(nt.nodeOrder, n.Name)
+		if n.Role == pb.NodeRole_NODE_ROLE_SERVER {
+			nt.servers = append(nt.servers, n.Name)
+		}
 	}
 	sort.Strings(nt.nodeOrder)
+	sort.Strings(nt.servers)
 	for i := uint64(0); i < hdr.ProcessCount; i++ {
 		p := &pb.ProcessRecord{}
 		if err := opts.UnmarshalFrom(br, p); err != nil {
@@ -122,7 +126,7 @@ func (t *Table) Restore(r io.Reader) error {
 	nt.pending = hdr.Pending
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.index, t.procs, t.nodes, t.nodeOrder = nt.index, nt.procs, nt.nodes, nt.nodeOrder
+	t.index, t.procs, t.nodes, t.nodeOrder, t.servers = nt.index, nt.procs, nt.nodes, nt.nodeOrder, nt.servers
 	t.byNode, t.byName, t.pending, t.alloc, t.nodeIndex = nt.byNode, nt.byName, nt.pending, nt.alloc, nt.nodeIndex
 	t.left, t.leftBase = map[string]*departures{}, hdr.Index
 	return nil

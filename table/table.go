@@ -23,6 +23,7 @@ type Table struct {
 	procs     map[string]*pb.ProcessRecord
 	nodes     map[string]*pb.NodeRecord
 	nodeOrder []string                       // node names, sorted: placement walks them in this order
+	servers   []string                       // names of the nodes with the server role, sorted (derived)
 	byNode    map[string]map[string]struct{} // live (non-terminal) processes by node
 	byName    map[string]map[string]struct{} // all processes by name
 	pending   []string                       // PENDING process ids, oldest first
@@ -79,6 +80,7 @@ func (t *Table) reset() {
 	t.procs = map[string]*pb.ProcessRecord{}
 	t.nodes = map[string]*pb.NodeRecord{}
 	t.nodeOrder = nil
+	t.servers = nil
 	t.byNode = map[string]map[string]struct{}{}
 	t.byName = map[string]map[string]struct{}{}
 	t.pending = nil
@@ -319,8 +321,21 @@ func (x *txn) registerNode(n *pb.NodeRecord) ([]string, error) {
 	rec.UpdatedUnixNano = x.now
 	rec.ModifyIndex = t.index
 	t.nodes[n.Name] = rec
+	t.servers = setMember(t.servers, n.Name, rec.Role == pb.NodeRole_NODE_ROLE_SERVER)
 	x.touched[n.Name] = true
 	return x.placePending(), nil
+}
+
+// setMember adds name to (in) or removes it from the sorted list names.
+func setMember(names []string, name string, in bool) []string {
+	i, found := slices.BinarySearch(names, name)
+	switch {
+	case in && !found:
+		return slices.Insert(names, i, name)
+	case !in && found:
+		return slices.Delete(names, i, i+1)
+	}
+	return names
 }
 
 func (x *txn) setNodeState(name string, s pb.NodeState) ([]string, error) {
@@ -417,6 +432,7 @@ func (x *txn) removeNode(name string) ([]string, error) {
 	if i, ok := slices.BinarySearch(t.nodeOrder, name); ok {
 		t.nodeOrder = slices.Delete(t.nodeOrder, i, i+1)
 	}
+	t.servers = setMember(t.servers, name, false)
 	x.touched[name] = true
 	return x.evacuate(name, "node "+name+" removed"), nil
 }
@@ -1051,6 +1067,19 @@ func (t *Table) NodeRecords() []*pb.NodeRecord {
 	defer t.mu.RUnlock()
 	out := make([]*pb.NodeRecord, 0, len(t.nodeOrder))
 	for _, name := range t.nodeOrder {
+		out = append(out, t.nodes[name])
+	}
+	return out
+}
+
+// ServerRecords returns the records of the nodes with the server role,
+// sorted by name. It costs O(servers), not O(nodes): every heartbeat answer
+// lists the servers.
+func (t *Table) ServerRecords() []*pb.NodeRecord {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]*pb.NodeRecord, 0, len(t.servers))
+	for _, name := range t.servers {
 		out = append(out, t.nodes[name])
 	}
 	return out
