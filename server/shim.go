@@ -292,6 +292,10 @@ func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesReques
 		}
 	}
 	out := &pb.NodesResponse{Index: s.Table.Index()}
+	var used map[string]*pb.Usage
+	if req.Msg.Usage {
+		used = s.nodeUsage(ctx)
+	}
 	for _, v := range s.Table.Nodes() {
 		a := v.Alloc
 		out.Nodes = append(out.Nodes, &pb.NodeStatus{
@@ -301,6 +305,7 @@ func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesReques
 			Processes: uint32(a.Count),
 			Reserved:  &pb.Resources{CpuMinMilli: a.CPUMin, MemMinBytes: a.MemMin},
 			Limit:     &pb.Resources{CpuMaxMilli: a.CPUMax, MemMaxBytes: a.MemMax},
+			Usage:     used[v.Node.Name],
 		})
 	}
 	return connect.NewResponse(out), nil

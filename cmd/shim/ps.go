@@ -33,7 +33,7 @@ func (a *app) list(ctx context.Context, req *pb.ListRequest) ([]*pb.ProcessRecor
 func (a *app) nodes(ctx context.Context) ([]*pb.NodeStatus, error) {
 	var nodes []*pb.NodeStatus
 	err := a.call(ctx, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
-		resp, err := c.Nodes(ctx, connect.NewRequest(&pb.NodesRequest{}))
+		resp, err := c.Nodes(ctx, connect.NewRequest(&pb.NodesRequest{Usage: true}))
 		if err == nil {
 			nodes = resp.Msg.GetNodes()
 		}

@@ -380,13 +380,17 @@ func nodeStateText(n *pb.NodeRecord) string {
 // writeNodeTable prints the `shim nodes` table.
 func writeNodeTable(w io.Writer, nodes []*pb.NodeStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(res/cap)\tMEM(res/cap)\tPROCS")
+	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(used/res/cap)\tMEM(used/res/cap)\tPROCS")
 	for _, s := range nodes {
-		n, c, res := s.GetNode(), s.GetNode().GetCapacity(), s.GetReserved()
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s\t%s/%s\t%d\n",
+		n, c, res, u := s.GetNode(), s.GetNode().GetCapacity(), s.GetReserved(), s.GetUsage()
+		cpuUsed, memUsed := "-", "-"
+		if u != nil {
+			cpuUsed, memUsed = table.Cores(u.GetCpuMilli()), table.Bytes(int64(u.GetMemoryBytes()))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s/%s\t%s/%s/%s\t%d\n",
 			n.GetName(), roleName(n.GetRole()), nodeStateText(n), s.GetLeader(), dash(n.GetApiAddr()),
-			table.Cores(res.GetCpuMinMilli()), table.Cores(capCPU(c)),
-			table.Bytes(res.GetMemMinBytes()), table.Bytes(capMem(c)), s.GetProcesses())
+			cpuUsed, table.Cores(res.GetCpuMinMilli()), table.Cores(capCPU(c)),
+			memUsed, table.Bytes(res.GetMemMinBytes()), table.Bytes(capMem(c)), s.GetProcesses())
 	}
 	return tw.Flush()
 }

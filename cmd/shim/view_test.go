@@ -109,10 +109,19 @@ func TestNodeView(t *testing.T) {
 	if err := writeNodeTable(&buf, []*pb.NodeStatus{s}); err != nil {
 		t.Fatal(err)
 	}
-	want := "NAME  ROLE    STATE        LEADER  API            CPU(res/cap)  MEM(res/cap)  PROCS\n" +
-		"n1    worker  up,draining  false   10.0.0.1:7070  1.5/4         1G/8G         3\n"
+	want := "NAME  ROLE    STATE        LEADER  API            CPU(used/res/cap)  MEM(used/res/cap)  PROCS\n" +
+		"n1    worker  up,draining  false   10.0.0.1:7070  -/1.5/4            -/1G/8G            3\n"
 	if buf.String() != want {
 		t.Errorf("node table:\n%s\nwant:\n%s", buf.String(), want)
+	}
+	// With the nodes' current use.
+	s.Usage = &pb.Usage{CpuMilli: 250, MemoryBytes: 512 << 20}
+	buf.Reset()
+	if err := writeNodeTable(&buf, []*pb.NodeStatus{s}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), "0.25/1.5/4") || !strings.Contains(buf.String(), "512M/1G/8G") {
+		t.Errorf("node table with usage:\n%s", buf.String())
 	}
 }
 

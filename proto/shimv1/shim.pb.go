@@ -2387,7 +2387,9 @@ func (x *ListResponse) GetIndex() uint64 {
 }
 
 type NodesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// usage asks every up node for its processes' current use (NodeStatus.usage).
+	Usage         bool `protobuf:"varint,1,opt,name=usage,proto3" json:"usage,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2420,6 +2422,13 @@ func (x *NodesRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
 func (*NodesRequest) Descriptor() ([]byte, []int) {
 	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *NodesRequest) GetUsage() bool {
+	if x != nil {
+		return x.Usage
+	}
+	return false
 }
 
 type NodeStatus struct {
@@ -3753,8 +3762,9 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05usage\x18\x06 \x01(\bR\x05usage\"Z\n" +
 	"\fListResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\x0e\n" +
-	"\fNodesRequest\"\x81\x02\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"$\n" +
+	"\fNodesRequest\x12\x14\n" +
+	"\x05usage\x18\x01 \x01(\bR\x05usage\"\x81\x02\n" +
 	"\n" +
 	"NodeStatus\x12'\n" +
 	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\x12\x16\n" +
