@@ -5,11 +5,11 @@
 // such as "shim/node1") and creates one Group per managed process directly
 // below it. On cgroup v1 a group exists once per controller hierarchy (cpu,
 // cpuacct, memory, pids, freezer; cpuset is deliberately not used so that
-// cpus/mems never have to be copied down). On cgroup v2 it is a single
-// directory with the cpu, memory and pids controllers enabled on the way
-// down. A container runtime that joins a group by its path (libcontainer)
-// creates it in every mounted v1 hierarchy; Delete removes it from those
-// too.
+// cpus/mems never have to be copied down), plus devices for a container's
+// group (CreateDevices). On cgroup v2 it is a single directory with the cpu,
+// memory and pids controllers enabled on the way down. A container runtime
+// that joins a group by its path may create it in every mounted v1
+// hierarchy; Delete removes it from those too.
 //
 // v1 is driven through github.com/containerd/cgroups/v3/cgroup1, with direct
 // writes where that library has no field (cpu.cfs_burst_us, resetting

@@ -27,8 +27,18 @@ type Group struct {
 	dir  string         // v2: absolute directory
 	ctls []controller   // v1: the hierarchies the group lives in
 	cg   cgroup1.Cgroup // v1
+	// counted: made by Create and not deleted yet, so in the Manager's
+	// live count (guarded by the Manager's mu).
+	counted bool
 
 	mu sync.Mutex // serializes Update and Spawn, which both write pids.max
+	// v1 or v2 (per the Manager) hold the values last written to the
+	// group's files, if known: set by Create and every successful Update,
+	// so that an Update writes only what changes and Spawn reads nothing.
+	// Unknown for a group found with Open until its first Update.
+	known bool
+	v1    V1
+	v2    V2
 }
 
 // Name returns the group's name below the manager root.
@@ -97,60 +107,91 @@ func (g *Group) Update(r Resources) error {
 	return nil
 }
 
-// spec converts v for cgroup1. With fresh set (a just-made group) values
-// equal to the kernel's defaults for a new group are left out, saving writes.
-func (v V1) spec(fresh bool) *specs.LinuxResources {
-	r := &specs.LinuxResources{
-		CPU:    &specs.LinuxCPU{Shares: &v.CPUShares},
-		Memory: &specs.LinuxMemory{},
+// v1New are the values of a new v1 group: what Create need not write.
+var v1New = V1{CPUShares: 1024, CPUCfsPeriodUs: CFSPeriodUs, CPUCfsQuotaUs: -1, MemoryLimit: -1, MemorySoftLimit: -1, PidsMax: -1}
+
+// spec converts v for cgroup1, leaving out the values equal to prev's (nil:
+// none), which are in the files already.
+func (v V1) spec(prev *V1) *specs.LinuxResources {
+	r := &specs.LinuxResources{CPU: &specs.LinuxCPU{}, Memory: &specs.LinuxMemory{}}
+	if prev == nil || v.CPUShares != prev.CPUShares {
+		r.CPU.Shares = &v.CPUShares
 	}
-	if !fresh || v.CPUCfsQuotaUs > 0 {
-		r.CPU.Period, r.CPU.Quota = &v.CPUCfsPeriodUs, &v.CPUCfsQuotaUs
+	if prev == nil || v.CPUCfsPeriodUs != prev.CPUCfsPeriodUs {
+		r.CPU.Period = &v.CPUCfsPeriodUs
 	}
-	if !fresh || v.MemoryLimit > 0 {
+	if prev == nil || v.CPUCfsQuotaUs != prev.CPUCfsQuotaUs {
+		r.CPU.Quota = &v.CPUCfsQuotaUs
+	}
+	if prev == nil || v.MemoryLimit != prev.MemoryLimit {
 		r.Memory.Limit = &v.MemoryLimit
 	}
-	if !fresh || v.MemorySoftLimit > 0 {
+	if prev == nil || v.MemorySoftLimit != prev.MemorySoftLimit {
 		r.Memory.Reservation = &v.MemorySoftLimit
 	}
 	return r
 }
 
-func (g *Group) createV1(r Resources) error {
+func (g *Group) createV1(r Resources, devices []specs.LinuxDeviceCgroup) error {
 	v := MapV1(r)
-	cg, err := cgroup1.New(cgroup1.StaticPath(g.rel), v.spec(true), cgroup1.WithHierarchy(g.m.hier))
+	spec, hier := v.spec(&v1New), g.m.hier
+	if devices != nil {
+		spec.Devices, hier = devices, g.m.devHier
+	}
+	cg, err := cgroup1.New(cgroup1.StaticPath(g.rel), spec, cgroup1.WithHierarchy(hier))
 	if err != nil {
 		return err
 	}
 	g.cg = cg
-	return g.writeV1Extras(v, true)
+	if err := g.writeV1Extras(v, &v1New); err != nil {
+		return err
+	}
+	g.v1, g.known = v, true
+	return nil
 }
 
+// updateV1 writes the values of r that differ from those last written, or
+// all of them if those are unknown.
 func (g *Group) updateV1(r Resources) error {
 	v := MapV1(r)
+	var prev *V1
+	if g.known {
+		prev = &g.v1
+	}
+	g.known = false // until every write has succeeded
 	// The kernel rejects a quota below the current burst: drop the burst
 	// first and set the new one after the quota.
-	if d, ok := g.ctlDir(cgroup1.Cpu); ok {
+	if d, ok := g.ctlDir(cgroup1.Cpu); ok && (prev == nil || prev.CPUCfsBurstUs > 0 &&
+		(v.CPUCfsQuotaUs != prev.CPUCfsQuotaUs || v.CPUCfsBurstUs != prev.CPUCfsBurstUs)) {
 		if err := writeFile(d, "cpu.cfs_burst_us", "0"); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
+		if prev != nil {
+			p := *prev
+			p.CPUCfsBurstUs, prev = 0, &p
+		}
 	}
-	if err := g.cg.Update(v.spec(false)); err != nil {
+	if err := g.cg.Update(v.spec(prev)); err != nil {
 		return err
 	}
-	return g.writeV1Extras(v, false)
+	if err := g.writeV1Extras(v, prev); err != nil {
+		return err
+	}
+	g.v1, g.known = v, true
+	return nil
 }
 
 // writeV1Extras writes what cgroup1 has no field for: the CFS burst, and a
-// pids.max that may need resetting to "max". fresh is as for V1.spec.
-func (g *Group) writeV1Extras(v V1, fresh bool) error {
-	if d, ok := g.ctlDir(cgroup1.Cpu); ok && (!fresh || v.CPUCfsBurstUs > 0) {
+// pids.max that may need resetting to "max". Values equal to prev's (nil:
+// none) are left out.
+func (g *Group) writeV1Extras(v V1, prev *V1) error {
+	if d, ok := g.ctlDir(cgroup1.Cpu); ok && (prev == nil || v.CPUCfsBurstUs != prev.CPUCfsBurstUs) {
 		err := writeFile(d, "cpu.cfs_burst_us", strconv.FormatUint(v.CPUCfsBurstUs, 10))
 		if err != nil && !(errors.Is(err, fs.ErrNotExist) && v.CPUCfsBurstUs == 0) {
 			return err
 		}
 	}
-	if d, ok := g.ctlDir(cgroup1.Pids); ok && (!fresh || v.PidsMax > 0) {
+	if d, ok := g.ctlDir(cgroup1.Pids); ok && (prev == nil || v.PidsMax != prev.PidsMax) {
 		val := "max"
 		if v.PidsMax > 0 {
 			val = strconv.FormatInt(v.PidsMax, 10)
@@ -182,8 +223,10 @@ func (g *Group) SetPidsMax(n int64) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if err := writeFile(dir, "pids.max", val); err != nil {
+		g.known = false
 		return fmt.Errorf("set pids.max of cgroup %s: %w", g.name, notFound(err))
 	}
+	g.v1.PidsMax, g.v2.PidsMax = MapV1(Resources{PidsMax: n}).PidsMax, val
 	return nil
 }
 
@@ -221,19 +264,12 @@ func (g *Group) Procs() ([]int, error) {
 func (g *Group) procs() ([]int, error) {
 	var pids []int
 	if g.m.v2 {
-		err := filepath.WalkDir(g.dir, func(p string, d fs.DirEntry, err error) error {
-			if err != nil || !d.IsDir() {
-				return err
-			}
-			ps, err := readPids(filepath.Join(p, "cgroup.procs"))
-			pids = append(pids, ps...)
-			return err
-		})
-		if err != nil {
+		var err error
+		if pids, err = procsBelow(g.dir, "cgroup.procs", nil); err != nil {
 			return nil, err
 		}
 	} else {
-		if g.cg == nil || len(g.ctls) == 0 {
+		if len(g.ctls) == 0 {
 			return nil, ErrNotFound
 		}
 		// Any hierarchy has the full membership; prefer pids, then memory.
@@ -243,12 +279,10 @@ func (g *Group) procs() ([]int, error) {
 				ctl = n
 			}
 		}
-		ps, err := g.cg.Processes(ctl, true)
-		if err != nil {
+		dir, _ := g.ctlDir(ctl)
+		var err error
+		if pids, err = procsBelow(dir, "cgroup.procs", nil); err != nil {
 			return nil, err
-		}
-		for _, p := range ps {
-			pids = append(pids, p.Pid)
 		}
 	}
 	slices.Sort(pids)
@@ -328,6 +362,14 @@ func (g *Group) Kill() error {
 		if err := g.exists(); err != nil {
 			return fmt.Errorf("kill cgroup %s: %w", g.name, err)
 		}
+	}
+	// Usually everything has exited already (the workload was PID 1 of its
+	// namespace): with nobody inside, nobody can fork in, and there is
+	// nothing to freeze.
+	if pids, err := g.procs(); err != nil {
+		return fmt.Errorf("kill cgroup %s: %w", g.name, notFound(err))
+	} else if len(pids) == 0 {
+		return nil
 	}
 	frozen := g.freeze()
 	// Never the agent itself: Spawn's borrowed thread may be inside.
@@ -445,7 +487,13 @@ func (g *Group) Delete() error {
 	if len(errs) > 0 {
 		return fmt.Errorf("delete cgroup %s: %w: %w", g.name, ErrBusy, errors.Join(errs...))
 	}
-	g.m.removeParents()
+	if g.counted {
+		g.counted = false
+		g.m.live--
+	}
+	if g.m.live == 0 {
+		g.m.removeParents()
+	}
 	return nil
 }
 
@@ -474,6 +522,31 @@ func poll(timeout time.Duration, cond func() (bool, error)) error {
 
 func writeFile(dir, file, val string) error {
 	return os.WriteFile(filepath.Join(dir, file), []byte(val), 0)
+}
+
+// procsBelow appends the pids in file of dir and of every group below it.
+// It reads directory entries without a stat of each (cgroup directories
+// hold dozens of files): this runs for every Kill and Delete, which cgroup1's
+// Processes (a filepath.Walk) made the most expensive part of a process's
+// cleanup.
+func procsBelow(dir, file string, pids []int) ([]int, error) {
+	ps, err := readPids(filepath.Join(dir, file))
+	if err != nil {
+		return pids, err
+	}
+	pids = append(pids, ps...)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return pids, err
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			if pids, err = procsBelow(filepath.Join(dir, e.Name()), file, pids); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return pids, err
+			}
+		}
+	}
+	return pids, nil
 }
 
 func readPids(path string) ([]int, error) {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	cgroups "github.com/containerd/cgroups/v3"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // newTestManager returns a Manager whose root is unique to the test, and
@@ -395,4 +396,76 @@ func TestSetPidsMaxAndExtraHierarchies(t *testing.T) {
 		}
 	}
 	expectGone(t, m)
+}
+
+// TestCreateDevices checks a container's group on v1: it also lives in the
+// devices hierarchy, where only the given rules allow anything, and Delete
+// removes it there too.
+func TestCreateDevices(t *testing.T) {
+	m := newTestManager(t)
+	one, three := int64(1), int64(3)
+	g, err := m.CreateDevices("c.1", Resources{PidsMax: 5}, []specs.LinuxDeviceCgroup{
+		{Allow: true, Type: "c", Major: &one, Minor: &three, Access: "rwm"},
+		{Allow: true, Type: "b", Access: "m"},
+	})
+	if err != nil {
+		t.Fatalf("CreateDevices: %v", err)
+	}
+	expectFile(t, g, "pids", "pids.max", "5")
+	if m.v2 || m.devCtls == nil {
+		t.Log("no v1 devices hierarchy: CreateDevices is Create")
+	} else {
+		expectFile(t, g, "devices", "devices.list", "c 1:3 rwm\nb *:* m")
+	}
+	if err := g.Update(Resources{PidsMax: 6}); err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	expectFile(t, g, "pids", "pids.max", "6")
+	if err := g.Delete(); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	expectGone(t, m)
+	if m.devCtls != nil {
+		top := strings.Split(m.root, "/")[0]
+		for _, c := range m.devCtls {
+			if _, err := os.Stat(filepath.Join(c.dir, top)); err == nil {
+				t.Errorf("%s left behind", filepath.Join(c.dir, top))
+			}
+		}
+	}
+}
+
+// TestUpdateWritesChangesOnly checks that an Update rewrites only the files
+// whose values change, and that a group found with Open, whose values are
+// not known, gets every file written.
+func TestUpdateWritesChangesOnly(t *testing.T) {
+	m := newTestManager(t)
+	if m.v2 {
+		t.Skip("v1 only (the files are written the same way on v2)")
+	}
+	r := Resources{CPUMinMilli: 500, MemMaxBytes: 64 << 20, PidsMax: 10}
+	g, err := m.Create("u.1", r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Delete()
+	// Change a file behind the Group's back; an Update of pids alone must
+	// leave it as it is.
+	if err := os.WriteFile(file(t, g, "memory", "memory.limit_in_bytes"), []byte(strconv.Itoa(96<<20)), 0); err != nil {
+		t.Fatal(err)
+	}
+	r.PidsMax = 11
+	if err := g.Update(r); err != nil {
+		t.Fatal(err)
+	}
+	expectFile(t, g, "pids", "pids.max", "11")
+	expectFile(t, g, "memory", "memory.limit_in_bytes", strconv.Itoa(96<<20))
+	o, err := m.Open("u.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := o.Update(r); err != nil {
+		t.Fatal(err)
+	}
+	expectLimits(t, o, r)
 }

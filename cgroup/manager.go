@@ -14,6 +14,7 @@ import (
 
 	cgroups "github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
 // Sentinel errors, wrapped with context; test with errors.Is.
@@ -53,6 +54,11 @@ type Manager struct {
 	v2   bool
 	ctls []controller      // v1 only
 	hier cgroup1.Hierarchy // v1 only: ctls as library subsystems
+	// devCtls and devHier are ctls and hier plus the devices hierarchy,
+	// for groups made by CreateDevices (v1 only; nil if devices is not
+	// mounted).
+	devCtls []controller
+	devHier cgroup1.Hierarchy
 	// extra are the other mounted hierarchies (v1 only: cpuset, devices,
 	// blkio, named and hybrid-unified ones). Groups are never created there,
 	// but a container runtime joining a group (libcontainer) creates the
@@ -62,6 +68,10 @@ type Manager struct {
 	// mu orders directory creation against removal of empty parents, so a
 	// Delete never removes a parent that a concurrent Create is using.
 	mu sync.Mutex
+	// live counts the groups this Manager created that Delete has not
+	// removed: while there are any, the root is not empty and Delete need
+	// not try to remove the parents (a dozen failing rmdirs per process).
+	live int
 }
 
 // NewManager returns a Manager for root, a relative cgroup path such as
@@ -90,8 +100,10 @@ func NewManager(root string) (*Manager, error) {
 		return nil, fmt.Errorf("cgroup manager %s: %w", root, err)
 	}
 	var subs []cgroup1.Subsystem
+	var devSub cgroup1.Subsystem
+	var devCtl controller
 	for _, s := range all {
-		if !slices.Contains(v1Controllers, s.Name()) {
+		if !slices.Contains(v1Controllers, s.Name()) && s.Name() != cgroup1.Devices {
 			continue
 		}
 		p, ok := s.(interface{ Path(string) string })
@@ -102,6 +114,14 @@ func NewManager(root string) (*Manager, error) {
 		dir := orig
 		if real, err := filepath.EvalSymlinks(orig); err == nil {
 			dir = real // co-mounted hierarchies (cpu,cpuacct) share one dir
+		}
+		if s.Name() == cgroup1.Devices {
+			mr := mroots[string(s.Name())]
+			if mr == "" {
+				mr = "/"
+			}
+			devSub, devCtl = s, controller{name: s.Name(), dir: dir, mroot: mr}
+			continue
 		}
 		if s.Name() == cgroup1.Memory {
 			// Stats must not fail on kernels without swap or kmem accounting.
@@ -122,6 +142,16 @@ func NewManager(root string) (*Manager, error) {
 		return nil, fmt.Errorf("cgroup manager %s: none of %v mounted: %w", root, v1Controllers, ErrUnsupported)
 	}
 	m.hier = func() ([]cgroup1.Subsystem, error) { return subs, nil }
+	if devSub != nil && !slices.ContainsFunc(m.ctls, func(c controller) bool { return c.dir == devCtl.dir }) {
+		// Before memory, which Spawn enters last.
+		i := slices.IndexFunc(m.ctls, func(c controller) bool { return c.name == cgroup1.Memory })
+		if i < 0 {
+			i = len(m.ctls)
+		}
+		m.devCtls = slices.Insert(slices.Clone(m.ctls), i, devCtl)
+		devSubs := append(slices.Clone(subs), devSub)
+		m.devHier = func() ([]cgroup1.Subsystem, error) { return devSubs, nil }
+	}
 	for _, mp := range mpoints {
 		if real, err := filepath.EvalSymlinks(mp); err == nil {
 			mp = real
@@ -142,6 +172,21 @@ func (m *Manager) Root() string { return m.root }
 // Create creates group name below the root in every needed controller and
 // applies r. It fails with ErrExists if the group is already there.
 func (m *Manager) Create(name string, r Resources) (*Group, error) {
+	return m.create(name, r, nil, false)
+}
+
+// CreateDevices is Create for a sandbox whose device access is restricted
+// (a container). On cgroup v1 the group also lives in the devices
+// hierarchy, where every device is denied except those rules allow, e.g.
+// {Allow: true, Type: "c", Major: 1, Minor: 3, Access: "rwm"} for
+// /dev/null. cgroup v2 has no device files (a container runtime attaches an
+// eBPF program to the group instead), so there, and where the devices
+// hierarchy is not mounted, it is Create.
+func (m *Manager) CreateDevices(name string, r Resources, allow []specs.LinuxDeviceCgroup) (*Group, error) {
+	return m.create(name, r, allow, true)
+}
+
+func (m *Manager) create(name string, r Resources, allow []specs.LinuxDeviceCgroup, devices bool) (*Group, error) {
 	if err := validName(name); err != nil {
 		return nil, fmt.Errorf("create cgroup %s: %w", name, err)
 	}
@@ -149,14 +194,20 @@ func (m *Manager) Create(name string, r Resources) (*Group, error) {
 		return nil, fmt.Errorf("create cgroup %s: %w", name, err)
 	}
 	g := m.group(name)
+	var devs []specs.LinuxDeviceCgroup
+	if devices && !m.v2 && m.devCtls != nil {
+		g.ctls = m.devCtls
+		devs = append([]specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}}, allow...)
+	}
 	if err := m.mkdirs(g); err != nil {
 		return nil, fmt.Errorf("create cgroup %s: %w", name, err)
 	}
+	g.counted = true // by mkdirs
 	var err error
 	if m.v2 {
 		err = g.updateV2(r)
 	} else {
-		err = g.createV1(r)
+		err = g.createV1(r, devs)
 	}
 	if err != nil {
 		_ = g.Delete()
@@ -246,18 +297,17 @@ func (m *Manager) mkdirs(g *Group) error {
 			}
 			return err
 		}
+		m.live++
 		return nil
 	}
 	var made []string
 	for _, dir := range g.dirs() {
-		err := os.MkdirAll(filepath.Dir(dir), 0o755)
-		if err == nil {
-			err = os.Mkdir(dir, 0o755)
-			for try := 0; errors.Is(err, fs.ErrNotExist) && try < 3; try++ {
-				// Another agent sharing a parent removed it in between.
-				if err = os.MkdirAll(filepath.Dir(dir), 0o755); err == nil {
-					err = os.Mkdir(dir, 0o755)
-				}
+		err := os.Mkdir(dir, 0o755)
+		for try := 0; errors.Is(err, fs.ErrNotExist) && try < 3; try++ {
+			// The parents are missing (or another agent sharing one
+			// removed it in between).
+			if err = os.MkdirAll(filepath.Dir(dir), 0o755); err == nil {
+				err = os.Mkdir(dir, 0o755)
 			}
 		}
 		if err != nil {
@@ -269,6 +319,7 @@ func (m *Manager) mkdirs(g *Group) error {
 		}
 		made = append(made, dir)
 	}
+	m.live++
 	return nil
 }
 

@@ -40,14 +40,23 @@ import (
 // pids.current, it only refuses new forks), and after it leaves the workload
 // has exactly N. The workload never gets more than N tasks.
 //
-// The OOM killer and the borrowed thread (v1 only): while the thread is in
-// g's memory cgroup, a memcg OOM in g would consider the whole agent process
-// as a victim, and the agent is usually the biggest. The child may already
-// run while the thread is inside, so Spawn sets memory.oom_control's
-// oom_kill_disable for the duration: a workload hitting its limit in that
-// window waits instead, and is handled by the OOM killer as soon as the
-// thread is out and the flag is cleared. The memory hierarchy is also
-// entered last and left first.
+// The OOM killer and the borrowed thread (v1 only): a memory cgroup's OOM
+// killer picks its victim among the thread-group leaders in the group
+// (mem_cgroup_scan_tasks iterates with CSS_TASK_ITER_PROCS), so a thread of
+// the agent inside g does not make the agent a candidate, unless that thread
+// is the agent's main thread. (Checked: a 300 MiB process with one thread in
+// a 32 MiB group whose child ran out of memory lost the child only; the
+// kernel's task dump listed the child alone.) Only in that case, which the
+// exec package rules out by keeping its main goroutine on the main thread,
+// does Spawn set memory.oom_control's oom_kill_disable while the thread is
+// inside: a workload hitting its limit in that window waits instead, and
+// meets the OOM killer once the thread is out and the flag is cleared. The
+// memory hierarchy is also entered last and left first.
+//
+// start may also run for long, as libcontainer's Container.Start does: it
+// forks the container's init from the calling thread and then waits while
+// the init builds the sandbox. The thread stays in g meanwhile (its
+// allocations are charged to g), and so does the OOM killer's view above.
 //
 // Spawn serializes with Update on the same Group.
 func (g *Group) Spawn(start func(cgroupFD int) error) error {
@@ -95,7 +104,9 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 	}
 	pidsDir, hasPids := g.ctlDir(cgroup1.Pids)
 	var limit int64 = -1
-	if hasPids {
+	if hasPids && g.known {
+		limit = g.v1.PidsMax
+	} else if hasPids {
 		b, err := os.ReadFile(filepath.Join(pidsDir, "pids.max"))
 		if err != nil {
 			return true, fmt.Errorf("spawn in cgroup %s: %w", g.name, notFound(err))
@@ -104,9 +115,11 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 			if limit, err = strconv.ParseInt(s, 10, 64); err != nil {
 				return true, fmt.Errorf("spawn in cgroup %s: pids.max %q: %w", g.name, s, err)
 			}
-			if err := writeFile(pidsDir, "pids.max", strconv.FormatInt(limit+1, 10)); err != nil {
-				return true, fmt.Errorf("spawn in cgroup %s: %w", g.name, notFound(err))
-			}
+		}
+	}
+	if limit > 0 {
+		if err := writeFile(pidsDir, "pids.max", strconv.FormatInt(limit+1, 10)); err != nil {
+			return true, fmt.Errorf("spawn in cgroup %s: %w", g.name, notFound(err))
 		}
 	}
 	// The CPU cgroup and the borrowed thread (v1 only): inside g the thread
@@ -121,9 +134,15 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 	// of cpu.cfs_quota_us costs a tg_set_bandwidth in the kernel, the most
 	// expensive step of a start when done needlessly.
 	if cpuDir, ok := g.ctlDir(cgroup1.Cpu); ok {
-		for _, f := range []struct{ file, lifted string }{{"cpu.cfs_quota_us", "-1"}, {"cpu.shares", "1024"}} {
-			b, _ := os.ReadFile(filepath.Join(cpuDir, f.file))
-			cur := strings.TrimSpace(string(b))
+		for _, f := range []struct {
+			file, lifted string
+			known        int64
+		}{{"cpu.cfs_quota_us", "-1", g.v1.CPUCfsQuotaUs}, {"cpu.shares", "1024", int64(g.v1.CPUShares)}} {
+			cur := strconv.FormatInt(f.known, 10)
+			if !g.known {
+				b, _ := os.ReadFile(filepath.Join(cpuDir, f.file))
+				cur = strings.TrimSpace(string(b))
+			}
 			if cur == "" || cur == f.lifted {
 				continue
 			}
@@ -137,6 +156,7 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 		}
 	}
 	memDir, hasMem := g.ctlDir(cgroup1.Memory)
+	hasMem = hasMem && unix.Gettid() == unix.Getpid()
 	if hasMem {
 		if err := writeFile(memDir, "memory.oom_control", "1"); err != nil {
 			hasMem = false // without the guard the window is still tiny

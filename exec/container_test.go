@@ -397,3 +397,54 @@ func TestSandboxConcurrent(t *testing.T) {
 	}
 	expectNoGroups(t, rt)
 }
+
+// TestSandboxContainerCgroups checks where a container's workload lives: in
+// its own group in every hierarchy the manager uses and, on v1, in the
+// devices hierarchy with only runc's default devices allowed. On v1 the init
+// is born there (no runtime moves it), so no hierarchy it does not use gets
+// a directory for it.
+func TestSandboxContainerCgroups(t *testing.T) {
+	rt := newRuntime(t)
+	p, err := rt.Start(Spec{ID: "cg", Argv: []string{"/bin/sleep", "30"}, Isolation: IsolationContainer,
+		Resources: cgroup.Resources{PidsMax: 8, MemMaxBytes: 64 << 20}})
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", p.PID()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "/" + rt.Cgroups.Root() + "/" + GroupName("cg", 0)
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		parts := strings.SplitN(l, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		ctls := strings.Split(parts[1], ",")
+		uses := rt.Cgroups.V2() && parts[1] == ""
+		for _, c := range ctls {
+			uses = uses || slices.Contains([]string{"cpu", "cpuacct", "memory", "pids", "freezer", "devices"}, c)
+		}
+		if uses && parts[2] != want {
+			t.Errorf("%s: in %s, want %s", l, parts[2], want)
+		}
+		if !rt.Cgroups.V2() && !uses && parts[2] == want {
+			t.Errorf("%s: a hierarchy the manager does not use has the group", l)
+		}
+		if slices.Contains(ctls, "devices") {
+			list, err := os.ReadFile(filepath.Join("/sys/fs/cgroup/devices", parts[2], "devices.list"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(string(list), "a *:* rwm") || !strings.Contains(string(list), "c 1:3 rwm") {
+				t.Errorf("devices.list:\n%s\nwant runc's defaults only", list)
+			}
+		}
+	}
+	if err := p.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	wait(t, p)
+	expectNoGroups(t, rt)
+	expectNoGroupsAnywhere(t, rt)
+}

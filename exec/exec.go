@@ -217,11 +217,12 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 			f.Close()
 		}
 	}()
-	res := s.Resources
+	var g *cgroup.Group
 	if s.Isolation == IsolationContainer {
-		res = initResources(res)
+		g, err = r.Cgroups.CreateDevices(name, initResources(s.Resources), deviceCgroups())
+	} else {
+		g, err = r.Cgroups.Create(name, s.Resources)
 	}
-	g, err := r.Cgroups.Create(name, res)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
