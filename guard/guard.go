@@ -145,7 +145,8 @@ type Guard struct {
 	After func(time.Duration) <-chan time.Time // default time.After
 }
 
-// Run guards until ctx ends or the deadline file is removed.
+// Run guards until ctx ends, or the deadline file has been removed and the
+// last deadline in it has passed (and been enforced).
 func (g *Guard) Run(ctx context.Context) error {
 	if g.Now == nil {
 		g.Now = Monotonic
@@ -161,10 +162,6 @@ func (g *Guard) Run(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if g.File.Removed() {
-			g.Log.Info("guard: lease file removed; exiting")
-			return nil
-		}
 		d := g.File.Get()
 		kill, wait := Step(g.Now(), d)
 		if kill {
@@ -174,6 +171,13 @@ func (g *Guard) Run(ctx context.Context) error {
 				g.Log.Warn("guard: the agent's lease ran out without renewal; killed every process in the node's sandboxes")
 			}
 			fenced = d
+		}
+		if g.File.Removed() && (kill || d == 0) {
+			// The data dir is gone (the node torn down): once the last
+			// lease has run out and its processes are killed, there is
+			// nothing left to guard. Until then the mapping still works.
+			g.Log.Info("guard: lease file removed; exiting")
+			return nil
 		}
 		select {
 		case <-ctx.Done():

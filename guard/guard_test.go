@@ -163,13 +163,19 @@ func TestGuardExitsWhenFileRemoved(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	clock := &fakeClock{now: 1, waits: make(chan time.Duration, 10)}
+	clock := &fakeClock{now: 1e9, waits: make(chan time.Duration, 100)}
+	f.Set(3e9) // a lease that runs another 2 s
 	after := func(d time.Duration) <-chan time.Time {
 		_ = os.Remove(path)
 		return clock.After(d)
 	}
-	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() error { return nil }}
+	killedAt := int64(0)
+	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() error { killedAt = clock.now; return nil }}
 	if err := g.Run(context.Background()); err != nil {
 		t.Fatalf("Run after removal: %v, want nil", err)
+	}
+	// The file went at once, but the lease in it was still enforced.
+	if killedAt != 3e9 || clock.now != 3e9 {
+		t.Fatalf("killed at %d, exited at %d; want both at the deadline 3e9", killedAt, clock.now)
 	}
 }
