@@ -11,8 +11,11 @@
 // that joins a group by its path may create it in every mounted v1
 // hierarchy; Delete removes it from those too.
 //
-// v1 is driven through github.com/containerd/cgroups/v3/cgroup1, with direct
-// writes where that library has no field (cpu.cfs_burst_us, resetting
-// pids.max to "max"). v2 is driven through the cgroup2 file interface
-// directly; see the note on Manager.
+// Bounds are mapped by pure functions (MapV1, MapV2) and written through
+// github.com/containerd/cgroups/v3: cgroup1 for v1, cgroup2 for v2, with
+// direct writes only where those have no field (cpu.cfs_burst_us and
+// cpu.max.burst, pids.max = "max" on v1, memory.max = "max" on v2). A Group
+// remembers what it wrote, so an Update writes only the files that change.
+// Listings, usage and kill read and write the control files directly: the
+// libraries' versions stat every file of a group or read every statistic.
 package cgroup

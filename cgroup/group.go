@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
@@ -23,10 +24,11 @@ import (
 type Group struct {
 	m    *Manager
 	name string
-	rel  string         // m.root/name, relative to each mount
-	dir  string         // v2: absolute directory
-	ctls []controller   // v1: the hierarchies the group lives in
-	cg   cgroup1.Cgroup // v1
+	rel  string           // m.root/name, relative to each mount
+	dir  string           // v2: absolute directory
+	ctls []controller     // v1: the hierarchies the group lives in
+	cg   cgroup1.Cgroup   // v1
+	cg2  *cgroup2.Manager // v2
 	// counted: made by Create and not deleted yet, so in the Manager's
 	// live count (guarded by the Manager's mu).
 	counted bool
@@ -129,6 +131,9 @@ func (v V1) spec(prev *V1) *specs.LinuxResources {
 	if prev == nil || v.MemorySoftLimit != prev.MemorySoftLimit {
 		r.Memory.Reservation = &v.MemorySoftLimit
 	}
+	if v.PidsMax > 0 && (prev == nil || v.PidsMax != prev.PidsMax) {
+		r.Pids = &specs.LinuxPids{Limit: &v.PidsMax} // "max" is an extra
+	}
 	return r
 }
 
@@ -181,9 +186,9 @@ func (g *Group) updateV1(r Resources) error {
 	return nil
 }
 
-// writeV1Extras writes what cgroup1 has no field for: the CFS burst, and a
-// pids.max that may need resetting to "max". Values equal to prev's (nil:
-// none) are left out.
+// writeV1Extras writes what cgroup1 has no field for: the CFS burst, and
+// pids.max = "max" (cgroup1 writes limits above 0 only). Values equal to
+// prev's (nil: none) are left out.
 func (g *Group) writeV1Extras(v V1, prev *V1) error {
 	if d, ok := g.ctlDir(cgroup1.Cpu); ok && (prev == nil || v.CPUCfsBurstUs != prev.CPUCfsBurstUs) {
 		err := writeFile(d, "cpu.cfs_burst_us", strconv.FormatUint(v.CPUCfsBurstUs, 10))
@@ -191,12 +196,8 @@ func (g *Group) writeV1Extras(v V1, prev *V1) error {
 			return err
 		}
 	}
-	if d, ok := g.ctlDir(cgroup1.Pids); ok && (prev == nil || v.PidsMax != prev.PidsMax) {
-		val := "max"
-		if v.PidsMax > 0 {
-			val = strconv.FormatInt(v.PidsMax, 10)
-		}
-		if err := writeFile(d, "pids.max", val); err != nil {
+	if d, ok := g.ctlDir(cgroup1.Pids); ok && v.PidsMax <= 0 && (prev == nil || v.PidsMax != prev.PidsMax) {
+		if err := writeFile(d, "pids.max", "max"); err != nil {
 			return err
 		}
 	}
@@ -222,7 +223,17 @@ func (g *Group) SetPidsMax(n int64) error {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if err := writeFile(dir, "pids.max", val); err != nil {
+	var err error
+	if g.m.v2 {
+		max := int64(-1) // "max"
+		if n > 0 {
+			max = n
+		}
+		err = g.cg2.Update(&cgroup2.Resources{Pids: &cgroup2.Pids{Max: max}})
+	} else {
+		err = writeFile(dir, "pids.max", val)
+	}
+	if err != nil {
 		g.known = false
 		return fmt.Errorf("set pids.max of cgroup %s: %w", g.name, notFound(err))
 	}
@@ -230,24 +241,107 @@ func (g *Group) SetPidsMax(n int64) error {
 	return nil
 }
 
-func (g *Group) updateV2(r Resources) error {
+// v2New are the values of a new v2 group: what Create need not write.
+var v2New = V2{CPUWeight: 100, CPUMax: "max " + strconv.Itoa(CFSPeriodUs), MemoryMax: "max", PidsMax: "max"}
+
+// v2Write is one file write of a v2 update: through cgroup2's
+// Manager.Update (res) or, for a value cgroup2 has no field for, directly.
+type v2Write struct {
+	file, val string             // the file and the value it is given
+	res       *cgroup2.Resources // nil: write val to file directly
+	// unset: the value lifts a limit, so a missing file (its controller is
+	// not enabled) is fine.
+	unset bool
+}
+
+// planV2 returns the writes that take a v2 group from the values prev
+// (nil: unknown) to those of r, in order: values equal to prev's are left
+// out. cgroup2 has no field for cpu.max.burst, nor for memory.max = "max"
+// (it writes numbers only), so those are written directly. The kernel
+// rejects a cpu.max quota below the current burst, so a burst is dropped
+// before cpu.max changes and set again after it.
+func planV2(r Resources, prev *V2) []v2Write {
 	v := MapV2(r)
-	for _, f := range []struct {
-		file, val string
-		unset     bool // the value lifts the limit, so a missing file is fine
-	}{
-		{"cpu.weight", strconv.FormatUint(v.CPUWeight, 10), r.CPUMinMilli == 0},
-		{"cpu.max.burst", "0", true},
-		{"cpu.max", v.CPUMax, r.CPUMaxMilli == 0},
-		{"cpu.max.burst", strconv.FormatUint(v.CPUMaxBurst, 10), v.CPUMaxBurst == 0},
-		{"memory.min", strconv.FormatUint(v.MemoryMin, 10), v.MemoryMin == 0},
-		{"memory.max", v.MemoryMax, r.MemMaxBytes == 0},
-		{"pids.max", v.PidsMax, r.PidsMax == 0},
-	} {
-		if err := writeFile(g.dir, f.file, f.val); err != nil && !(f.unset && errors.Is(err, fs.ErrNotExist)) {
+	all := prev == nil
+	if all {
+		prev = &V2{}
+	}
+	var w []v2Write
+	if all || v.CPUWeight != prev.CPUWeight {
+		weight := v.CPUWeight
+		w = append(w, v2Write{"cpu.weight", strconv.FormatUint(weight, 10),
+			&cgroup2.Resources{CPU: &cgroup2.CPU{Weight: &weight}}, r.CPUMinMilli == 0})
+	}
+	burst := prev.CPUMaxBurst
+	if all || burst > 0 && (v.CPUMax != prev.CPUMax || v.CPUMaxBurst != burst) {
+		w = append(w, v2Write{"cpu.max.burst", "0", nil, true})
+		burst = 0
+	}
+	if all || v.CPUMax != prev.CPUMax {
+		w = append(w, v2Write{"cpu.max", v.CPUMax,
+			&cgroup2.Resources{CPU: &cgroup2.CPU{Max: cgroup2.CPUMax(v.CPUMax)}}, r.CPUMaxMilli == 0})
+	}
+	if v.CPUMaxBurst != burst {
+		w = append(w, v2Write{"cpu.max.burst", strconv.FormatUint(v.CPUMaxBurst, 10), nil, v.CPUMaxBurst == 0})
+	}
+	if all || v.MemoryMin != prev.MemoryMin {
+		min := int64(v.MemoryMin)
+		w = append(w, v2Write{"memory.min", strconv.FormatInt(min, 10),
+			&cgroup2.Resources{Memory: &cgroup2.Memory{Min: &min}}, min == 0})
+	}
+	if all || v.MemoryMax != prev.MemoryMax {
+		mw := v2Write{"memory.max", v.MemoryMax, nil, r.MemMaxBytes == 0}
+		if r.MemMaxBytes > 0 {
+			max := r.MemMaxBytes
+			mw.res = &cgroup2.Resources{Memory: &cgroup2.Memory{Max: &max}}
+		}
+		w = append(w, mw)
+	}
+	if all || v.PidsMax != prev.PidsMax {
+		n := int64(-1) // cgroup2 writes "max"
+		if r.PidsMax > 0 {
+			n = r.PidsMax
+		}
+		w = append(w, v2Write{"pids.max", v.PidsMax, &cgroup2.Resources{Pids: &cgroup2.Pids{Max: n}}, r.PidsMax == 0})
+	}
+	return w
+}
+
+func (g *Group) createV2(r Resources) error {
+	cg, err := cgroup2.Load("/"+g.rel, cgroup2.WithMountpoint(g.m.mount))
+	if err != nil {
+		return err
+	}
+	g.cg2 = cg
+	prev := v2New
+	return g.applyV2(r, &prev)
+}
+
+// updateV2 writes the values of r that differ from those last written, or
+// all of them if those are unknown.
+func (g *Group) updateV2(r Resources) error {
+	var prev *V2
+	if g.known {
+		p := g.v2
+		prev = &p
+	}
+	return g.applyV2(r, prev)
+}
+
+func (g *Group) applyV2(r Resources, prev *V2) error {
+	g.known = false // until every write has succeeded
+	for _, w := range planV2(r, prev) {
+		var err error
+		if w.res != nil {
+			err = g.cg2.Update(w.res)
+		} else {
+			err = writeFile(g.dir, w.file, w.val)
+		}
+		if err != nil && !(w.unset && errors.Is(err, fs.ErrNotExist)) {
 			return err
 		}
 	}
+	g.v2, g.known = MapV2(r), true
 	return nil
 }
 

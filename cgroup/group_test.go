@@ -469,3 +469,72 @@ func TestUpdateWritesChangesOnly(t *testing.T) {
 	}
 	expectLimits(t, o, r)
 }
+
+// TestV2ThroughCgroup2 drives the v2 code on a fake unified mount (plain
+// files in a temporary directory; this host has no usable v2): Create,
+// Update and Open write the values MapV2 gives, through cgroup2's Manager
+// where it has a field for them.
+func TestV2ThroughCgroup2(t *testing.T) {
+	mount := t.TempDir()
+	m := &Manager{root: "shim/n", v2: true, mount: mount}
+	for _, d := range []string{"", "shim", "shim/n"} {
+		if err := os.MkdirAll(filepath.Join(mount, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(mount, d, "cgroup.controllers"), []byte("cpuset cpu io memory pids\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read := func(g *Group, f string) string {
+		b, err := os.ReadFile(filepath.Join(g.dir, f))
+		if err != nil {
+			return "<" + err.Error() + ">"
+		}
+		return strings.TrimSpace(string(b))
+	}
+	expect := func(g *Group, r Resources) {
+		t.Helper()
+		v := MapV2(r)
+		for f, want := range map[string]string{
+			"cpu.weight": strconv.FormatUint(v.CPUWeight, 10), "cpu.max": v.CPUMax,
+			"cpu.max.burst": strconv.FormatUint(v.CPUMaxBurst, 10), "memory.min": strconv.FormatUint(v.MemoryMin, 10),
+			"memory.max": v.MemoryMax, "pids.max": v.PidsMax,
+		} {
+			if got := read(g, f); got != want {
+				t.Errorf("%s = %s, want %s", f, got, want)
+			}
+		}
+	}
+	r := Resources{CPUMinMilli: 250, CPUMaxMilli: 500, CPUBurstMilli: 100, MemMinBytes: 8 << 20, MemMaxBytes: 64 << 20, PidsMax: 20}
+	g, err := m.Create("w.1", r)
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	expect(g, r)
+	for _, d := range []string{"", "shim"} {
+		if got := read(&Group{dir: filepath.Join(mount, d)}, "cgroup.subtree_control"); got != "+cpu +memory +pids" {
+			t.Errorf("%s/cgroup.subtree_control = %q", d, got)
+		}
+	}
+	if _, err := m.Create("w.1", r); !errors.Is(err, ErrExists) {
+		t.Errorf("second Create: %v, want ErrExists", err)
+	}
+	r2 := Resources{CPUMinMilli: 2000, PidsMax: 5}
+	if err := g.Update(r2); err != nil {
+		t.Fatalf("Update: %v", err)
+	}
+	expect(g, r2)
+	if err := g.SetPidsMax(0); err != nil {
+		t.Fatalf("SetPidsMax: %v", err)
+	}
+	r2.PidsMax = 0
+	expect(g, r2)
+	o, err := m.Open("w.1")
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	if err := o.Update(r); err != nil {
+		t.Fatalf("Update after Open: %v", err)
+	}
+	expect(o, r)
+}

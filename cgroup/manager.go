@@ -14,6 +14,7 @@ import (
 
 	cgroups "github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
@@ -45,15 +46,12 @@ type controller struct {
 
 // Manager creates and finds the groups below one root. It is safe for
 // concurrent use. One Manager per node agent.
-//
-// cgroup v2 is driven by writing its files directly rather than through
-// containerd's cgroup2 package: that package imports github.com/containerd/log,
-// which is not in this module's go.sum.
 type Manager struct {
-	root string // relative to every hierarchy's mount, e.g. "shim/node1"
-	v2   bool
-	ctls []controller      // v1 only
-	hier cgroup1.Hierarchy // v1 only: ctls as library subsystems
+	root  string // relative to every hierarchy's mount, e.g. "shim/node1"
+	v2    bool
+	mount string            // v2 only: the unified hierarchy's mount point
+	ctls  []controller      // v1 only
+	hier  cgroup1.Hierarchy // v1 only: ctls as library subsystems
 	// devCtls and devHier are ctls and hier plus the devices hierarchy,
 	// for groups made by CreateDevices (v1 only; nil if devices is not
 	// mounted).
@@ -85,7 +83,7 @@ func NewManager(root string) (*Manager, error) {
 	m := &Manager{root: clean}
 	switch cgroups.Mode() {
 	case cgroups.Unified:
-		m.v2 = true
+		m.v2, m.mount = true, v2Mount
 		return m, nil
 	case cgroups.Legacy, cgroups.Hybrid:
 	default:
@@ -205,7 +203,7 @@ func (m *Manager) create(name string, r Resources, allow []specs.LinuxDeviceCgro
 	g.counted = true // by mkdirs
 	var err error
 	if m.v2 {
-		err = g.updateV2(r)
+		err = g.createV2(r)
 	} else {
 		err = g.createV1(r, devs)
 	}
@@ -226,6 +224,11 @@ func (m *Manager) Open(name string) (*Group, error) {
 		if _, err := os.Stat(g.dir); err != nil {
 			return nil, fmt.Errorf("open cgroup %s: %w", name, notFound(err))
 		}
+		cg, err := cgroup2.Load("/"+g.rel, cgroup2.WithMountpoint(m.mount))
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup %s: %w", name, err)
+		}
+		g.cg2 = cg
 		return g, nil
 	}
 	cg, err := cgroup1.Load(cgroup1.StaticPath(g.rel), cgroup1.WithHierarchy(m.hier))
@@ -248,7 +251,7 @@ func (m *Manager) Open(name string) (*Group, error) {
 func (m *Manager) List() ([]string, error) {
 	var dirs []string
 	if m.v2 {
-		dirs = []string{filepath.Join(v2Mount, m.root)}
+		dirs = []string{filepath.Join(m.mount, m.root)}
 	} else {
 		for _, c := range m.ctls {
 			dirs = append(dirs, filepath.Join(c.dir, m.root))
@@ -276,7 +279,7 @@ func (m *Manager) List() ([]string, error) {
 func (m *Manager) group(name string) *Group {
 	g := &Group{m: m, name: name, rel: filepath.Join(m.root, name)}
 	if m.v2 {
-		g.dir = filepath.Join(v2Mount, g.rel)
+		g.dir = filepath.Join(m.mount, g.rel)
 	} else {
 		g.ctls = m.ctls
 	}
@@ -326,7 +329,7 @@ func (m *Manager) mkdirs(g *Group) error {
 // mkdirParentsV2 creates the root and enables the controllers in every
 // ancestor's subtree_control, from the mount down to the root itself.
 func (m *Manager) mkdirParentsV2() error {
-	dir := v2Mount
+	dir := m.mount
 	parts := strings.Split(m.root, "/")
 	for i := 0; i <= len(parts); i++ {
 		if i > 0 {
@@ -357,7 +360,7 @@ func (m *Manager) mkdirParentsV2() error {
 // removeParents removes the now-empty directories between the root and the
 // mount, deepest first, stopping in each hierarchy at the first one in use.
 func (m *Manager) removeParents() {
-	mounts := []string{v2Mount}
+	mounts := []string{m.mount}
 	if !m.v2 {
 		mounts = append(uniqueDirs(m.ctls, "."), m.extra...)
 	}

@@ -2,6 +2,7 @@ package cgroup
 
 import (
 	"errors"
+	"slices"
 	"testing"
 )
 
@@ -78,5 +79,47 @@ func TestValidate(t *testing.T) {
 	err := Resources{MemMaxBytes: -1}.Validate()
 	if !errors.Is(err, ErrInvalid) {
 		t.Fatalf("negative MemMaxBytes: got %v, want ErrInvalid", err)
+	}
+}
+
+// TestPlanV2 checks which v2 files an update writes, in which order, and
+// which go through cgroup2 (lib) rather than directly.
+func TestPlanV2(t *testing.T) {
+	type w struct {
+		file, val string
+		lib       bool
+	}
+	full := Resources{CPUMinMilli: 500, CPUMaxMilli: 1000, CPUBurstMilli: 200, MemMinBytes: 1 << 20, MemMaxBytes: 1 << 30, PidsMax: 100}
+	fresh := v2New
+	limited := MapV2(full)
+	for _, tc := range []struct {
+		name string
+		r    Resources
+		prev *V2
+		want []w
+	}{
+		{"create with every bound", full, &fresh, []w{
+			{"cpu.weight", "50", true}, {"cpu.max", "100000 100000", true}, {"cpu.max.burst", "20000", false},
+			{"memory.min", "1048576", true}, {"memory.max", "1073741824", true}, {"pids.max", "100", true}}},
+		{"create with none: only the weight of no minimum", Resources{}, &fresh, []w{{"cpu.weight", "1", true}}},
+		{"unchanged", full, &limited, nil},
+		{"quota below the burst: burst dropped first", Resources{CPUMinMilli: 500, CPUMaxMilli: 100, CPUBurstMilli: 50, MemMinBytes: 1 << 20, MemMaxBytes: 1 << 30, PidsMax: 100}, &limited, []w{
+			{"cpu.max.burst", "0", false}, {"cpu.max", "10000 100000", true}, {"cpu.max.burst", "5000", false}}},
+		{"lift everything", Resources{}, &limited, []w{
+			{"cpu.weight", "1", true}, {"cpu.max.burst", "0", false}, {"cpu.max", "max 100000", true},
+			{"memory.min", "0", true}, {"memory.max", "max", false}, {"pids.max", "max", true}}},
+		{"unknown: every file", Resources{PidsMax: 3}, nil, []w{
+			{"cpu.weight", "1", true}, {"cpu.max.burst", "0", false}, {"cpu.max", "max 100000", true},
+			{"memory.min", "0", true}, {"memory.max", "max", false}, {"pids.max", "3", true}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []w
+			for _, x := range planV2(tc.r, tc.prev) {
+				got = append(got, w{x.file, x.val, x.res != nil})
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("planV2\n got %v\nwant %v", got, tc.want)
+			}
+		})
 	}
 }
