@@ -215,6 +215,30 @@ func checkInvariants(t *Table) error {
 	if !slices.Equal(servers, t.servers) {
 		return fmt.Errorf("servers %v, want %v", t.servers, servers)
 	}
+	if t.candsOK {
+		if len(t.cands) != len(t.nodeOrder) {
+			return fmt.Errorf("placement cache holds %d nodes, want %d", len(t.cands), len(t.nodeOrder))
+		}
+		for i, c := range t.cands {
+			if c.name != t.nodeOrder[i] || c.rec != t.nodes[c.name] || c.alloc != t.alloc[c.name] {
+				return fmt.Errorf("placement cache is stale for %s", c.name)
+			}
+		}
+	}
+	states := map[pb.ProcessState]int{}
+	for _, r := range t.procs {
+		states[r.State]++
+	}
+	for st, n := range t.states {
+		if n != states[st] {
+			return fmt.Errorf("%d records counted %s, %d are", n, st, states[st])
+		}
+	}
+	for st, n := range states {
+		if t.states[st] != n {
+			return fmt.Errorf("%d records counted %s, %d are", t.states[st], st, n)
+		}
+	}
 	byNode := map[string]map[string]struct{}{}
 	byName := map[string]map[string]struct{}{}
 	alloc := map[string]*Alloc{}

@@ -111,6 +111,7 @@ func (t *Table) Restore(r io.Reader) error {
 			return fmt.Errorf("restore process %d: %w", i, err)
 		}
 		nt.procs[p.Id] = p
+		nt.states[p.State]++
 		addIndex(nt.byName, p.Spec.GetName(), p.Id)
 		if live(p) {
 			for _, n := range holders(p) {
@@ -128,7 +129,8 @@ func (t *Table) Restore(r io.Reader) error {
 	defer t.mu.Unlock()
 	t.index, t.procs, t.nodes, t.nodeOrder, t.servers = nt.index, nt.procs, nt.nodes, nt.nodeOrder, nt.servers
 	t.byNode, t.byName, t.pending, t.alloc, t.nodeIndex = nt.byNode, nt.byName, nt.pending, nt.alloc, nt.nodeIndex
-	t.left, t.leftBase = map[string]*departures{}, hdr.Index
+	t.left, t.leftBase, t.changes = map[string]*departures{}, hdr.Index, map[string]*departures{}
+	t.cands, t.candsOK, t.states = nil, false, nt.states
 	return nil
 }
 

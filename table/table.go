@@ -34,6 +34,26 @@ type Table struct {
 	// Derived state: it starts empty at reset and Restore (leftBase).
 	left     map[string]*departures
 	leftBase uint64
+	// changes logs, per node, the processes whose record changed while
+	// assigned to it, so that sending an agent what changed costs the
+	// changes, not a sort of everything it runs. Derived like left, and
+	// complete from leftBase on too.
+	changes map[string]*departures
+	// cands caches, in nodeOrder, what placement looks at for each node,
+	// so that placing walks a slice rather than three maps per node.
+	// Derived: every change to a node record or to which nodes hold an
+	// Alloc clears candsOK.
+	cands   []cand
+	candsOK bool
+	// states counts the records in each state (derived), for metrics.
+	states map[pb.ProcessState]int
+}
+
+// cand is one node as placement sees it.
+type cand struct {
+	name  string
+	rec   *pb.NodeRecord
+	alloc *Alloc // nil while the node holds nothing
 }
 
 // departures is one node's log of processes no longer assigned to it. It is
@@ -88,6 +108,9 @@ func (t *Table) reset() {
 	t.nodeIndex = map[string]uint64{}
 	t.left = map[string]*departures{}
 	t.leftBase = 0
+	t.changes = map[string]*departures{}
+	t.cands, t.candsOK = nil, false
+	t.states = map[pb.ProcessState]int{}
 }
 
 // depart logs that id is no longer assigned to node as of the table index.
@@ -96,6 +119,25 @@ func (t *Table) depart(node, id string) {
 	if d == nil {
 		d = &departures{since: t.leftBase}
 		t.left[node] = d
+	}
+	if len(d.log) >= maxDepartures {
+		drop := len(d.log) / 2
+		d.since = d.log[drop-1].index
+		d.log = slices.Delete(d.log, 0, drop)
+	}
+	d.log = append(d.log, departure{id: id, index: t.index})
+}
+
+// logChange logs that id's record changed while assigned to node, as of the
+// table index.
+func (t *Table) logChange(node, id string) {
+	d := t.changes[node]
+	if d == nil {
+		d = &departures{since: t.leftBase}
+		t.changes[node] = d
+	}
+	if n := len(d.log); n > 0 && d.log[n-1].id == id && d.log[n-1].index == t.index {
+		return
 	}
 	if len(d.log) >= maxDepartures {
 		drop := len(d.log) / 2
@@ -216,10 +258,14 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 	t.procs[rec.Id] = rec
 	if old == nil {
 		addIndex(t.byName, rec.Spec.GetName(), rec.Id)
+	} else {
+		t.states[old.State]--
 	}
+	t.states[rec.State]++
 	if live(rec) {
 		for _, n := range holders(rec) {
 			t.hold(n, rec)
+			t.logChange(n, rec.Id)
 			x.touched[n] = true
 		}
 	}
@@ -243,6 +289,7 @@ func (t *Table) hold(node string, rec *pb.ProcessRecord) {
 	if a == nil {
 		a = &Alloc{}
 		t.alloc[node] = a
+		t.candsOK = false
 	}
 	a.add(rec.Spec.GetResources(), 1)
 }
@@ -253,6 +300,7 @@ func (t *Table) release(node string, rec *pb.ProcessRecord) {
 		a.add(rec.Spec.GetResources(), -1)
 		if a.Count == 0 {
 			delete(t.alloc, node)
+			t.candsOK = false
 		}
 	}
 }
@@ -321,6 +369,7 @@ func (x *txn) registerNode(n *pb.NodeRecord) ([]string, error) {
 	rec.UpdatedUnixNano = x.now
 	rec.ModifyIndex = t.index
 	t.nodes[n.Name] = rec
+	t.candsOK = false
 	t.servers = setMember(t.servers, n.Name, rec.Role == pb.NodeRole_NODE_ROLE_SERVER)
 	x.touched[n.Name] = true
 	return x.placePending(), nil
@@ -355,6 +404,7 @@ func (x *txn) setNodeState(name string, s pb.NodeState) ([]string, error) {
 	rec.UpdatedUnixNano = x.now
 	rec.ModifyIndex = t.index
 	t.nodes[name] = rec
+	t.candsOK = false
 	x.touched[name] = true
 	if s == pb.NodeState_NODE_STATE_UP {
 		return x.placePending(), nil
@@ -376,6 +426,7 @@ func (x *txn) setDraining(name string, draining bool) ([]string, error) {
 	rec.UpdatedUnixNano = x.now
 	rec.ModifyIndex = t.index
 	t.nodes[name] = rec
+	t.candsOK = false
 	x.touched[name] = true
 	if !draining {
 		return x.placePending(), nil
@@ -396,7 +447,7 @@ func (x *txn) moveOff(name string) []string {
 		if old.Node != name || old.MoveTo != "" || old.Stop || old.Spec.GetNode() == name {
 			continue
 		}
-		target, err := t.place(old.Spec, nil)
+		target, err := t.place(old.Spec)
 		if err != nil {
 			continue
 		}
@@ -420,6 +471,7 @@ func (x *txn) hold(h *pb.Hold) error {
 	rec.UpdatedUnixNano = x.now
 	rec.ModifyIndex = t.index
 	t.nodes[rec.Name] = rec
+	t.candsOK = false
 	return nil
 }
 
@@ -429,6 +481,7 @@ func (x *txn) removeNode(name string) ([]string, error) {
 		return nil, fmt.Errorf("%w: %q", ErrUnknownNode, name)
 	}
 	delete(t.nodes, name)
+	t.candsOK = false
 	if i, ok := slices.BinarySearch(t.nodeOrder, name); ok {
 		t.nodeOrder = slices.Delete(t.nodeOrder, i, i+1)
 	}
@@ -465,7 +518,7 @@ func (x *txn) evacuate(name, reason string) []string {
 			// starting on the target, so finish the move there.
 			rec.Node, rec.MoveTo, rec.State = rec.MoveTo, "", pb.ProcessState_PROCESS_STATE_STARTING
 			rec.Reason = "moved: " + reason
-		} else if n, err := t.place(rec.Spec, nil); err == nil {
+		} else if n, err := t.place(rec.Spec); err == nil {
 			rec.Node, rec.State = n, pb.ProcessState_PROCESS_STATE_STARTING
 			rec.Reason = "moved: " + reason
 		} else {
@@ -502,7 +555,7 @@ func (x *txn) placePending() []string {
 	var placed []string
 	for _, id := range slices.Clone(t.pending) {
 		rec := t.procs[id]
-		n, err := t.place(rec.Spec, nil)
+		n, err := t.place(rec.Spec)
 		if err != nil {
 			continue
 		}
@@ -539,23 +592,22 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 	}
 	// Place every replica before changing anything, so that a spawn is all or
 	// nothing.
-	extra := map[string]*Alloc{}
+	var extra []Alloc // by candidate: the replicas placed so far
 	nodes := make([]string, len(ids))
 	for i := range ids {
-		n, err := t.place(spec, extra)
+		k, err := t.placeWith(spec, extra)
 		if err != nil {
 			if len(ids) > 1 {
 				return nil, fmt.Errorf("replica %d of %d: %w", i+1, len(ids), err)
 			}
 			return nil, err
 		}
-		nodes[i] = n
-		a := extra[n]
-		if a == nil {
-			a = &Alloc{}
-			extra[n] = a
+		cs := t.candidates()
+		nodes[i] = cs[k].name
+		if extra == nil {
+			extra = make([]Alloc, len(cs))
 		}
-		a.add(spec.Resources, 1)
+		extra[k].add(spec.Resources, 1)
 	}
 	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller
 	for i, id := range ids {
@@ -757,6 +809,7 @@ func (x *txn) prune(before int64) []string {
 	sort.Strings(ids)
 	for _, id := range ids {
 		delIndex(t.byName, t.procs[id].Spec.GetName(), id)
+		t.states[t.procs[id].State]--
 		delete(t.procs, id)
 	}
 	return ids
@@ -766,64 +819,99 @@ func (x *txn) prune(before int64) []string {
 
 // place picks a node for spec: the pinned node if it has room, else the up,
 // undrained node with room and the fewest processes (ties to the most free
-// CPU, then the lowest name). extra holds reservations not yet in the table.
-func (t *Table) place(spec *pb.ProcessSpec, extra map[string]*Alloc) (string, error) {
-	best, bestCount, bestFree := "", 0, int64(0)
-	var bestNo string
+// CPU, then the lowest name).
+func (t *Table) place(spec *pb.ProcessSpec) (string, error) {
+	k, err := t.placeWith(spec, nil)
+	if err != nil {
+		return "", err
+	}
+	return t.candidates()[k].name, nil
+}
+
+// candidates returns the placement cache, rebuilt if it is stale.
+func (t *Table) candidates() []cand {
+	if !t.candsOK {
+		t.cands = t.cands[:0]
+		for _, name := range t.nodeOrder {
+			t.cands = append(t.cands, cand{name: name, rec: t.nodes[name], alloc: t.alloc[name]})
+		}
+		t.candsOK = true
+	}
+	return t.cands
+}
+
+// placeWith is place for one replica of several: extra, if not nil, holds
+// by candidate the reservations not yet in the table. It returns the
+// candidate's position.
+func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
+	cs := t.candidates()
+	lo, hi := 0, len(cs)
+	if spec.Node != "" {
+		// Pinned: only that node is looked at, draining or not.
+		i, ok := slices.BinarySearch(t.nodeOrder, spec.Node)
+		if !ok {
+			return -1, fmt.Errorf("%w: %q", ErrUnknownNode, spec.Node)
+		}
+		lo, hi = i, i+1
+	}
+	best, bestCount, bestFree := -1, 0, int64(0)
+	bestNo := -1
 	var bestNoFree [2]int64
 	var bestNoErr error
 	up := 0
-	for _, name := range t.nodeOrder {
-		n := t.nodes[name]
-		if n.State != pb.NodeState_NODE_STATE_UP || (spec.Node != "" && spec.Node != name) {
-			continue
-		}
-		if n.Draining && spec.Node == "" {
+	for k := lo; k < hi; k++ {
+		c := &cs[k]
+		n := c.rec
+		if n.State != pb.NodeState_NODE_STATE_UP || (n.Draining && spec.Node == "") {
 			continue
 		}
 		up++
-		a := t.allocOf(name, extra)
+		var a Alloc
+		if c.alloc != nil {
+			a = *c.alloc
+		}
+		if extra != nil {
+			a.plus(&extra[k])
+		}
 		if err := fits(n, &a, spec.Resources); err != nil {
 			fc, fm := n.Capacity.GetCpuMaxMilli()-a.CPUMin, n.Capacity.GetMemMaxBytes()-a.MemMin
-			if bestNo == "" || fc > bestNoFree[0] || (fc == bestNoFree[0] && fm > bestNoFree[1]) {
-				bestNo, bestNoFree, bestNoErr = name, [2]int64{fc, fm}, err
+			if bestNo < 0 || fc > bestNoFree[0] || (fc == bestNoFree[0] && fm > bestNoFree[1]) {
+				bestNo, bestNoFree, bestNoErr = k, [2]int64{fc, fm}, err
 			}
 			continue
 		}
 		free := n.Capacity.GetCpuMaxMilli() - a.CPUMin
-		if best == "" || a.Count < bestCount || (a.Count == bestCount && free > bestFree) {
-			best, bestCount, bestFree = name, a.Count, free
+		if best < 0 || a.Count < bestCount || (a.Count == bestCount && free > bestFree) {
+			best, bestCount, bestFree = k, a.Count, free
 		}
 	}
-	if best != "" {
+	if best >= 0 {
 		return best, nil
 	}
 	want := fmt.Sprintf("cpu %s, memory %s", Cores(spec.Resources.GetCpuMinMilli()), Bytes(spec.Resources.GetMemMinBytes()))
 	switch {
-	case spec.Node != "" && t.nodes[spec.Node] == nil:
-		return "", fmt.Errorf("%w: %q", ErrUnknownNode, spec.Node)
 	case spec.Node != "" && up == 0:
-		return "", fmt.Errorf("%w: node %s is %s", ErrNoCapacity, spec.Node, NodeStateName(t.nodes[spec.Node].State))
+		return -1, fmt.Errorf("%w: node %s is %s", ErrNoCapacity, spec.Node, NodeStateName(t.nodes[spec.Node].State))
 	case up == 0:
-		return "", fmt.Errorf("%w: no node is up and accepting work", ErrNoCapacity)
+		return -1, fmt.Errorf("%w: no node is up and accepting work", ErrNoCapacity)
 	}
-	return "", fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up): %v",
-		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), bestNo, up, bestNoErr)
+	return -1, fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up): %v",
+		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), cs[bestNo].name, up, bestNoErr)
 }
 
-func (t *Table) allocOf(node string, extra map[string]*Alloc) Alloc {
-	var a Alloc
+func (a *Alloc) plus(e *Alloc) {
+	a.CPUMin += e.CPUMin
+	a.CPUMax += e.CPUMax
+	a.MemMin += e.MemMin
+	a.MemMax += e.MemMax
+	a.Count += e.Count
+}
+
+func (t *Table) allocOf(node string) Alloc {
 	if p := t.alloc[node]; p != nil {
-		a = *p
+		return *p
 	}
-	if e := extra[node]; e != nil {
-		a.CPUMin += e.CPUMin
-		a.CPUMax += e.CPUMax
-		a.MemMin += e.MemMin
-		a.MemMax += e.MemMax
-		a.Count += e.Count
-	}
-	return a
+	return Alloc{}
 }
 
 // fits reports whether r fits on node n that already holds a. Capacity lives
@@ -976,9 +1064,28 @@ func (t *Table) AssignmentsSince(node string, since uint64) (changed []*pb.Proce
 		base = d.since
 	}
 	full = since == 0 || since < base
-	for _, id := range sortedKeys(t.byNode[node]) {
-		if r := t.procs[id]; full || r.ModifyIndex > since {
-			changed = append(changed, r)
+	if c := t.changes[node]; !full && (c == nil || c.since <= since) {
+		// Only what the change log names, not every assigned process.
+		var ids []string
+		if c != nil {
+			i, _ := slices.BinarySearchFunc(c.log, since+1, func(e departure, idx uint64) int {
+				return cmpUint(e.index, idx)
+			})
+			for _, e := range c.log[i:] {
+				if _, ok := t.byNode[node][e.id]; ok {
+					ids = append(ids, e.id)
+				}
+			}
+		}
+		slices.Sort(ids)
+		for _, id := range slices.Compact(ids) {
+			changed = append(changed, t.procs[id])
+		}
+	} else {
+		for _, id := range sortedKeys(t.byNode[node]) {
+			if r := t.procs[id]; full || r.ModifyIndex > since {
+				changed = append(changed, r)
+			}
 		}
 	}
 	if !full && d != nil {
@@ -1055,7 +1162,7 @@ func (t *Table) Nodes() []NodeView {
 	defer t.mu.RUnlock()
 	out := make([]NodeView, 0, len(t.nodeOrder))
 	for _, name := range t.nodeOrder {
-		out = append(out, NodeView{Node: t.nodes[name], Alloc: t.allocOf(name, nil)})
+		out = append(out, NodeView{Node: t.nodes[name], Alloc: t.allocOf(name)})
 	}
 	return out
 }
@@ -1090,6 +1197,19 @@ func (t *Table) Node(name string) *pb.NodeRecord {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	return t.nodes[name]
+}
+
+// StateCounts returns how many process records are in each state.
+func (t *Table) StateCounts() map[pb.ProcessState]int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make(map[pb.ProcessState]int, len(t.states))
+	for st, n := range t.states {
+		if n != 0 {
+			out[st] = n
+		}
+	}
+	return out
 }
 
 // Len returns the number of process records.
