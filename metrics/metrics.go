@@ -20,6 +20,8 @@ type Metrics struct {
 	StartLatency    prometheus.Histogram
 	RestartLatency  prometheus.Histogram
 	Fenced          prometheus.Counter
+	Heartbeats      prometheus.Counter
+	BatchSize       prometheus.Histogram
 }
 
 // New registers shim's series on reg (a new registry if nil).
@@ -32,7 +34,7 @@ func New(reg *prometheus.Registry) *Metrics {
 	m := &Metrics{
 		reg: reg,
 		ApplyLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_raft_apply_seconds",
-			Help: "Time to commit and apply one command through Raft (leader).", Buckets: buckets}),
+			Help: "Time to commit and apply one command through Raft on the leader, waiting for its batch included.", Buckets: buckets}),
 		Placements: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_placements_total",
 			Help: "Processes placed by spawn requests."}),
 		LeaseExpiries: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_lease_expirations_total",
@@ -47,10 +49,33 @@ func New(reg *prometheus.Registry) *Metrics {
 			Help: "Time from a node's lease expiry being declared to its processes being placed elsewhere.", Buckets: buckets}),
 		Fenced: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_fenced_processes_total",
 			Help: "Processes this node stopped because it lost its lease or the table moved them."}),
+		Heartbeats: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_heartbeats_total",
+			Help: "Lease renewals this server granted as leader."}),
+		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_raft_batch_commands",
+			Help: "Commands the leader committed together in one Raft entry.", Buckets: prometheus.ExponentialBuckets(1, 2, 11)}),
 	}
 	reg.MustRegister(m.ApplyLatency, m.Placements, m.LeaseExpiries, m.ProcessStarts, m.ProcessFailures,
-		m.StartLatency, m.RestartLatency, m.Fenced)
+		m.StartLatency, m.RestartLatency, m.Fenced, m.Heartbeats, m.BatchSize)
 	return m
+}
+
+// TableStates exports shim_processes{state}: how many process records the
+// table holds in each state, read from states at every scrape (a server's
+// own replica). Calling it again replaces nothing: the first one stays.
+func (m *Metrics) TableStates(states func() map[string]int) {
+	_ = m.reg.Register(&stateCollector{states: states})
+}
+
+var processesDesc = prometheus.NewDesc("shim_processes", "Process records in the table, by state.", []string{"state"}, nil)
+
+type stateCollector struct{ states func() map[string]int }
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) { ch <- processesDesc }
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	for st, n := range c.states() {
+		ch <- prometheus.MustNewConstMetric(processesDesc, prometheus.GaugeValue, float64(n), st)
+	}
 }
 
 // Handler serves the registry in Prometheus text format.

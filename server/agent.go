@@ -84,9 +84,9 @@ func (h *agentAPI) Join(ctx context.Context, req *connect.Request[pb.JoinRequest
 // serverAPIs lists the API addresses of the server nodes.
 func (s *Server) serverAPIs() []string {
 	var out []string
-	for _, v := range s.Table.Nodes() {
-		if v.Node.Role == pb.NodeRole_NODE_ROLE_SERVER && v.Node.State == pb.NodeState_NODE_STATE_UP {
-			out = append(out, v.Node.ApiAddr)
+	for _, n := range s.Table.ServerRecords() {
+		if n.State == pb.NodeState_NODE_STATE_UP {
+			out = append(out, n.ApiAddr)
 		}
 	}
 	return out
@@ -119,39 +119,50 @@ func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveReque
 // Heartbeat renews a node's lease. Only the leader grants leases.
 func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*resp[pb.HeartbeatResponse], error) {
 	s := h.s
-	name := req.Msg.Node
 	return onLeader(ctx, s, 200*time.Millisecond, func() (*resp[pb.HeartbeatResponse], error) {
-		now := s.Now()
-		n := s.Table.Node(name)
-		out := &pb.HeartbeatResponse{LeaseMillis: s.Lease.Milliseconds()}
-		if n == nil {
-			out.Index = s.Table.Index()
-			return connect.NewResponse(out), nil
+		out, err := s.heartbeat(ctx, req.Msg)
+		if err != nil {
+			return nil, err
 		}
-		s.leases.renew(name, now)
-		if h := req.Msg.HoldMillis; h > 0 {
-			until := now.Add(time.Duration(h) * time.Millisecond)
-			if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Hold{Hold: &pb.Hold{
-				Name: name, UntilUnixNano: until.UnixNano()}}}); err != nil {
-				return nil, err
-			}
-			s.Log.Info("node is restarting; holding its lease", "node", name, "until", until)
-		}
-		if n.State != pb.NodeState_NODE_STATE_UP {
-			if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
-				Name: name, State: pb.NodeState_NODE_STATE_UP}}}); err != nil {
-				return nil, err
-			}
-			s.Log.Info("node is back up", "node", name)
-			n = s.Table.Node(name)
-		}
-		out.Known, out.State, out.Index = true, n.State, s.Table.Index()
-		out.NodeIndex = s.Table.NodeIndex(name)
-		out.Servers = s.serverAPIs()
 		return connect.NewResponse(out), nil
 	}, func(ctx context.Context, p *peer) (*resp[pb.HeartbeatResponse], error) {
 		return p.agent.Heartbeat(ctx, connect.NewRequest(req.Msg))
 	})
+}
+
+// heartbeat renews a node's lease on the leader: the unary call and the
+// heartbeat stream (stream.go) both come here.
+func (s *Server) heartbeat(ctx context.Context, m *pb.HeartbeatRequest) (*pb.HeartbeatResponse, error) {
+	name := m.Node
+	now := s.Now()
+	n := s.Table.Node(name)
+	out := &pb.HeartbeatResponse{LeaseMillis: s.Lease.Milliseconds()}
+	if n == nil {
+		out.Index = s.Table.Index()
+		return out, nil
+	}
+	s.leases.renew(name, now)
+	s.Metrics.Heartbeats.Inc()
+	if h := m.HoldMillis; h > 0 {
+		until := now.Add(time.Duration(h) * time.Millisecond)
+		if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Hold{Hold: &pb.Hold{
+			Name: name, UntilUnixNano: until.UnixNano()}}}); err != nil {
+			return nil, err
+		}
+		s.Log.Info("node is restarting; holding its lease", "node", name, "until", until)
+	}
+	if n.State != pb.NodeState_NODE_STATE_UP {
+		if _, err := s.apply(ctx, &pb.Command{Op: &pb.Command_SetNodeState{SetNodeState: &pb.SetNodeState{
+			Name: name, State: pb.NodeState_NODE_STATE_UP}}}); err != nil {
+			return nil, err
+		}
+		s.Log.Info("node is back up", "node", name)
+		n = s.Table.Node(name)
+	}
+	out.Known, out.State, out.Index = true, n.State, s.Table.Index()
+	out.NodeIndex = s.Table.NodeIndex(name) // lets the agent notice a stuck assignments query
+	out.Servers = s.serverAPIs()
+	return out, nil
 }
 
 // Assignments is a blocking query for a node's processes.
@@ -220,17 +231,10 @@ func (h *agentAPI) Apply(ctx context.Context, req *connect.Request[pb.ApplyReque
 	if req.Msg.Command == nil {
 		return nil, invalid("apply: empty command")
 	}
-	data, err := proto.Marshal(req.Msg.Command)
+	res, err := s.commit(ctx, req.Msg.Command)
 	if err != nil {
 		return nil, apiError(err)
 	}
-	start := time.Now()
-	r, _, err := s.Raft.Apply(ctx, data)
-	if err != nil {
-		return nil, apiError(err)
-	}
-	s.Metrics.ApplyLatency.Observe(time.Since(start).Seconds())
-	res, _ := r.(table.Result)
 	if res.Err != nil {
 		return nil, apiError(res.Err)
 	}

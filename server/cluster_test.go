@@ -78,11 +78,20 @@ func (c *cluster) add(name string, bootstrap bool) *node {
 			return err == nil
 		})
 	}
-	httpc := server.NewHTTPClient()
+	// The agent heartbeats over a stream, as simulated workers do: a
+	// follower's agent is sent on to the leader.
+	streams := server.NewStreams(server.NewHTTPClient())
+	var clientsMu sync.Mutex
+	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
 		Node: rec, Addrs: func() []string { return []string{addr} },
 		Client: func(a string) shimv1connect.AgentServiceClient {
-			return shimv1connect.NewAgentServiceClient(httpc, server.URL(a))
+			clientsMu.Lock()
+			defer clientsMu.Unlock()
+			if clients[a] == nil {
+				clients[a] = streams.Client(server.URL(a))
+			}
+			return clients[a]
 		},
 		Runtime: &agent.SimRuntime{}, DataDir: t.TempDir(), Lease: c.lease, Log: quietLog(),
 	}

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"google.golang.org/protobuf/proto"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -78,15 +77,12 @@ func retryable(err error) bool {
 }
 
 // apply commits a command through Raft, forwarding it to the leader when this
-// server is a follower, and retrying while there is no leader. The table's
-// answer comes back as the error (a Connect error) or the Result.
+// server is a follower, and retrying while there is no leader. On the leader
+// it is committed together with other concurrent commands (batch.go). The
+// table's answer comes back as the error (a Connect error) or the Result.
 func (s *Server) apply(ctx context.Context, cmd *pb.Command) (table.Result, error) {
 	if cmd.NowUnixNano == 0 {
 		cmd.NowUnixNano = s.Now().UnixNano()
-	}
-	data, err := proto.Marshal(cmd)
-	if err != nil {
-		return table.Result{}, apiError(err)
 	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -96,11 +92,8 @@ func (s *Server) apply(ctx context.Context, cmd *pb.Command) (table.Result, erro
 	backoff := 5 * time.Millisecond
 	for {
 		if s.Raft.IsLeader() {
-			start := time.Now()
-			r, _, err := s.Raft.Apply(ctx, data)
+			res, err := s.commit(ctx, cmd)
 			if err == nil {
-				s.Metrics.ApplyLatency.Observe(time.Since(start).Seconds())
-				res, _ := r.(table.Result)
 				return res, apiError(res.Err)
 			}
 			if !retryable(apiError(err)) {

@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"sync"
 	"time"
@@ -60,6 +61,12 @@ type Server struct {
 	clients map[string]*peer
 	leases  *leases
 	httpc   *http.Client
+
+	batch batcher // proposals waiting to be committed together (batch.go)
+
+	streamsMu     sync.Mutex
+	streams       map[net.Conn]struct{} // open heartbeat streams (stream.go)
+	streamsClosed bool
 }
 
 func (s *Server) init() {
@@ -77,6 +84,16 @@ func (s *Server) init() {
 	}
 	if s.Metrics == nil {
 		s.Metrics = metrics.New(nil)
+	}
+	if s.Table != nil {
+		t := s.Table
+		s.Metrics.TableStates(func() map[string]int {
+			out := map[string]int{}
+			for st, n := range t.StateCounts() {
+				out[table.StateName(st)] = n
+			}
+			return out
+		})
 	}
 	s.clients = map[string]*peer{}
 	s.httpc = NewHTTPClient()
@@ -99,6 +116,7 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s}, opts...))
 	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s}, opts...))
+	mux.HandleFunc(StreamPath, s.serveHeartbeatStream)
 	mux.Handle("/metrics", s.Metrics.Handler())
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -106,8 +124,10 @@ func (s *Server) Handler() http.Handler {
 	return http.MaxBytesHandler(mux, MaxRequestBytes+4096)
 }
 
-// Run runs the leader duties (lease checks) until ctx ends. Servers only.
+// Run runs the leader duties (lease checks) until ctx ends, then closes the
+// heartbeat streams (which http.Server.Shutdown does not).
 func (s *Server) Run(ctx context.Context) {
+	defer s.closeStreams()
 	if s.Raft == nil {
 		<-ctx.Done()
 		return
