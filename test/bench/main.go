@@ -51,7 +51,10 @@ func main() {
 	verbose := flag.Bool("v", false, "verbose progress")
 	out := flag.String("o", "", "also write the report (Markdown) to this file")
 	perfDir := flag.String("perf", "", "record `perf` profiles of the leader shimd during load phases (rows 2, 6, 7) into this directory")
-	simsPer := flag.Int("sims-per-process", 100, "simulated workers per `shimd --simulate` process (its shared HTTP client keeps 64 idle connections per server)")
+	simsPer := flag.Int("sims-per-process", 250, "simulated workers per `shimd --simulate` process")
+	simNice := flag.Int("sim-nice", 10, "run simulator processes under `nice -n N` (0: not niced); they stand in for other machines")
+	beatNodes := flag.Int("beat-nodes", 0, "row 7: this many simulated nodes instead of 1000 (-quick) or 5000 (-full)")
+	beatWindow := flag.Duration("beat-window", 0, "row 7: watch for this long instead of 1m (-quick) or 5m (-full)")
 	srcDir := flag.String("src", "", "build shimd and shim from this source tree (e.g. a patched copy) instead of the working tree")
 	rev := flag.String("rev", "", "build shimd and shim from this git revision (git archive) instead of the working tree")
 	profile := flag.String("profile", "", "write CPU profiles of the in-process measurements to this directory")
@@ -92,6 +95,7 @@ func main() {
 	_, _ = rand.Read(id[:])
 	e := &env{bin: filepath.Join(tmp, "bin"), tmp: tmp, runID: hex.EncodeToString(id[:]), full: *full,
 		keep: *keep, verbose: *verbose, profileDir: *profile, perfDir: *perfDir, simsPer: max(*simsPer, 1),
+		beatNodes: *beatNodes, beatWindow: *beatWindow, simNice: *simNice,
 		httpc: &http.Client{Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 512,
 			IdleConnTimeout: 90 * time.Second}}}
 	src := root
