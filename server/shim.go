@@ -152,9 +152,6 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 	if len(ids) != 1 {
 		return nil, invalid("%q names %d processes; resize one at a time", m.Id, len(ids))
 	}
-	if m.Move {
-		return nil, connect.NewError(connect.CodeUnimplemented, errors.New("resize --move is not supported yet"))
-	}
 	cur := s.Table.Get(ids[0])
 	r, err := mergeResources(cur.Spec.GetResources(), m.Resources, m.Clear)
 	if err != nil {
@@ -168,7 +165,13 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 			return nil, err
 		}
 	}
-	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Resize{Resize: &pb.Resize{Id: ids[0], Resources: r}}})
+	// One command: in place if the node can hold r, else (with move) a
+	// make-before-break move to a node that can; see table's resize.
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Resize{Resize: &pb.Resize{Id: ids[0], Resources: r, Move: m.Move}}})
+	var ce *connect.Error
+	if !m.Move && errors.As(err, &ce) && ce.Code() == connect.CodeResourceExhausted {
+		return nil, connect.NewError(ce.Code(), fmt.Errorf("%s (resize --move moves it to a node that can)", ce.Message()))
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -76,6 +76,11 @@ func resizeCmd(id string, r *pb.Resources) *pb.Command {
 	return &pb.Command{Op: &pb.Command_Resize{Resize: &pb.Resize{Id: id, Resources: r}}}
 }
 
+// resizeMoveCmd is resize with move: a process its node cannot hold moves.
+func resizeMoveCmd(id string, r *pb.Resources) *pb.Command {
+	return &pb.Command{Op: &pb.Command_Resize{Resize: &pb.Resize{Id: id, Resources: r, Move: true}}}
+}
+
 func pruneCmd(before int64) *pb.Command {
 	return &pb.Command{Op: &pb.Command_Prune{Prune: &pb.Prune{BeforeUnixNano: before}}}
 }

@@ -223,7 +223,7 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 	case *pb.Command_Report:
 		ids = x.report(op.Report)
 	case *pb.Command_Resize:
-		ids, err = x.resize(op.Resize.GetId(), op.Resize.GetResources())
+		ids, err = x.resize(op.Resize.GetId(), op.Resize.GetResources(), op.Resize.GetMove())
 	case *pb.Command_Hold:
 		err = x.hold(op.Hold)
 	case *pb.Command_Prune:
@@ -761,7 +761,19 @@ func (x *txn) moveReport(old *pb.ProcessRecord, u *pb.StatusUpdate) *pb.ProcessR
 	return rec
 }
 
-func (x *txn) resize(id string, r *pb.Resources) ([]string, error) {
+// resize sets a live process's resources. A placed process must fit them
+// on its node, and while it moves, on the node it moves to (both reserve
+// them). If its node cannot hold them and move is set, the process moves
+// make-before-break instead, as a drain moves it (see moveOff): the new
+// resources and the target, picked by the usual placement rules, are set
+// in this one command; the new incarnation starts there with them, and the
+// old one keeps running (its agent applies the new bounds in place) until
+// the new one reports running. The old node reserves the new minimum
+// meanwhile, beyond its capacity; if the move fails (see moveReport) the
+// process stays there with the new bounds until it is resized again. A
+// pinned process, one being killed and one already moving cannot move. On
+// any error the table is unchanged.
+func (x *txn) resize(id string, r *pb.Resources, move bool) ([]string, error) {
 	t := x.t
 	old := t.procs[id]
 	if old == nil {
@@ -773,20 +785,38 @@ func (x *txn) resize(id string, r *pb.Resources) ([]string, error) {
 	if err := ValidateResources(r); err != nil {
 		return nil, err
 	}
-	if old.Node != "" {
-		n := t.nodes[old.Node]
-		a := *t.alloc[old.Node]
-		a.add(old.Spec.Resources, -1)
-		if err := fits(n, &a, r); err != nil {
-			return nil, fmt.Errorf("%w: node %s cannot hold it: %v", ErrNoCapacity, old.Node, err)
-		}
-	}
 	rec := proto.CloneOf(old)
 	rec.Spec = proto.CloneOf(rec.Spec)
 	if rec.Spec == nil {
 		rec.Spec = &pb.ProcessSpec{}
 	}
 	rec.Spec.Resources = proto.CloneOf(r)
+	for _, n := range holders(old) {
+		a := t.allocOf(n)
+		a.add(old.Spec.GetResources(), -1)
+		err := fits(t.nodes[n], &a, r)
+		if err == nil {
+			continue
+		}
+		if n != old.Node || !move {
+			return nil, fmt.Errorf("%w: node %s cannot hold it: %v", ErrNoCapacity, n, err)
+		}
+		switch {
+		case old.MoveTo != "":
+			return nil, fmt.Errorf("%w: node %s cannot hold it (%v) and it is already moving to %s", ErrNoCapacity, n, err, old.MoveTo)
+		case old.Stop:
+			return nil, fmt.Errorf("%w: node %s cannot hold it (%v) and it is being stopped", ErrNoCapacity, n, err)
+		case old.Spec.GetNode() != "":
+			return nil, fmt.Errorf("%w: node %s cannot hold it (%v) and it is pinned there", ErrNoCapacity, n, err)
+		}
+		// Placement never picks this node: it cannot hold r even without
+		// the process's current reservation, let alone with it.
+		target, perr := t.place(rec.Spec)
+		if perr != nil {
+			return nil, fmt.Errorf("node %s cannot hold it (%v), and no node can take it: %w", n, err, perr)
+		}
+		rec.MoveTo = target
+	}
 	x.put(rec)
 	// The process may have shrunk, or be queued and now fit somewhere.
 	changed := []string{id}

@@ -1022,3 +1022,91 @@ func TestSpawnAppliedTwiceIsANoOp(t *testing.T) {
 	other.NowUnixNano = 42
 	x.fail(other, ErrExists)
 }
+
+// TestResizeMove covers resize with move: when the node cannot hold the new
+// minimum the process moves make-before-break to a node placement picks,
+// in the same command, and the move commits or fails like a drain's.
+func TestResizeMove(t *testing.T) {
+	x := newTester(t)
+	x.ok(nodeCmd("n1", 2*core, gib))
+	x.ok(spawnCmd(spec(500), "a", "b"))
+	x.ok(spawnCmd(pinned(spec(100), "n1"), "p"))
+	x.ok(reportCmd("n1", upd("a", 1, running), upd("b", 1, running)))
+	x.ok(nodeCmd("n2", 4*core, 4*gib))
+	x.ok(nodeCmd("n3", 2*core, 4*gib))
+	big := &pb.Resources{CpuMinMilli: 3000, CpuMaxMilli: 3500, MemMinBytes: gib}
+
+	// Without move the error stays, and names the node.
+	err := x.fail(resizeCmd("a", big), ErrNoCapacity)
+	if !strings.Contains(err.Error(), "node n1 cannot hold it") {
+		t.Errorf("error %q", err)
+	}
+	// Nowhere to go, pinned, or being stopped: refused, table unchanged.
+	err = x.fail(resizeMoveCmd("a", &pb.Resources{CpuMinMilli: 5000}), ErrNoCapacity)
+	if !strings.Contains(err.Error(), "no node can take it") {
+		t.Errorf("error %q", err)
+	}
+	err = x.fail(resizeMoveCmd("p", big), ErrNoCapacity)
+	if !strings.Contains(err.Error(), "pinned") {
+		t.Errorf("error %q", err)
+	}
+	// A resize that fits stays in place, move or not.
+	x.ok(resizeMoveCmd("b", &pb.Resources{CpuMinMilli: 400}))
+	if r := x.get("b"); r.Node != "n1" || r.MoveTo != "" {
+		t.Fatalf("b after a resize that fits: %v", r)
+	}
+
+	// a moves to n2, the only node with 3 free cores, with its new bounds.
+	res := x.ok(resizeMoveCmd("a", big))
+	if !slices.Contains(res.IDs, "a") {
+		t.Fatalf("changed %v", res.IDs)
+	}
+	a := x.get("a")
+	if a.Node != "n1" || a.MoveTo != "n2" || a.State != running || a.Incarnation != 1 ||
+		!proto.Equal(a.Spec.Resources, big) {
+		t.Fatalf("a after resize --move: %v", a)
+	}
+	if got, _ := x.tb.Assignments("n2"); len(got) != 1 || got[0].Id != "a" {
+		t.Fatalf("n2 assignments %v", got)
+	}
+	alloc := func(n string) Alloc { return x.tb.allocOf(n) }
+	if a1, a2 := alloc("n1"), alloc("n2"); a1.CPUMin != 3500 || a2.CPUMin != 3000 || a2.MemMin != gib {
+		t.Fatalf("during the move: n1 %+v, n2 %+v", a1, a2)
+	}
+	// Already moving: a second move is refused; resizes must fit both nodes.
+	err = x.fail(resizeMoveCmd("a", &pb.Resources{CpuMinMilli: 3800}), ErrNoCapacity)
+	if !strings.Contains(err.Error(), "already moving to n2") {
+		t.Errorf("error %q", err)
+	}
+	err = x.fail(resizeCmd("a", &pb.Resources{CpuMinMilli: 1600}), ErrNoCapacity)
+	if !strings.Contains(err.Error(), "node n1") {
+		t.Errorf("error %q", err)
+	}
+
+	// The new incarnation runs on n2: the move commits, n1 is freed.
+	x.ok(reportCmd("n2", upd("a", 2, running)))
+	a = x.get("a")
+	if a.Node != "n2" || a.MoveTo != "" || a.Incarnation != 2 || len(a.History) != 1 || a.History[0].Node != "n1" {
+		t.Fatalf("a after the move: %v", a)
+	}
+	if a1 := alloc("n1"); a1.CPUMin != 500 {
+		t.Fatalf("n1 after the move: %+v", a1)
+	}
+
+	// A failed start calls the move off: b stays on n1, with its new
+	// bounds, until resized again.
+	x.ok(resizeMoveCmd("b", &pb.Resources{CpuMinMilli: 2000}))
+	if b := x.get("b"); b.MoveTo != "n3" {
+		t.Fatalf("b moving to %q, want n3", b.MoveTo)
+	}
+	x.ok(reportCmd("n3", upd("b", 2, failed)))
+	b := x.get("b")
+	if b.Node != "n1" || b.MoveTo != "" || b.Incarnation != 1 || b.State != running || b.Spec.Resources.CpuMinMilli != 2000 ||
+		!strings.Contains(b.Reason, "move to n3 failed") {
+		t.Fatalf("b after the failed move: %v", b)
+	}
+
+	// Being killed: no move.
+	x.ok(killCmd("b"))
+	x.fail(resizeMoveCmd("b", big), ErrNoCapacity)
+}

@@ -25,7 +25,7 @@ package table
 //	      [pids=N] [node=PIN] [restart=always|on-failure|never] [env=K=V] -- ARGV...
 //	kill ID... [sig=N]
 //	report NODE ID inc=N STATE [pid=N] [exit=N] [restarts=N] [reason=WORD] [at=T]
-//	resize ID [cpu=C] [cpumax=C] [burst=C] [mem=B] [memmax=B]
+//	resize ID [move] [cpu=C] [cpumax=C] [burst=C] [mem=B] [memmax=B]
 //	prune before=T
 //	ps                 every process, oldest first, then the pending queue
 //	nodes              every node with its allocation
@@ -225,6 +225,9 @@ func psLine(r *pb.ProcessRecord) string {
 	if r.Pid != 0 {
 		s += fmt.Sprintf(" pid=%d", r.Pid)
 	}
+	if r.MoveTo != "" {
+		s += " moveto=" + r.MoveTo
+	}
 	if r.Stop {
 		s += fmt.Sprintf(" stop=%d", r.StopSignal)
 	}
@@ -379,10 +382,18 @@ func parseCommand(verb string, args []string) (*pb.Command, error) {
 			return nil, err
 		}
 		r := &pb.Resources{}
+		move := false
 		for _, kv := range args[1:] {
+			if kv == "move" {
+				move = true
+				continue
+			}
 			if err := setResource(r, kv); err != nil {
 				return nil, err
 			}
+		}
+		if move {
+			return resizeMoveCmd(args[0], r), nil
 		}
 		return resizeCmd(args[0], r), nil
 	case "prune":

@@ -19,7 +19,12 @@ func (a *app) resizeCmd() *cobra.Command {
 		Use:   "resize ID [--cpu MIN[:MAX[:BURST]]] [--mem MIN[:MAX]] [--pids N] [--force] [--move]",
 		Short: "Change a process's resource bounds",
 		Long: "Change a process's resource bounds. Only the values given change: --cpu :2 sets\n" +
-			"just the CPU max. Prints the new bounds.",
+			"just the CPU max. The process keeps running under the same PID, with the new\n" +
+			"bounds applied to its cgroup in place. If its node cannot hold the new minimum,\n" +
+			"the resize is refused, or with --move the process moves make-before-break to a\n" +
+			"node that can: a new copy starts there with the new bounds (new PID) and the old\n" +
+			"one stops once the new one runs; watch it with shim ps. Prints the new bounds\n" +
+			"(and move-to=NODE while a move is under way).",
 		Args: exactArgs(1, "one process ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			r := &pb.Resources{}
@@ -69,12 +74,17 @@ func (a *app) resizeCmd() *cobra.Command {
 }
 
 // boundsLine renders a process's bounds in flag syntax:
-// "ID cpu=0.5:1:2 mem=64M:128M pids=100 node=n1", "-" for unset.
+// "ID cpu=0.5:1:2 mem=64M:128M pids=100 node=n1", "-" for unset, and
+// " move-to=n2" while the process moves.
 func boundsLine(rec *pb.ProcessRecord) string {
 	r := rec.GetSpec().GetResources()
 	c := func(m int64) string { return orDash(m, table.Cores) }
 	b := func(n int64) string { return orDash(n, table.Bytes) }
-	return fmt.Sprintf("%s cpu=%s:%s:%s mem=%s:%s pids=%s node=%s", rec.GetId(),
+	line := fmt.Sprintf("%s cpu=%s:%s:%s mem=%s:%s pids=%s node=%s", rec.GetId(),
 		c(r.GetCpuMinMilli()), c(r.GetCpuMaxMilli()), c(r.GetCpuBurstMilli()),
 		b(r.GetMemMinBytes()), b(r.GetMemMaxBytes()), orDash(r.GetPidsMax(), itoa), dash(rec.GetNode()))
+	if m := rec.GetMoveTo(); m != "" {
+		line += " move-to=" + m
+	}
+	return line
 }

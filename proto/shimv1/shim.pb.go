@@ -1834,9 +1834,12 @@ func (x *Report) GetUpdates() []*StatusUpdate {
 }
 
 type Resize struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Resources     *Resources             `protobuf:"bytes,2,opt,name=resources,proto3" json:"resources,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Resources *Resources             `protobuf:"bytes,2,opt,name=resources,proto3" json:"resources,omitempty"`
+	// If the process's node cannot hold the new resources, move it
+	// make-before-break (move_to) to a node that can, instead of failing.
+	Move          bool `protobuf:"varint,3,opt,name=move,proto3" json:"move,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1883,6 +1886,13 @@ func (x *Resize) GetResources() *Resources {
 		return x.Resources
 	}
 	return nil
+}
+
+func (x *Resize) GetMove() bool {
+	if x != nil {
+		return x.Move
+	}
+	return false
 }
 
 // Prune drops terminal records finished before the given time.
@@ -3727,10 +3737,11 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"atUnixNano\"M\n" +
 	"\x06Report\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12/\n" +
-	"\aupdates\x18\x02 \x03(\v2\x15.shim.v1.StatusUpdateR\aupdates\"J\n" +
+	"\aupdates\x18\x02 \x03(\v2\x15.shim.v1.StatusUpdateR\aupdates\"^\n" +
 	"\x06Resize\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x120\n" +
-	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\"1\n" +
+	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
+	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
 	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"b\n" +
 	"\fSpawnRequest\x12(\n" +
