@@ -392,3 +392,91 @@ func TestResourceFairness(t *testing.T) {
 		t.Fatalf("CPU split 1:%.2f, want about 1:3", ratio)
 	}
 }
+
+// TestResourceResizeMove: a resize whose minimum the process's node cannot
+// hold is refused, and with --move the process moves make-before-break: a
+// new copy (new PID) starts on a node that can hold it, in a cgroup with
+// the new bounds, and the old copy is stopped only after the new one runs.
+func TestResourceResizeMove(t *testing.T) {
+	c := startNode(t, "--cpu", "1", "--mem", "1G", "--reserve-mem", "0")
+	// The workload logs its starts and its stop, with the node and the
+	// incarnation shim gives it, on one clock.
+	events := filepath.Join(t.TempDir(), "events")
+	script := `trap 'echo stop $SHIM_NODE $SHIM_INCARNATION $(date +%s%N) >> ` + events + `; exit 0' TERM
+echo start $SHIM_NODE $SHIM_INCARNATION $(date +%s%N) >> ` + events + `
+while :; do sleep 0.05; done`
+	id := c.spawn("--cpu", "0.5:1", "--mem", "1M:64M", "--", "/bin/sh", "-c", script)
+	old := c.waitRunning(id)
+	small := c.nodes[0].name
+
+	// A second, larger node joins.
+	big := &daemon{name: small + "-big", api: freePort(t), raft: freePort(t), dir: t.TempDir()}
+	if len(big.name) > 63 {
+		big.name = big.name[len(big.name)-63:]
+	}
+	big.args = []string{"--name", big.name, "--data-dir", big.dir, "--api", big.api, "--raft", big.raft,
+		"--join", c.nodes[0].api, "--cpu", "4", "--mem", "2G", "--reserve-mem", "0"}
+	c.nodes = append(c.nodes, big)
+	c.start(big)
+	c.waitNodesUp(2, 15*time.Second)
+
+	// 2 cores do not fit on the 1-core node: refused without --move.
+	r := c.shim("resize", id, "--cpu", "2:2.5", "--mem", "1M:96M")
+	if r.code == 0 || !strings.Contains(r.stderr, "cannot hold") || !strings.Contains(r.stderr, "--move") {
+		t.Fatalf("resize without --move: exit %d, %q", r.code, r.stderr)
+	}
+	if p, _ := c.get(id); p.PID != old.PID || p.Node != small || !alive(old.PID) {
+		t.Fatalf("refused resize changed the process: %+v", p)
+	}
+
+	out := c.must("resize", id, "--cpu", "2:2.5", "--mem", "1M:96M", "--move")
+	if !strings.Contains(out, "move-to="+big.name) || !strings.Contains(out, "cpu=2:2.5") {
+		t.Fatalf("resize --move printed %q", out)
+	}
+	p := c.waitProc(id, "moved to "+big.name, 30*time.Second, func(p proc) bool {
+		return p.Node == big.name && p.State == "running" && p.PID > 0 && p.PID != old.PID
+	})
+	if p.Incarnation != old.Incarnation+1 {
+		t.Errorf("incarnation %d after the move, want %d", p.Incarnation, old.Incarnation+1)
+	}
+	waitFor(t, 15*time.Second, "the old copy to stop", func() bool { return !alive(old.PID) })
+
+	// The new copy's cgroup is the big node's, with the new bounds.
+	if cg := cgroupOf(t, p.PID, "cpu"); !strings.Contains(cg, "/"+big.name+"/") {
+		t.Errorf("new copy in cgroup %s, want one of node %s", cg, big.name)
+	}
+	for f, want := range map[string]string{
+		cgFile(t, p.PID, "cpu", "cpu.shares"):               "2048",
+		cgFile(t, p.PID, "cpu", "cpu.cfs_quota_us"):         "250000",
+		cgFile(t, p.PID, "memory", "memory.limit_in_bytes"): fmt.Sprint(96 << 20),
+	} {
+		if got := readInt(t, f); got != want {
+			t.Errorf("%s = %s, want %s", f, got, want)
+		}
+	}
+
+	// Make before break: the new copy started before the old one stopped.
+	var startNew, stopOld int64
+	waitFor(t, 10*time.Second, "the old copy's stop in the workload's log", func() bool {
+		b, _ := os.ReadFile(events)
+		for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			f := strings.Fields(l)
+			if len(f) != 4 {
+				continue
+			}
+			ts, _ := strconv.ParseInt(f[3], 10, 64)
+			switch {
+			case f[0] == "start" && f[1] == big.name && startNew == 0:
+				startNew = ts
+			case f[0] == "stop" && f[1] == small:
+				stopOld = ts
+			}
+		}
+		return startNew > 0 && stopOld > 0
+	}, func() string { b, _ := os.ReadFile(events); return string(b) })
+	if stopOld < startNew {
+		b, _ := os.ReadFile(events)
+		t.Fatalf("the old copy stopped before the new one started:\n%s", b)
+	}
+	t.Logf("new copy started %.1f ms before the old one stopped", float64(stopOld-startNew)/1e6)
+}
