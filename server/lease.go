@@ -102,14 +102,15 @@ func (s *Server) takeOffice(ctx context.Context) {
 		return
 	}
 	now := s.Now()
+	nodes := s.Table.NodeRecords()
 	s.leases.mu.Lock()
-	s.leases.seen = map[string]time.Time{}
-	for _, n := range s.Table.Nodes() {
-		s.leases.seen[n.Node.Name] = now
+	s.leases.seen = make(map[string]time.Time, len(nodes))
+	for _, n := range nodes {
+		s.leases.seen[n.Name] = now
 	}
 	s.leases.active = true
 	s.leases.mu.Unlock()
-	s.Log.Info("leading: every node has a fresh lease", "nodes", len(s.leases.seen), "lease", s.Lease)
+	s.Log.Info("leading: every node has a fresh lease", "nodes", len(nodes), "lease", s.Lease)
 }
 
 // checkLeases commits every up node whose lease ran out as down, in one
