@@ -189,7 +189,7 @@ func run(ctx context.Context, o *options) error {
 			defer addrsMu.Unlock()
 			c := clients[addr]
 			if c == nil {
-				c = shimv1connect.NewAgentServiceClient(httpc, server.URL(addr))
+				c = server.NewAgentClient(httpc, server.URL(addr)) // heartbeats over a stream, as simulated workers
 				clients[addr] = c
 			}
 			return c

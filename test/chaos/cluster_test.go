@@ -230,9 +230,21 @@ func randInt(n int64) int64 {
 	return v.Int64()
 }
 
-// freePorts returns n distinct loopback ports nobody listens on right now.
+// freePorts returns n distinct loopback ports nobody listens on right now,
+// below the kernel's ephemeral range: docker binds a node's published port
+// again at every restart, and a port in the ephemeral range may meanwhile be
+// the source port of any outgoing connection on the host (the test's own
+// API calls included), which fails the restart.
 func freePorts(t *testing.T, n int) []int {
 	t.Helper()
+	lo := 32768 // the kernel's default start of the ephemeral range
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		fmt.Sscan(string(b), &lo)
+	}
+	const base = 10000
+	if lo <= base+1000 {
+		t.Fatalf("ephemeral ports start at %d: no room below for published ports", lo)
+	}
 	var ls []net.Listener
 	defer func() {
 		for _, l := range ls {
@@ -240,13 +252,17 @@ func freePorts(t *testing.T, n int) []int {
 		}
 	}()
 	var ports []int
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	for try := 0; len(ports) < n; try++ {
+		if try > 1000 {
+			t.Fatalf("no free loopback port in [%d, %d)", base, lo)
+		}
+		port := base + int(randInt(int64(lo-base)))
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		if err != nil {
-			t.Fatal(err)
+			continue // taken
 		}
 		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		ports = append(ports, port)
 	}
 	return ports
 }
