@@ -165,6 +165,10 @@ func (s *Server) heartbeat(ctx context.Context, m *pb.HeartbeatRequest) (*pb.Hea
 	return out, nil
 }
 
+// forwardedHeader marks an assignments query a follower passed on to the
+// leader: it is answered where it lands, never passed on again.
+const forwardedHeader = "Shim-Forwarded"
+
 // Assignments is a blocking query for a node's processes.
 func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.AssignmentsRequest]) (*resp[pb.AssignmentsResponse], error) {
 	s := h.s
@@ -174,8 +178,33 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 		})
 	}
 	m := req.Msg
+	// A follower passes the long poll on to the leader, whose table holds
+	// every commit first: a follower learns of a commit only with the
+	// leader's next message, milliseconds later, and new work would wait
+	// that long. If the leader cannot be reached, the follower answers from
+	// its own replica (the agent checks that it is new enough).
 	wctx, cancel := context.WithTimeout(ctx, waitFor(m.WaitMillis))
 	defer cancel()
+	go func() { // the wait also ends when this server stops
+		select {
+		case <-s.closed:
+			cancel()
+		case <-wctx.Done():
+		}
+	}()
+	if req.Header().Get(forwardedHeader) == "" && !s.Raft.IsLeader() {
+		if addr := s.leaderAPI(); addr != "" {
+			freq := connect.NewRequest(m)
+			freq.Header().Set(forwardedHeader, "1")
+			resp, err := s.peer(addr).agent.Assignments(wctx, freq)
+			if err == nil {
+				return resp, nil
+			}
+			if ctx.Err() != nil {
+				return nil, apiError(ctx.Err())
+			}
+		}
+	}
 	for {
 		ch := s.Watch.Node(m.Node)
 		if m.MinIndex == 0 || s.Table.NodeIndex(m.Node) > m.MinIndex {

@@ -57,12 +57,14 @@ type Server struct {
 	// last sample, or read now when fresh is set.
 	UsageOf func(ids []string, fresh bool) map[string]*pb.Usage
 
+	closed  chan struct{} // closed when Run returns
 	peersMu sync.Mutex
 	clients map[string]*peer
 	leases  *leases
 	httpc   *http.Client
 
-	batch batcher // proposals waiting to be committed together (batch.go)
+	batch     batcher     // proposals waiting to be committed together (batch.go)
+	listCache recordCache // encoded records for List (listcache.go)
 
 	streamsMu     sync.Mutex
 	streams       map[net.Conn]struct{} // open heartbeat streams (stream.go)
@@ -98,6 +100,7 @@ func (s *Server) init() {
 	s.clients = map[string]*peer{}
 	s.httpc = NewHTTPClient()
 	s.leases = newLeases()
+	s.closed = make(chan struct{})
 }
 
 // NewID returns a random 12-character process id.
@@ -127,6 +130,7 @@ func (s *Server) Handler() http.Handler {
 // Run runs the leader duties (lease checks) until ctx ends, then closes the
 // heartbeat streams (which http.Server.Shutdown does not).
 func (s *Server) Run(ctx context.Context) {
+	defer close(s.closed) // ends the long polls this server holds
 	defer s.closeStreams()
 	if s.Raft == nil {
 		<-ctx.Done()
