@@ -178,11 +178,6 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 		})
 	}
 	m := req.Msg
-	// A follower passes the long poll on to the leader, whose table holds
-	// every commit first: a follower learns of a commit only with the
-	// leader's next message, milliseconds later, and new work would wait
-	// that long. If the leader cannot be reached, the follower answers from
-	// its own replica (the agent checks that it is new enough).
 	wctx, cancel := context.WithTimeout(ctx, waitFor(m.WaitMillis))
 	defer cancel()
 	go func() { // the wait also ends when this server stops
@@ -192,6 +187,11 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 		case <-wctx.Done():
 		}
 	}()
+	// A follower passes the long poll on to the leader, whose table holds
+	// every commit first: a follower learns of a commit only with the
+	// leader's next message, milliseconds later, and new work would wait
+	// that long. If the leader cannot be reached, the follower answers from
+	// its own replica (the agent checks that it is new enough).
 	if req.Header().Get(forwardedHeader) == "" && !s.Raft.IsLeader() {
 		if addr := s.leaderAPI(); addr != "" {
 			freq := connect.NewRequest(m)
