@@ -66,6 +66,9 @@ type Manager struct {
 	// mu orders directory creation against removal of empty parents, so a
 	// Delete never removes a parent that a concurrent Create is using.
 	mu sync.Mutex
+	// homeTasks holds the open "tasks" files (by directory) of the groups
+	// Spawn's borrowed threads return to (see writeHomeTasks).
+	homeTasks sync.Map
 	// live counts the groups this Manager created that Delete has not
 	// removed: while there are any, the root is not empty and Delete need
 	// not try to remove the parents (a dozen failing rmdirs per process).

@@ -183,7 +183,7 @@ func (g *Group) spawnV1(start func(int) error) (restored bool, err error) {
 	}
 	restored = true
 	for i := len(moved) - 1; i >= 0; i-- { // memory first
-		if werr := os.WriteFile(filepath.Join(moved[i], "tasks"), tid, 0); werr != nil {
+		if werr := g.m.writeHomeTasks(moved[i]); werr != nil {
 			if restored && err == nil {
 				err = fmt.Errorf("spawn in cgroup %s: leave: %w", g.name, werr)
 			}
@@ -238,4 +238,29 @@ func (g *Group) threadDirs() ([]string, error) {
 		out = append(out, filepath.Join(c.dir, rel))
 	}
 	return out, nil
+}
+
+// writeHomeTasks moves the calling thread back into the group at dir, one
+// of the agent's own, through a "tasks" file kept open for it: every Spawn
+// returns its thread to the same few groups, and opening their files by
+// path was a measurable part of a process start.
+func (m *Manager) writeHomeTasks(dir string) error {
+	if f, ok := m.homeTasks.Load(dir); ok {
+		if _, err := f.(*os.File).Write([]byte("0")); err == nil {
+			return nil
+		}
+		m.homeTasks.Delete(dir) // removed meanwhile? open it again
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "tasks"), os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write([]byte("0")); err != nil {
+		f.Close()
+		return err
+	}
+	if _, loaded := m.homeTasks.LoadOrStore(dir, f); loaded {
+		f.Close()
+	}
+	return nil
 }

@@ -33,6 +33,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -208,15 +209,11 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
-	stdio, err := openStdio(s)
+	stdio, closeStdio, err := openStdio(s)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	defer func() {
-		for _, f := range stdio {
-			f.Close()
-		}
-	}()
+	defer closeStdio()
 	var g *cgroup.Group
 	if s.Isolation == IsolationContainer {
 		g, err = r.Cgroups.CreateDevices(name, initResources(s.Resources), deviceCgroups())
@@ -704,32 +701,53 @@ func checkExec(path, dir string) error {
 	return nil
 }
 
-// openStdio opens /dev/null as stdin and the output files for appending.
-func openStdio(s Spec) ([]*os.File, error) {
-	in, err := os.Open(os.DevNull)
-	if err != nil {
-		return nil, err
+// devNull is stdin for every workload, opened once and never closed (the
+// child gets its own copy of the descriptor).
+var devNull struct {
+	once sync.Once
+	f    *os.File
+	err  error
+}
+
+// openStdio returns the workload's stdin (/dev/null), stdout and stderr, the
+// outputs opened for appending (created with their parents), and a func that
+// closes what it opened. Stdout and Stderr naming the same file (an agent's
+// one log per process) share one descriptor, and parents are made only if
+// the open finds them missing: a few path walks less per start.
+func openStdio(s Spec) ([]*os.File, func(), error) {
+	devNull.once.Do(func() { devNull.f, devNull.err = os.Open(os.DevNull) })
+	if devNull.err != nil {
+		return nil, nil, devNull.err
 	}
-	files := []*os.File{in}
-	for _, path := range []string{s.Stdout, s.Stderr} {
-		if path == "" {
-			path = os.DevNull
-		} else if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-			break
-		}
-		var f *os.File
-		if f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644); err != nil {
-			break
-		}
-		files = append(files, f)
-	}
-	if err != nil {
-		for _, f := range files {
+	files := []*os.File{devNull.f}
+	var opened []*os.File
+	closeAll := func() {
+		for _, f := range opened {
 			f.Close()
 		}
-		return nil, err
 	}
-	return files, nil
+	for i, path := range []string{s.Stdout, s.Stderr} {
+		if i == 1 && path == s.Stdout {
+			files = append(files, files[1])
+			continue
+		}
+		if path == "" {
+			path = os.DevNull
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if errors.Is(err, fs.ErrNotExist) && path != os.DevNull {
+			if err = os.MkdirAll(filepath.Dir(path), 0o755); err == nil {
+				f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+			}
+		}
+		if err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+		opened = append(opened, f)
+		files = append(files, f)
+	}
+	return files, closeAll, nil
 }
 
 // procStat returns the state (field 3) and start time (field 22) of pid.
