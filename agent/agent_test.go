@@ -137,7 +137,9 @@ func (r *countingRuntime) KillAll() error {
 
 const testLease = 200 * time.Millisecond
 
-func startAgent(t *testing.T, cp *fakeCP, rt Runtime) *Agent {
+// startAgent runs an agent of node n1 against cp until the test ends; edit,
+// if given, sets more of its fields first.
+func startAgent(t *testing.T, cp *fakeCP, rt Runtime, edit ...func(*Agent)) *Agent {
 	t.Helper()
 	a := &Agent{
 		Node:    &pb.NodeRecord{Name: "n1"},
@@ -147,6 +149,9 @@ func startAgent(t *testing.T, cp *fakeCP, rt Runtime) *Agent {
 		DataDir: t.TempDir(),
 		Lease:   testLease,
 		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}
+	for _, e := range edit {
+		e(a)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -213,24 +218,13 @@ func TestAgentFencesAtLeaseEnd(t *testing.T) {
 	rt := &countingRuntime{}
 	var mu sync.Mutex
 	var published []time.Time
-	a := &Agent{
-		Node:    &pb.NodeRecord{Name: "n1"},
-		Addrs:   func() []string { return []string{"cp"} },
-		Client:  func(string) shimv1connect.AgentServiceClient { return cp },
-		Runtime: rt,
-		DataDir: t.TempDir(),
-		Lease:   testLease,
-		Log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Deadline: func(until time.Time) {
+	startAgent(t, cp, rt, func(a *Agent) {
+		a.Deadline = func(until time.Time) {
 			mu.Lock()
 			published = append(published, until)
 			mu.Unlock()
-		},
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = a.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+		}
+	})
 	waitUntil(t, 2*time.Second, "a started", func() bool { return rt.starts.Load() == 1 })
 	fences := rt.killAlls.Load()
 

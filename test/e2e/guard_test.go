@@ -9,6 +9,18 @@ import (
 	"time"
 )
 
+// beatFiles makes the FIFO the beat workloads sleep on and names the file
+// they append their beats to.
+func beatFiles(t *testing.T) (fifo, beats string) {
+	t.Helper()
+	dir := t.TempDir()
+	fifo, beats = filepath.Join(dir, "fifo"), filepath.Join(dir, "beats")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return fifo, beats
+}
+
 // TestAgentGone takes one node's shimd away while its host keeps running:
 // first paused (SIGSTOP, later SIGCONT), then killed (SIGKILL, later started
 // again). Either way no agent is left to fence the node's processes, so its
@@ -19,11 +31,7 @@ import (
 func TestAgentGone(t *testing.T) {
 	needRoot(t)
 	c := startCluster(t, 3)
-	dir := t.TempDir()
-	fifo, beats := filepath.Join(dir, "fifo"), filepath.Join(dir, "beats")
-	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	fifo, beats := beatFiles(t)
 	const n = 30
 	c.must("spawn", "--name", "beat", "--count", fmt.Sprint(n), "--restart", "always", "--",
 		"/bin/bash", "-c", ptBeatScript, "beat", fifo, beats)

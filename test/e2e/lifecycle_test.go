@@ -2,9 +2,7 @@ package e2e
 
 import (
 	"fmt"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -25,11 +23,7 @@ done`
 func TestDrain(t *testing.T) {
 	needRoot(t)
 	c := startCluster(t, 3)
-	dir := t.TempDir()
-	fifo, beats := filepath.Join(dir, "fifo"), filepath.Join(dir, "beats")
-	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	fifo, beats := beatFiles(t)
 	const n = 12
 	c.must("spawn", "--name", "beat", "--count", fmt.Sprint(n), "--", "/bin/bash", "-c", drainBeatScript, "beat", fifo, beats)
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d running", n), func() bool { return countRunning(c.ps()) == n })
