@@ -5,11 +5,15 @@
 // binary ("<binary> init"); the process then runs every package initializer
 // of that binary before main. This package's initializer depends only on
 // libcontainer, so Go runs it as soon as libcontainer's own dependencies
-// are initialized, before the agent's heavier packages (protobuf
-// registries, metrics, HTTP, Raft) that the init never uses: their
-// initializers are skipped, which shortens every container start. The
-// exec package imports it; exec.IsInit and exec.Init remain the explicit
-// hook for main.
+// are initialized, and the initializers after it are skipped. That is
+// fewer than hoped: Go initializes, among the packages whose dependencies
+// are done, the first by import path, and libcontainer needs net and
+// vendor/golang.org/x/net, which sort late, so nearly every package of the
+// agent is initialized first. Measured (GODEBUG=inittrace=1, shimd): this
+// is initializer 163 of 183, after 1.6 of 2.1 ms of initializers; with the
+// Go runtime's own start, shimd's size costs a container start about 2 ms
+// over a binary of libcontainer alone. The exec package imports it;
+// exec.IsInit and exec.Init remain the explicit hook for main.
 package boot
 
 import (
