@@ -230,6 +230,17 @@ func checkInvariants(t *Table) error {
 			}
 		}
 	}
+	if len(t.order) != len(t.procs) {
+		return fmt.Errorf("order holds %d ids, there are %d records", len(t.order), len(t.procs))
+	}
+	for i, id := range t.order {
+		if t.procs[id] == nil {
+			return fmt.Errorf("order holds %s, which has no record", id)
+		}
+		if i > 0 && !t.orderLess(t.order[i-1], t.procs[id]) {
+			return fmt.Errorf("order: %s before %s", t.order[i-1], id)
+		}
+	}
 	states := map[pb.ProcessState]int{}
 	for _, r := range t.procs {
 		states[r.State]++

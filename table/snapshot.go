@@ -119,6 +119,17 @@ func (t *Table) Restore(r io.Reader) error {
 			}
 		}
 	}
+	nt.order = make([]string, 0, len(nt.procs))
+	for id := range nt.procs {
+		nt.order = append(nt.order, id)
+	}
+	sort.Slice(nt.order, func(i, j int) bool {
+		a, b := nt.procs[nt.order[i]], nt.procs[nt.order[j]]
+		if a.CreatedUnixNano != b.CreatedUnixNano {
+			return a.CreatedUnixNano < b.CreatedUnixNano
+		}
+		return a.Id < b.Id
+	})
 	// Every node's assignment index becomes the snapshot index: no agent can
 	// hold a newer one, so none waits for a change it has already seen.
 	for _, n := range nt.nodes {
@@ -130,7 +141,7 @@ func (t *Table) Restore(r io.Reader) error {
 	t.index, t.procs, t.nodes, t.nodeOrder, t.servers = nt.index, nt.procs, nt.nodes, nt.nodeOrder, nt.servers
 	t.byNode, t.byName, t.pending, t.alloc, t.nodeIndex = nt.byNode, nt.byName, nt.pending, nt.alloc, nt.nodeIndex
 	t.left, t.leftBase, t.changes = map[string]*departures{}, hdr.Index, map[string]*departures{}
-	t.cands, t.candsOK, t.states = nil, false, nt.states
+	t.cands, t.candsOK, t.states, t.order = nil, false, nt.states, nt.order
 	return nil
 }
 

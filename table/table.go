@@ -47,6 +47,10 @@ type Table struct {
 	candsOK bool
 	// states counts the records in each state (derived), for metrics.
 	states map[pb.ProcessState]int
+	// order holds every process id sorted by creation time, then id: the
+	// order Processes lists them in, kept rather than sorted per call
+	// (derived; a record's creation time never changes).
+	order []string
 }
 
 // cand is one node as placement sees it.
@@ -111,6 +115,7 @@ func (t *Table) reset() {
 	t.changes = map[string]*departures{}
 	t.cands, t.candsOK = nil, false
 	t.states = map[pb.ProcessState]int{}
+	t.order = nil
 }
 
 // depart logs that id is no longer assigned to node as of the table index.
@@ -126,6 +131,27 @@ func (t *Table) depart(node, id string) {
 		d.log = slices.Delete(d.log, 0, drop)
 	}
 	d.log = append(d.log, departure{id: id, index: t.index})
+}
+
+// insertOrder adds a new record's id to order. Records usually arrive in
+// creation order, so this is an append.
+func (t *Table) insertOrder(rec *pb.ProcessRecord) {
+	n := len(t.order)
+	if n == 0 || t.orderLess(t.order[n-1], rec) {
+		t.order = append(t.order, rec.Id)
+		return
+	}
+	i := sort.Search(n, func(i int) bool { return !t.orderLess(t.order[i], rec) })
+	t.order = slices.Insert(t.order, i, rec.Id)
+}
+
+// orderLess reports whether the record of id sorts before rec.
+func (t *Table) orderLess(id string, rec *pb.ProcessRecord) bool {
+	a := t.procs[id]
+	if a.CreatedUnixNano != rec.CreatedUnixNano {
+		return a.CreatedUnixNano < rec.CreatedUnixNano
+	}
+	return id < rec.Id
 }
 
 // logChange logs that id's record changed while assigned to node, as of the
@@ -258,6 +284,7 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 	t.procs[rec.Id] = rec
 	if old == nil {
 		addIndex(t.byName, rec.Spec.GetName(), rec.Id)
+		t.insertOrder(rec)
 	} else {
 		t.states[old.State]--
 	}
@@ -837,6 +864,13 @@ func (x *txn) prune(before int64) []string {
 		}
 	}
 	sort.Strings(ids)
+	if len(ids) > 0 {
+		gone := make(map[string]bool, len(ids))
+		for _, id := range ids {
+			gone[id] = true
+		}
+		t.order = slices.DeleteFunc(t.order, func(id string) bool { return gone[id] })
+	}
 	for _, id := range ids {
 		delIndex(t.byName, t.procs[id].Spec.GetName(), id)
 		t.states[t.procs[id].State]--
@@ -1046,18 +1080,19 @@ func (t *Table) Resolve(ref string) ([]string, error) {
 // terminal records; node, if set, keeps only that node's live processes.
 func (t *Table) Processes(all bool, node string) []*pb.ProcessRecord {
 	t.mu.RLock()
-	var out []*pb.ProcessRecord
-	if node != "" {
-		for id := range t.byNode[node] {
-			out = append(out, t.procs[id])
-		}
-	} else {
-		out = make([]*pb.ProcessRecord, 0, len(t.procs))
-		for _, r := range t.procs {
-			if all || live(r) {
+	if node == "" {
+		out := make([]*pb.ProcessRecord, 0, len(t.procs))
+		for _, id := range t.order {
+			if r := t.procs[id]; all || live(r) {
 				out = append(out, r)
 			}
 		}
+		t.mu.RUnlock()
+		return out
+	}
+	var out []*pb.ProcessRecord
+	for id := range t.byNode[node] {
+		out = append(out, t.procs[id])
 	}
 	t.mu.RUnlock()
 	sort.Slice(out, func(i, j int) bool {
