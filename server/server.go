@@ -63,7 +63,8 @@ type Server struct {
 	leases  *leases
 	httpc   *http.Client
 
-	batch batcher // proposals waiting to be committed together (batch.go)
+	batch     batcher     // proposals waiting to be committed together (batch.go)
+	listCache recordCache // encoded records for List (listcache.go)
 
 	streamsMu     sync.Mutex
 	streams       map[net.Conn]struct{} // open heartbeat streams (stream.go)

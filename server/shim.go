@@ -268,6 +268,15 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 	}
 	if m.Usage {
 		recs = s.usage(ctx, recs, false)
+	} else if len(m.Ids) == 0 && m.Node == "" && binaryCodec(req.Header().Get("Content-Type")) {
+		// The whole table, in binary: from the encoded-record cache.
+		raw, err := s.listCache.encode(recs)
+		if err != nil {
+			return nil, apiError(err)
+		}
+		out := &pb.ListResponse{Index: index}
+		out.ProtoReflect().SetUnknown(raw)
+		return connect.NewResponse(out), nil
 	}
 	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index}), nil
 }

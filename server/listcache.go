@@ -1,0 +1,79 @@
+package server
+
+import (
+	"slices"
+	"strings"
+	"sync"
+
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// Encoded process records.
+//
+// Encoding 100,000 records for `shim ps` took this VM ~300 ms of the
+// server's CPU on every call, although records are immutable and most have
+// not changed since the last listing. The server keeps each listed record's
+// encoding, keyed by id and checked against the record's pointer (a change
+// stores a new record), and sends a binary List answer as pre-encoded bytes:
+// ListResponse's processes field, written out as the unknown fields of an
+// otherwise empty answer, which is the same wire format. Clients that speak
+// JSON get a normal answer (protojson drops unknown fields).
+
+type encodedRecord struct {
+	rec *pb.ProcessRecord
+	b   []byte
+}
+
+type recordCache struct {
+	mu   sync.Mutex
+	m    map[string]encodedRecord
+	last []*pb.ProcessRecord // the records of the last answer...
+	out  []byte              // ...and the answer
+}
+
+// encode returns the processes field of a ListResponse holding recs, in wire
+// format. recs is a listing of the whole table: afterwards the cache holds
+// only these records, so it never keeps one the table has dropped.
+func (c *recordCache) encode(recs []*pb.ProcessRecord) ([]byte, error) {
+	c.mu.Lock()
+	old := c.m
+	if slices.Equal(recs, c.last) {
+		// Nothing changed since the last listing: the same answer.
+		out := c.out
+		c.mu.Unlock()
+		return out, nil
+	}
+	c.mu.Unlock()
+	next := make(map[string]encodedRecord, len(recs))
+	size := 0
+	for _, r := range recs {
+		e, ok := old[r.Id]
+		if !ok || e.rec != r {
+			b, err := proto.Marshal(r)
+			if err != nil {
+				return nil, err
+			}
+			e = encodedRecord{rec: r, b: b}
+		}
+		next[r.Id] = e
+		size += 1 + protowire.SizeVarint(uint64(len(e.b))) + len(e.b)
+	}
+	out := make([]byte, 0, size)
+	for _, r := range recs {
+		out = protowire.AppendTag(out, 1, protowire.BytesType) // ListResponse.processes
+		out = protowire.AppendBytes(out, next[r.Id].b)
+	}
+	c.mu.Lock()
+	c.m, c.last, c.out = next, recs, out
+	c.mu.Unlock()
+	return out, nil
+}
+
+// binaryCodec reports whether a request's answer will be encoded as binary
+// protobuf (Connect, gRPC and gRPC-Web without +json).
+func binaryCodec(contentType string) bool {
+	return !strings.Contains(strings.ToLower(contentType), "json")
+}
