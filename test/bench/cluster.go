@@ -268,12 +268,37 @@ func (c *cluster) kill9(d *daemon) {
 	<-d.done
 }
 
+// killGuard kills the guard shimd started for d (cmd/shimd/guard.go), which
+// outlives shimd on purpose, and waits for it to be gone.
+func killGuard(d *daemon) {
+	b, err := os.ReadFile(filepath.Join(d.dir, "guard.pid"))
+	if err != nil {
+		return
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !bytes.Contains(cmdline, []byte("guard")) || !bytes.Contains(cmdline, []byte(d.dir)) {
+		return
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	for range 100 {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // close kills every daemon and every process they ran, and removes the
 // cgroups and (unless -keep) the data dirs.
 func (c *cluster) close() {
 	var names []string
 	for _, d := range append(append([]*daemon(nil), c.servers...), c.workers...) {
 		c.kill9(d)
+		killGuard(d)
 		if d.logf != nil {
 			d.logf.Close()
 		}
