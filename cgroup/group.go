@@ -439,6 +439,34 @@ func (g *Group) stats() (Usage, error) {
 	return u, nil
 }
 
+// Sample returns the two counters an agent samples for every process every
+// few seconds, CPU time used and memory charged, reading one file for each
+// (Stats reads four, after a stat of the directory).
+func (g *Group) Sample() (cpuNanos, memBytes uint64, err error) {
+	cpuFile, memFile := filepath.Join(g.dir, "cpu.stat"), filepath.Join(g.dir, "memory.current")
+	if !g.m.v2 {
+		dir, _ := g.ctlDir(cgroup1.Cpuacct)
+		cpuFile = filepath.Join(dir, "cpuacct.usage")
+		dir, _ = g.ctlDir(cgroup1.Memory)
+		memFile = filepath.Join(dir, "memory.usage_in_bytes")
+	}
+	if g.m.v2 {
+		var kv map[string]uint64
+		if kv, err = readKV(cpuFile); err == nil {
+			cpuNanos = kv["usage_usec"] * 1000
+		}
+	} else {
+		cpuNanos, err = readUint(cpuFile)
+	}
+	if err == nil {
+		memBytes, err = readUint(memFile)
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("sample cgroup %s: %w", g.name, notFound(err))
+	}
+	return cpuNanos, memBytes, nil
+}
+
 // Kill sends SIGKILL to every process in the group and returns once they
 // have all been signalled (not necessarily reaped). On v2 it uses
 // cgroup.kill when the kernel has it. Otherwise the group is frozen first so

@@ -307,6 +307,9 @@ func TestSpawnKillDelete(t *testing.T) {
 	if u.PidsCurrent != 1 || u.MemoryBytes == 0 {
 		t.Errorf("Stats = %+v, want 1 pid and some memory", u)
 	}
+	if cpu, mem, err := g.Sample(); err != nil || mem == 0 || cpu < u.CPUUsageNanos {
+		t.Errorf("Sample = %d, %d, %v; want some memory and at least Stats' cpu %d", cpu, mem, err, u.CPUUsageNanos)
+	}
 	deleteTimeout = 50 * time.Millisecond
 	err = g.Delete()
 	deleteTimeout = 5 * time.Second
@@ -324,6 +327,9 @@ func TestSpawnKillDelete(t *testing.T) {
 		t.Fatalf("Delete: %v", err)
 	}
 	expectGone(t, m)
+	if _, _, err := g.Sample(); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Sample after Delete: %v, want ErrNotFound", err)
+	}
 }
 
 func TestKillManyForkingProcesses(t *testing.T) {

@@ -568,6 +568,19 @@ func (p *Process) Stats() (cgroup.Usage, error) {
 	return u, err
 }
 
+// Sample returns the CPU time the workload has used and the memory charged
+// to it, cheaper than Stats; ErrExited once the process is gone.
+func (p *Process) Sample() (cpuNanos, memBytes uint64, err error) {
+	if p.exited() {
+		return 0, 0, fmt.Errorf("sample %s: %w", p.name, ErrExited)
+	}
+	cpuNanos, memBytes, err = p.group.Sample()
+	if err != nil && p.exited() {
+		return 0, 0, fmt.Errorf("sample %s: %w", p.name, ErrExited)
+	}
+	return cpuNanos, memBytes, err
+}
+
 // Resize changes the workload's resources in place; the process keeps
 // running under the same PID.
 func (p *Process) Resize(r cgroup.Resources) error {

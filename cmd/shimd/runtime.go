@@ -120,11 +120,11 @@ func (p proc) Kill() error                     { return p.p.Kill() }
 func (p proc) Done() <-chan struct{}           { return p.p.Done() }
 func (p proc) Resize(r *pb.Resources) error    { return p.p.Resize(resources(r)) }
 func (p proc) Stats() (*pb.Usage, error) {
-	u, err := p.p.Stats()
+	cpu, mem, err := p.p.Sample()
 	if err != nil {
 		return nil, err
 	}
-	return &pb.Usage{CpuUsageNanos: u.CPUUsageNanos, MemoryBytes: u.MemoryBytes}, nil
+	return &pb.Usage{CpuUsageNanos: cpu, MemoryBytes: mem}, nil
 }
 func (p proc) Exit() agent.Exit {
 	x := p.p.Exit()
