@@ -27,14 +27,21 @@ func simCluster(e *env, tag string, nodes, perSim int, flags ...string) (*cluste
 	if err := c.drain(ctx, false, names(c.servers...)...); err != nil {
 		return c, err
 	}
+	// One simulator at a time, each once the last one's nodes are up: a
+	// real cluster's nodes do not all join in the same few seconds, and
+	// thousands joining (Raft entries, streams, first full assignment
+	// lists) while thousands more heartbeat is a load test of its own.
+	t0 := time.Now()
+	up := 3
 	for left := nodes; left > 0; left -= perSim {
-		if _, err := c.addWorker(min(left, perSim), flags...); err != nil {
+		n := min(left, perSim)
+		if _, err := c.addWorker(n, flags...); err != nil {
 			return c, err
 		}
-	}
-	t0 := time.Now()
-	if err := c.waitNodesUp(3+nodes, 60*time.Second+time.Duration(nodes)*20*time.Millisecond); err != nil {
-		return c, err
+		up += n
+		if err := c.waitNodesUp(up, 30*time.Second+time.Duration(n)*20*time.Millisecond); err != nil {
+			return c, err
+		}
 	}
 	e.debugf("%d simulated nodes up in %s", nodes, time.Since(t0).Round(time.Millisecond))
 	return c, nil
