@@ -143,13 +143,16 @@ func NewManager(root string) (*Manager, error) {
 		return nil, fmt.Errorf("cgroup manager %s: none of %v mounted: %w", root, v1Controllers, ErrUnsupported)
 	}
 	m.hier = func() ([]cgroup1.Subsystem, error) { return subs, nil }
-	if devSub != nil && !slices.ContainsFunc(m.ctls, func(c controller) bool { return c.dir == devCtl.dir }) {
-		// Before memory, which Spawn enters last.
-		i := slices.IndexFunc(m.ctls, func(c controller) bool { return c.name == cgroup1.Memory })
-		if i < 0 {
-			i = len(m.ctls)
+	if devSub != nil {
+		m.devCtls = m.ctls // co-mounted with one of them: the same directories
+		if !slices.ContainsFunc(m.ctls, func(c controller) bool { return c.dir == devCtl.dir }) {
+			// Before memory, which Spawn enters last.
+			i := slices.IndexFunc(m.ctls, func(c controller) bool { return c.name == cgroup1.Memory })
+			if i < 0 {
+				i = len(m.ctls)
+			}
+			m.devCtls = slices.Insert(slices.Clone(m.ctls), i, devCtl)
 		}
-		m.devCtls = slices.Insert(slices.Clone(m.ctls), i, devCtl)
 		devSubs := append(slices.Clone(subs), devSub)
 		m.devHier = func() ([]cgroup1.Subsystem, error) { return devSubs, nil }
 	}
@@ -180,10 +183,14 @@ func (m *Manager) Create(name string, r Resources) (*Group, error) {
 // (a container). On cgroup v1 the group also lives in the devices
 // hierarchy, where every device is denied except those rules allow, e.g.
 // {Allow: true, Type: "c", Major: 1, Minor: 3, Access: "rwm"} for
-// /dev/null. cgroup v2 has no device files (a container runtime attaches an
-// eBPF program to the group instead), so there, and where the devices
-// hierarchy is not mounted, it is Create.
+// /dev/null. On v1 without a mounted devices hierarchy it fails with
+// ErrUnsupported, as runc does: the rules are a wall of the sandbox. cgroup
+// v2 has no device files (a container runtime attaches an eBPF program to
+// the group instead), so there it is Create.
 func (m *Manager) CreateDevices(name string, r Resources, allow []specs.LinuxDeviceCgroup) (*Group, error) {
+	if !m.v2 && m.devCtls == nil {
+		return nil, fmt.Errorf("create cgroup %s: the v1 devices controller is not mounted: %w", name, ErrUnsupported)
+	}
 	return m.create(name, r, allow, true)
 }
 
@@ -196,7 +203,7 @@ func (m *Manager) create(name string, r Resources, allow []specs.LinuxDeviceCgro
 	}
 	g := m.group(name)
 	var devs []specs.LinuxDeviceCgroup
-	if devices && !m.v2 && m.devCtls != nil {
+	if devices && !m.v2 {
 		g.ctls = m.devCtls
 		devs = append([]specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}}, allow...)
 	}
