@@ -503,11 +503,11 @@ func deviceCgroups() []specs.LinuxDeviceCgroup {
 	var out []specs.LinuxDeviceCgroup
 	for _, r := range deviceRules() {
 		d := specs.LinuxDeviceCgroup{Allow: r.Allow, Type: string(r.Type), Access: string(r.Permissions)}
-		if r.Major != devconfig.Wildcard {
-			d.Major = &r.Major
+		if maj := r.Major; maj != devconfig.Wildcard {
+			d.Major = &maj
 		}
-		if r.Minor != devconfig.Wildcard {
-			d.Minor = &r.Minor
+		if min := r.Minor; min != devconfig.Wildcard {
+			d.Minor = &min
 		}
 		out = append(out, d)
 	}
@@ -551,10 +551,11 @@ func createUnmanaged(root, id string, cfg *configs.Config) (*libcontainer.Contai
 }
 
 func init() {
-	// libcontainer's v1 cgroup manager hands the device rules of every
-	// controller it has no path for to this hook with an empty path; for an
-	// unmanaged container (createUnmanaged) that is every controller, and
-	// package cgroup has set its devices up already.
+	// libcontainer's v1 cgroup manager (Set) calls this hook for the devices
+	// controller even when it has no path for it, then with an empty path,
+	// which the hook's own implementation rejects. An unmanaged container
+	// (createUnmanaged) has no paths, and package cgroup has set its devices
+	// up already.
 	if set := cgroups.DevicesSetV1; set != nil {
 		cgroups.DevicesSetV1 = func(path string, r *cgroups.Resources) error {
 			if path == "" {
