@@ -225,11 +225,11 @@ func (g *Group) SetPidsMax(n int64) error {
 	defer g.mu.Unlock()
 	var err error
 	if g.m.v2 {
-		max := int64(-1) // "max"
+		limit := int64(-1) // "max"
 		if n > 0 {
-			max = n
+			limit = n
 		}
-		err = g.cg2.Update(&cgroup2.Resources{Pids: &cgroup2.Pids{Max: max}})
+		err = g.cg2.Update(&cgroup2.Resources{Pids: &cgroup2.Pids{Max: limit}})
 	} else {
 		err = writeFile(dir, "pids.max", val)
 	}
@@ -285,15 +285,15 @@ func planV2(r Resources, prev *V2) []v2Write {
 		w = append(w, v2Write{"cpu.max.burst", strconv.FormatUint(v.CPUMaxBurst, 10), nil, v.CPUMaxBurst == 0})
 	}
 	if all || v.MemoryMin != prev.MemoryMin {
-		min := int64(v.MemoryMin)
-		w = append(w, v2Write{"memory.min", strconv.FormatInt(min, 10),
-			&cgroup2.Resources{Memory: &cgroup2.Memory{Min: &min}}, min == 0})
+		low := int64(v.MemoryMin)
+		w = append(w, v2Write{"memory.min", strconv.FormatInt(low, 10),
+			&cgroup2.Resources{Memory: &cgroup2.Memory{Min: &low}}, low == 0})
 	}
 	if all || v.MemoryMax != prev.MemoryMax {
 		mw := v2Write{"memory.max", v.MemoryMax, nil, r.MemMaxBytes == 0}
 		if r.MemMaxBytes > 0 {
-			max := r.MemMaxBytes
-			mw.res = &cgroup2.Resources{Memory: &cgroup2.Memory{Max: &max}}
+			high := r.MemMaxBytes
+			mw.res = &cgroup2.Resources{Memory: &cgroup2.Memory{Max: &high}}
 		}
 		w = append(w, mw)
 	}

@@ -506,8 +506,8 @@ func deviceCgroups() []specs.LinuxDeviceCgroup {
 		if maj := r.Major; maj != devconfig.Wildcard {
 			d.Major = &maj
 		}
-		if min := r.Minor; min != devconfig.Wildcard {
-			d.Minor = &min
+		if mnr := r.Minor; mnr != devconfig.Wildcard {
+			d.Minor = &mnr
 		}
 		out = append(out, d)
 	}
