@@ -70,11 +70,7 @@ func (a *app) psCmd() *cobra.Command {
 
 func (a *app) printProcesses(w io.Writer, recs []*pb.ProcessRecord, output string, history bool) error {
 	if output == "json" {
-		views := make([]processJSON, 0, len(recs))
-		for _, r := range recs {
-			views = append(views, processView(r))
-		}
-		return writeJSON(w, views)
+		return writeProcessesJSON(w, recs)
 	}
 	return writeProcessTable(w, recs, output == "wide", history, a.now())
 }

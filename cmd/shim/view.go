@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -214,6 +215,30 @@ func writeJSON(w io.Writer, v any) error {
 	enc.SetEscapeHTML(false)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// writeProcessesJSON prints recs as writeJSON prints a []processJSON, one
+// record at a time through jsonWriter: `ps -o json` of 100,000 processes
+// would otherwise build (and then indent) one 80 MB buffer by reflection.
+func writeProcessesJSON(w io.Writer, recs []*pb.ProcessRecord) error {
+	if len(recs) == 0 {
+		_, err := io.WriteString(w, "[]\n")
+		return err
+	}
+	bw := bufio.NewWriterSize(w, 256<<10)
+	var b []byte
+	bw.WriteString("[\n")
+	for i, r := range recs {
+		v := processView(r)
+		b = append(b[:0], ' ', ' ')
+		b = appendProcessJSON(b, &v)
+		if i < len(recs)-1 {
+			b = append(b, ',')
+		}
+		bw.Write(append(b, '\n'))
+	}
+	bw.WriteString("]\n")
+	return bw.Flush()
 }
 
 // ---- Tables.

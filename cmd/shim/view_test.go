@@ -248,3 +248,48 @@ func TestErrorLine(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteProcessesJSON holds the hand-written JSON of `ps -o json` to
+// what encoding/json prints for the same views, over awkward values.
+func TestWriteProcessesJSON(t *testing.T) {
+	odd := []string{"", "plain", "q\"b\\s/", "\x00\x01\b\f\n\r\t\x1f\x7f", "<&>", "\u2028\u2029 é 日本", "bad \xff\xfe utf8", "\xe2\x80"}
+	var recs []*pb.ProcessRecord
+	for i, s := range odd {
+		r := sampleRecord()
+		r.Id, r.Reason, r.Spec.Name, r.Spec.Env = s, s, s, []string{s, "K=" + s}
+		r.Spec.Command = []string{s}
+		r.Pid, r.ExitCode, r.ModifyIndex = int64(-i), int32(-i*1000), uint64(1)<<63+uint64(i)
+		r.Spec.Resources.CpuMinMilli = []int64{0, 1, 7, 333, 1e9, 1 << 62, 10, 5}[i]
+		r.Spec.Resources.CpuBurstMilli = int64(i) * 123457
+		if i%2 == 0 {
+			r.Usage, r.History = nil, nil
+			r.Spec.Command, r.Spec.Env = nil, nil
+		} else {
+			r.Usage.CpuUsageNanos = uint64(i) * 1
+			r.History = append(r.History, &pb.Incarnation{Incarnation: 9, Node: s, Reason: s, EndedUnixNano: 1})
+		}
+		recs = append(recs, r)
+	}
+	for _, recs := range [][]*pb.ProcessRecord{nil, recs[:1], recs} {
+		views := []processJSON{}
+		for _, r := range recs {
+			views = append(views, processView(r))
+		}
+		var want, got bytes.Buffer
+		if err := writeJSON(&want, views); err != nil {
+			t.Fatal(err)
+		}
+		if err := writeProcessesJSON(&got, recs); err != nil {
+			t.Fatal(err)
+		}
+		if got.String() != want.String() {
+			t.Errorf("%d records:\ngot  %s\nwant %s", len(recs), got.String(), want.String())
+		}
+	}
+	for _, f := range []float64{0, 1e-7, -2.5e-9, 1e21, 123456789.125, 0.001, -0.5, 1e20} {
+		want, _ := json.Marshal(f)
+		if got := appendJSONFloat(nil, f); string(got) != string(want) {
+			t.Errorf("float %v: got %s, want %s", f, got, want)
+		}
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"connectrpc.com/connect"
+
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/table"
 )
@@ -116,6 +118,21 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 		psMS = append(psMS, ms(d))
 	}
 	stopPerf()
+	// The same listing through the API alone (Go client, protobuf): the
+	// server and transport part of 6a, without the CLI's JSON.
+	var apiMS []float64
+	for range psRuns {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		t0 := time.Now()
+		_, err := c.api(ld.api).List(ctx, connect.NewRequest(&pb.ListRequest{}))
+		d := time.Since(t0)
+		cancel()
+		if err != nil {
+			apiMS = nil
+			break
+		}
+		apiMS = append(apiMS, ms(d))
+	}
 	var rssAll []float64
 	var rssNote []string
 	for _, d := range c.servers {
@@ -131,6 +148,7 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 			Check: func(s Stats) bool { return s.Median <= 1000 && len(problems) == 0 },
 			Note: fmt.Sprintf("against the leader; servers run --lease 5s (heartbeats are row 7); %.1f MB of JSON listing %d processes; set-up: %d placed in chunks of %d (8 clients × Spawn{Count:1000}; %.1f s spent placing), all reported running after %.1f s%s",
 				float64(size)/1e6, live, placed, chunk, placing.Seconds(), runningIn.Seconds(), problemNote(problems))},
+		{Row: "6f", What: "…of which: API List of all 100k (Go client, protobuf, no CLI)", Unit: "ms", Sample: apiMS},
 		{Row: "6b", What: "leader shimd RSS with 100k processes", Unit: "MiB", Sample: []float64{rssLeader / 1024},
 			Goal: "≤ 1024", Check: func(s Stats) bool { return s.Max <= 1024 },
 			Note: fmt.Sprintf("after the ps runs; before them %.0f MiB; all servers: %s", rssBefore/1024, strings.Join(rssNote, ", "))},
