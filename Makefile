@@ -20,8 +20,12 @@ lint:
 
 # Every test: unit, in-process cluster, end-to-end with real shimd processes,
 # partitions in network namespaces, and the Docker chaos run.
+# The failover, partition and chaos tests also write their figures to
+# test-reports/, printed at the end (go test hides a passing test's log).
 test: lint
-	$(GO) test -tags $(TAGS) -count=1 -timeout 25m -p 1 $(PKGS)
+	@rm -rf test-reports
+	@SHIM_REPORT_DIR=$(CURDIR)/test-reports $(GO) test -tags $(TAGS) -count=1 -timeout 25m -p 1 $(PKGS); \
+	  rc=$$?; for f in test-reports/*.txt; do [ -f "$$f" ] && { echo "== $$f"; cat "$$f"; }; done; exit $$rc
 
 unit:
 	$(GO) test -tags $(TAGS) -count=1 -short $(PKGS)

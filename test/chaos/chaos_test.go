@@ -628,6 +628,7 @@ func (k *checker) report(t *testing.T, rounds []*round) {
 	fmt.Fprintf(&b, "overlaps found: %d; incarnations that ran twice: %d; lost found: %d (ended or vanished from the table: %d; "+
 		"not running %s after the last round: %d)\n", len(all), len(doubles), len(k.lost)+k.stranded, len(k.lost), finalLimit, k.stranded)
 	t.Log(b.String())
+	keepReport(t, "chaos", b.String())
 }
 
 func countIDs(ov []overlap) int {

@@ -133,8 +133,10 @@ func TestNodeDeath(t *testing.T) {
 		c.waitNodesUp(3, 20*time.Second)
 	}
 	sort.Slice(times, func(i, j int) bool { return times[i] < times[j] })
-	t.Logf("node death to all running elsewhere over %d runs: p50 %s, p99 %s, max %s",
-		len(times), times[len(times)/2], times[len(times)-1], times[len(times)-1])
+	summary := fmt.Sprintf("TestNodeDeath: kill -9 of a node's shimd and processes → all running elsewhere, over %d runs: p50 %s, p99 %s, max %s (each: %v)",
+		len(times), times[len(times)/2], times[len(times)-1], times[len(times)-1], times)
+	t.Log(summary)
+	keepReport(t, "failover", summary)
 }
 
 // others returns the API addresses of every node but d.
@@ -218,6 +220,7 @@ func TestLeaderLoss(t *testing.T) {
 	})
 	took := time.Since(start)
 	t.Logf("leader killed: writes accepted again after %s", took)
+	keepReport(t, "failover", fmt.Sprintf("TestLeaderLoss: kill -9 of the leader → spawn accepted again after %s", took))
 	if took > 2*time.Second {
 		t.Errorf("writes took %s to come back, want <= 2s", took)
 	}

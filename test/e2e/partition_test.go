@@ -299,8 +299,10 @@ func (l *partLab) cleanup() {
 		for _, m := range b.spans {
 			incs += len(m)
 		}
-		l.t.Logf("whole run: %d beat lines (%d malformed) from %d ids, %d incarnations; overlapping incarnations: %d",
-			b.lines, b.bad, len(b.spans), incs, len(ov))
+		summary := fmt.Sprintf("%s: %d beat lines (%d malformed) from %d ids, %d incarnations; overlapping incarnations: %d",
+			l.t.Name(), b.lines, b.bad, len(b.spans), incs, len(ov))
+		l.t.Log(summary)
+		keepReport(l.t, "partition", summary)
 	}
 	for _, d := range l.nodes {
 		if d.cmd != nil {
