@@ -6,12 +6,10 @@ package agent
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -27,7 +25,6 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/restart"
-	"github.com/shim-run/shim/table"
 )
 
 // Agent runs one node's processes. Fields are dependencies; set them before Run.
@@ -36,7 +33,7 @@ type Agent struct {
 	Addrs   func() []string
 	Client  func(addr string) shimv1connect.AgentServiceClient
 	Runtime Runtime
-	DataDir string // state/ and logs/ live here
+	DataDir string // state.log and logs/ live here
 	Policy  restart.Policy
 	Lease   time.Duration // until the leader says otherwise
 	Now     func() time.Time
@@ -90,6 +87,7 @@ type Agent struct {
 	kick       chan struct{}
 	reports    chan *pb.StatusUpdate
 	startSem   chan struct{}
+	states     *stateLog    // what a restarted agent adopts
 	serverKey  string       // the servers last passed to OnServers
 	good       atomic.Int32 // index in Addrs() of the address that answered last
 }
@@ -1117,39 +1115,35 @@ type state struct {
 // LogPath is where a process's output is kept under the data dir.
 func LogPath(dataDir, id string) string { return filepath.Join(dataDir, "logs", id+".log") }
 
-func (a *Agent) statePath(id string) string { return filepath.Join(a.DataDir, "state", id+".json") }
-
 func (a *Agent) saveState(l *local) {
 	res, _ := proto.Marshal(l.applied)
-	b, _ := json.Marshal(state{Incarnation: l.inc, PID: l.proc.PID(), StartTime: l.proc.StartTime(),
-		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano(), Resources: res})
-	p := a.statePath(l.id)
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err == nil {
-		err = os.WriteFile(p+".tmp", b, 0o644)
-		if err == nil {
-			err = os.Rename(p+".tmp", p)
-		}
-		if err != nil {
-			a.Log.Warn("save process state", "id", l.id, "err", err)
-		}
+	st := state{Incarnation: l.inc, PID: l.proc.PID(), StartTime: l.proc.StartTime(),
+		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano(), Resources: res}
+	if err := a.states.put(l.id, st); err != nil {
+		a.Log.Warn("save process state", "id", l.id, "err", err)
 	}
 }
 
-func (a *Agent) dropState(id string) { _ = os.Remove(a.statePath(id)) }
+func (a *Agent) dropState(id string) {
+	if err := a.states.drop(id); err != nil {
+		a.Log.Warn("drop process state", "id", id, "err", err)
+	}
+}
 
 // adopt takes over the processes an earlier agent left running.
 func (a *Agent) adopt() error {
+	var err error
+	if a.states, err = openStateLog(a.DataDir); err != nil {
+		return err
+	}
+	saved := a.states.all()
 	found, err := a.Runtime.Existing()
 	if err != nil {
 		return err
 	}
 	for _, f := range found {
-		var st state
-		b, err := os.ReadFile(a.statePath(f.ID))
-		if err == nil {
-			err = json.Unmarshal(b, &st)
-		}
-		if err != nil || st.Incarnation != f.Incarnation {
+		st, ok := saved[f.ID]
+		if !ok || st.Incarnation != f.Incarnation {
 			a.Log.Warn("removing a sandbox with no usable state", "id", f.ID, "incarnation", f.Incarnation)
 			_ = a.Runtime.Remove(f.ID, f.Incarnation)
 			continue
@@ -1173,15 +1167,9 @@ func (a *Agent) adopt() error {
 		a.Log.Info("re-adopted process", "id", f.ID, "pid", p.PID())
 		go a.wait(l, p)
 	}
-	// Lost processes whose sandbox is already gone still have state files.
-	entries, _ := os.ReadDir(filepath.Join(a.DataDir, "state"))
-	for _, e := range entries {
-		id, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok || a.procs[id] != nil || table.ValidateID(id) != nil {
-			continue
-		}
-		var st state
-		if b, err := os.ReadFile(a.statePath(id)); err == nil && json.Unmarshal(b, &st) == nil {
+	// Lost processes whose sandbox is already gone are still recorded.
+	for id, st := range saved {
+		if a.procs[id] == nil {
 			a.procs[id] = &local{id: id, inc: st.Incarnation, restarts: st.Restarts,
 				lost: &Exit{Code: -1, Reason: "exited while shimd was down"},
 				rec:  &pb.ProcessRecord{Id: id, Incarnation: st.Incarnation, Spec: &pb.ProcessSpec{}}}
