@@ -109,7 +109,10 @@ func spawnLoad(c *cluster, conc, batch int, dur time.Duration, total int64) load
 				t0 := time.Now()
 				r, err := cl.Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec, Count: uint32(n)}))
 				if err != nil {
-					if ctx.Err() != nil {
+					// The server sees the run's deadline (Connect sends it
+					// along) a moment before this client does: a deadline
+					// error in the last second is the end of the run.
+					if ctx.Err() != nil || connect.CodeOf(err) == connect.CodeDeadlineExceeded && time.Since(start) > dur-time.Second {
 						return
 					}
 					errs.Add(1)
