@@ -729,14 +729,23 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	a.startSem <- struct{}{}
 	defer func() { <-a.startSem }()
 	a.mu.Lock()
-	ok := a.procs[l.id] == l && l.starting && !l.fencing
-	a.mu.Unlock()
-	if !ok {
+	if a.procs[l.id] != l || !l.starting {
+		a.mu.Unlock()
 		return
 	}
-	if !a.leaseValid() {
-		return // the lease ran out while it waited its turn; fenced already
+	if l.fencing || l.stopping || !a.mayStartLocked() {
+		// Fenced, killed, or the lease ran out while it waited its turn:
+		// nothing was started, so nothing is left to wait for. Forget it
+		// and let the table say again what to do (report it killed, or
+		// start it once the lease is back); kept, it would pass for
+		// starting forever.
+		l.starting = false
+		delete(a.procs, l.id)
+		a.reconcileLocked()
+		a.mu.Unlock()
+		return
 	}
+	a.mu.Unlock()
 	spec := rec.Spec
 	begin := time.Now()
 	p, err := a.Runtime.Start(Spec{

@@ -286,3 +286,48 @@ func TestAgentQuickExitReportedOnce(t *testing.T) {
 		t.Fatalf("started %d times, want 1 (restart never)", n)
 	}
 }
+
+// gatedRuntime is SimRuntime whose starts wait until gate is closed.
+type gatedRuntime struct {
+	SimRuntime
+	gate    chan struct{}
+	waiting atomic.Int32
+}
+
+func (r *gatedRuntime) Start(s Spec) (Proc, error) {
+	r.waiting.Add(1)
+	<-r.gate
+	return r.SimRuntime.Start(s)
+}
+
+// A process whose start waited its turn while the node's lease ran out (and
+// its entry was fenced) must start once the lease is back, not pass for
+// starting forever: under load, simulated nodes in the benchmark were left
+// with processes that never left STARTING.
+func TestStartQueuedThroughFence(t *testing.T) {
+	cp := newFakeCP()
+	rt := &gatedRuntime{gate: make(chan struct{})}
+	a := startAgent(t, cp, rt)
+	n := startParallel + 3 // some start, the rest wait their turn
+	var recs []*pb.ProcessRecord
+	for i := range n {
+		recs = append(recs, assignment(string(rune('a'+i)), 1, pb.ProcessState_PROCESS_STATE_STARTING))
+	}
+	cp.set(1, recs...)
+	waitUntil(t, 2*time.Second, "as many starts under way as may be", func() bool {
+		return rt.waiting.Load() == startParallel
+	})
+	cp.setUp(false)
+	waitUntil(t, 5*testLease, "the lease running out", func() bool { return !a.leaseValid() })
+	cp.setUp(true)
+	close(rt.gate)
+	waitUntil(t, 20*testLease, "every process reported running", func() bool {
+		running := map[string]bool{}
+		for _, u := range cp.reported() {
+			if u.State == pb.ProcessState_PROCESS_STATE_RUNNING {
+				running[u.Id] = true
+			}
+		}
+		return len(running) == n
+	})
+}
