@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
@@ -600,11 +601,11 @@ func names(ds ...*daemon) []string {
 }
 
 // shimCLI runs the shim CLI against the cluster and returns its wall time.
-func (c *cluster) shimCLI(stdout *bytes.Buffer, args ...string) (time.Duration, error) {
+func (c *cluster) shimCLI(stdout io.Writer, args ...string) (time.Duration, error) {
 	return c.shimCLIAt(c.serverAddrs(), stdout, args...)
 }
 
-func (c *cluster) shimCLIAt(addrs string, stdout *bytes.Buffer, args ...string) (time.Duration, error) {
+func (c *cluster) shimCLIAt(addrs string, stdout io.Writer, args ...string) (time.Duration, error) {
 	cmd := exec.Command(filepath.Join(c.e.bin, "shim"), append([]string{"--addr", addrs}, args...)...)
 	var errb bytes.Buffer
 	if stdout != nil {
