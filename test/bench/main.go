@@ -113,7 +113,7 @@ func main() {
 		facts[0] = "source: " + *srcDir + " (not the repository)"
 	}
 	facts = append(facts, "mode: "+map[bool]string{false: "-quick", true: "-full"}[*full])
-	loadBefore, psiBefore := loadavg(), cpuPressure()
+	loadBefore, psiBefore, cpuBefore := loadavg(), cpuPressure(), cpuTimes()
 	facts = append(facts, fsyncFact(tmp), createFact(tmp))
 	start := time.Now()
 	e.logf("building shimd and shim")
@@ -145,6 +145,7 @@ func main() {
 	}
 	fmt.Fprintf(&b, "- load average before: %s; after: %s\n", loadBefore, loadavg())
 	fmt.Fprintf(&b, "- CPU pressure (PSI some avg60, %% of time a task waited for a CPU) before: %s; after: %s\n", psiBefore, cpuPressure())
+	fmt.Fprintf(&b, "- CPU time stolen by the hypervisor during the run: %s\n", stealShare(cpuBefore, cpuTimes()))
 	fmt.Fprintf(&b, "- wall time: %s\n", time.Since(start).Round(time.Second))
 	fmt.Fprintln(&b)
 	printTable(&b, results)
@@ -241,6 +242,38 @@ func createFact(dir string) string {
 	}
 	s := summarize(ds)
 	return fmt.Sprintf("file create (temp dir, where the data dirs are): median %.0f µs, p99 %.0f µs (n=200)", s.Median, s.P99)
+}
+
+// cpuTimes returns the "cpu" line of /proc/stat: user nice system idle
+// iowait irq softirq steal ..., in clock ticks.
+func cpuTimes() []uint64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return nil
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	var out []uint64
+	for _, f := range strings.Fields(line)[1:] {
+		v, _ := strconv.ParseUint(f, 10, 64)
+		out = append(out, v)
+	}
+	return out
+}
+
+// stealShare is the share of CPU time between two cpuTimes readings that
+// the hypervisor gave to other guests: time this machine's figures lost.
+func stealShare(before, after []uint64) string {
+	if len(before) < 8 || len(after) < 8 {
+		return "?"
+	}
+	var total uint64
+	for i := range 8 {
+		total += after[i] - before[i]
+	}
+	if total == 0 {
+		return "?"
+	}
+	return fmt.Sprintf("%.1f%%", 100*float64(after[7]-before[7])/float64(total))
 }
 
 func loadavg() string {
