@@ -139,10 +139,14 @@ func Step(now, d int64) (kill bool, wait time.Duration) {
 type Guard struct {
 	File *File
 	// Kill sends SIGKILL to every process in every sandbox of the node.
-	Kill  func() error
-	Log   *slog.Logger
-	Now   func() int64                         // CLOCK_MONOTONIC ns; default Monotonic
-	After func(time.Duration) <-chan time.Time // default time.After
+	Kill func() error
+	// Cleanup, if set, removes what the node's sandboxes left behind (their
+	// cgroups) once the node is gone for good: the lease file removed and
+	// its last lease enforced.
+	Cleanup func() error
+	Log     *slog.Logger
+	Now     func() int64                         // CLOCK_MONOTONIC ns; default Monotonic
+	After   func(time.Duration) <-chan time.Time // default time.After
 }
 
 // Run guards until ctx ends, or the deadline file has been removed and the
@@ -176,6 +180,11 @@ func (g *Guard) Run(ctx context.Context) error {
 			// The data dir is gone (the node torn down): once the last
 			// lease has run out and its processes are killed, there is
 			// nothing left to guard. Until then the mapping still works.
+			if g.Cleanup != nil {
+				if err := g.Cleanup(); err != nil {
+					g.Log.Warn("guard: cleanup", "err", err)
+				}
+			}
 			g.Log.Info("guard: lease file removed; exiting")
 			return nil
 		}

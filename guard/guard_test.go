@@ -169,13 +169,18 @@ func TestGuardExitsWhenFileRemoved(t *testing.T) {
 		_ = os.Remove(path)
 		return clock.After(d)
 	}
-	killedAt := int64(0)
-	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() error { killedAt = clock.now; return nil }}
+	killedAt, cleanedAt := int64(0), []int64{}
+	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() error { killedAt = clock.now; return nil },
+		Cleanup: func() error { cleanedAt = append(cleanedAt, clock.now); return nil }}
 	if err := g.Run(context.Background()); err != nil {
 		t.Fatalf("Run after removal: %v, want nil", err)
 	}
-	// The file went at once, but the lease in it was still enforced.
+	// The file went at once, but the lease in it was still enforced, and
+	// only then were the sandboxes' remains removed.
 	if killedAt != 3e9 || clock.now != 3e9 {
 		t.Fatalf("killed at %d, exited at %d; want both at the deadline 3e9", killedAt, clock.now)
+	}
+	if len(cleanedAt) != 1 || cleanedAt[0] != 3e9 {
+		t.Fatalf("cleaned up at %v, want once at the deadline 3e9", cleanedAt)
 	}
 }

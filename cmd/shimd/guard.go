@@ -46,7 +46,7 @@ func guardCommand() *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			log.Info("guard started", "data", dataDir)
-			err = (&guard.Guard{File: f, Kill: rt.KillAll, Log: log}).Run(ctx)
+			err = (&guard.Guard{File: f, Kill: rt.KillAll, Cleanup: rt.RemoveAll, Log: log}).Run(ctx)
 			if err == context.Canceled {
 				return nil
 			}

@@ -21,7 +21,7 @@ type execRuntime struct {
 	log *slog.Logger
 }
 
-func newRuntime(node string, log *slog.Logger) (agent.Runtime, error) {
+func newRuntime(node string, log *slog.Logger) (*execRuntime, error) {
 	m, err := cgroup.NewManager("shim/" + node)
 	if err != nil {
 		return nil, fmt.Errorf("cgroups: %w", err)
@@ -129,6 +129,29 @@ func (p proc) Stats() (*pb.Usage, error) {
 func (p proc) Exit() agent.Exit {
 	x := p.p.Exit()
 	return agent.Exit{Code: x.Code, Signal: x.Signal, OOMKilled: x.OOMKilled, Reason: x.Reason}
+}
+
+// RemoveAll kills what is left in this node's sandboxes and removes their
+// cgroups, and the node's own parent groups once empty: the node is gone.
+func (e *execRuntime) RemoveAll() error {
+	names, err := e.cg.List()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range names {
+		g, err := e.cg.Open(n)
+		if err != nil {
+			continue
+		}
+		if err := g.Kill(); err != nil {
+			errs = append(errs, err)
+		}
+		if err := g.Delete(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // KillAll sends SIGKILL to every process in every sandbox of this node at

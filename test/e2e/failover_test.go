@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -38,6 +39,45 @@ func killCgroups(node string) {
 		}
 	}
 }
+
+// removeCgroups removes a node's cgroup directories in every hierarchy,
+// leaves first, waiting for killed tasks to leave, and returns the ones it
+// could not remove within 5 s. shimd removes a group when its process ends
+// and the guard a gone node's groups, but a test that kills both leaves them.
+func removeCgroups(node string) []string {
+	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "shim", node))
+	if v2 := filepath.Join("/sys/fs/cgroup", "shim", node); fileExists(v2) {
+		roots = append(roots, v2)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	var left []string
+	for _, root := range roots {
+		var dirs []string
+		_ = filepath.WalkDir(root, func(p string, e fs.DirEntry, err error) error {
+			if err == nil && e.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- { // deepest first
+			for {
+				err := syscall.Rmdir(dirs[i])
+				if err == nil || err == syscall.ENOENT {
+					break
+				}
+				if err != syscall.EBUSY || time.Now().After(deadline) {
+					left = append(left, dirs[i])
+					break
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+		_ = syscall.Rmdir(filepath.Dir(root)) // shim/, if no other node uses it
+	}
+	return left
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
 // TestNodeDeath kills one node's shimd and every process it ran, five times
 // over: every one of its processes must run elsewhere, with a live PID and a

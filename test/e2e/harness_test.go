@@ -156,6 +156,9 @@ func (c *cluster) cleanup() {
 	}
 	for _, d := range c.nodes {
 		killCgroups(d.name) // stale incarnations the table no longer lists
+		if left := removeCgroups(d.name); len(left) > 0 {
+			c.t.Errorf("%s: cgroups left behind: %v", d.name, left)
+		}
 	}
 	if c.t.Failed() {
 		keep := filepath.Join(os.TempDir(), "shim-e2e-"+c.t.Name())
