@@ -841,6 +841,7 @@ func sweepCgroups(node string) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
+		_ = syscall.Rmdir(filepath.Dir(root)) // shim/, once no node uses it
 	}
 }
 
