@@ -31,6 +31,7 @@ import (
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/table"
+	"github.com/shim-run/shim/test/report"
 )
 
 // beatScript is the workload: it appends a beat to the shared file every
@@ -628,7 +629,7 @@ func (k *checker) report(t *testing.T, rounds []*round) {
 	fmt.Fprintf(&b, "overlaps found: %d; incarnations that ran twice: %d; lost found: %d (ended or vanished from the table: %d; "+
 		"not running %s after the last round: %d)\n", len(all), len(doubles), len(k.lost)+k.stranded, len(k.lost), finalLimit, k.stranded)
 	t.Log(b.String())
-	keepReport(t, "chaos", b.String())
+	report.Keep(t, "chaos", b.String())
 }
 
 func countIDs(ov []overlap) int {

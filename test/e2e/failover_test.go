@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/shim-run/shim/table"
+	"github.com/shim-run/shim/test/report"
 )
 
 // killNode kills a node as if its host died: shimd and its guard with
@@ -176,7 +177,7 @@ func TestNodeDeath(t *testing.T) {
 	summary := fmt.Sprintf("TestNodeDeath: kill -9 of a node's shimd and processes → all running elsewhere, over %d runs: p50 %s, p99 %s, max %s (each: %v)",
 		len(times), times[len(times)/2], times[len(times)-1], times[len(times)-1], times)
 	t.Log(summary)
-	keepReport(t, "failover", summary)
+	report.Keep(t, "failover", summary)
 }
 
 // others returns the API addresses of every node but d.
@@ -260,7 +261,7 @@ func TestLeaderLoss(t *testing.T) {
 	})
 	took := time.Since(start)
 	t.Logf("leader killed: writes accepted again after %s", took)
-	keepReport(t, "failover", fmt.Sprintf("TestLeaderLoss: kill -9 of the leader → spawn accepted again after %s", took))
+	report.Keep(t, "failover", fmt.Sprintf("TestLeaderLoss: kill -9 of the leader → spawn accepted again after %s", took))
 	if took > 2*time.Second {
 		t.Errorf("writes took %s to come back, want <= 2s", took)
 	}

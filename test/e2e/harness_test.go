@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -382,27 +381,4 @@ func readInt(t *testing.T, path string) string {
 		t.Fatalf("read %s: %v", path, err)
 	}
 	return strings.TrimSpace(string(b))
-}
-
-// keepReport appends text to $SHIM_REPORT_DIR/NAME.txt when that variable is
-// set: `make test` prints these files at the end, since go test shows a
-// passing test's log only with -v.
-func keepReport(t *testing.T, name, text string) {
-	t.Helper()
-	dir := os.Getenv("SHIM_REPORT_DIR")
-	if dir == "" {
-		return
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Logf("report %s: %v", name, err)
-		return
-	}
-	f, err := os.OpenFile(filepath.Join(dir, name+".txt"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err == nil {
-		_, err = fmt.Fprintf(f, "%s\n", strings.TrimSpace(text))
-		err = errors.Join(err, f.Close())
-	}
-	if err != nil {
-		t.Logf("report %s: %v", name, err)
-	}
 }

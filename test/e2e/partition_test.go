@@ -24,6 +24,7 @@ import (
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+	"github.com/shim-run/shim/test/report"
 )
 
 // TestPartition runs five shimd servers, each in its own network namespace,
@@ -302,7 +303,7 @@ func (l *partLab) cleanup() {
 		summary := fmt.Sprintf("%s: %d beat lines (%d malformed) from %d ids, %d incarnations; overlapping incarnations: %d",
 			l.t.Name(), b.lines, b.bad, len(b.spans), incs, len(ov))
 		l.t.Log(summary)
-		keepReport(l.t, "partition", summary)
+		report.Keep(l.t, "partition", summary)
 	}
 	for _, d := range l.nodes {
 		if d.cmd != nil {
