@@ -635,11 +635,21 @@ func (a *Agent) reconcileLocked() {
 			}
 			a.stopLocked(l, syscall.Signal(act.Record.StopSignal))
 		case restart.Handoff:
-			// Its next incarnation runs elsewhere: stop this one as a
-			// kill would, and forget it without a report.
+			// Its next incarnation runs elsewhere: after handoffDelay,
+			// stop this one as a kill would, and forget it without a
+			// report.
 			l.stopping, l.handoff = true, true
-			a.stopLocked(l, syscall.SIGTERM)
-			a.Log.Info("moved elsewhere; stopping the old incarnation", "id", l.id, "incarnation", l.inc)
+			if l.timer != nil {
+				l.timer.Stop()
+			}
+			l.timer = time.AfterFunc(handoffDelay, func() {
+				a.mu.Lock()
+				defer a.mu.Unlock()
+				if a.procs[l.id] == l && l.proc != nil && !l.fencing {
+					a.stopLocked(l, syscall.SIGTERM)
+				}
+			})
+			a.Log.Info("moved elsewhere; stopping the old incarnation", "id", l.id, "incarnation", l.inc, "in", handoffDelay)
 		case restart.Finish:
 			if l == nil {
 				l = &local{id: act.ID, inc: act.Record.Incarnation}
@@ -710,6 +720,13 @@ func (a *Agent) stopLocked(l *local, sig syscall.Signal) {
 // restarted 150 processes about a third faster than 4 on the 2-core test
 // machine (TestNodeDeath), and 16 no faster than 8.
 const startParallel = 8
+
+// handoffDelay is how long the old incarnation of a process that moved
+// make-before-break (drain, resize --move) keeps running after its successor
+// reports running: "running" means exec'd, and a workload takes a moment
+// more to start up (bash alone takes milliseconds here). Nomad's
+// min_healthy_time (10 s by default) plays this part in its deployments.
+const handoffDelay = 500 * time.Millisecond
 
 // startLocked starts one incarnation of a process. The slow part, the
 // runtime's Start, runs outside the lock so that lease renewals and fencing
