@@ -81,7 +81,7 @@ func (w *jsonWriter) strPtr(k string, v *string) {
 	w.str(k, *v)
 }
 
-func (w *jsonWriter) strings(k string, vs []string) {
+func (w *jsonWriter) stringList(k string, vs []string) {
 	w.key(k)
 	if vs == nil {
 		w.b = append(w.b, "null"...)
@@ -181,8 +181,8 @@ func appendProcessJSON(b []byte, v *processJSON) []byte {
 	w.uint("restarts", uint64(v.Restarts))
 	w.int("exit_code", int64(v.ExitCode))
 	w.str("reason", v.Reason)
-	w.strings("command", v.Command)
-	w.strings("env", v.Env)
+	w.stringList("command", v.Command)
+	w.stringList("env", v.Env)
 	w.str("dir", v.Dir)
 	w.str("user", v.User)
 	w.str("rootfs", v.Rootfs)

@@ -100,7 +100,12 @@ func (e *execRuntime) Existing() ([]agent.Found, error) {
 
 // Remove kills and deletes a sandbox that will not be adopted.
 func (e *execRuntime) Remove(id string, inc uint64) error {
-	g, err := e.cg.Open(exec.GroupName(id, inc))
+	return e.removeGroup(exec.GroupName(id, inc))
+}
+
+// removeGroup kills what runs in a sandbox's group and deletes the group.
+func (e *execRuntime) removeGroup(name string) error {
+	g, err := e.cg.Open(name)
 	if err != nil {
 		return err
 	}
@@ -140,14 +145,7 @@ func (e *execRuntime) RemoveAll() error {
 	}
 	var errs []error
 	for _, n := range names {
-		g, err := e.cg.Open(n)
-		if err != nil {
-			continue
-		}
-		if err := g.Kill(); err != nil {
-			errs = append(errs, err)
-		}
-		if err := g.Delete(); err != nil {
+		if err := e.removeGroup(n); err != nil && !errors.Is(err, cgroup.ErrNotFound) {
 			errs = append(errs, err)
 		}
 	}

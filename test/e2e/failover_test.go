@@ -27,16 +27,11 @@ func (c *cluster) killNode(d *daemon) {
 	killCgroups(d.name)
 }
 
+// killCgroups SIGKILLs every process in node's sandboxes.
 func killCgroups(node string) {
-	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", node, "*", "cgroup.procs"))
-	for _, f := range files {
-		b, _ := os.ReadFile(f)
-		for _, s := range strings.Fields(string(b)) {
-			var pid int
-			fmt.Sscan(s, &pid)
-			if pid > 0 {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
+	for _, pids := range ptGroups(node) {
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
 }

@@ -327,7 +327,9 @@ func (l *partLab) cleanup() {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
-		ptRemoveCgroups(d.name)
+		if left := removeCgroups(d.name); len(left) > 0 {
+			l.t.Errorf("%s: cgroups left behind: %v", d.name, left)
+		}
 	}
 	if l.t.Failed() {
 		for _, d := range l.nodes {
@@ -661,21 +663,6 @@ func ptThaw(node string) {
 	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/freezer/shim", node, "*", "freezer.state"))
 	for _, f := range files {
 		_ = os.WriteFile(f, []byte("THAWED"), 0o644)
-	}
-}
-
-// ptRemoveCgroups removes node's (empty) cgroup directories in every
-// hierarchy.
-func ptRemoveCgroups(node string) {
-	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/*/shim", node))
-	for _, r := range roots {
-		subs, _ := os.ReadDir(r)
-		for _, s := range subs {
-			if s.IsDir() {
-				_ = os.Remove(filepath.Join(r, s.Name()))
-			}
-		}
-		_ = os.Remove(r)
 	}
 }
 
