@@ -103,6 +103,7 @@ func TestDrain(t *testing.T) {
 func TestRestartPolicy(t *testing.T) {
 	needRoot(t)
 	c := startCluster(t, 1)
+	start := time.Now() // before the crash loop's first run: its restarts begin at once
 	crash := strings.TrimSpace(c.must("spawn", "--name", "crash", "--restart", "on-failure", "--", "/bin/sh", "-c", "exit 3"))
 	never := strings.TrimSpace(c.must("spawn", "--name", "never", "--restart", "never", "--", "/bin/sh", "-c", "exit 4"))
 	always := strings.TrimSpace(c.must("spawn", "--name", "always", "--restart", "always", "--", "/bin/true"))
@@ -115,7 +116,6 @@ func TestRestartPolicy(t *testing.T) {
 		t.Fatalf("%s not listed", id)
 		return proc{}
 	}
-	start := time.Now()
 	waitFor(t, 20*time.Second, "the crash loop restarted 4 times", func() bool { return get(crash).Restarts >= 4 })
 	// Backoff doubles from 100 ms: 4 restarts wait 100+200+400+800 ms.
 	if took := time.Since(start); took < 1500*time.Millisecond {
