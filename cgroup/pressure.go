@@ -14,6 +14,7 @@ package cgroup
 //	page cache,      memory.stat total_inactive_file,   memory.stat inactive_file,
 //	refaults         total_workingset_refault_{anon,file}  workingset_refault_{anon,file}
 //	CPU time         cpuacct.usage                      cpu.stat usage_usec
+//	CPU quota        cpu.cfs_quota_us                   cpu.max
 //	throttling       cpu.stat nr_periods, nr_throttled, cpu.stat nr_periods, nr_throttled,
 //	                 throttled_time                     throttled_usec
 //	PSI              unified group's memory.pressure,   memory.pressure, cpu.pressure
@@ -54,6 +55,7 @@ type Pressure struct {
 	MemSomeUsec     uint64 // memory PSI some total: time at least one task stalled on memory
 	MemFullUsec     uint64 // memory PSI full total: time all non-idle tasks stalled on memory
 	CPUUsageNanos   uint64 // CPU time consumed
+	CPUQuotaMilli   uint64 // the CPU quota now in force, in millicores; 0 = unlimited (v1: per CFSPeriodUs)
 	CPUPeriods      uint64 // CFS periods with runnable tasks (nr_periods)
 	CPUThrottled    uint64 // periods in which the quota ran out (nr_throttled)
 	CPUThrottledNs  uint64 // time spent throttled
@@ -109,6 +111,7 @@ func (g *Group) PressureReader() (*PressureReader, error) {
 			{dir: d, name: "memory.events", optional: true, parse: parseMemEvents},
 			{dir: d, name: "memory.stat", optional: true, parse: parseMemStat},
 			{dir: d, name: "cpu.stat", parse: parseCPUStat},
+			{dir: d, name: "cpu.max", parse: parseCPUMax},
 			{dir: d, name: "memory.pressure", optional: true, psi: true, parse: parseMemPSI},
 			{dir: d, name: "cpu.pressure", optional: true, psi: true, parse: parseCPUPSI},
 		}
@@ -121,7 +124,8 @@ func (g *Group) PressureReader() (*PressureReader, error) {
 				pfile{dir: d, name: "memory.stat", parse: parseMemStat})
 		}
 		if d, ok := g.ctlDir(cgroup1.Cpu); ok {
-			r.files = append(r.files, pfile{dir: d, name: "cpu.stat", parse: parseCPUStat})
+			r.files = append(r.files, pfile{dir: d, name: "cpu.stat", parse: parseCPUStat},
+				pfile{dir: d, name: "cpu.cfs_quota_us", parse: parseCFSQuota})
 		}
 		if d, ok := g.ctlDir(cgroup1.Cpuacct); ok {
 			r.files = append(r.files, pfile{dir: d, name: "cpuacct.usage", parse: parseCPUAcct})
@@ -353,6 +357,38 @@ func parseCPUStat(b []byte, p *Pressure, v2 bool) error {
 	} else {
 		p.CPUThrottledNs = kv(b, "throttled_time")
 	}
+	return nil
+}
+
+// parseCFSQuota reads v1 cpu.cfs_quota_us ("-1" or microseconds), per
+// CFSPeriodUs, the period every group of a Manager has.
+func parseCFSQuota(b []byte, p *Pressure, _ bool) error {
+	b = bytes.TrimSpace(b)
+	if string(b) == "-1" {
+		p.CPUQuotaMilli = 0
+		return nil
+	}
+	q, err := parseUintBytes(b)
+	p.CPUQuotaMilli = q * 1000 / CFSPeriodUs
+	return err
+}
+
+// parseCPUMax reads v2 cpu.max: "max 100000" or "50000 100000".
+func parseCPUMax(b []byte, p *Pressure, _ bool) error {
+	quota, period, _ := bytes.Cut(bytes.TrimSpace(b), []byte(" "))
+	if string(quota) == "max" {
+		p.CPUQuotaMilli = 0
+		return nil
+	}
+	q, err := parseUintBytes(quota)
+	if err != nil {
+		return err
+	}
+	per, err := parseUintBytes(period)
+	if err != nil || per == 0 {
+		return fmt.Errorf("cpu.max %q: %w", b, ErrInvalid)
+	}
+	p.CPUQuotaMilli = q * 1000 / per
 	return nil
 }
 

@@ -44,6 +44,23 @@ func TestPressureParsers(t *testing.T) {
 			t.Errorf("parseMemMax(%q) = %d, %v; want %d", in, p.MemLimitBytes, err, want)
 		}
 	}
+	for in, want := range map[string]uint64{"-1\n": 0, "150000\n": 1500, "1000\n": 10} {
+		p := Pressure{CPUQuotaMilli: 1}
+		if err := parseCFSQuota([]byte(in), &p, false); err != nil || p.CPUQuotaMilli != want {
+			t.Errorf("parseCFSQuota(%q) = %d, %v; want %d", in, p.CPUQuotaMilli, err, want)
+		}
+	}
+	for in, want := range map[string]uint64{"max 100000\n": 0, "50000 100000\n": 500, "20000 10000": 2000} {
+		p := Pressure{CPUQuotaMilli: 1}
+		if err := parseCPUMax([]byte(in), &p, true); err != nil || p.CPUQuotaMilli != want {
+			t.Errorf("parseCPUMax(%q) = %d, %v; want %d", in, p.CPUQuotaMilli, err, want)
+		}
+	}
+	for _, bad := range []string{"50000", "50000 0", "x 100000"} {
+		if err := parseCPUMax([]byte(bad), &Pressure{}, true); !errors.Is(err, ErrInvalid) {
+			t.Errorf("parseCPUMax(%q): %v, want ErrInvalid", bad, err)
+		}
+	}
 	for _, bad := range []string{"", "\n", "12a", "-1", "99999999999999999999"} {
 		if _, err := parseUintBytes([]byte(bad)); !errors.Is(err, ErrInvalid) {
 			t.Errorf("parseUintBytes(%q): %v, want ErrInvalid", bad, err)
@@ -82,6 +99,7 @@ func TestPressureV2(t *testing.T) {
 	write("memory.events", "low 0\nhigh 2\nmax 5\noom 0\noom_kill 0\n")
 	write("memory.stat", "anon 1000\nfile 2000\ninactive_file 4096\nworkingset_refault_anon 3\nworkingset_refault_file 4\n")
 	write("cpu.stat", "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 20\nnr_throttled 18\nthrottled_usec 900\n")
+	write("cpu.max", "max 100000\n")
 	r, err := g.PressureReader()
 	if err != nil {
 		t.Fatalf("PressureReader: %v", err)
@@ -96,10 +114,11 @@ func TestPressureV2(t *testing.T) {
 	// New contents, same descriptors; the pressure files appear.
 	write("memory.current", "2097152\n")
 	write("memory.max", "4194304\n")
+	write("cpu.max", "150000 100000\n")
 	write("memory.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=11\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n")
 	write("cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=13\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
 	p, err = r.Read()
-	want.MemBytes, want.MemLimitBytes = 2<<20, 4<<20
+	want.MemBytes, want.MemLimitBytes, want.CPUQuotaMilli = 2<<20, 4<<20, 1500
 	want.MemSomeUsec, want.MemFullUsec, want.CPUSomeUsec, want.PSI = 11, 7, 13, true
 	if err != nil || p != want {
 		t.Fatalf("second Read = %+v, %v\nwant %+v", p, err, want)
@@ -350,8 +369,8 @@ func TestPressureSignalsMemory(t *testing.T) {
 	_, lines := startHelper(t, g, "anon")
 	first := waitLine(t, lines, "step 1", 30*time.Second)
 	p0, _ := sampleUntil(t, r, "use after step 1", 5*time.Second, func(p Pressure) bool { return p.MemBytes > 4<<20 })
-	if p0.MemLimitBytes != 128<<20 {
-		t.Errorf("MemLimitBytes = %d, want %d", p0.MemLimitBytes, 128<<20)
+	if p0.MemLimitBytes != 128<<20 || p0.CPUQuotaMilli != 0 {
+		t.Errorf("MemLimitBytes = %d, CPUQuotaMilli = %d; want %d and 0 (unlimited)", p0.MemLimitBytes, p0.CPUQuotaMilli, 128<<20)
 	}
 	last := waitLine(t, lines, "step 8", 30*time.Second)
 	p1, seen := sampleUntil(t, r, "use after step 8", 5*time.Second, func(p Pressure) bool { return p.MemBytes >= p0.MemBytes+28<<20 })
@@ -409,6 +428,9 @@ func TestPressureSignalsCPU(t *testing.T) {
 	}
 	if !p0.PSI {
 		t.Fatalf("no PSI after JoinPSI: %+v", p0)
+	}
+	if p0.CPUQuotaMilli != 100 {
+		t.Errorf("CPUQuotaMilli = %d, want 100", p0.CPUQuotaMilli)
 	}
 	p1, thr := sampleUntil(t, r, "throttling", 10*time.Second, func(p Pressure) bool { return p.CPUThrottled > p0.CPUThrottled })
 	_, psi := sampleUntil(t, r, "CPU pressure", 10*time.Second, func(p Pressure) bool { return p.CPUSomeUsec > p0.CPUSomeUsec })
