@@ -91,6 +91,7 @@ type PressureReader struct {
 	files []pfile
 	buf   []byte
 	p     Pressure // parsed into here: through a func value, a local escapes
+	reads uint     // Reads so far: missing PSI files are looked for every 16th
 }
 
 // pressureMax is what v1 reads for "no limit" (the page-aligned
@@ -99,8 +100,8 @@ const pressureMax = 1 << 62
 
 // PressureReader opens the control files Pressure reads. Files of
 // controllers the group is not in are left out (their fields read zero);
-// the PSI files are opened again on each Read until they exist (JoinPSI may
-// come later). It fails with ErrNotFound if the group is gone.
+// the PSI files are looked for again every 16th Read until they exist
+// (JoinPSI may come later). It fails with ErrNotFound if the group is gone.
 func (g *Group) PressureReader() (*PressureReader, error) {
 	r := &PressureReader{g: g, buf: make([]byte, 4096)}
 	if g.m.v2 {
@@ -172,10 +173,11 @@ func (r *PressureReader) Read() (Pressure, error) {
 	r.p = Pressure{}
 	p := &r.p
 	psi := 0
+	r.reads++
 	for i := range r.files {
 		f := &r.files[i]
 		if f.fd < 0 {
-			if !f.psi {
+			if !f.psi || r.reads%16 != 1 {
 				continue // an optional file this group does not have
 			}
 			if err := r.open(f); err != nil || f.fd < 0 {

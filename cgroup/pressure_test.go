@@ -118,10 +118,16 @@ func TestPressureV2(t *testing.T) {
 	write("memory.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=11\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n")
 	write("cpu.pressure", "some avg10=0.00 avg60=0.00 avg300=0.00 total=13\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
 	p, err = r.Read()
+	if err != nil || p.PSI {
+		t.Fatalf("second Read = %+v, %v; want no PSI yet (looked for every 16th Read)", p, err)
+	}
+	for range 15 {
+		p, err = r.Read()
+	}
 	want.MemBytes, want.MemLimitBytes, want.CPUQuotaMilli = 2<<20, 4<<20, 1500
 	want.MemSomeUsec, want.MemFullUsec, want.CPUSomeUsec, want.PSI = 11, 7, 13, true
 	if err != nil || p != want {
-		t.Fatalf("second Read = %+v, %v\nwant %+v", p, err, want)
+		t.Fatalf("17th Read = %+v, %v\nwant %+v", p, err, want)
 	}
 	if p, err := g.Pressure(); err != nil || p != want {
 		t.Errorf("Pressure = %+v, %v", p, err)
@@ -486,7 +492,7 @@ func TestPressureGone(t *testing.T) {
 // reader's open descriptors (Read) and opening the files each time
 // (Pressure).
 func BenchmarkPressure(b *testing.B) {
-	g := benchGroup(b)
+	g := benchGroup(b, "grow-bench", true)
 	b.Run("Read", func(b *testing.B) {
 		r, err := g.PressureReader()
 		if err != nil {
@@ -508,6 +514,18 @@ func BenchmarkPressure(b *testing.B) {
 			}
 		}
 	})
+	b.Run("ReadWithoutPSI", func(b *testing.B) { // the PSI files are looked for each time
+		r, err := benchGroup(b, "grow-bench-nopsi", false).PressureReader()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer r.Close()
+		for b.Loop() {
+			if _, err := r.Read(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("Sample", func(b *testing.B) { // for scale: the agent's usage sample
 		for b.Loop() {
 			if _, _, err := g.Sample(); err != nil {
@@ -518,8 +536,8 @@ func BenchmarkPressure(b *testing.B) {
 }
 
 // benchGroup makes a group with a sleeping process in it (and in its PSI
-// group), removed when the benchmark ends.
-func benchGroup(b *testing.B) *Group {
+// group if psi), removed when the benchmark ends.
+func benchGroup(b *testing.B, name string, psi bool) *Group {
 	b.Helper()
 	if os.Geteuid() != 0 {
 		b.Skip("skipping: cgroup benchmarks need root")
@@ -528,7 +546,7 @@ func benchGroup(b *testing.B) *Group {
 	if err != nil {
 		b.Fatal(err)
 	}
-	g, err := m.Create("grow-bench", Resources{CPUMaxMilli: 500, MemMaxBytes: 64 << 20})
+	g, err := m.Create(name, Resources{CPUMaxMilli: 500, MemMaxBytes: 64 << 20})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -550,8 +568,10 @@ func benchGroup(b *testing.B) *Group {
 			b.Errorf("Delete: %v", err)
 		}
 	})
-	if err := g.JoinPSI(pid); err != nil {
-		b.Fatal(err)
+	if psi {
+		if err := g.JoinPSI(pid); err != nil {
+			b.Fatal(err)
+		}
 	}
 	return g
 }
