@@ -27,6 +27,11 @@ package cgroup
 //
 // Counters are cumulative, as the kernel keeps them: the decision takes
 // deltas between samples.
+//
+// Cost (BenchmarkPressure, v1 hybrid, 9 files): a Read takes about 8 us and
+// allocates nothing; opening the files each time (Pressure) about 40 us.
+// memory.stat is a third of a Read. containerd/cgroups' Stat reads every
+// statistic, and on a hybrid host gives no memory PSI (v3.1.3).
 
 import (
 	"bytes"
