@@ -1,0 +1,85 @@
+package agent
+
+import (
+	"path/filepath"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+type state struct {
+	Incarnation uint64 `json:"incarnation"`
+	PID         int    `json:"pid"`
+	StartTime   uint64 `json:"start_time"`
+	Restarts    uint32 `json:"restarts"`
+	StartedUnix int64  `json:"started_unix_nano"`
+	Resources   []byte `json:"resources"` // the bounds applied, as a pb.Resources
+}
+
+// LogPath is where a process's output is kept under the data dir.
+func LogPath(dataDir, id string) string { return filepath.Join(dataDir, "logs", id+".log") }
+
+func (a *Agent) saveState(l *local) {
+	res, _ := proto.Marshal(l.applied)
+	st := state{Incarnation: l.inc, PID: l.proc.PID(), StartTime: l.proc.StartTime(),
+		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano(), Resources: res}
+	if err := a.states.put(l.id, st); err != nil {
+		a.Log.Warn("save process state", "id", l.id, "err", err)
+	}
+}
+
+func (a *Agent) dropState(id string) {
+	if err := a.states.drop(id); err != nil {
+		a.Log.Warn("drop process state", "id", id, "err", err)
+	}
+}
+
+// adopt takes over the processes an earlier agent left running.
+func (a *Agent) adopt() error {
+	var err error
+	if a.states, err = openStateLog(a.DataDir); err != nil {
+		return err
+	}
+	saved := a.states.all()
+	found, err := a.Runtime.Existing()
+	if err != nil {
+		return err
+	}
+	for _, f := range found {
+		st, ok := saved[f.ID]
+		if !ok || st.Incarnation != f.Incarnation {
+			a.Log.Warn("removing a sandbox with no usable state", "id", f.ID, "incarnation", f.Incarnation)
+			_ = a.Runtime.Remove(f.ID, f.Incarnation)
+			continue
+		}
+		l := &local{id: f.ID, inc: f.Incarnation, restarts: st.Restarts, startedAt: time.Unix(0, st.StartedUnix),
+			rec: &pb.ProcessRecord{Id: f.ID, Incarnation: f.Incarnation, Spec: &pb.ProcessSpec{}}}
+		p, err := a.Runtime.Adopt(f.ID, f.Incarnation, st.PID, st.StartTime)
+		if err != nil {
+			a.Log.Info("process ended while shimd was down", "id", f.ID, "err", err)
+			_ = a.Runtime.Remove(f.ID, f.Incarnation)
+			l.lost = &Exit{Code: -1, Reason: "exited while shimd was down"}
+			a.procs[f.ID] = l
+			continue
+		}
+		l.proc = p
+		l.applied = &pb.Resources{}
+		if err := proto.Unmarshal(st.Resources, l.applied); err != nil {
+			l.applied = nil // unknown: the next assignment applies its bounds again
+		}
+		a.procs[f.ID] = l
+		a.Log.Info("re-adopted process", "id", f.ID, "pid", p.PID())
+		go a.wait(l, p)
+	}
+	// Lost processes whose sandbox is already gone are still recorded.
+	for id, st := range saved {
+		if a.procs[id] == nil {
+			a.procs[id] = &local{id: id, inc: st.Incarnation, restarts: st.Restarts,
+				lost: &Exit{Code: -1, Reason: "exited while shimd was down"},
+				rec:  &pb.ProcessRecord{Id: id, Incarnation: st.Incarnation, Spec: &pb.ProcessSpec{}}}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,223 @@
+package agent
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+)
+
+// heartbeats renews the lease every fifth of a lease (every 50 ms while
+// unanswered). Each heartbeat runs on its own, so one stuck on a leader that
+// is gone never delays the next, which may reach the new one. The lease is
+// counted from the moment the acknowledged heartbeat was sent (see
+// server/lease.go).
+func (a *Agent) heartbeats(ctx context.Context) {
+	var rejoin sync.Mutex
+	for {
+		sent := a.Now()
+		go func() {
+			hctx, cancel := context.WithTimeout(ctx, a.Lease/2)
+			defer cancel()
+			resp, err := call(hctx, a, a.Lease/5, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+				return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name}))
+			})
+			switch {
+			case err != nil:
+				a.Log.Debug("heartbeat failed", "err", err)
+			case !resp.Msg.Known:
+				if rejoin.TryLock() {
+					a.Log.Warn("the cluster does not know this node; joining again")
+					_ = a.join(ctx)
+					rejoin.Unlock()
+				}
+			default:
+				lease := time.Duration(resp.Msg.LeaseMillis) * time.Millisecond
+				if lease <= 0 {
+					lease = a.Lease
+				}
+				a.renew(sent.Add(lease), resp.Msg.Index)
+				a.servers(resp.Msg.Servers)
+				a.checkWatch(resp.Msg.NodeIndex)
+			}
+		}()
+		wait := a.Lease / 5
+		a.lease.Lock()
+		if a.lease.until.Sub(a.Now()) < a.Lease*3/4 {
+			wait = min(wait, 50*time.Millisecond) // the last beats went unanswered
+		}
+		a.lease.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// holdLease tells the leader this shimd is stopping on purpose, so that it
+// waits Hold for it to come back before moving the node's processes, which
+// keep running meanwhile.
+func (a *Agent) holdLease() {
+	if a.Hold <= 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	sent := a.Now()
+	_, err := call(ctx, a, 500*time.Millisecond, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
+		return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name, HoldMillis: a.Hold.Milliseconds()}))
+	})
+	if err != nil {
+		a.Log.Warn("could not hold the lease for a restart: the guard stops the node's processes when the lease runs out, as the cluster will move them", "err", err)
+		return
+	}
+	a.lease.Lock()
+	a.publish(sent.Add(a.Hold))
+	a.lease.Unlock()
+	a.Log.Info("lease held for a restart", "for", a.Hold)
+}
+
+func (a *Agent) renew(until time.Time, index uint64) {
+	a.lease.Lock()
+	switch {
+	case !a.Now().Before(until):
+		a.lease.Unlock()
+		return // acknowledged too late to be worth anything
+	case until.After(a.lease.until):
+		a.lease.until = until
+		a.fenceTimer.Reset(time.Until(until))
+		a.publish(until)
+	case a.lease.granted:
+		a.lease.Unlock()
+		return // nothing new: the lease held runs longer
+	}
+	// A first grant may run out before the lease held since the agent
+	// started (a clean stop's held lease): it still lets the agent act.
+	if a.lease.killing {
+		a.lease.index = index // checkLease takes it from here
+		a.lease.Unlock()
+		return
+	}
+	wasFenced, first := a.lease.fenced, !a.lease.granted
+	a.lease.fenced, a.lease.granted = false, true
+	a.lease.Unlock()
+	if wasFenced || first {
+		a.regained(index, first)
+	}
+}
+
+// publish passes a lease deadline on to the guard. Call with a.lease held,
+// so deadlines are published in the order they were granted.
+func (a *Agent) publish(until time.Time) {
+	if a.Deadline != nil {
+		a.Deadline(until)
+	}
+}
+
+// regained lets a node act, at start or after a fence, once it has seen the
+// table that granted its lease.
+func (a *Agent) regained(index uint64, first bool) {
+	// Back from a partition or a pause: act only on a table at least as new
+	// as the leader's, so stale copies are fenced before anything else.
+	a.mu.Lock()
+	a.minIndex = index
+	a.mu.Unlock()
+	if first {
+		a.Log.Info("lease granted; acting on a table at least this new", "index", index)
+	} else {
+		a.Log.Warn("lease regained; reconciling with the table before reporting", "index", index)
+	}
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// checkLease fences the node when its lease has run out: it kills every
+// process in the node's sandboxes at once, without waiting for the agent's
+// lock, and only then tidies the agent's books.
+func (a *Agent) checkLease() {
+	a.lease.Lock()
+	if left := time.Until(a.lease.until); a.Now().Before(a.lease.until) {
+		a.fenceTimer.Reset(left)
+		a.lease.Unlock()
+		return
+	}
+	if a.lease.fenced || a.lease.stopped {
+		a.lease.Unlock()
+		return
+	}
+	a.lease.fenced, a.lease.killing, a.lease.index = true, true, 0
+	a.lease.Unlock()
+	start := time.Now()
+	if err := a.Runtime.KillAll(); err != nil {
+		a.Log.Error("fence: kill all failed", "err", err)
+	}
+	took := time.Since(start)
+	a.mu.Lock()
+	n := 0
+	for _, l := range a.procs {
+		if l.proc != nil || l.timer != nil || l.starting {
+			a.fenceLocked(l, "lease expired")
+			n++
+		}
+	}
+	a.mu.Unlock()
+	a.Log.Warn("lease expired: fenced every local process", "processes", n, "took", took)
+	// A renewal that came in meanwhile takes effect only now, after the
+	// fence has finished.
+	a.lease.Lock()
+	a.lease.killing = false
+	back := a.lease.index != 0 && a.Now().Before(a.lease.until)
+	index := a.lease.index
+	if back {
+		a.lease.fenced = false
+	}
+	a.lease.Unlock()
+	if back {
+		a.regained(index, false)
+	}
+}
+
+// fenceLocked kills a process at once; the table has or will have moved it.
+func (a *Agent) fenceLocked(l *local, why string) {
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
+	if l.starting {
+		// start kills it as soon as the runtime hands it over, and keeps
+		// the entry until it is gone, so that nothing reuses its sandbox
+		// before that.
+		l.fencing = true
+		return
+	}
+	if l.proc == nil {
+		delete(a.procs, l.id) // waiting out a backoff: nothing runs
+		a.dropState(l.id)
+		return
+	}
+	l.fencing = true
+	if err := l.proc.Kill(); err != nil {
+		a.Log.Warn("fence: kill failed", "id", l.id, "err", err)
+	}
+	a.Metrics.Fenced.Inc()
+	a.Log.Warn("fenced process", "id", l.id, "incarnation", l.inc, "pid", l.proc.PID(), "why", why)
+}
+
+// mayStartLocked reports whether the node may start processes: it holds a
+// lease and has seen a table at least as new as the one that granted it.
+func (a *Agent) mayStartLocked() bool {
+	return a.leaseValid() && a.tableIndex >= a.minIndex
+}
+
+func (a *Agent) leaseValid() bool {
+	a.lease.Lock()
+	defer a.lease.Unlock()
+	return !a.lease.fenced && !a.lease.stopped && a.Now().Before(a.lease.until)
+}
