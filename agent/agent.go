@@ -32,7 +32,7 @@ type Agent struct {
 	DataDir string // state.log and logs/ live here
 	Policy  restart.Policy
 	Lease   time.Duration // until the leader says otherwise
-	Now     func() time.Time
+	Clock   Clock         // default SystemClock
 	Log     *slog.Logger
 	Metrics *metrics.Metrics
 	// OnServers is told the servers' API addresses after each join.
@@ -79,7 +79,7 @@ type Agent struct {
 	tableIndex uint64    // table index of the assignments held
 	nodeIndex  uint64    // index of the last change to the assignments held
 	lagSince   time.Time // when a heartbeat first showed newer assignments than held
-	fenceTimer *time.Timer
+	fenceTimer Timer
 	kick       chan struct{}
 	reports    chan *pb.StatusUpdate
 	startSem   chan struct{}
@@ -88,31 +88,9 @@ type Agent struct {
 	good       atomic.Int32 // index in Addrs() of the address that answered last
 }
 
-// local is the agent's view of one process.
-type local struct {
-	id          string
-	inc         uint64
-	rec         *pb.ProcessRecord
-	proc        Proc
-	applied     *pb.Resources
-	restarts    uint32
-	consecutive int
-	startedAt   time.Time
-	stopping    bool
-	done        bool // finished; its final report may not be in the table yet
-	handoff     bool // stopping after a make-before-break move: no report
-	movedAway   bool // the table says it left by a make-before-break move
-	fencing     bool
-	lost        *Exit // exited while the agent was down
-	timer       *time.Timer
-	starting    bool      // the runtime is starting it
-	usage       *pb.Usage // last sample
-	sampledAt   time.Time
-}
-
 func (a *Agent) init() {
-	if a.Now == nil {
-		a.Now = time.Now
+	if a.Clock == nil {
+		a.Clock = SystemClock{}
 	}
 	if a.Log == nil {
 		a.Log = slog.Default()
@@ -149,10 +127,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	// longer could overlap their replacements.
 	a.lease.Lock()
 	a.lease.until = a.Resume
-	if now := a.Now(); a.lease.until.Before(now) {
+	if now := a.Clock.Now(); a.lease.until.Before(now) {
 		a.lease.until = now
 	}
-	a.fenceTimer = time.AfterFunc(a.lease.until.Sub(a.Now()), a.checkLease)
+	a.fenceTimer = a.Clock.AfterFunc(a.lease.until.Sub(a.Clock.Now()), a.checkLease)
 	a.publish(a.lease.until)
 	a.lease.Unlock()
 	if err := a.join(ctx); err != nil {
@@ -176,9 +154,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.holdLease()
 	a.mu.Lock()
 	for _, l := range a.procs {
-		if l.timer != nil {
-			l.timer.Stop()
-		}
+		l.stopTimer()
 	}
 	a.mu.Unlock()
 	return nil
@@ -235,7 +211,7 @@ func (a *Agent) join(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(backoff):
+		case <-a.Clock.After(backoff):
 		}
 		backoff = min(backoff*2, 2*time.Second)
 	}

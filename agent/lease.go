@@ -19,7 +19,7 @@ import (
 func (a *Agent) heartbeats(ctx context.Context) {
 	var rejoin sync.Mutex
 	for {
-		sent := a.Now()
+		sent := a.Clock.Now()
 		go func() {
 			hctx, cancel := context.WithTimeout(ctx, a.Lease/2)
 			defer cancel()
@@ -47,14 +47,14 @@ func (a *Agent) heartbeats(ctx context.Context) {
 		}()
 		wait := a.Lease / 5
 		a.lease.Lock()
-		if a.lease.until.Sub(a.Now()) < a.Lease*3/4 {
+		if a.lease.until.Sub(a.Clock.Now()) < a.Lease*3/4 {
 			wait = min(wait, 50*time.Millisecond) // the last beats went unanswered
 		}
 		a.lease.Unlock()
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(wait):
+		case <-a.Clock.After(wait):
 		}
 	}
 }
@@ -68,7 +68,7 @@ func (a *Agent) holdLease() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	sent := a.Now()
+	sent := a.Clock.Now()
 	_, err := call(ctx, a, 500*time.Millisecond, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.HeartbeatResponse], error) {
 		return c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: a.Node.Name, HoldMillis: a.Hold.Milliseconds()}))
 	})
@@ -85,12 +85,12 @@ func (a *Agent) holdLease() {
 func (a *Agent) renew(until time.Time, index uint64) {
 	a.lease.Lock()
 	switch {
-	case !a.Now().Before(until):
+	case !a.Clock.Now().Before(until):
 		a.lease.Unlock()
 		return // acknowledged too late to be worth anything
 	case until.After(a.lease.until):
 		a.lease.until = until
-		a.fenceTimer.Reset(time.Until(until))
+		a.fenceTimer.Reset(until.Sub(a.Clock.Now()))
 		a.publish(until)
 	case a.lease.granted:
 		a.lease.Unlock()
@@ -143,7 +143,7 @@ func (a *Agent) regained(index uint64, first bool) {
 // lock, and only then tidies the agent's books.
 func (a *Agent) checkLease() {
 	a.lease.Lock()
-	if left := time.Until(a.lease.until); a.Now().Before(a.lease.until) {
+	if left := a.lease.until.Sub(a.Clock.Now()); left > 0 {
 		a.fenceTimer.Reset(left)
 		a.lease.Unlock()
 		return
@@ -154,15 +154,15 @@ func (a *Agent) checkLease() {
 	}
 	a.lease.fenced, a.lease.killing, a.lease.index = true, true, 0
 	a.lease.Unlock()
-	start := time.Now()
+	start := a.Clock.Now()
 	if err := a.Runtime.KillAll(); err != nil {
 		a.Log.Error("fence: kill all failed", "err", err)
 	}
-	took := time.Since(start)
+	took := a.Clock.Now().Sub(start)
 	a.mu.Lock()
 	n := 0
 	for _, l := range a.procs {
-		if l.proc != nil || l.timer != nil || l.starting {
+		if l.occupied() {
 			a.fenceLocked(l, "lease expired")
 			n++
 		}
@@ -173,7 +173,7 @@ func (a *Agent) checkLease() {
 	// fence has finished.
 	a.lease.Lock()
 	a.lease.killing = false
-	back := a.lease.index != 0 && a.Now().Before(a.lease.until)
+	back := a.lease.index != 0 && a.Clock.Now().Before(a.lease.until)
 	index := a.lease.index
 	if back {
 		a.lease.fenced = false
@@ -186,10 +186,7 @@ func (a *Agent) checkLease() {
 
 // fenceLocked kills a process at once; the table has or will have moved it.
 func (a *Agent) fenceLocked(l *local, why string) {
-	if l.timer != nil {
-		l.timer.Stop()
-		l.timer = nil
-	}
+	l.stopTimer()
 	if l.starting {
 		// start kills it as soon as the runtime hands it over, and keeps
 		// the entry until it is gone, so that nothing reuses its sandbox
@@ -219,5 +216,5 @@ func (a *Agent) mayStartLocked() bool {
 func (a *Agent) leaseValid() bool {
 	a.lease.Lock()
 	defer a.lease.Unlock()
-	return !a.lease.fenced && !a.lease.stopped && a.Now().Before(a.lease.until)
+	return !a.lease.fenced && !a.lease.stopped && a.Clock.Now().Before(a.lease.until)
 }

@@ -31,7 +31,7 @@ func (a *Agent) checkWatch(nodeIndex uint64) {
 		a.lagSince = time.Time{}
 		return
 	}
-	now := a.Now()
+	now := a.Clock.Now()
 	switch {
 	case a.lagSince.IsZero():
 		a.lagSince = now
@@ -71,7 +71,7 @@ func (a *Agent) watch(ctx context.Context) {
 		if err != nil {
 			select {
 			case <-ctx.Done():
-			case <-time.After(backoff):
+			case <-a.Clock.After(backoff):
 			}
 			backoff = min(backoff*2, time.Second)
 			continue
@@ -91,7 +91,7 @@ func (a *Agent) watch(ctx context.Context) {
 			index = 0
 			select {
 			case <-ctx.Done():
-			case <-time.After(50 * time.Millisecond):
+			case <-a.Clock.After(50 * time.Millisecond):
 			}
 		}
 	}
@@ -148,11 +148,7 @@ func (a *Agent) reconcileLocked() {
 	}
 	locals := make([]restart.Local, 0, len(a.procs))
 	for _, l := range a.procs {
-		locals = append(locals, restart.Local{
-			ID: l.id, Incarnation: l.inc, Running: l.proc != nil || l.starting, Waiting: l.timer != nil,
-			Lost: l.lost != nil, Stopping: l.stopping || l.fencing, Resources: l.applied,
-			MovingAway: l.movedAway || (l.rec != nil && l.rec.MoveTo != "" && l.rec.MoveTo != a.Node.Name), Done: l.done,
-		})
+		locals = append(locals, l.view(a.Node.Name))
 	}
 	defer func() {
 		// Finished entries are kept only until the table has moved on.
@@ -179,10 +175,8 @@ func (a *Agent) reconcileLocked() {
 			// stop this one as a kill would, and forget it without a
 			// report.
 			l.stopping, l.handoff = true, true
-			if l.timer != nil {
-				l.timer.Stop()
-			}
-			l.timer = time.AfterFunc(handoffDelay, func() {
+			l.stopTimer()
+			l.timer = a.Clock.AfterFunc(handoffDelay, func() {
 				a.mu.Lock()
 				defer a.mu.Unlock()
 				if a.procs[l.id] == l && l.proc != nil && !l.fencing {
@@ -232,10 +226,7 @@ func (a *Agent) stopLocked(l *local, sig syscall.Signal) {
 	if sig == 0 {
 		sig = syscall.SIGTERM
 	}
-	if l.timer != nil {
-		l.timer.Stop()
-		l.timer = nil
-	}
+	l.stopTimer()
 	if err := l.proc.Signal(sig); err != nil {
 		a.Log.Warn("stop: signal failed; killing", "id", l.id, "err", err)
 		_ = l.proc.Kill()
@@ -245,7 +236,7 @@ func (a *Agent) stopLocked(l *local, sig syscall.Signal) {
 		return
 	}
 	p := l.proc
-	time.AfterFunc(a.StopGrace, func() {
+	a.Clock.AfterFunc(a.StopGrace, func() {
 		select {
 		case <-p.Done():
 		default:

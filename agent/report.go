@@ -20,7 +20,7 @@ func (a *Agent) report(rec *pb.ProcessRecord, state pb.ProcessState, pid int64, 
 		reason = d
 	}
 	a.queue(&pb.StatusUpdate{Id: rec.Id, Incarnation: rec.Incarnation, State: state, Pid: pid,
-		ExitCode: int32(exit.Code), Reason: reason, Restarts: restarts, AtUnixNano: a.Now().UnixNano()})
+		ExitCode: int32(exit.Code), Reason: reason, Restarts: restarts, AtUnixNano: a.Clock.Now().UnixNano()})
 }
 
 func describe(e Exit) string {
@@ -37,10 +37,8 @@ func describe(e Exit) string {
 
 func (a *Agent) reportRunning(l *local) {
 	a.queue(&pb.StatusUpdate{Id: l.id, Incarnation: l.inc, State: pb.ProcessState_PROCESS_STATE_RUNNING,
-		Pid: int64(l.proc.PID()), StartTime: l.proc.StartTime(), Restarts: l.restarts, AtUnixNano: a.Now().UnixNano()})
+		Pid: int64(l.proc.PID()), StartTime: l.proc.StartTime(), Restarts: l.restarts, AtUnixNano: a.Clock.Now().UnixNano()})
 }
-
-// wait handles the end of one run.
 
 func (a *Agent) queue(u *pb.StatusUpdate) {
 	select {
@@ -93,7 +91,7 @@ func (a *Agent) reporter(ctx context.Context) {
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(100 * time.Millisecond):
+			case <-a.Clock.After(100 * time.Millisecond):
 			}
 			continue
 		}

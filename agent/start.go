@@ -44,7 +44,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		a.mu.Unlock()
 		return
 	}
-	if l.fencing || l.stopping || !a.mayStartLocked() {
+	if l.winding() || !a.mayStartLocked() {
 		// Fenced, killed, or the lease ran out while it waited its turn:
 		// nothing was started, so nothing is left to wait for. Forget it
 		// and let the table say again what to do (report it killed, or
@@ -58,7 +58,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	}
 	a.mu.Unlock()
 	spec := rec.Spec
-	begin := time.Now()
+	begin := a.Clock.Now()
 	p, err := a.Runtime.Start(Spec{
 		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: a.env(rec), Dir: spec.Dir,
 		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
@@ -76,7 +76,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		return
 	}
 	a.Metrics.ProcessStarts.Inc()
-	a.Metrics.StartLatency.Observe(time.Since(begin).Seconds())
+	a.Metrics.StartLatency.Observe(a.Clock.Now().Sub(begin).Seconds())
 	if a.procs[l.id] != l || l.fencing || !a.mayStartLocked() {
 		// Fenced, moved or killed while starting: it must not run. The
 		// entry stays until the process and its sandbox are gone.
@@ -87,7 +87,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		}
 		return
 	}
-	l.proc, l.applied, l.starting, l.startedAt = p, spec.Resources, false, a.Now()
+	l.proc, l.applied, l.starting, l.startedAt = p, spec.Resources, false, a.Clock.Now()
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)
@@ -142,6 +142,7 @@ func (a *Agent) env(rec *pb.ProcessRecord) []string {
 		fmt.Sprintf("SHIM_INCARNATION=%d", rec.Incarnation), "SHIM_NODE="+a.Node.Name)
 }
 
+// wait handles the end of one run.
 func (a *Agent) wait(l *local, p Proc) {
 	<-p.Done()
 	a.mu.Lock()
@@ -175,7 +176,7 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 		a.report(rec, pb.ProcessState_PROCESS_STATE_KILLED, 0, exit, l.restarts)
 		return
 	}
-	d := a.Policy.Decide(rec.Spec.GetRestart(), exit.Failed(), a.Now().Sub(l.startedAt), l.consecutive)
+	d := a.Policy.Decide(rec.Spec.GetRestart(), exit.Failed(), a.Clock.Now().Sub(l.startedAt), l.consecutive)
 	if !d.Restart {
 		a.doneLocked(l)
 		state := pb.ProcessState_PROCESS_STATE_EXITED
@@ -196,10 +197,7 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 // again as dead for an unknown reason, or start it again). reconcileLocked
 // drops it once the table no longer assigns that incarnation.
 func (a *Agent) doneLocked(l *local) {
-	if l.timer != nil {
-		l.timer.Stop()
-		l.timer = nil
-	}
+	l.stopTimer()
 	l.proc, l.done, l.starting = nil, true, false
 	a.dropState(l.id)
 }
@@ -208,7 +206,7 @@ func (a *Agent) doneLocked(l *local) {
 // table that granted it is seen) it waits and tries again; losing the lease
 // for good is the fence's business, which drops the waiting entry.
 func (a *Agent) restartAfter(l *local, delay time.Duration) {
-	l.timer = time.AfterFunc(delay, func() {
+	l.timer = a.Clock.AfterFunc(delay, func() {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if a.procs[l.id] != l || l.timer == nil {

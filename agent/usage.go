@@ -13,13 +13,11 @@ const sampleEvery = 2 * time.Second
 // sample reads every running process's usage periodically, so that CPU use
 // can be given as a rate.
 func (a *Agent) sample(ctx context.Context) {
-	t := time.NewTicker(sampleEvery)
-	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-a.Clock.After(sampleEvery):
 		}
 		a.mu.Lock()
 		procs := make([]*local, 0, len(a.procs))
@@ -46,7 +44,7 @@ func (a *Agent) sampleOne(l *local) {
 	if err != nil {
 		return
 	}
-	now := a.Now()
+	now := a.Clock.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if prev := l.usage; prev != nil && u.CpuUsageNanos >= prev.CpuUsageNanos {
