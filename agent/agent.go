@@ -81,7 +81,7 @@ type Agent struct {
 	lagSince   time.Time // when a heartbeat first showed newer assignments than held
 	fenceTimer Timer
 	kick       chan struct{}
-	reports    chan *pb.StatusUpdate
+	reports    *reporter
 	startSem   chan struct{}
 	states     *stateLog    // what a restarted agent adopts
 	serverKey  string       // the servers last passed to OnServers
@@ -109,7 +109,7 @@ func (a *Agent) init() {
 	}
 	a.procs = map[string]*local{}
 	a.kick = make(chan struct{}, 1)
-	a.reports = make(chan *pb.StatusUpdate, 4096)
+	a.reports = newReporter(a.sendReport, a.Clock, a.Log)
 	a.startSem = make(chan struct{}, startParallel)
 	a.minIndex = math.MaxUint64
 }
@@ -146,7 +146,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.lease.Unlock()
 	}()
 	var wg sync.WaitGroup
-	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reporter, a.sample} {
+	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample} {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx) }()
 	}
