@@ -9,6 +9,11 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
+// Adoption. The agent records each run it starts (statelog.go); a restarted
+// agent re-adopts the sandboxes whose runs it recorded, removes the others,
+// and keeps a record of runs that ended while no agent watched (lost).
+
+// state is what the agent records of a run, for a restarted agent.
 type state struct {
 	Incarnation uint64 `json:"incarnation"`
 	PID         int    `json:"pid"`

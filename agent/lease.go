@@ -11,6 +11,15 @@ import (
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 )
 
+// The node's lease. Heartbeats renew it every fifth of a lease, each on its
+// own goroutine; a lease counts from the moment its heartbeat was sent. The
+// deadline is passed on to the guard (Deadline), and a timer fences the node
+// when it passes: every process in the node's sandboxes is killed at once.
+// A node acts (starts, stops, reports) only with a lease, on a table at least
+// as new as the one that granted it (minIndex). The decisions are pure
+// functions of the time (beatWait, leaseEnd, renewal, fenceNote), as Nomad's
+// heartbeatstop.go decides shouldStopAfter(now, d).
+
 // heartbeats renews the lease every fifth of a lease (every 50 ms while
 // unanswered). Each heartbeat runs on its own, so one stuck on a leader that
 // is gone never delays the next, which may reach the new one. The lease is
@@ -36,20 +45,13 @@ func (a *Agent) heartbeats(ctx context.Context) {
 					rejoin.Unlock()
 				}
 			default:
-				lease := time.Duration(resp.Msg.LeaseMillis) * time.Millisecond
-				if lease <= 0 {
-					lease = a.Lease
-				}
-				a.renew(sent.Add(lease), resp.Msg.Index)
+				a.renew(leaseEnd(sent, resp.Msg.LeaseMillis, a.Lease), resp.Msg.Index)
 				a.servers(resp.Msg.Servers)
 				a.checkWatch(resp.Msg.NodeIndex)
 			}
 		}()
-		wait := a.Lease / 5
 		a.lease.Lock()
-		if a.lease.until.Sub(a.Clock.Now()) < a.Lease*3/4 {
-			wait = min(wait, 50*time.Millisecond) // the last beats went unanswered
-		}
+		wait := beatWait(a.Lease, a.lease.until.Sub(a.Clock.Now()))
 		a.lease.Unlock()
 		select {
 		case <-ctx.Done():
@@ -82,22 +84,21 @@ func (a *Agent) holdLease() {
 	a.Log.Info("lease held for a restart", "for", a.Hold)
 }
 
+// renew takes in a lease granted until until, with the leader's table at
+// index.
 func (a *Agent) renew(until time.Time, index uint64) {
 	a.lease.Lock()
-	switch {
-	case !a.Clock.Now().Before(until):
-		a.lease.Unlock()
-		return // acknowledged too late to be worth anything
-	case until.After(a.lease.until):
+	now := a.Clock.Now()
+	extend, counts := renewal(now, until, a.lease.until, a.lease.granted)
+	if extend {
 		a.lease.until = until
-		a.fenceTimer.Reset(until.Sub(a.Clock.Now()))
+		a.fenceTimer.Reset(until.Sub(now))
 		a.publish(until)
-	case a.lease.granted:
-		a.lease.Unlock()
-		return // nothing new: the lease held runs longer
 	}
-	// A first grant may run out before the lease held since the agent
-	// started (a clean stop's held lease): it still lets the agent act.
+	if !counts {
+		a.lease.Unlock()
+		return
+	}
 	if a.lease.killing {
 		a.lease.index = index // checkLease takes it from here
 		a.lease.Unlock()
@@ -144,7 +145,7 @@ func (a *Agent) regained(index uint64, first bool) {
 func (a *Agent) checkLease() {
 	a.lease.Lock()
 	if left := a.lease.until.Sub(a.Clock.Now()); left > 0 {
-		a.fenceTimer.Reset(left)
+		a.fenceTimer.Reset(left) // renewed since the timer was set
 		a.lease.Unlock()
 		return
 	}
@@ -153,6 +154,7 @@ func (a *Agent) checkLease() {
 		return
 	}
 	a.lease.fenced, a.lease.killing, a.lease.index = true, true, 0
+	granted := a.lease.granted
 	a.lease.Unlock()
 	start := a.Clock.Now()
 	if err := a.Runtime.KillAll(); err != nil {
@@ -168,19 +170,23 @@ func (a *Agent) checkLease() {
 		}
 	}
 	a.mu.Unlock()
-	a.Log.Warn("lease expired: fenced every local process", "processes", n, "took", took)
+	if note := fenceNote(granted, n); note != "" {
+		a.Log.Warn(note, "processes", n, "took", took)
+	} else {
+		a.Log.Debug("no lease yet: nothing may run here until a leader grants one")
+	}
 	// A renewal that came in meanwhile takes effect only now, after the
 	// fence has finished.
 	a.lease.Lock()
 	a.lease.killing = false
 	back := a.lease.index != 0 && a.Clock.Now().Before(a.lease.until)
-	index := a.lease.index
+	index, first := a.lease.index, !a.lease.granted
 	if back {
-		a.lease.fenced = false
+		a.lease.fenced, a.lease.granted = false, true
 	}
 	a.lease.Unlock()
 	if back {
-		a.regained(index, false)
+		a.regained(index, first)
 	}
 }
 
@@ -217,4 +223,57 @@ func (a *Agent) leaseValid() bool {
 	a.lease.Lock()
 	defer a.lease.Unlock()
 	return !a.lease.fenced && !a.lease.stopped && a.Clock.Now().Before(a.lease.until)
+}
+
+// beatWait is how long the agent waits before its next heartbeat, with left
+// of a lease of length lease to run: a fifth of a lease, and at most 50 ms
+// once the last beats went unanswered (less than three quarters left).
+func beatWait(lease, left time.Duration) time.Duration {
+	wait := lease / 5
+	if left < lease*3/4 {
+		wait = min(wait, 50*time.Millisecond)
+	}
+	return wait
+}
+
+// leaseEnd is the end of a lease granted for grantedMillis (the agent's own
+// lease when 0) to a heartbeat sent at sent: the lease counts from the
+// moment the heartbeat was sent, which the leader cannot know to be later.
+func leaseEnd(sent time.Time, grantedMillis int64, own time.Duration) time.Time {
+	lease := time.Duration(grantedMillis) * time.Millisecond
+	if lease <= 0 {
+		lease = own
+	}
+	return sent.Add(lease)
+}
+
+// renewal decides what a lease granted until until and acknowledged at now
+// does to the lease held until held: extend moves the deadline out to until;
+// counts tells whether it is news at all, so that a first grant, or the
+// first after a fence, lets the agent act. A grant acknowledged too late is
+// worth nothing. A first grant may end before the lease held since the agent
+// started (a clean stop's held lease): it counts, and leaves the deadline.
+func renewal(now, until, held time.Time, granted bool) (extend, counts bool) {
+	switch {
+	case !now.Before(until):
+		return false, false
+	case until.After(held):
+		return true, true
+	}
+	return false, !granted
+}
+
+// fenceNote is what the agent logs after a fence that found n processes
+// (running, starting or waiting to restart), granted telling whether a
+// leader has granted this agent a lease. It is "" when there is nothing to
+// say: at start, with no lease yet and nothing left by the previous shimd,
+// nothing expired and nothing was fenced.
+func fenceNote(granted bool, n int) string {
+	switch {
+	case granted:
+		return "lease expired: fenced every local process"
+	case n > 0:
+		return "the lease the previous shimd held ran out before a leader granted one: fenced the processes it left"
+	}
+	return ""
 }

@@ -15,6 +15,12 @@ import (
 	"github.com/shim-run/shim/restart"
 )
 
+// The node's assignments. watch long-polls them from the servers and merges
+// each answer (a full list or a delta) into the table's view; effective turns
+// a make-before-break move to this node into the incarnation to start here;
+// reconcileLocked asks restart.Reconcile what to do about the difference
+// from what runs (local.view) and does it.
+
 // watchLag is how long the assignments held may trail the leader's before
 // the agent asks again.
 const watchLag = 100 * time.Millisecond

@@ -9,6 +9,11 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
+// Starting and ending runs. A start reserves the entry under the lock and
+// runs the runtime's slow Start outside it, startParallel at a time; an exit
+// goes through the restart policy (exitedLocked), and a restart waits out its
+// backoff on the agent's clock (restartAfter).
+
 // startParallel bounds how many processes one node starts at once. A start
 // waits on the kernel's cgroup locks as much as it computes: 8 at once
 // restarted 150 processes about a third faster than 4 on the 2-core test

@@ -7,6 +7,10 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
+// Usage: every sampleEvery the agent reads its processes' cgroup counters,
+// so that CPU use can be given as a rate; Usage answers the servers' queries
+// from the last samples, or from the cgroups read now.
+
 // sampleEvery is how often the agent reads its processes' cgroup stats.
 const sampleEvery = 2 * time.Second
 

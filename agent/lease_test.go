@@ -1,0 +1,141 @@
+package agent
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+func TestBeatWait(t *testing.T) {
+	const lease = time.Second
+	for _, c := range []struct {
+		left, want time.Duration
+	}{
+		{left: lease, want: lease / 5},                     // just renewed
+		{left: lease * 3 / 4, want: lease / 5},             // one beat unanswered
+		{left: lease*3/4 - 1, want: 50 * time.Millisecond}, // more: hurry
+		{left: -time.Second, want: 50 * time.Millisecond},  // expired
+	} {
+		if got := beatWait(lease, c.left); got != c.want {
+			t.Errorf("beatWait(%s, %s) = %s, want %s", lease, c.left, got, c.want)
+		}
+	}
+	if got := beatWait(100*time.Millisecond, 0); got != 20*time.Millisecond {
+		t.Errorf("a short lease: wait %s, want its fifth (20ms)", got)
+	}
+}
+
+func TestLeaseEnd(t *testing.T) {
+	sent := time.Unix(100, 0)
+	if got := leaseEnd(sent, 1500, time.Second); !got.Equal(sent.Add(1500 * time.Millisecond)) {
+		t.Errorf("granted 1500 ms: ends %s after sending", got.Sub(sent))
+	}
+	if got := leaseEnd(sent, 0, time.Second); !got.Equal(sent.Add(time.Second)) {
+		t.Errorf("granted 0 ms: ends %s after sending, want the agent's own second", got.Sub(sent))
+	}
+}
+
+func TestRenewal(t *testing.T) {
+	now := time.Unix(100, 0)
+	for _, c := range []struct {
+		name          string
+		until, held   time.Time
+		granted       bool
+		extend, count bool
+	}{
+		{"too late", now, now.Add(-time.Second), false, false, false},
+		{"first grant", now.Add(time.Second), now, false, true, true},
+		{"renewal", now.Add(time.Second), now.Add(time.Second / 2), true, true, true},
+		{"older than held, granted", now.Add(time.Second / 2), now.Add(time.Second), true, false, false},
+		{"first grant inside a held lease", now.Add(time.Second), now.Add(30 * time.Second), false, false, true},
+	} {
+		extend, counts := renewal(now, c.until, c.held, c.granted)
+		if extend != c.extend || counts != c.count {
+			t.Errorf("%s: extend %v, counts %v; want %v, %v", c.name, extend, counts, c.extend, c.count)
+		}
+	}
+}
+
+func TestFenceNote(t *testing.T) {
+	for _, c := range []struct {
+		granted bool
+		n       int
+		quiet   bool
+	}{
+		{granted: false, n: 0, quiet: true}, // a fresh start: nothing expired, nothing fenced
+		{granted: false, n: 3},              // the previous shimd's lease ran out
+		{granted: true, n: 0},               // a lease this agent held expired
+		{granted: true, n: 5},
+	} {
+		if note := fenceNote(c.granted, c.n); (note == "") != c.quiet {
+			t.Errorf("fenceNote(%v, %d) = %q", c.granted, c.n, note)
+		}
+	}
+}
+
+// fenceClock is countingRuntime that notes the time of each fence.
+type fenceClock struct {
+	countingRuntime
+	clock    Clock
+	mu       sync.Mutex
+	fencedAt []time.Time
+}
+
+func (r *fenceClock) KillAll() error {
+	r.mu.Lock()
+	r.fencedAt = append(r.fencedAt, r.clock.Now())
+	r.mu.Unlock()
+	return r.countingRuntime.KillAll()
+}
+
+func (r *fenceClock) fences() []time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]time.Time(nil), r.fencedAt...)
+}
+
+// On a fake clock: the agent fences exactly when its lease runs out, and
+// publishes no deadline past it.
+func TestFenceAtTheDeadline(t *testing.T) {
+	cp := newFakeCP()
+	cp.set(1, assignment("a", 1, pb.ProcessState_PROCESS_STATE_STARTING))
+	clock := newFakeClock()
+	rt := &fenceClock{clock: clock}
+	var published []time.Time
+	a := startAgent(t, cp, rt, func(a *Agent) {
+		a.Clock = clock
+		a.Deadline = func(until time.Time) { published = append(published, until) } // under a.lease
+	})
+	waitUntil(t, 5*time.Second, "a started", func() bool {
+		clock.Advance(10 * time.Millisecond)
+		return rt.starts.Load() == 1
+	})
+	before := len(rt.fences())
+	cp.setUp(false)
+	for i := 0; len(rt.fences()) == before; i++ {
+		if i == 100 {
+			t.Fatalf("no fence %s after the control plane went away, with a %s lease", 100*10*time.Millisecond, testLease)
+		}
+		clock.Advance(10 * time.Millisecond) // beats go unanswered
+	}
+	fenced := rt.fences()[before]
+	a.lease.Lock()
+	until := a.lease.until
+	for _, p := range published {
+		if p.After(until) {
+			t.Errorf("published a deadline %s past the lease", p.Sub(until))
+		}
+	}
+	a.lease.Unlock()
+	if !fenced.Equal(until) {
+		t.Fatalf("fenced %s after the lease ran out, want at its end", fenced.Sub(until))
+	}
+
+	cp.setUp(true)
+	waitUntil(t, 5*time.Second, "a started again with the lease back", func() bool {
+		clock.Advance(10 * time.Millisecond)
+		return rt.starts.Load() == 2
+	})
+}
