@@ -2,16 +2,21 @@ package agent
 
 import (
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/shim-run/shim/guard"
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
 // Adoption. The agent records each run it starts (statelog.go); a restarted
 // agent re-adopts the sandboxes whose runs it recorded, removes the others,
-// and keeps a record of runs that ended while no agent watched (lost).
+// and keeps a record of runs that ended while no agent watched (lost). Of
+// those, the ones the guard killed when the lease ran out are told apart by
+// the guard's record (guard.FencedFileName in the data dir) and reported as
+// fenced (ReasonFenced), whatever their restart policy.
 
 // state is what the agent records of a run, for a restarted agent.
 type state struct {
@@ -48,6 +53,10 @@ func (a *Agent) adopt() error {
 		return err
 	}
 	saved := a.states.all()
+	fence, err := guard.ReadFence(filepath.Join(a.DataDir, guard.FencedFileName))
+	if err != nil {
+		a.Log.Warn("the guard's record of what it fenced is unreadable: processes it killed are reported as exited", "err", err)
+	}
 	found, err := a.Runtime.Existing()
 	if err != nil {
 		return err
@@ -63,9 +72,10 @@ func (a *Agent) adopt() error {
 			rec: &pb.ProcessRecord{Id: f.ID, Incarnation: f.Incarnation, Spec: &pb.ProcessSpec{}}}
 		p, err := a.Runtime.Adopt(f.ID, f.Incarnation, st.PID, st.StartTime)
 		if err != nil {
-			a.Log.Info("process ended while shimd was down", "id", f.ID, "err", err)
+			exit := lostExit(f.ID, st, fence)
+			a.Log.Info("process ended while shimd was down", "id", f.ID, "how", exit.Reason, "err", err)
 			_ = a.Runtime.Remove(f.ID, f.Incarnation)
-			l.lost = &Exit{Code: -1, Reason: "exited while shimd was down"}
+			l.lost = &exit
 			a.procs[f.ID] = l
 			continue
 		}
@@ -81,10 +91,25 @@ func (a *Agent) adopt() error {
 	// Lost processes whose sandbox is already gone are still recorded.
 	for id, st := range saved {
 		if a.procs[id] == nil {
-			a.procs[id] = &local{id: id, inc: st.Incarnation, restarts: st.Restarts,
-				lost: &Exit{Code: -1, Reason: "exited while shimd was down"},
-				rec:  &pb.ProcessRecord{Id: id, Incarnation: st.Incarnation, Spec: &pb.ProcessSpec{}}}
+			exit := lostExit(id, st, fence)
+			a.procs[id] = &local{id: id, inc: st.Incarnation, restarts: st.Restarts, lost: &exit,
+				rec: &pb.ProcessRecord{Id: id, Incarnation: st.Incarnation, Spec: &pb.ProcessSpec{}}}
 		}
 	}
 	return nil
+}
+
+// ReasonFenced is the reason reported for a process the guard killed when
+// the lease ran out while no agent ran.
+const ReasonFenced = "fenced: lease expired"
+
+// lostExit is how a run the agent recorded (st) and found gone ended, as far
+// as can be told: fenced, if the guard's record says it killed that run's
+// sandbox after the run started (a restart in the same sandbox comes after
+// an older fence); otherwise it exited, how is not known.
+func lostExit(id string, st state, fence guard.Fence) Exit {
+	if fence.Has(guard.Sandbox{ID: id, Incarnation: st.Incarnation}) && fence.AtUnixNano >= st.StartedUnix {
+		return Exit{Code: -1, Signal: syscall.SIGKILL.String(), Reason: ReasonFenced}
+	}
+	return Exit{Code: -1, Reason: "exited while shimd was down"}
 }

@@ -29,7 +29,7 @@ type Agent struct {
 	Addrs   func() []string
 	Client  func(addr string) shimv1connect.AgentServiceClient
 	Runtime Runtime
-	DataDir string // state.log and logs/ live here
+	DataDir string // state.log and logs/ live here, and the guard's fence record (package guard)
 	Policy  restart.Policy
 	Lease   time.Duration // until the leader says otherwise
 	Clock   Clock         // default SystemClock
