@@ -6,16 +6,12 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
-	"strings"
+	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"connectrpc.com/connect"
 
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
@@ -25,11 +21,15 @@ import (
 
 // Agent runs one node's processes. Fields are dependencies; set them before Run.
 type Agent struct {
-	Node    *pb.NodeRecord // name, role, addresses, capacity
+	Node *pb.NodeRecord // name, role, addresses, capacity
+	// Addrs returns the API addresses to try before the servers the agent
+	// learned from the cluster (see servers.go).
 	Addrs   func() []string
 	Client  func(addr string) shimv1connect.AgentServiceClient
 	Runtime Runtime
-	DataDir string // state.log and logs/ live here, and the guard's fence record (package guard)
+	// DataDir holds state.log, logs/, the servers the agent learned, and
+	// the guard's record of what it fenced (package guard).
+	DataDir string
 	Policy  restart.Policy
 	Lease   time.Duration // until the leader says otherwise
 	Clock   Clock         // default SystemClock
@@ -83,9 +83,8 @@ type Agent struct {
 	kick       chan struct{}
 	reports    *reporter
 	startSem   chan struct{}
-	states     *stateLog    // what a restarted agent adopts
-	serverKey  string       // the servers last passed to OnServers
-	good       atomic.Int32 // index in Addrs() of the address that answered last
+	states     *stateLog // what a restarted agent adopts
+	book       addrBook  // the servers besides Addrs, and the one that answered last
 }
 
 func (a *Agent) init() {
@@ -118,6 +117,9 @@ func (a *Agent) init() {
 // node until ctx ends. Processes keep running after Run returns.
 func (a *Agent) Run(ctx context.Context) error {
 	a.init()
+	if err := a.book.load(filepath.Join(a.DataDir, serversFile)); err != nil {
+		a.Log.Warn("starting from Addrs alone", "err", err)
+	}
 	if err := a.adopt(); err != nil {
 		return fmt.Errorf("adopt processes: %w", err)
 	}
@@ -158,76 +160,4 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.mu.Unlock()
 	return nil
-}
-
-// call runs f against the API addresses in turn, starting with the one that
-// answered last, until one answers. attempt, if set, bounds each try, so that
-// an address that hangs (a server cut off) does not use up the whole call.
-func call[T any](ctx context.Context, a *Agent, attempt time.Duration, f func(ctx context.Context, c shimv1connect.AgentServiceClient) (T, error)) (T, error) {
-	var zero T
-	err := errors.New("no API address")
-	addrs := a.Addrs()
-	first := int(a.good.Load())
-	for i := range addrs {
-		k := (first + i) % len(addrs)
-		actx, cancel := ctx, context.CancelFunc(func() {})
-		if attempt > 0 && len(addrs) > 1 {
-			actx, cancel = context.WithTimeout(ctx, attempt)
-		}
-		var v T
-		v, err = f(actx, a.Client(addrs[k]))
-		cancel()
-		if err == nil {
-			a.good.Store(int32(k))
-			return v, nil
-		}
-		if c := connect.CodeOf(err); c != connect.CodeUnavailable && c != connect.CodeUnknown && c != connect.CodeDeadlineExceeded {
-			return zero, err
-		}
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	return zero, err
-}
-
-// join registers the node, retrying until it succeeds or ctx ends.
-func (a *Agent) join(ctx context.Context) error {
-	backoff := 50 * time.Millisecond
-	for {
-		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		resp, err := call(rctx, a, 0, func(ctx context.Context, c shimv1connect.AgentServiceClient) (*connect.Response[pb.JoinResponse], error) {
-			return c.Join(ctx, connect.NewRequest(&pb.JoinRequest{Node: a.Node}))
-		})
-		cancel()
-		if err == nil {
-			if a.OnServers != nil && len(resp.Msg.Servers) > 0 {
-				a.OnServers(resp.Msg.Servers)
-			}
-			a.Log.Info("joined the cluster", "node", a.Node.Name, "servers", resp.Msg.Servers)
-			return nil
-		}
-		a.Log.Warn("join failed; retrying", "err", err)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-a.Clock.After(backoff):
-		}
-		backoff = min(backoff*2, 2*time.Second)
-	}
-}
-
-// servers passes on a changed list of the servers' API addresses.
-func (a *Agent) servers(addrs []string) {
-	if len(addrs) == 0 || a.OnServers == nil {
-		return
-	}
-	key := strings.Join(addrs, ",")
-	a.mu.Lock()
-	changed := key != a.serverKey
-	a.serverKey = key
-	a.mu.Unlock()
-	if changed {
-		a.OnServers(addrs)
-	}
 }
