@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -137,5 +139,52 @@ func TestFenceAtTheDeadline(t *testing.T) {
 	waitUntil(t, 5*time.Second, "a started again with the lease back", func() bool {
 		clock.Advance(10 * time.Millisecond)
 		return rt.starts.Load() == 2
+	})
+}
+
+// syncBuffer is a log sink safe for concurrent writers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// A fresh start (no lease held before, nothing left to adopt) says only what
+// happened: no lease expired and nothing was fenced. A lease that does run
+// out later is told.
+func TestFreshStartSaysOnlyWhatHappened(t *testing.T) {
+	cp := newFakeCP()
+	var logs syncBuffer
+	rt := &countingRuntime{}
+	a := startAgent(t, cp, rt, func(a *Agent) { a.Log = slog.New(slog.NewTextHandler(&logs, nil)) })
+	waitUntil(t, 5*time.Second, "the lease granted", func() bool {
+		a.lease.Lock()
+		defer a.lease.Unlock()
+		return a.lease.granted
+	})
+	for _, lie := range []string{"expired", "fenced", "regained"} {
+		if strings.Contains(logs.String(), lie) {
+			t.Errorf("a fresh start logged %q:\n%s", lie, logs.String())
+		}
+	}
+	if !strings.Contains(logs.String(), "lease granted") {
+		t.Errorf("the first grant is not told:\n%s", logs.String())
+	}
+	fences := rt.killAlls.Load()
+	cp.setUp(false)
+	waitUntil(t, 5*time.Second, "the fence", func() bool { return rt.killAlls.Load() > fences })
+	waitUntil(t, 5*time.Second, "the fence told", func() bool {
+		return strings.Contains(logs.String(), "lease expired: fenced every local process")
 	})
 }
