@@ -57,17 +57,7 @@ type Agent struct {
 	procs    map[string]*local
 	table    map[string]*pb.ProcessRecord // the node's assignments as the table has them
 	assigned []*pb.ProcessRecord          // what the node must run: effective(table), by id
-	// lease is guarded by its own lock, so that renewing and fencing never
-	// wait behind the agent's other work.
-	lease struct {
-		sync.Mutex
-		until   time.Time // monotonic: the node may run processes until then
-		fenced  bool
-		killing bool   // the fence is under way; a renewal waits for it
-		index   uint64 // the index of a renewal that came while killing
-		stopped bool   // the agent is shutting down: no fence, no starts
-		granted bool   // a leader has granted a lease since the agent started
-	}
+	lease    lease                        // its own lock: see lease.go
 	// minIndex is the leader's table index when the lease was granted (at
 	// start, or again after a fence). The agent acts on assignments only from
 	// a table at least that new: a replica still catching up (its own server
@@ -79,7 +69,6 @@ type Agent struct {
 	tableIndex uint64    // table index of the assignments held
 	nodeIndex  uint64    // index of the last change to the assignments held
 	lagSince   time.Time // when a heartbeat first showed newer assignments than held
-	fenceTimer Timer
 	kick       chan struct{}
 	reports    *reporter
 	startSem   chan struct{}
@@ -110,6 +99,7 @@ func (a *Agent) init() {
 	a.kick = make(chan struct{}, 1)
 	a.reports = newReporter(a.sendReport, a.Clock, a.Log)
 	a.startSem = make(chan struct{}, startParallel)
+	a.lease.clock, a.lease.publish, a.lease.fence, a.lease.regained = a.Clock, a.publish, a.fenceAll, a.regained
 	a.minIndex = math.MaxUint64
 }
 
@@ -127,14 +117,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	// runs out (the held one after a clean stop), while this one finds the
 	// leader; after that, with no lease, they are fenced. Running them any
 	// longer could overlap their replacements.
-	a.lease.Lock()
-	a.lease.until = a.Resume
-	if now := a.Clock.Now(); a.lease.until.Before(now) {
-		a.lease.until = now
-	}
-	a.fenceTimer = a.Clock.AfterFunc(a.lease.until.Sub(a.Clock.Now()), a.checkLease)
-	a.publish(a.lease.until)
-	a.lease.Unlock()
+	a.lease.arm(a.Resume)
 	if err := a.join(ctx); err != nil {
 		return err
 	}
@@ -142,10 +125,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		// Stopping on purpose: the processes outlive the agent, so the
 		// fence is off from now on; the leader is asked to hold the lease.
 		<-ctx.Done()
-		a.lease.Lock()
-		a.lease.stopped = true
-		a.fenceTimer.Stop()
-		a.lease.Unlock()
+		a.lease.stop()
 	}()
 	var wg sync.WaitGroup
 	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample} {

@@ -13,8 +13,9 @@ import (
 
 // The node's lease. Heartbeats renew it every fifth of a lease, each on its
 // own goroutine; a lease counts from the moment its heartbeat was sent. The
-// deadline is passed on to the guard (Deadline), and a timer fences the node
-// when it passes: every process in the node's sandboxes is killed at once.
+// lease type holds the deadline, passes it on to the guard (Deadline), and
+// fences the node when it passes (fenceAll: every process in the node's
+// sandboxes is killed at once).
 // A node acts (starts, stops, reports) only with a lease, on a table at least
 // as new as the one that granted it (minIndex). The decisions are pure
 // functions of the time (beatWait, leaseEnd, renewal, fenceNote), as Nomad's
@@ -45,14 +46,12 @@ func (a *Agent) heartbeats(ctx context.Context) {
 					rejoin.Unlock()
 				}
 			default:
-				a.renew(leaseEnd(sent, resp.Msg.LeaseMillis, a.Lease), resp.Msg.Index)
+				a.lease.renew(leaseEnd(sent, resp.Msg.LeaseMillis, a.Lease), resp.Msg.Index)
 				a.servers(resp.Msg.Servers)
 				a.checkWatch(resp.Msg.NodeIndex)
 			}
 		}()
-		a.lease.Lock()
-		wait := beatWait(a.Lease, a.lease.until.Sub(a.Clock.Now()))
-		a.lease.Unlock()
+		wait := beatWait(a.Lease, a.lease.left())
 		select {
 		case <-ctx.Done():
 			return
@@ -78,42 +77,134 @@ func (a *Agent) holdLease() {
 		a.Log.Warn("could not hold the lease for a restart: the guard stops the node's processes when the lease runs out, as the cluster will move them", "err", err)
 		return
 	}
-	a.lease.Lock()
-	a.publish(sent.Add(a.Hold))
-	a.lease.Unlock()
+	a.lease.hold(sent.Add(a.Hold))
 	a.Log.Info("lease held for a restart", "for", a.Hold)
+}
+
+// lease is the node's lease: until when the node may run processes, and the
+// fence when that time passes. It has its own lock, so that renewing and
+// fencing never wait behind the agent's other work; what a fence does to the
+// agent's books, and what a grant lets the agent do, are its fence and
+// regained functions, called without the lock.
+type lease struct {
+	sync.Mutex
+	clock    Clock
+	publish  func(until time.Time)          // passes a deadline to the guard; called under the lock, in order
+	fence    func(granted bool)             // kills every process in the node's sandboxes
+	regained func(index uint64, first bool) // the node may act: at start, or after a fence
+
+	until   time.Time // monotonic: the node may run processes until then
+	timer   Timer     // fires at until
+	fenced  bool
+	killing bool   // the fence is under way; a renewal waits for it
+	index   uint64 // the index of a renewal that came while killing
+	stopped bool   // the agent is shutting down: no fence, no starts
+	granted bool   // a leader has granted a lease since the agent started
+}
+
+// arm starts the lease at resume (the lease the previous agent held), or now
+// if that has passed: until a leader grants one, nothing may run after it.
+func (l *lease) arm(resume time.Time) {
+	l.Lock()
+	defer l.Unlock()
+	now := l.clock.Now()
+	l.until = resume
+	if l.until.Before(now) {
+		l.until = now
+	}
+	l.timer = l.clock.AfterFunc(l.until.Sub(now), l.check)
+	l.publish(l.until)
+}
+
+// stop turns the fence off for good: the agent is stopping on purpose, and
+// the processes outlive it.
+func (l *lease) stop() {
+	l.Lock()
+	defer l.Unlock()
+	l.stopped = true
+	l.timer.Stop()
+}
+
+// hold publishes the deadline of a lease the leader holds for a restart.
+func (l *lease) hold(until time.Time) {
+	l.Lock()
+	defer l.Unlock()
+	l.publish(until)
+}
+
+// valid reports whether the node holds a lease now.
+func (l *lease) valid() bool {
+	l.Lock()
+	defer l.Unlock()
+	return !l.fenced && !l.stopped && l.clock.Now().Before(l.until)
+}
+
+// left returns how long the lease held has to run (negative once past).
+func (l *lease) left() time.Duration {
+	l.Lock()
+	defer l.Unlock()
+	return l.until.Sub(l.clock.Now())
 }
 
 // renew takes in a lease granted until until, with the leader's table at
 // index.
-func (a *Agent) renew(until time.Time, index uint64) {
-	a.lease.Lock()
-	now := a.Clock.Now()
-	extend, counts := renewal(now, until, a.lease.until, a.lease.granted)
+func (l *lease) renew(until time.Time, index uint64) {
+	l.Lock()
+	now := l.clock.Now()
+	extend, counts := renewal(now, until, l.until, l.granted)
 	if extend {
-		a.lease.until = until
-		a.fenceTimer.Reset(until.Sub(now))
-		a.publish(until)
+		l.until = until
+		l.timer.Reset(until.Sub(now))
+		l.publish(until)
 	}
 	if !counts {
-		a.lease.Unlock()
+		l.Unlock()
 		return
 	}
-	if a.lease.killing {
-		a.lease.index = index // checkLease takes it from here
-		a.lease.Unlock()
+	if l.killing {
+		l.index = index // check takes it from here
+		l.Unlock()
 		return
 	}
-	wasFenced, first := a.lease.fenced, !a.lease.granted
-	a.lease.fenced, a.lease.granted = false, true
-	a.lease.Unlock()
+	wasFenced, first := l.fenced, !l.granted
+	l.fenced, l.granted = false, true
+	l.Unlock()
 	if wasFenced || first {
-		a.regained(index, first)
+		l.regained(index, first)
 	}
 }
 
-// publish passes a lease deadline on to the guard. Call with a.lease held,
-// so deadlines are published in the order they were granted.
+// check fences the node when its lease has run out. A renewal that comes in
+// during the fence takes effect only once the fence has finished.
+func (l *lease) check() {
+	l.Lock()
+	if left := l.until.Sub(l.clock.Now()); left > 0 {
+		l.timer.Reset(left) // renewed since the timer was set
+		l.Unlock()
+		return
+	}
+	if l.fenced || l.stopped {
+		l.Unlock()
+		return
+	}
+	l.fenced, l.killing, l.index = true, true, 0
+	granted := l.granted
+	l.Unlock()
+	l.fence(granted)
+	l.Lock()
+	l.killing = false
+	back := l.index != 0 && l.clock.Now().Before(l.until)
+	index, first := l.index, !l.granted
+	if back {
+		l.fenced, l.granted = false, true
+	}
+	l.Unlock()
+	if back {
+		l.regained(index, first)
+	}
+}
+
+// publish passes a lease deadline on to the guard.
 func (a *Agent) publish(until time.Time) {
 	if a.Deadline != nil {
 		a.Deadline(until)
@@ -139,23 +230,10 @@ func (a *Agent) regained(index uint64, first bool) {
 	}
 }
 
-// checkLease fences the node when its lease has run out: it kills every
-// process in the node's sandboxes at once, without waiting for the agent's
-// lock, and only then tidies the agent's books.
-func (a *Agent) checkLease() {
-	a.lease.Lock()
-	if left := a.lease.until.Sub(a.Clock.Now()); left > 0 {
-		a.fenceTimer.Reset(left) // renewed since the timer was set
-		a.lease.Unlock()
-		return
-	}
-	if a.lease.fenced || a.lease.stopped {
-		a.lease.Unlock()
-		return
-	}
-	a.lease.fenced, a.lease.killing, a.lease.index = true, true, 0
-	granted := a.lease.granted
-	a.lease.Unlock()
+// fenceAll is the fence: it kills every process in the node's sandboxes at
+// once, without waiting for the agent's lock, and only then tidies the
+// agent's books. granted tells whether a leader granted this agent a lease.
+func (a *Agent) fenceAll(granted bool) {
 	start := a.Clock.Now()
 	if err := a.Runtime.KillAll(); err != nil {
 		a.Log.Error("fence: kill all failed", "err", err)
@@ -174,19 +252,6 @@ func (a *Agent) checkLease() {
 		a.Log.Warn(note, "processes", n, "took", took)
 	} else {
 		a.Log.Debug("no lease yet: nothing may run here until a leader grants one")
-	}
-	// A renewal that came in meanwhile takes effect only now, after the
-	// fence has finished.
-	a.lease.Lock()
-	a.lease.killing = false
-	back := a.lease.index != 0 && a.Clock.Now().Before(a.lease.until)
-	index, first := a.lease.index, !a.lease.granted
-	if back {
-		a.lease.fenced, a.lease.granted = false, true
-	}
-	a.lease.Unlock()
-	if back {
-		a.regained(index, first)
 	}
 }
 
@@ -219,11 +284,7 @@ func (a *Agent) mayStartLocked() bool {
 	return a.leaseValid() && a.tableIndex >= a.minIndex
 }
 
-func (a *Agent) leaseValid() bool {
-	a.lease.Lock()
-	defer a.lease.Unlock()
-	return !a.lease.fenced && !a.lease.stopped && a.Clock.Now().Before(a.lease.until)
-}
+func (a *Agent) leaseValid() bool { return a.lease.valid() }
 
 // beatWait is how long the agent waits before its next heartbeat, with left
 // of a lease of length lease to run: a fifth of a lease, and at most 50 ms

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -187,4 +188,99 @@ func TestFreshStartSaysOnlyWhatHappened(t *testing.T) {
 	waitUntil(t, 5*time.Second, "the fence told", func() bool {
 		return strings.Contains(logs.String(), "lease expired: fenced every local process")
 	})
+}
+
+// leaseProbe is a lease on a fake clock that notes what it does.
+type leaseProbe struct {
+	*lease
+	clock     *fakeClock
+	fences    []bool // granted, at each fence
+	regains   []bool // first, at each regain
+	published []time.Time
+	during    func() // run inside the fence, as a renewal landing then would
+}
+
+func newLeaseProbe() *leaseProbe {
+	p := &leaseProbe{clock: newFakeClock()}
+	p.lease = &lease{clock: p.clock,
+		publish: func(until time.Time) { p.published = append(p.published, until) },
+		fence: func(granted bool) {
+			p.fences = append(p.fences, granted)
+			if p.during != nil {
+				p.during()
+			}
+		},
+		regained: func(_ uint64, first bool) { p.regains = append(p.regains, first) },
+	}
+	return p
+}
+
+func TestLeaseStates(t *testing.T) {
+	const d = time.Second
+	// A fresh start: no lease to resume, so the fence is due at once, and
+	// says no lease was ever granted; the first grant counts as first.
+	p := newLeaseProbe()
+	p.arm(time.Time{})
+	p.clock.Advance(0)
+	if !slices.Equal(p.fences, []bool{false}) || p.valid() {
+		t.Fatalf("fresh start: fences %v, valid %v; want one, ungranted, and no lease", p.fences, p.valid())
+	}
+	p.renew(p.clock.Now().Add(d), 7)
+	if !slices.Equal(p.regains, []bool{true}) || !p.valid() {
+		t.Fatalf("first grant: regains %v, valid %v", p.regains, p.valid())
+	}
+	// Renewed before the end: no fence. Not renewed: fenced at the end,
+	// once, however often the timer is looked at.
+	p.clock.Advance(d / 2)
+	p.renew(p.clock.Now().Add(d), 8)
+	p.clock.Advance(d - 1)
+	if len(p.fences) != 1 {
+		t.Fatalf("fenced before the renewed lease ran out")
+	}
+	p.clock.Advance(1)
+	p.check()
+	if !slices.Equal(p.fences, []bool{false, true}) || p.valid() {
+		t.Fatalf("expiry: fences %v, valid %v", p.fences, p.valid())
+	}
+	// Granted again: the node may act again.
+	p.clock.Advance(d / 2)
+	p.renew(p.clock.Now().Add(d), 9)
+	if !slices.Equal(p.regains, []bool{true, false}) || !p.valid() {
+		t.Fatalf("regained after a fence: regains %v, valid %v", p.regains, p.valid())
+	}
+	// A renewal that lands during the next fence takes effect after it.
+	p.during = func() {
+		p.renew(p.clock.Now().Add(d), 10)
+		if p.valid() || len(p.regains) != 2 {
+			t.Errorf("a renewal during the fence took effect before it finished")
+		}
+	}
+	p.clock.Advance(d)
+	if !slices.Equal(p.regains, []bool{true, false, false}) || !p.valid() {
+		t.Fatalf("renewal during the fence: regains %v, valid %v; want it regained after the fence", p.regains, p.valid())
+	}
+	// Stopped on purpose: no fence any more.
+	p.during = nil
+	p.stop()
+	p.clock.Advance(10 * d)
+	if len(p.fences) != 3 {
+		t.Fatalf("fences %v after a stop, want none more", p.fences)
+	}
+	for i := 1; i < len(p.published); i++ {
+		if p.published[i].Before(p.published[i-1]) {
+			t.Fatalf("published deadlines out of order: %v", p.published)
+		}
+	}
+}
+
+// A first grant that lands during the start-up fence still counts as the
+// first: the agent says "granted", not "regained".
+func TestLeaseFirstGrantDuringStartupFence(t *testing.T) {
+	p := newLeaseProbe()
+	p.during = func() { p.renew(p.clock.Now().Add(time.Second), 3) }
+	p.arm(time.Time{})
+	p.clock.Advance(0)
+	if !slices.Equal(p.regains, []bool{true}) || !p.valid() {
+		t.Fatalf("regains %v, valid %v; want one first grant and a lease", p.regains, p.valid())
+	}
 }
