@@ -127,3 +127,20 @@ func lens(b [][]*pb.StatusUpdate) []int {
 	}
 	return out
 }
+
+// A clean stop sends what waits, once, before the reporter returns.
+func TestReporterFlushesOnStop(t *testing.T) {
+	var sent []*pb.StatusUpdate
+	r := newReporter(func(_ context.Context, b []*pb.StatusUpdate) error {
+		sent = append(sent, b...)
+		return nil
+	}, SystemClock{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	r.put(up("a", 1, exited))
+	<-r.kick // the stop comes before the sender has seen the update
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r.run(ctx)
+	if len(sent) != 1 || r.waiting() != 0 {
+		t.Fatalf("sent %v on stop, %d still waiting; want the exit sent", sent, r.waiting())
+	}
+}
