@@ -2,7 +2,7 @@ package agent
 
 import (
 	"path/filepath"
-	"syscall"
+	"strings"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -53,10 +53,7 @@ func (a *Agent) adopt() error {
 		return err
 	}
 	saved := a.states.all()
-	fence, err := guard.ReadFence(filepath.Join(a.DataDir, guard.FencedFileName))
-	if err != nil {
-		a.Log.Warn("the guard's record of what it fenced is unreadable: processes it killed are reported as exited", "err", err)
-	}
+	fence := a.readFence()
 	found, err := a.Runtime.Existing()
 	if err != nil {
 		return err
@@ -100,16 +97,44 @@ func (a *Agent) adopt() error {
 }
 
 // ReasonFenced is the reason reported for a process the guard killed when
-// the lease ran out while no agent ran.
+// the lease ran out while no agent could: shimd down or paused.
 const ReasonFenced = "fenced: lease expired"
 
+// fencedExit is the exit of a run the guard fenced.
+var fencedExit = Exit{Code: -1, Signal: "SIGKILL", Reason: ReasonFenced}
+
+// guardFenced reports whether the guard's record says it killed the run of
+// incarnation inc of id that started at startedUnix (wall clock ns): it
+// killed that sandbox, and after the run started (a run started again in
+// the same sandbox, after an older fence, was not).
+func guardFenced(fence guard.Fence, id string, inc uint64, startedUnix int64) bool {
+	return fence.Has(guard.Sandbox{ID: id, Incarnation: inc}) && fence.AtUnixNano >= startedUnix
+}
+
 // lostExit is how a run the agent recorded (st) and found gone ended, as far
-// as can be told: fenced, if the guard's record says it killed that run's
-// sandbox after the run started (a restart in the same sandbox comes after
-// an older fence); otherwise it exited, how is not known.
+// as can be told: fenced, if the guard says so; otherwise it exited, how is
+// not known.
 func lostExit(id string, st state, fence guard.Fence) Exit {
-	if fence.Has(guard.Sandbox{ID: id, Incarnation: st.Incarnation}) && fence.AtUnixNano >= st.StartedUnix {
-		return Exit{Code: -1, Signal: syscall.SIGKILL.String(), Reason: ReasonFenced}
+	if guardFenced(fence, id, st.Incarnation, st.StartedUnix) {
+		return fencedExit
 	}
 	return Exit{Code: -1, Reason: "exited while shimd was down"}
+}
+
+// readFence reads the guard's record of what it fenced; none if it cannot.
+func (a *Agent) readFence() guard.Fence {
+	fence, err := guard.ReadFence(filepath.Join(a.DataDir, guard.FencedFileName))
+	if err != nil {
+		a.Log.Warn("the guard's record of what it fenced is unreadable: processes it killed are reported as exited", "err", err)
+	}
+	return fence
+}
+
+// mayBeFence reports whether an exit seen by a running agent may be the
+// guard's fence (it kills with SIGKILL, and a process the agent adopted
+// ends with no status at all), and not the agent's own kill or the OOM
+// killer's. The guard's record decides.
+func mayBeFence(e Exit) bool {
+	return !e.OOMKilled && !strings.HasPrefix(e.Reason, "killed") &&
+		(e.Signal == "SIGKILL" || (e.Signal == "" && e.Code == -1))
 }

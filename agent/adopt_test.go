@@ -93,3 +93,79 @@ func TestAdoptReportsWhatTheGuardFenced(t *testing.T) {
 		t.Errorf("started %d processes, want none (restart never)", n)
 	}
 }
+
+func TestMayBeFence(t *testing.T) {
+	for _, c := range []struct {
+		e    Exit
+		want bool
+	}{
+		{Exit{Code: -1, Signal: "SIGKILL", Reason: "signaled"}, true}, // a child, killed by someone else
+		{Exit{Code: -1, Reason: "unknown"}, true},                     // an adopted process: no status
+		{Exit{Code: -1, Signal: "SIGKILL", Reason: "killed"}, false},  // the agent's own kill
+		{Exit{Code: -1, Reason: "killed; unknown"}, false},            // the agent's own kill, adopted
+		{Exit{Code: -1, Signal: "SIGKILL", OOMKilled: true, Reason: "oom-killed"}, false},
+		{Exit{Code: -1, Signal: "SIGTERM", Reason: "signaled"}, false},
+		{Exit{Code: 3, Reason: "exited"}, false},
+	} {
+		if got := mayBeFence(c.e); got != c.want {
+			t.Errorf("mayBeFence(%+v) = %v, want %v", c.e, got, c.want)
+		}
+	}
+}
+
+// heldRuntime starts processes that end, with exit, when release is closed.
+type heldRuntime struct {
+	countingRuntime
+	release chan struct{}
+	exit    Exit
+}
+
+func (r *heldRuntime) Start(s Spec) (Proc, error) {
+	p, err := r.countingRuntime.Start(s)
+	if err == nil {
+		sp := p.(*simProc)
+		go func() {
+			<-r.release
+			sp.once.Do(func() { sp.exit = r.exit; close(sp.done) })
+		}()
+	}
+	return p, err
+}
+
+// A process the guard killed while the agent was paused (SIGSTOP) says so
+// when the agent runs again, though the agent sees it end itself.
+func TestPausedAgentReportsWhatTheGuardFenced(t *testing.T) {
+	dir := t.TempDir()
+	cp := newFakeCP()
+	rec := assignment("a", 1, pb.ProcessState_PROCESS_STATE_STARTING)
+	rec.Spec.Restart = pb.RestartPolicy_RESTART_POLICY_NEVER
+	cp.set(1, rec)
+	rt := &heldRuntime{release: make(chan struct{}), exit: Exit{Code: -1, Signal: "SIGKILL", Reason: "signaled"}}
+	startAgent(t, cp, rt, func(a *Agent) { a.DataDir = dir })
+	waitUntil(t, 5*time.Second, "a running", func() bool {
+		for _, u := range cp.reported() {
+			if u.State == pb.ProcessState_PROCESS_STATE_RUNNING {
+				return true
+			}
+		}
+		return false
+	})
+	if err := guard.WriteFence(filepath.Join(dir, guard.FencedFileName), guard.Fence{Deadline: 1,
+		AtUnixNano: time.Now().UnixNano(), Killed: []guard.Sandbox{{ID: "a", Incarnation: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	close(rt.release)
+	var reason string
+	waitUntil(t, 5*time.Second, "a's end reported", func() bool {
+		for _, u := range cp.reported() {
+			if u.State == pb.ProcessState_PROCESS_STATE_FAILED {
+				reason = u.Reason
+				return true
+			}
+		}
+		return false
+	})
+	if reason != ReasonFenced {
+		t.Fatalf("reported %q, want %q", reason, ReasonFenced)
+	}
+}

@@ -147,7 +147,8 @@ func (a *Agent) env(rec *pb.ProcessRecord) []string {
 		fmt.Sprintf("SHIM_INCARNATION=%d", rec.Incarnation), "SHIM_NODE="+a.Node.Name)
 }
 
-// wait handles the end of one run.
+// wait handles the end of one run. A run the guard killed while the agent
+// was paused says so.
 func (a *Agent) wait(l *local, p Proc) {
 	<-p.Done()
 	a.mu.Lock()
@@ -155,7 +156,11 @@ func (a *Agent) wait(l *local, p Proc) {
 	if a.procs[l.id] != l || l.proc != p {
 		return
 	}
-	a.exitedLocked(l, p.Exit())
+	exit := p.Exit()
+	if mayBeFence(exit) && guardFenced(a.readFence(), l.id, l.inc, l.startedAt.UnixNano()) {
+		exit = fencedExit
+	}
+	a.exitedLocked(l, exit)
 }
 
 // exitedLocked applies the restart policy to an exit.
