@@ -16,7 +16,8 @@ import (
 // and keeps a record of runs that ended while no agent watched (lost). Of
 // those, the ones the guard killed when the lease ran out are told apart by
 // the guard's record (guard.FencedFileName in the data dir) and reported as
-// fenced (ReasonFenced), whatever their restart policy.
+// fenced (ReasonFenced), whatever their restart policy; so is a run the guard
+// killed while the agent was paused, which the agent sees end (wait).
 
 // state is what the agent records of a run, for a restarted agent.
 type state struct {

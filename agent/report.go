@@ -113,7 +113,7 @@ func (r *reporter) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			fctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			r.flush(fctx)
+			_ = r.flush(fctx)
 			cancel()
 			return
 		case <-r.kick:
