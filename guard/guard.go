@@ -138,14 +138,19 @@ func Step(now, d int64) (kill bool, wait time.Duration) {
 // dependencies; Kill and File are required.
 type Guard struct {
 	File *File
-	// Kill sends SIGKILL to every process in every sandbox of the node.
-	Kill func() error
+	// Kill sends SIGKILL to every process in every sandbox of the node, and
+	// returns the sandboxes that had any.
+	Kill func() ([]Sandbox, error)
+	// Record, if set, is the path of the fence record (FencedFileName in
+	// the data dir): what the guard killed for the last lease that ran out.
+	Record string
 	// Cleanup, if set, removes what the node's sandboxes left behind (their
 	// cgroups) once the node is gone for good: the lease file removed and
 	// its last lease enforced.
 	Cleanup func() error
 	Log     *slog.Logger
 	Now     func() int64                         // CLOCK_MONOTONIC ns; default Monotonic
+	Wall    func() time.Time                     // for the fence record; default time.Now
 	After   func(time.Duration) <-chan time.Time // default time.After
 }
 
@@ -161,7 +166,10 @@ func (g *Guard) Run(ctx context.Context) error {
 	if g.Log == nil {
 		g.Log = slog.Default()
 	}
-	fenced := int64(0) // the deadline the last fence was for
+	if g.Wall == nil {
+		g.Wall = time.Now
+	}
+	var last Fence // what was killed for the last deadline that passed
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -169,12 +177,11 @@ func (g *Guard) Run(ctx context.Context) error {
 		d := g.File.Get()
 		kill, wait := Step(g.Now(), d)
 		if kill {
-			if err := g.Kill(); err != nil {
+			killed, err := g.Kill()
+			if err != nil {
 				g.Log.Error("guard: fence failed", "err", err)
-			} else if fenced != d {
-				g.Log.Warn("guard: the agent's lease ran out without renewal; killed every process in the node's sandboxes")
 			}
-			fenced = d
+			g.fenced(&last, d, killed)
 		}
 		if g.File.Removed() && (kill || d == 0) {
 			// The data dir is gone (the node torn down): once the last
@@ -193,5 +200,31 @@ func (g *Guard) Run(ctx context.Context) error {
 			return ctx.Err()
 		case <-g.After(wait):
 		}
+	}
+}
+
+// fenced takes in what one kill for deadline d killed. Only a kill that found
+// processes is told, and recorded: the deadline also passes when there was
+// nothing to kill (a node that has not been granted a lease yet publishes
+// one that has passed, so that nothing runs), and then nothing happened.
+func (g *Guard) fenced(last *Fence, d int64, killed []Sandbox) {
+	if len(killed) == 0 {
+		return
+	}
+	if last.Deadline != d {
+		*last = Fence{Deadline: d, AtUnixNano: g.Wall().UnixNano()}
+	}
+	n := len(last.Killed)
+	last.add(killed)
+	if len(last.Killed) == n {
+		return // seen for this deadline already (a process that ignored the first kill)
+	}
+	g.Log.Warn("guard: the agent's lease ran out without renewal; killed the processes left in the node's sandboxes",
+		"sandboxes", len(last.Killed)-n)
+	if g.Record == "" {
+		return
+	}
+	if err := WriteFence(g.Record, *last); err != nil {
+		g.Log.Warn("guard: the record of what it fenced is not written: a restarted agent will report those processes as exited", "err", err)
 	}
 }

@@ -1,10 +1,14 @@
 package guard
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -96,12 +100,12 @@ func TestGuardKillsOnlyAfterTheDeadline(t *testing.T) {
 	var kills []int64
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	g := &Guard{File: f, Now: clock.Now, After: clock.After, Kill: func() error {
+	g := &Guard{File: f, Now: clock.Now, After: clock.After, Kill: func() ([]Sandbox, error) {
 		kills = append(kills, clock.now)
 		if len(kills) == 3 {
 			cancel()
 		}
-		return nil
+		return nil, nil
 	}}
 	err = g.Run(ctx)
 	if !errors.Is(err, context.Canceled) {
@@ -143,11 +147,11 @@ func TestGuardFollowsRenewals(t *testing.T) {
 		return clock.After(min(d, 200*time.Millisecond))
 	}
 	var killedAt int64
-	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() error {
+	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() ([]Sandbox, error) {
 		if killedAt == 0 {
 			killedAt = clock.now
 		}
-		return nil
+		return nil, nil
 	}}
 	_ = g.Run(ctx)
 	// The last renewal happened at 1 s + 9 × 200 ms; it was good for 1 s.
@@ -170,7 +174,7 @@ func TestGuardExitsWhenFileRemoved(t *testing.T) {
 		return clock.After(d)
 	}
 	killedAt, cleanedAt := int64(0), []int64{}
-	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() error { killedAt = clock.now; return nil },
+	g := &Guard{File: f, Now: clock.Now, After: after, Kill: func() ([]Sandbox, error) { killedAt = clock.now; return nil, nil },
 		Cleanup: func() error { cleanedAt = append(cleanedAt, clock.now); return nil }}
 	if err := g.Run(context.Background()); err != nil {
 		t.Fatalf("Run after removal: %v, want nil", err)
@@ -182,5 +186,95 @@ func TestGuardExitsWhenFileRemoved(t *testing.T) {
 	}
 	if len(cleanedAt) != 1 || cleanedAt[0] != 3e9 {
 		t.Fatalf("cleaned up at %v, want once at the deadline 3e9", cleanedAt)
+	}
+}
+
+// The guard says and records what it fenced, and only when it killed
+// something: a deadline that passes with nothing to kill (a fresh start, with
+// no lease yet) is no fence.
+func TestGuardRecordsWhatItFenced(t *testing.T) {
+	dir := t.TempDir()
+	f, err := Open(filepath.Join(dir, FileName), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	record := filepath.Join(dir, FencedFileName)
+	clock := &fakeClock{now: 10e9, waits: make(chan time.Duration, 100)}
+	wall := time.Unix(1_700_000_000, 0)
+	var logs bytes.Buffer
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// Kill finds nothing at the first deadline; at the second, two
+	// sandboxes at once and then a third; then nothing again.
+	var finds [][]Sandbox
+	a, b, c := Sandbox{"a", 1}, Sandbox{"b", 3}, Sandbox{"c", 2}
+	kills := 0
+	g := &Guard{File: f, Record: record, Now: clock.Now, After: clock.After,
+		Wall: func() time.Time { return wall.Add(time.Duration(clock.now)) },
+		Log:  slog.New(slog.NewTextHandler(&logs, nil)),
+		Kill: func() ([]Sandbox, error) {
+			kills++
+			var found []Sandbox
+			if len(finds) > 0 {
+				found, finds = finds[0], finds[1:]
+			}
+			if kills == 6 {
+				cancel()
+			}
+			return found, nil
+		}}
+	f.Set(10e9) // passed: nothing to kill
+	finds = [][]Sandbox{nil, nil}
+	after := g.After
+	g.After = func(d time.Duration) <-chan time.Time {
+		if kills == 2 {
+			f.Set(clock.now) // a new deadline passes, with processes left
+			finds = [][]Sandbox{{b, a}, {c}, nil}
+		}
+		return after(d)
+	}
+	if err := g.Run(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run: %v", err)
+	}
+	got, err := ReadFence(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Deadline != 10e9+int64(Recheck) || !slices.Equal(got.Killed, []Sandbox{a, b, c}) {
+		t.Fatalf("record %+v, want the second deadline with a, b and c", got)
+	}
+	if want := wall.Add(10e9 + 2*Recheck).UnixNano(); got.AtUnixNano != want {
+		t.Errorf("record made at %d, want the first kill that found something (%d)", got.AtUnixNano, want)
+	}
+	if !got.Has(b) || got.Has(Sandbox{"b", 2}) {
+		t.Errorf("Has: b.3 %v, b.2 %v; want true, false", got.Has(b), got.Has(Sandbox{"b", 2}))
+	}
+	if n := strings.Count(logs.String(), "lease ran out"); n != 2 {
+		t.Errorf("said the lease ran out %d times, want twice (a kill that found nothing is no fence):\n%s", n, logs.String())
+	}
+}
+
+func TestReadFence(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, FencedFileName)
+	if f, err := ReadFence(path); err != nil || f.Deadline != 0 || len(f.Killed) != 0 {
+		t.Fatalf("no record: %+v, %v; want the zero Fence", f, err)
+	}
+	want := Fence{Deadline: 5, AtUnixNano: 6, Killed: []Sandbox{{"x", 1}}}
+	if err := WriteFence(path, want); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ReadFence(path); err != nil || got.Deadline != 5 || !got.Has(Sandbox{"x", 1}) {
+		t.Fatalf("read back %+v, %v", got, err)
+	}
+	if err := os.WriteFile(path, []byte("{torn"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadFence(path); err == nil {
+		t.Fatal("a torn record read without error")
+	}
+	if left, _ := filepath.Glob(path + ".*"); len(left) != 0 {
+		t.Fatalf("temporary files left: %v", left)
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/shim-run/shim/exec"
 	"github.com/shim-run/shim/guard"
 )
 
@@ -46,7 +47,8 @@ func guardCommand() *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			log.Info("guard started", "data", dataDir)
-			err = (&guard.Guard{File: f, Kill: rt.KillAll, Cleanup: rt.RemoveAll, Log: log}).Run(ctx)
+			err = (&guard.Guard{File: f, Kill: rt.fence, Cleanup: rt.RemoveAll, Log: log,
+				Record: filepath.Join(dataDir, guard.FencedFileName)}).Run(ctx)
 			if err == context.Canceled {
 				return nil
 			}
@@ -125,4 +127,32 @@ func isGuard(pid int, dir string) bool {
 	}
 	i := strings.LastIndexByte(string(st), ')')
 	return i > 0 && i+2 < len(st) && st[i+2] != 'Z' && st[i+2] != 'X'
+}
+
+// fence is the guard's kill: SIGKILL to every process in every sandbox of
+// the node, at once, as KillAll sends it, and the sandboxes that had any, for
+// the guard's record (a restarted agent reports their processes as fenced).
+func (e *execRuntime) fence() ([]guard.Sandbox, error) {
+	names, err := e.cg.List()
+	if err != nil {
+		return nil, err
+	}
+	var killed []guard.Sandbox
+	for _, n := range names {
+		g, err := e.cg.Open(n)
+		if err != nil {
+			continue
+		}
+		pids, _ := g.Procs()
+		hit := false
+		for _, pid := range pids {
+			if pid != os.Getpid() && syscall.Kill(pid, syscall.SIGKILL) == nil {
+				hit = true
+			}
+		}
+		if id, inc, ok := exec.ParseGroupName(n); ok && hit {
+			killed = append(killed, guard.Sandbox{ID: id, Incarnation: inc})
+		}
+	}
+	return killed, nil
 }
