@@ -36,7 +36,10 @@
 // and shrinks (the guest boots with newPlan's boot memory and the rest of
 // its grant plugged), vCPUs by device_add/device_del of hot-pluggable CPUs;
 // the guest init onlines new vCPUs on their uevent, and the kernel onlines
-// memory itself (memhp_default_state=online_movable). The cgroup bounds all
+// memory itself (memhp_default_state=online with the auto-movable policy:
+// removable ZONE_MOVABLE memory up to 3x the boot memory, kernel-usable
+// memory beyond, so that page tables and the memory map of a guest grown
+// far past its boot memory still fit). The cgroup bounds all
 // of QEMU: memory = guest memory + MemMargin, CPU quota = grant +
 // CPUMarginMilli.
 //
@@ -151,6 +154,13 @@ func (r *Runtime) margins() (mem, cpu int64) {
 		cpu = DefaultCPUMarginMilli
 	}
 	return mem, cpu
+}
+
+// Prepare builds the boot files (the extracted kernel and the initramfs)
+// ahead of the first Start, which otherwise does it (about a second).
+func (r *Runtime) Prepare() error {
+	_, err := r.bootFiles()
+	return err
 }
 
 // Spec describes a workload to run in a VM.
@@ -534,16 +544,28 @@ func (v *VM) wants() {
 		case <-v.done:
 			return
 		case w := <-v.wantc:
-			if f := v.onWant.Load(); f != nil {
-				(*f)(w[0], w[1])
+			f := v.onWant.Load()
+			if f == nil {
+				continue
 			}
+			// The guest asks in MemTotal terms; MemTotal is less than
+			// the grant by what its kernel keeps for itself.
+			v.mu.Lock()
+			seen := v.view.MemTotal
+			v.mu.Unlock()
+			if w[0] > 0 && seen > 0 {
+				v.resizeMu.Lock()
+				w[0] = roundUp(w[0]+max(v.plan.GrantMem-seen, 0), MemBlock)
+				v.resizeMu.Unlock()
+			}
+			(*f)(w[0], w[1])
 		}
 	}
 }
 
 // OnWant sets the function called when the guest asks for more: memBytes is
-// the guest memory it wants (0 = no change), cpuMilli the CPU (0 = no
-// change). Calls come one at a time from one goroutine, only the latest
+// the memory grant it wants (0 = no change; the guest's MemTotal request
+// plus what its kernel keeps), cpuMilli the CPU (0 = no change). Calls come one at a time from one goroutine, only the latest
 // request if several arrive meanwhile; f may call Resize.
 func (v *VM) OnWant(f func(memBytes, cpuMilli int64)) {
 	if f == nil {

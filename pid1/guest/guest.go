@@ -9,7 +9,7 @@
 // the work directory over 9p (Config.Shares) and make the host's symbolic
 // links (/bin -> usr/bin...); start onlining hot-added vCPUs and memory as
 // their uevents arrive (netlink, no polling; memory is normally onlined by
-// the kernel itself with memhp_default_state=online_movable); open the
+// the kernel itself, memhp_default_state=online); open the
 // virtio-serial ports; run the workload as Config.UID:GID in its own
 // session with Config.Env and Config.Dir, its stdout and stderr on the
 // output ports, so that its writes reach the host's log file directly (a
@@ -65,6 +65,7 @@ type initProc struct {
 	console *os.File
 	ctl     *control
 	cfg     Config
+	marks   string // boot steps and the uptime at their end
 }
 
 func (g *initProc) logf(format string, args ...any) {
@@ -77,9 +78,11 @@ func (g *initProc) run() Msg {
 	if err := mountBasics(); err != nil {
 		return g.fail(err)
 	}
+	g.mark("basics")
 	if err := loadModules("/shim/modules.order"); err != nil {
 		return g.fail(err)
 	}
+	g.mark("modules")
 	cfg, err := readConfig()
 	if err != nil {
 		return g.fail(err)
@@ -91,6 +94,7 @@ func (g *initProc) run() Msg {
 	if err := mountShares(cfg); err != nil {
 		return g.fail(err)
 	}
+	g.mark("shares")
 	hp, err := startHotplug()
 	if err != nil {
 		return g.fail(err)
@@ -107,7 +111,16 @@ func (g *initProc) run() Msg {
 	if err != nil {
 		return g.fail(err)
 	}
+	g.mark("ports")
+	g.logf("boot%s", g.marks)
 	return g.runWorkload(stdio, hp)
+}
+
+// mark notes the guest's uptime at the end of a boot step; the steps go
+// to the console in one line before the workload starts.
+func (g *initProc) mark(step string) {
+	b, _ := os.ReadFile("/proc/uptime")
+	g.marks += " " + step + "=" + strings.Fields(string(b) + " ?")[0]
 }
 
 // fail reports a setup error.

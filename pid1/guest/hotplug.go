@@ -94,9 +94,7 @@ func online(subsystem, dir string) {
 		}
 	case "memory":
 		if b, err := os.ReadFile(filepath.Join(dir, "state")); err == nil && strings.TrimSpace(string(b)) == "offline" {
-			if os.WriteFile(filepath.Join(dir, "state"), []byte("online_movable"), 0) != nil {
-				_ = os.WriteFile(filepath.Join(dir, "state"), []byte("online"), 0)
-			}
+			_ = os.WriteFile(filepath.Join(dir, "state"), []byte("online"), 0) // the kernel's online_policy picks the zone
 		}
 	}
 }
