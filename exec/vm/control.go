@@ -24,6 +24,8 @@ type control struct {
 	mu   sync.Mutex
 	conn net.Conn
 	up   chan struct{} // closed while connected; replaced on disconnect
+	// noRedial: the VM is gone; end once the current connection ends.
+	noRedial bool
 
 	stopc   chan struct{}
 	stopped chan struct{}
@@ -50,6 +52,12 @@ func (c *control) run() {
 			c.up = make(chan struct{})
 			c.mu.Unlock()
 			conn.Close()
+		}
+		c.mu.Lock()
+		done := c.noRedial
+		c.mu.Unlock()
+		if done {
+			return
 		}
 		select {
 		case <-c.stopc:
@@ -102,6 +110,20 @@ func (c *control) send(m guest.Msg, timeout time.Duration) error {
 		return fmt.Errorf("control channel: %w", err)
 	}
 	return nil
+}
+
+// drain stops reconnecting and waits up to timeout for the current
+// connection to end by itself (QEMU closes it when it exits), so that the
+// guest's last messages are read; then it stops.
+func (c *control) drain(timeout time.Duration) {
+	c.mu.Lock()
+	c.noRedial = true
+	c.mu.Unlock()
+	select {
+	case <-c.stopped:
+	case <-time.After(timeout):
+	}
+	c.stop()
 }
 
 // stop disconnects for good.

@@ -401,6 +401,10 @@ func (r *Runtime) launch(s Spec, name, dir string, p plan, bf bootFiles, qemuBin
 		pid, _, err = syscall.StartProcess(qemuBin, argv, attr)
 		return err
 	})
+	// QEMU has its own copies of the listening sockets now; without ours,
+	// a QEMU that dies makes the QMP dial below fail at once.
+	qmpL.Close()
+	ctlL.Close()
 	if err != nil {
 		return nil, fmt.Errorf("exec %s: %w", qemuBin, err)
 	}
@@ -747,7 +751,7 @@ func (v *VM) wait() {
 			}
 		}
 	}
-	v.ctl.stop()
+	v.ctl.drain(500 * time.Millisecond)
 	v.resizeMu.Lock()
 	if v.qmp != nil {
 		v.qmp.close()
@@ -1108,6 +1112,23 @@ func (r *Runtime) Remove(id string, inc uint64) error {
 		}
 	}
 	return os.RemoveAll(filepath.Join(r.stateDir(), name))
+}
+
+// RemoveAll removes every VM this runtime left: kills and deletes their
+// cgroups and removes their state (the cache stays). For a node that is
+// gone, after the fence.
+func (r *Runtime) RemoveAll() error {
+	ex, err := r.Existing()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ex {
+		if err := r.Remove(e.ID, e.Incarnation); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func validID(id string) error {

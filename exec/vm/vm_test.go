@@ -575,3 +575,21 @@ func TestStartErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestStartQEMUFails: when QEMU refuses to start, Start says why in one
+// line and leaves no cgroup or state behind.
+func TestStartQEMUFails(t *testing.T) {
+	rt := newRuntime(t)
+	fake := filepath.Join(t.TempDir(), "qemu-system-x86_64")
+	if err := os.WriteFile(fake, []byte("#!/bin/sh\necho 'qemu-system-x86_64: -device virtio-mem-pci: no such thing' >&2\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bad := &Runtime{Cgroups: rt.Cgroups, Init: rt.Init, StateDir: rt.StateDir, CacheDir: rt.CacheDir, Accel: rt.Accel, QEMU: fake}
+	_, err := bad.Start(Spec{ID: "fails", Argv: []string{"/bin/true"}})
+	if err == nil || !strings.Contains(err.Error(), "no such thing") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("Start with a failing QEMU: %v", err)
+	}
+	if ents, _ := os.ReadDir(rt.StateDir); len(ents) > 1 { // only the cache may remain
+		t.Errorf("state left behind: %v", ents)
+	}
+}

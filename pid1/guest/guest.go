@@ -224,6 +224,9 @@ func oomKills() uint64 {
 // what is left and powers off.
 func (g *initProc) shutdown(end Msg) {
 	g.logf("%s", end.String())
+	// The serial driver sends from a buffer: wait until the line is out
+	// (tcdrain), or a power-off right after could lose it.
+	_ = unix.IoctlSetInt(int(g.console.Fd()), unix.TCSBRK, 1)
 	if g.ctl != nil {
 		g.ctl.sendWait(end, 2*time.Second)
 	}
