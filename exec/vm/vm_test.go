@@ -200,8 +200,12 @@ func TestBootPrintsGuestKernel(t *testing.T) {
 	dir := t.TempDir()
 	log := filepath.Join(dir, "out.log")
 	begin := time.Now()
-	v := start(t, rt, Spec{ID: "boot", Dir: dir, Stdout: log, Stderr: log,
-		Argv:      []string{"/bin/sh", "-c", "uname -r; cat /proc/meminfo; echo to-stderr >&2; exit 3"},
+	work := t.TempDir()
+	if err := os.Chmod(work, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	v := start(t, rt, Spec{ID: "boot", Dir: work, Stdout: log, Stderr: log, User: "65534:65534", Env: []string{"PATH=/usr/bin:/bin", "X=y"},
+		Argv:      []string{"/bin/sh", "-c", "uname -r; cat /proc/meminfo; echo to-stderr >&2; echo id=$(id -u):$(id -g) x=$X pwd=$PWD; touch made; exit 3"},
 		Resources: cgroup.Resources{MemMaxBytes: 256 << 20}})
 	e := waitExit(t, v, 60*time.Second)
 	t.Logf("boot to exit: %v", time.Since(begin))
@@ -220,11 +224,24 @@ func TestBootPrintsGuestKernel(t *testing.T) {
 	if host := utsString(uts.Release); host != kernelRelease(t) && lines[0] == host {
 		t.Errorf("uname -r printed the host's kernel %q", host)
 	}
-	for _, want := range []string{"MemTotal:", "MemAvailable:", "to-stderr"} {
+	for _, want := range []string{"MemTotal:", "MemAvailable:", "to-stderr", "id=65534:65534 x=y pwd=" + work} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)
 		}
 	}
+	if u, g := owner(t, filepath.Join(work, "made")); u != 65534 || g != 65534 {
+		t.Errorf("a file the workload made in its work directory belongs to %d:%d on the host, want 65534:65534", u, g)
+	}
+}
+
+// owner returns the uid and gid of path.
+func owner(t *testing.T, path string) (uint32, uint32) {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatalf("stat: %v", err)
+	}
+	return st.Uid, st.Gid
 }
 
 func utsString(a [65]int8) string {
@@ -591,5 +608,37 @@ func TestStartQEMUFails(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(rt.StateDir); len(ents) > 1 { // only the cache may remain
 		t.Errorf("state left behind: %v", ents)
+	}
+}
+
+// TestStop: a workload that ignores SIGTERM is ended by QMP quit after the
+// grace period; Stop returns once the VM is gone.
+func TestStop(t *testing.T) {
+	rt := newRuntime(t)
+	dir := t.TempDir()
+	log := filepath.Join(dir, "out.log")
+	v := start(t, rt, Spec{ID: "stop", Dir: dir, Stdout: log, Stderr: log,
+		Argv: []string{"/bin/sh", "-c", "trap '' TERM; echo up; while :; do sleep 0.1; done"}})
+	waitLog(t, log, regexp.MustCompile(`^up$`), 60*time.Second, nil)
+	t0 := time.Now()
+	if err := v.Stop(500 * time.Millisecond); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	select {
+	case <-v.Done():
+	default:
+		t.Fatal("Stop returned before the VM was gone")
+	}
+	if d := time.Since(t0); d < 500*time.Millisecond {
+		t.Errorf("Stop took %v: it did not wait for the grace period", d)
+	}
+	if e := v.Exit(); e.Code != -1 || e.Reason == exec.ReasonExited {
+		t.Errorf("exit = %+v, want no exit status (QEMU quit)", e)
+	}
+	if err := v.Signal(syscall.SIGTERM); !errors.Is(err, ErrExited) {
+		t.Errorf("Signal after the end: %v, want ErrExited", err)
+	}
+	if err := v.Resize(256<<20, 1000); !errors.Is(err, ErrExited) {
+		t.Errorf("Resize after the end: %v, want ErrExited", err)
 	}
 }
