@@ -9,43 +9,46 @@
 // fence and cleanup cover VMs too) and starts qemu-system-x86_64 in it from
 // its first instruction (cgroup.Group.Spawn). QEMU runs q35 with KVM where
 // it can boot a stock kernel (see kvmUsable) and TCG otherwise, with no
-// network device (the guest has lo only), no display and no defaults. A
-// state directory <StateDir>/<id>.<inc>/ holds what outlives the agent: the
-// QMP and control sockets (listening sockets the runtime binds and QEMU
-// inherits, so QEMU keeps accepting new clients after the agent goes), the
-// serial console's log (the guest init writes the workload's exit there
-// too), the guest's Config (fw_cfg) and vm.json (shape and grant, for
-// Adopt). The workload's stdout and stderr are virtio-serial ports whose
-// host ends are QEMU file chardevs appending to the log files directly:
-// output never passes through the agent.
+// display, no defaults and no network device: this first version offers
+// none (the guest has lo only). A state directory <StateDir>/<id>.<inc>/
+// holds what outlives the agent: the QMP and control sockets (listening
+// sockets the runtime binds and QEMU inherits, so QEMU keeps accepting new
+// clients after the agent goes), the serial console's log (the guest init
+// writes the workload's exit there too), the guest's Config (fw_cfg) and
+// vm.json (shape and grant, for Adopt). The workload's stdout and stderr
+// are virtio-serial ports whose host ends are QEMU file chardevs appending
+// to the log files directly: output never passes through the agent.
 //
 // The guest (pid1/guest) is shim's init in an initramfs built here at run
-// time and cached (bootFiles): the static shim-init binary, the virtio,
-// virtio-serial, virtio-mem, 9p and fw_cfg modules in dependency order, a
-// newc cpio packed and gzipped in Go. The kernel is the host's newest
-// /boot/vmlinuz-*, booted through its PVH entry point from an uncompressed
-// copy in the cache where possible (under TCG this more than halves the
-// boot). The guest sees the host's /usr, /etc and /bin... read-only and its
-// working directory read-write over 9p, with its own /tmp.
+// time and cached (bootFiles): the static shim-init binary and the virtio,
+// virtio-serial, virtio-mem, 9p and fw_cfg modules in dependency order
+// (modules.dep), a newc cpio packed and gzipped in Go. The kernel is the
+// host's newest /boot/vmlinuz-*, booted through its PVH entry point from
+// an uncompressed copy in the cache where possible (under TCG a boot takes
+// 2.1 s instead of 5.8 s). The guest sees the host's /usr, /etc, /bin...
+// read-only and its working directory read-write (same path, host
+// ownership) over 9p, with its own /tmp; the workload runs as Spec.User.
 //
 // # Sizes
 //
 // A Spec has bounds (Resources) and a starting grant. The VM's ceiling
 // (maxmem, maxcpus) is fixed at start from the maxima; within it Resize
 // moves the grant: memory through virtio-mem's requested-size, which grows
-// and shrinks (the guest boots with newPlan's boot memory and the rest of
-// its grant plugged), vCPUs by device_add/device_del of hot-pluggable CPUs;
-// the guest init onlines new vCPUs on their uevent, and the kernel onlines
+// and shrinks, vCPUs by device_add/device_del of hot-pluggable CPUs; the
+// guest init onlines new vCPUs on their uevent, and the kernel onlines
 // memory itself (memhp_default_state=online with the auto-movable policy:
 // removable ZONE_MOVABLE memory up to 3x the boot memory, kernel-usable
 // memory beyond, so that page tables and the memory map of a guest grown
-// far past its boot memory still fit). The cgroup bounds all
-// of QEMU: memory = guest memory + MemMargin, CPU quota = grant +
-// CPUMarginMilli.
+// far past its boot memory still fit). The guest boots with newPlan's boot
+// memory (the minimum, at least MinBootMem) and the rest of its grant
+// already plugged, so it starts at its grant and can shrink back to the
+// boot memory. The cgroup bounds all of QEMU: memory = guest memory +
+// MemMargin, CPU quota = grant + CPUMarginMilli, pids = qemuPids (the
+// workload's own PidsMax is not applied inside the guest).
 //
-// When the guest runs short of memory its init asks over the control
-// channel; the VM passes that to the function given to OnWant, which is
-// expected to decide a new grant and call Resize.
+// When the guest runs short of memory (or keeps every vCPU busy) its init
+// asks over the control channel; the VM passes that to the function given
+// to OnWant, which is expected to decide a new grant and call Resize.
 //
 // # QMP
 //
@@ -65,6 +68,16 @@
 // Adopt reconnects to a running QEMU; Existing lists what a runtime left.
 // Errors wrap exec's sentinels (exec.ErrInvalid, ErrNotFound, ErrGone,
 // ErrExited).
+//
+// # Figures
+//
+// Measured with TestFigures (SHIM_VM_FIGURES=5) under TCG on 2 shared
+// cores, QEMU 7.2, Debian kernel 6.1, medians of 5: boot to the workload's
+// first line 2.2 s; memory hot-add (+256 MiB) to the guest's MemTotal
+// 186 ms; vCPU hot-add to online 338 ms; QEMU's own anonymous memory
+// beyond the guest's RAM 53 MiB (tb-size 32 MiB of it), plus 85 MiB of
+// file-backed pages shared by all VMs (QEMU itself, and the kernel image
+// QEMU keeps mapped).
 package vm
 
 import (

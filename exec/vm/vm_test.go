@@ -425,6 +425,15 @@ func TestBounded(t *testing.T) {
 		v := start(t, rt, Spec{ID: "cpu", Dir: dir, Stdout: log, Stderr: log,
 			Argv:      []string{"/bin/sh", "-c", "echo spinning; while :; do :; done"},
 			Resources: cgroup.Resources{MemMaxBytes: 256 << 20, CPUMaxMilli: 500}})
+		wants := make(chan int64, 16)
+		v.OnWant(func(mem, cpu int64) {
+			if cpu > 0 {
+				select {
+				case wants <- cpu:
+				default:
+				}
+			}
+		})
 		waitLog(t, log, regexp.MustCompile(`^spinning$`), 60*time.Second, nil)
 		c0, _, err := v.Sample()
 		if err != nil {
@@ -438,6 +447,15 @@ func TestBounded(t *testing.T) {
 		t.Logf("QEMU used %.2f cores, quota %.2f", used, limit)
 		if used > limit*1.15 {
 			t.Errorf("QEMU used %.2f cores, above its quota %.2f", used, limit)
+		}
+		// Its one vCPU is always busy: the guest asks for a second.
+		select {
+		case cpu := <-wants:
+			if cpu != 2000 {
+				t.Errorf("the guest asked for %dm, want 2000m", cpu)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("a busy guest did not ask for CPU")
 		}
 		if err := v.Kill(); err != nil {
 			t.Fatal(err)
@@ -640,5 +658,26 @@ func TestStop(t *testing.T) {
 	}
 	if err := v.Resize(256<<20, 1000); !errors.Is(err, ErrExited) {
 		t.Errorf("Resize after the end: %v, want ErrExited", err)
+	}
+}
+
+// TestKVMBoot boots with KVM where it can boot a stock kernel (skipped
+// elsewhere: the TCG path is what every other test runs).
+func TestKVMBoot(t *testing.T) {
+	if !kvmUsable() {
+		t.Skip("skipping: no KVM that boots a stock kernel here (see kvmUsable)")
+	}
+	rt := newRuntime(t)
+	rt.Accel = AccelKVM
+	dir := t.TempDir()
+	log := filepath.Join(dir, "out.log")
+	t0 := time.Now()
+	v := start(t, rt, Spec{ID: "kvm", Dir: dir, Stdout: log, Stderr: log, Argv: []string{"/bin/sh", "-c", "uname -r; exit 5"},
+		Resources: cgroup.Resources{MemMaxBytes: 512 << 20, CPUMaxMilli: 2000}})
+	e := waitExit(t, v, 30*time.Second)
+	t.Logf("KVM boot to exit: %v", time.Since(t0))
+	b, _ := os.ReadFile(log)
+	if e.Code != 5 || strings.TrimSpace(string(b)) != kernelRelease(t) {
+		t.Errorf("exit %+v, log %q", e, b)
 	}
 }
