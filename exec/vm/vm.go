@@ -911,6 +911,8 @@ func (v *VM) Resize(memBytes, cpuMilli int64) error {
 	v.plan.GrantMem = np.GrantMem // requested; the cgroup follows below
 	if np.VCPUs != old.VCPUs {
 		if err := v.setVCPUs(q, np.VCPUs); err != nil {
+			v.plan.GrantCPU = np.GrantCPU // the quota is set; some vCPUs may be missing
+			_ = v.saveMeta()
 			return fail(err)
 		}
 	}
@@ -1066,7 +1068,9 @@ type Existing struct {
 }
 
 // Existing lists the VMs in StateDir, so that an agent can Adopt them or
-// Remove them. A VM whose QEMU is gone has PID 0.
+// Remove them. A VM whose QEMU is gone, or whose start never finished, has
+// PID 0. Call it before starting VMs: a start under way looks like the
+// latter.
 func (r *Runtime) Existing() ([]Existing, error) {
 	ents, err := os.ReadDir(r.stateDir())
 	if errors.Is(err, os.ErrNotExist) {
@@ -1081,11 +1085,12 @@ func (r *Runtime) Existing() ([]Existing, error) {
 		if !ok || !e.IsDir() {
 			continue
 		}
+		x := Existing{ID: id, Incarnation: inc, Group: e.Name()}
 		m, err := readMeta(filepath.Join(r.stateDir(), e.Name()))
 		if err != nil {
-			continue // being created, or not ours
+			out = append(out, x) // a start that did not finish: a leftover
+			continue
 		}
-		x := Existing{ID: id, Incarnation: inc, Group: e.Name()}
 		if state, start, err := procStat(m.PID); err == nil && state != 'Z' && state != 'X' && start == m.StartTime {
 			x.PID, x.StartTime = m.PID, start
 		}
@@ -1096,12 +1101,13 @@ func (r *Runtime) Existing() ([]Existing, error) {
 
 // Owns reports whether incarnation inc of id is a VM of this runtime (its
 // state directory exists), so that an agent with several runtimes can route
-// Adopt and Remove.
+// Adopt and Remove, and leave VMs out of exec's Existing (which lists their
+// cgroups too, with no PID).
 func (r *Runtime) Owns(id string, inc uint64) bool {
 	if validID(id) != nil {
 		return false
 	}
-	_, err := os.Stat(filepath.Join(r.stateDir(), exec.GroupName(id, inc), fileMeta))
+	_, err := os.Stat(filepath.Join(r.stateDir(), exec.GroupName(id, inc)))
 	return err == nil
 }
 
