@@ -498,3 +498,30 @@ func TestQMPNoGreeting(t *testing.T) {
 		t.Fatal("dialQMP succeeded without a greeting")
 	}
 }
+
+func TestAvailableSaysWhy(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "mods", "1.0"), 0o755)
+	os.WriteFile(filepath.Join(dir, "vmlinuz-1.0"), []byte("x"), 0o644)
+	os.WriteFile(filepath.Join(dir, "mods", "1.0", "modules.dep"), []byte("kernel/virtio.ko:\n"), 0o644)
+	for _, c := range []struct {
+		r    *Runtime
+		want string
+	}{
+		{&Runtime{QEMU: "no-such-qemu"}, "no QEMU: no-such-qemu not found (install qemu-system-x86)"},
+		{&Runtime{QEMU: "/bin/true", Kernel: filepath.Join(dir, "missing-kernel")}, "guest kernel"},
+		{&Runtime{QEMU: "/bin/true", Kernel: filepath.Join(dir, "vmlinuz-1.0"), ModulesDir: filepath.Join(dir, "mods")},
+			"guest kernel 1.0: kernel module virtio_pci: not in"},
+		{&Runtime{QEMU: "/bin/true", Kernel: filepath.Join(dir, "vmlinuz-1.0"), ModulesDir: filepath.Join(dir, "none")},
+			"kernel modules:"},
+	} {
+		err := c.r.available()
+		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
+			t.Errorf("available() = %v, want one line with %q", err, c.want)
+		}
+	}
+	r := &Runtime{QEMU: "/bin/true", Kernel: filepath.Join(dir, "vmlinuz-1.0")}
+	if err := r.Check(); err == nil {
+		t.Errorf("Check passed without modules or an init")
+	}
+}

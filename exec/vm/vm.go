@@ -284,6 +284,9 @@ func (r *Runtime) Start(s Spec) (*VM, error) {
 		if fi, err := os.Stat(s.Dir); err != nil || !fi.IsDir() || !filepath.IsAbs(s.Dir) {
 			return fail(fmt.Errorf("working directory %q: not an absolute directory: %w", s.Dir, ErrInvalid))
 		}
+		if filepath.Clean(s.Dir) == "/" {
+			return fail(fmt.Errorf("working directory /: the whole host cannot be shared read-write: %w", ErrInvalid))
+		}
 	}
 	for _, p := range []string{s.Dir, s.Stdout, s.Stderr, r.stateDir(), r.cacheDir()} {
 		if !qemuOptValue(p) {

@@ -601,6 +601,9 @@ func TestStartErrors(t *testing.T) {
 		{"id", Spec{ID: "a/b", Argv: []string{"/bin/true"}}, ErrInvalid},
 		{"grant", Spec{ID: "e4", Argv: []string{"/bin/true"}, Resources: cgroup.Resources{MemMaxBytes: 256 << 20}, GrantMemBytes: 512 << 20}, ErrInvalid},
 		{"argv", Spec{ID: "e5"}, ErrInvalid},
+		{"root dir", Spec{ID: "e6", Argv: []string{"/bin/true"}, Dir: "/"}, ErrInvalid},
+		{"relative dir", Spec{ID: "e7", Argv: []string{"/bin/true"}, Dir: "tmp"}, ErrInvalid},
+		{"comma", Spec{ID: "e8", Argv: []string{"/bin/true"}, Stdout: "/tmp/a,b"}, ErrInvalid},
 	} {
 		_, err := rt.Start(c.s)
 		if !errors.Is(err, c.want) {
