@@ -265,15 +265,13 @@ func (r *Runtime) bootFiles() (bootFiles, error) {
 	if err != nil {
 		return bootFiles{}, err
 	}
-	if r.Init == "" {
-		return bootFiles{}, fmt.Errorf("guest init: Runtime.Init is empty (the path of a static shim-init): %w", ErrInvalid)
-	}
-	initBin, err := os.ReadFile(r.Init)
+	initPath := r.initPath()
+	initBin, err := os.ReadFile(initPath)
 	if err != nil {
 		return bootFiles{}, fmt.Errorf("guest init: %w", err)
 	}
 	if len(initBin) < 4 || string(initBin[:4]) != "\x7fELF" {
-		return bootFiles{}, fmt.Errorf("guest init %s: not an ELF executable: %w", r.Init, ErrInvalid)
+		return bootFiles{}, fmt.Errorf("guest init %s: not an ELF executable: %w", initPath, ErrInvalid)
 	}
 	sum := sha256.Sum256(initBin)
 	cache := r.cacheDir()

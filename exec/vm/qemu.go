@@ -54,11 +54,8 @@ func (r *Runtime) Check() error {
 	if err := r.available(); err != nil {
 		return err
 	}
-	if r.Init == "" {
-		return errors.New("vm: no guest init configured (Runtime.Init)")
-	}
-	if _, err := os.Stat(r.Init); err != nil {
-		return fmt.Errorf("vm: guest init: %w", err)
+	if _, err := os.Stat(r.initPath()); err != nil {
+		return fmt.Errorf("no guest init: %w (build it with CGO_ENABLED=0 go build ./cmd/shim-init)", err)
 	}
 	return nil
 }

@@ -116,12 +116,12 @@ const DefaultStateDir = "/run/shim/vm"
 // startTimeout bounds QEMU's start up to its QMP greeting.
 const startTimeout = 20 * time.Second
 
-// Runtime starts and adopts VMs. Set Cgroups and Init; the rest has
+// Runtime starts and adopts VMs. Set Cgroups; the rest has
 // defaults. It is safe for concurrent use.
 type Runtime struct {
 	Cgroups *cgroup.Manager
 	// Init is the static shim-init binary (CGO_ENABLED=0) that becomes
-	// the guest's /init.
+	// the guest's /init; "" = DefaultInit next to the running binary.
 	Init string
 	// StateDir holds one directory per VM; "" = DefaultStateDir.
 	StateDir string
@@ -148,6 +148,21 @@ func (r *Runtime) stateDir() string {
 		return DefaultStateDir
 	}
 	return r.StateDir
+}
+
+// DefaultInit is the guest init's file name next to the running binary
+// (bin/shimd, bin/shim-init), used when Runtime.Init is empty.
+const DefaultInit = "shim-init"
+
+func (r *Runtime) initPath() string {
+	if r.Init != "" {
+		return r.Init
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return DefaultInit
+	}
+	return filepath.Join(filepath.Dir(exe), DefaultInit)
 }
 
 func (r *Runtime) cacheDir() string {
