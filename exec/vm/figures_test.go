@@ -66,6 +66,11 @@ func TestFigures(t *testing.T) {
 
 		t2 := time.Now()
 		if err := v.Resize(512<<20, 2000); err != nil {
+			select {
+			case <-v.Done():
+				t.Fatalf("%v; the VM ended: %+v", err, v.Exit())
+			case <-time.After(time.Second):
+			}
 			t.Fatal(err)
 		}
 		for {

@@ -40,9 +40,9 @@ type plan struct {
 	BootMem  int64 `json:"boot_mem"`  // RAM at boot; never removed
 	MaxMem   int64 `json:"max_mem"`   // the most the guest can have
 	Region   int64 `json:"region"`    // size of the virtio-mem region (0 = none)
-	MaxVCPUs int   `json:"max_vcpus"` // sockets; vCPU 0 is fixed
+	MaxVCPUs int   `json:"max_vcpus"` // vCPUs present
 	GrantMem int64 `json:"grant_mem"` // guest memory now: BootMem + plugged
-	VCPUs    int   `json:"vcpus"`     // vCPUs now
+	VCPUs    int   `json:"vcpus"`     // vCPUs online now
 	GrantCPU int64 `json:"grant_cpu"` // millicores now (the cgroup quota, less the margin)
 }
 
@@ -57,8 +57,8 @@ func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
 // So the guest starts with its grant and can shrink back to its boot
 // memory. A max of 0 means no growth beyond the grant.
 //
-// CPU: vCPU 0 plus one hot-pluggable vCPU per further started core of the
-// grant, up to ceil(max) (ceil(grant) if max is 0).
+// CPU: ceil(max) vCPUs present (ceil(grant) if max is 0), of which
+// ceil(grant) online.
 func newPlan(r cgroup.Resources, grantMem, grantCPU int64) (plan, error) {
 	if err := r.Validate(); err != nil {
 		return plan{}, fmt.Errorf("resources: %w", ErrInvalid)

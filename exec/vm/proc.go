@@ -307,12 +307,23 @@ func (v *VM) exitStatus(ws syscall.WaitStatus, reaped bool) exec.Exit {
 		return exec.Exit{Code: -1, Signal: "SIGKILL", OOMKilled: true, Reason: exec.ReasonOOMKilled + " (QEMU, by its cgroup)"}
 	case v.killed.Load():
 		return exec.Exit{Code: -1, Signal: "SIGKILL", Reason: exec.ReasonKilled}
-	case reaped && ws.Signaled():
-		return exec.Exit{Code: -1, Signal: unix.SignalName(ws.Signal()), Reason: "QEMU was killed by " + unix.SignalName(ws.Signal())}
-	case reaped:
-		return exec.Exit{Code: -1, Reason: "vm ended without the workload's exit status (QEMU exited " + strconv.Itoa(ws.ExitStatus()) + ")"}
 	}
-	return exec.Exit{Code: -1, Reason: "vm ended without the workload's exit status"}
+	// QEMU ended on its own: say how, with its last word.
+	why := "vm ended without the workload's exit status"
+	switch {
+	case reaped && ws.Signaled():
+		why = "QEMU was killed by " + unix.SignalName(ws.Signal())
+	case reaped:
+		why += " (QEMU exited " + strconv.Itoa(ws.ExitStatus()) + ")"
+	}
+	if l := lastLine(filepath.Join(v.dir, fileQEMULog)); l != "" {
+		why += ": " + l
+	}
+	e := exec.Exit{Code: -1, Reason: why}
+	if reaped && ws.Signaled() {
+		e.Signal = unix.SignalName(ws.Signal())
+	}
+	return e
 }
 
 // consoleEnd finds the guest init's last exit or fail report on the

@@ -178,21 +178,14 @@ const (
 	fileQEMULog = "qemu.log"
 )
 
-// cpuDriver is the device type of a hot-pluggable vCPU.
-func cpuDriver(accel string) string {
-	if accel == AccelKVM {
-		return "host-x86_64-cpu"
-	}
-	return "qemu64-x86_64-cpu"
-}
-
 // tcgTBSize is TCG's translation cache in MiB. QEMU's default is 1 GiB
 // (touched as it fills); a boot alone fills about 43 MiB of it. 32 MiB
 // costs a boot about 0.05 s of retranslation over 64 MiB (measured) and
 // keeps QEMU's RSS beyond the guest's memory small.
 const tcgTBSize = 32
 
-// kernelCmdline is the guest kernel's command line. Besides the console,
+// kernelCmdline is the guest kernel's command line. Besides the vCPUs to
+// bring up, the console,
 // panic=-1 (a panic ends QEMU, which has -no-reboot) and
 // memory hot-plug settings (hot-added memory comes online by itself, in
 // ZONE_MOVABLE, so removable, while that stays within 3x the kernel's
@@ -203,8 +196,9 @@ const tcgTBSize = 32
 // mitigations (the VM is the boundary), the TSC watchdog and the timer
 // check, the crypto self-tests, slow RCU grace periods, and the i8042
 // probe. Together about 0.3 s of a TCG boot (measured).
-func kernelCmdline() string {
+func kernelCmdline(p plan) string {
 	return strings.Join([]string{
+		"maxcpus=" + strconv.Itoa(p.VCPUs), // the other vCPUs are present, offline (see pid1/guest's hotplug)
 		"console=ttyS0", "quiet", "panic=-1",
 		"memhp_default_state=online", "memory_hotplug.online_policy=auto-movable",
 		"mitigations=off", "tsc=reliable", "no_timer_check",
@@ -233,10 +227,9 @@ func (c qemuConfig) args() []string {
 		mem += ",maxmem=" + strconv.FormatInt((p.BootMem+p.Region)>>20, 10) + "M"
 	}
 	a = append(a, "-m", mem)
-	a = append(a, "-smp", fmt.Sprintf("1,sockets=%d,cores=1,threads=1,maxcpus=%d", p.MaxVCPUs, p.MaxVCPUs))
-	for i := 1; i < p.VCPUs; i++ {
-		a = append(a, "-device", fmt.Sprintf("%s,id=cpu%d,socket-id=%d,core-id=0,thread-id=0", cpuDriver(c.Accel), i, i))
-	}
+	// Every possible vCPU is there from the start; the guest keeps the
+	// granted ones online (see pid1/guest's hotplug for why not device_add).
+	a = append(a, "-smp", fmt.Sprintf("%d,sockets=%d,cores=1,threads=1,maxcpus=%d", p.MaxVCPUs, p.MaxVCPUs, p.MaxVCPUs))
 	if p.Region > 0 {
 		a = append(a,
 			"-object", fmt.Sprintf("memory-backend-ram,id=vmem0,size=%dM,reserve=off", p.Region>>20),
@@ -244,7 +237,7 @@ func (c qemuConfig) args() []string {
 				MemBlock>>20, p.plugged(p.GrantMem)>>20))
 	}
 	a = append(a,
-		"-kernel", c.Kernel, "-initrd", c.Initrd, "-append", kernelCmdline(),
+		"-kernel", c.Kernel, "-initrd", c.Initrd, "-append", kernelCmdline(p),
 		"-fw_cfg", "name="+guest.FwCfgName+",file="+filepath.Join(c.Dir, fileConfig),
 		"-chardev", "socket,id=qmp,fd="+strconv.Itoa(c.QMPFD)+",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",

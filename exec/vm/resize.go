@@ -3,10 +3,10 @@ package vm
 import (
 	"fmt"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/shim-run/shim/cgroup"
+	"github.com/shim-run/shim/pid1/guest"
 )
 
 // qmpLocked returns the QMP connection, dialling it if needed (after
@@ -34,11 +34,11 @@ func (v *VM) qmpLocked() (*qmp, error) {
 // Resize moves the VM's grant to memBytes of guest memory and cpuMilli
 // millicores, within the ceiling fixed at start (ErrInvalid beyond it;
 // memory below the boot memory is the boot memory). Growing raises the
-// cgroup first, then plugs memory (virtio-mem requested-size) and vCPUs;
-// the guest sees new memory within about 0.1 s and onlines vCPUs on
-// arrival. Shrinking unplugs, waits up to 3 s for the guest to give the
-// memory back, and lowers the cgroup to what the guest still has. QEMU
-// keeps its PID.
+// cgroup first, then plugs memory (virtio-mem requested-size) and asks the
+// guest to online vCPUs ("cpus N"); the guest sees new memory within about
+// 0.2 s and a vCPU within 0.4 s (TCG). Shrinking unplugs, waits up to 3 s
+// for the guest to give the memory back, and lowers the cgroup to what
+// the guest still has; the CPU quota changes at once. QEMU keeps its PID.
 func (v *VM) Resize(memBytes, cpuMilli int64) error {
 	v.resizeMu.Lock()
 	defer v.resizeMu.Unlock()
@@ -71,10 +71,10 @@ func (v *VM) Resize(memBytes, cpuMilli int64) error {
 	}
 	v.plan.GrantMem = np.GrantMem // requested; the cgroup follows below
 	if np.VCPUs != old.VCPUs {
-		if err := v.setVCPUs(q, np.VCPUs); err != nil {
-			v.plan.GrantCPU = np.GrantCPU // the quota is set; some vCPUs may be missing
+		if err := v.ctl.send(guest.Msg{Kind: guest.KindCPUs, A: int64(np.VCPUs)}, 2*time.Second); err != nil {
+			v.plan.GrantCPU = np.GrantCPU // the quota is set; the guest keeps its vCPUs
 			_ = v.saveMeta()
-			return fail(err)
+			return fail(fmt.Errorf("vCPUs: %w", err))
 		}
 	}
 	v.plan = np
@@ -108,44 +108,4 @@ func (v *VM) waitUnplug(q *qmp, want int64, timeout time.Duration) int64 {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// hotCPU is an entry of query-hotpluggable-cpus.
-type hotCPU struct {
-	Props struct {
-		SocketID int `json:"socket-id"`
-	} `json:"props"`
-	QOMPath string `json:"qom-path"`
-}
-
-// setVCPUs plugs or unplugs vCPUs (sockets 1.., id cpuN) so that n are
-// present. Unplugging is asynchronous: the guest offlines the vCPU and
-// ejects it.
-func (v *VM) setVCPUs(q *qmp, n int) error {
-	var cpus []hotCPU
-	if err := q.run("query-hotpluggable-cpus", nil, &cpus); err != nil {
-		return err
-	}
-	present := map[int]bool{}
-	for _, c := range cpus {
-		if c.QOMPath != "" {
-			present[c.Props.SocketID] = true
-		}
-	}
-	for s := 1; s < n; s++ {
-		if !present[s] {
-			if err := q.run("device_add", map[string]any{"driver": cpuDriver(v.accel), "id": "cpu" + strconv.Itoa(s),
-				"socket-id": s, "core-id": 0, "thread-id": 0}, nil); err != nil {
-				return fmt.Errorf("vCPU %d: %w", s, err)
-			}
-		}
-	}
-	for s := v.plan.MaxVCPUs - 1; s >= max(n, 1); s-- {
-		if present[s] {
-			if err := q.run("device_del", map[string]any{"id": "cpu" + strconv.Itoa(s)}, nil); err != nil {
-				return fmt.Errorf("vCPU %d: %w", s, err)
-			}
-		}
-	}
-	return nil
 }

@@ -352,8 +352,7 @@ func TestArgs(t *testing.T) {
 	a := strings.Join(c.args(), " ")
 	for _, want := range []string{
 		"-M q35", "-nodefaults", "-no-reboot", "-accel tcg,tb-size=32", "-m size=128M,maxmem=1024M",
-		"-smp 1,sockets=3,cores=1,threads=1,maxcpus=3",
-		"-device qemu64-x86_64-cpu,id=cpu1,socket-id=1,core-id=0,thread-id=0",
+		"-smp 3,sockets=3,cores=1,threads=1,maxcpus=3", "maxcpus=2 ",
 		"memory-backend-ram,id=vmem0,size=896M", "virtio-mem-pci,id=vmem,memdev=vmem0,block-size=2M,requested-size=128M",
 		"-kernel /k -initrd /i", "SHIM_GUEST=1", "-fw_cfg name=opt/shim/config,file=/s/x.1/guest.json",
 		"socket,id=qmp,fd=3,server=on,wait=off", "socket,id=ctl,fd=4,server=on,wait=off",
@@ -365,14 +364,14 @@ func TestArgs(t *testing.T) {
 			t.Errorf("args lack %q:\n%s", want, a)
 		}
 	}
-	for _, bad := range []string{"id=cpu2", "name=shim.err", "-netdev", "-nic"} {
+	for _, bad := range []string{"x86_64-cpu", "name=shim.err", "-netdev", "-nic"} {
 		if strings.Contains(a, bad) {
 			t.Errorf("args contain %q:\n%s", bad, a)
 		}
 	}
 	c.Accel, c.Stderr = AccelKVM, "/log/err"
 	a = strings.Join(c.args(), " ")
-	for _, want := range []string{"-accel kvm -cpu host", "host-x86_64-cpu,id=cpu1", "file,id=err,append=on,path=/log/err"} {
+	for _, want := range []string{"-accel kvm -cpu host", "file,id=err,append=on,path=/log/err"} {
 		if !strings.Contains(a, want) {
 			t.Errorf("kvm args lack %q", want)
 		}

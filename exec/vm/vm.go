@@ -34,9 +34,11 @@
 // A Spec has bounds (Resources) and a starting grant. The VM's ceiling
 // (maxmem, maxcpus) is fixed at start from the maxima; within it Resize
 // moves the grant: memory through virtio-mem's requested-size, which grows
-// and shrinks, vCPUs by device_add/device_del of hot-pluggable CPUs; the
-// guest init onlines new vCPUs on their uevent, and the kernel onlines
-// memory itself (memhp_default_state=online with the auto-movable policy:
+// and shrinks; vCPUs are all present from boot and the guest init keeps
+// the granted number online ("cpus N" on the control channel; QEMU 7.2
+// aborts on vCPU device_add under multi-threaded TCG, see pid1/guest), and
+// the CPU quota of the cgroup is the bound; the kernel onlines memory
+// itself (memhp_default_state=online with the auto-movable policy:
 // removable ZONE_MOVABLE memory up to 3x the boot memory, kernel-usable
 // memory beyond, so that page tables and the memory map of a guest grown
 // far past its boot memory still fit). The guest boots with newPlan's boot
@@ -71,11 +73,12 @@
 //
 // # Figures
 //
-// Measured with TestFigures (SHIM_VM_FIGURES=5) under TCG on 2 shared
-// cores, QEMU 7.2, Debian kernel 6.1, medians of 5: boot to the workload's
-// first line 2.2 s; memory hot-add (+256 MiB) to the guest's MemTotal
-// 186 ms; vCPU hot-add to online 338 ms; QEMU's own anonymous memory
-// beyond the guest's RAM 53 MiB (tb-size 32 MiB of it), plus 85 MiB of
+// Measured with TestFigures (SHIM_VM_FIGURES=5) under TCG on 2 cores
+// shared with other work (load 3.5), QEMU 7.2, Debian kernel 6.1, medians
+// of 5, two runs: boot to the workload's first line 2.6-2.8 s; memory
+// hot-add (+256 MiB) to the guest's MemTotal 131-155 ms; a vCPU online
+// 281-418 ms; QEMU's own anonymous memory beyond the guest's RAM 50 MiB
+// (the 32 MiB translation cache is most of it), plus 85 MiB of
 // file-backed pages shared by all VMs (QEMU itself, and the kernel image
 // QEMU keeps mapped).
 package vm
@@ -356,7 +359,7 @@ func (r *Runtime) launch(s Spec, name, dir string, p plan, bf bootFiles, qemuBin
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	cfg := guest.Config{Argv: s.Argv, Env: s.Env, Dir: s.Dir, UID: uid, GID: gid, Links: links}
+	cfg := guest.Config{Argv: s.Argv, Env: s.Env, Dir: s.Dir, UID: uid, GID: gid, Links: links, VCPUs: p.VCPUs}
 	if cfg.Env == nil {
 		cfg.Env = []string{}
 	}

@@ -9,14 +9,16 @@
 // the work directory over 9p (Config.Shares) and make the host's symbolic
 // links (/bin -> usr/bin...); start onlining hot-added vCPUs and memory as
 // their uevents arrive (netlink, no polling; memory is normally onlined by
-// the kernel itself, memhp_default_state=online); open the
+// the kernel itself, memhp_default_state=online) and keep Config.VCPUs
+// vCPUs online (see hotplug); open the
 // virtio-serial ports; run the workload as Config.UID:GID in its own
 // session with Config.Env and Config.Dir, its stdout and stderr on the
 // output ports, so that its writes reach the host's log file directly (a
 // blocking virtio-serial write returns once QEMU has taken the data).
 //
 // While the workload runs, init reaps every orphan, forwards the signals the
-// host asks for, answers "stat", reports its memory (MemTotal,
+// host asks for, onlines or offlines vCPUs to the count it asks for ("cpus"),
+// answers "stat", reports its memory (MemTotal,
 // MemAvailable, online vCPUs) when it changes, and asks for more memory or
 // CPU ("want") when MemAvailable runs low or every vCPU stays busy (see
 // wantMem, wantCPU). When the workload ends it reports the exit on the
@@ -95,7 +97,7 @@ func (g *initProc) run() Msg {
 		return g.fail(err)
 	}
 	g.mark("shares")
-	hp, err := startHotplug()
+	hp, err := startHotplug(cfg.VCPUs)
 	if err != nil {
 		return g.fail(err)
 	}
@@ -184,6 +186,10 @@ func (g *initProc) runWorkload(stdio []*os.File, hp *hotplug) Msg {
 				}
 			case KindStat:
 				w.kick()
+			case KindCPUs:
+				if m.A > 0 && m.A <= 1024 {
+					hp.setTarget(int(m.A))
+				}
 			}
 		}
 	}

@@ -45,6 +45,9 @@ type Config struct {
 	// to; "" = /dev/null. The same name for both shares one descriptor.
 	Stdout string `json:"stdout"`
 	Stderr string `json:"stderr"`
+	// VCPUs is how many vCPUs to keep online (the rest of the present
+	// ones stay offline until a "cpus" message); 0 = all.
+	VCPUs int `json:"vcpus"`
 }
 
 // Share is a host directory exported with -virtfs under Tag.
@@ -66,6 +69,7 @@ const (
 	// host -> guest
 	KindSignal = "signal" // "signal N": send signal N to the workload
 	KindStat   = "stat"   // "stat": answer with a "mem" line now
+	KindCPUs   = "cpus"   // "cpus N": keep N vCPUs online
 	// guest -> host
 	KindStarted = "started" // "started PID": the workload runs (guest pid)
 	KindExit    = "exit"    // "exit code N" or "exit signal N [oom]": the workload ended
@@ -78,7 +82,7 @@ const (
 var ErrBadMessage = errors.New("bad control message")
 
 // Msg is one control-channel message. Which fields are used depends on Kind:
-// signal N (A); started PID (A); exit code N (A) or exit signal N [oom]
+// signal N (A); cpus N (A); started PID (A); exit code N (A) or exit signal N [oom]
 // (A, Signal, OOM); fail (Text); want mem A cpu B; mem A B C.
 type Msg struct {
 	Kind    string
@@ -91,7 +95,7 @@ type Msg struct {
 // String formats m as its line, without the newline.
 func (m Msg) String() string {
 	switch m.Kind {
-	case KindSignal, KindStarted:
+	case KindSignal, KindStarted, KindCPUs:
 		return m.Kind + " " + strconv.FormatInt(m.A, 10)
 	case KindExit:
 		if m.Signal {
@@ -151,7 +155,7 @@ func ParseMsg(line string) (Msg, error) {
 	switch {
 	case f[0] == KindStat && len(f) == 1:
 		return m, nil
-	case (f[0] == KindSignal || f[0] == KindStarted) && len(f) == 2:
+	case (f[0] == KindSignal || f[0] == KindStarted || f[0] == KindCPUs) && len(f) == 2:
 		if n, ok := nums(1); ok {
 			m.A = n[0]
 			return m, nil
