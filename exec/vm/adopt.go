@@ -16,9 +16,9 @@ import (
 // on the same StateDir): incarnation inc of id, QEMU running as pid with
 // the given start time. It fails with ErrGone unless that QEMU is alive, has
 // that start time and is in the workload's cgroup. QMP is dialled when first
-// needed; the control channel reconnects by itself. The workload's exit
-// code is known if the guest reports it on the control channel or the
-// console.
+// needed; the control channel reconnects by itself (set OnWant again).
+// The workload's exit code is known if the guest reports it on the control
+// channel or the console.
 func (r *Runtime) Adopt(id string, inc uint64, pid int, startTime uint64) (*VM, error) {
 	if r.Cgroups == nil {
 		return nil, fmt.Errorf("adopt vm: Runtime.Cgroups is nil: %w", ErrInvalid)
