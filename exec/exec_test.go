@@ -18,10 +18,15 @@ import (
 	"github.com/shim-run/shim/cgroup"
 )
 
-const helperEnv = "SHIM_EXEC_TEST_HELPER"
+const (
+	helperEnv = "SHIM_EXEC_TEST_HELPER"
+	initEnv   = "SHIM_EXEC_TEST_INIT"  // shim-init, built by TestMain
+	stateEnv  = "SHIM_EXEC_TEST_STATE" // the Runtimes' StateDir
+)
 
 // TestMain lets the test binary double as a workload (memory hog) and as a
-// short-lived agent (for the adoption test).
+// short-lived agent (for the adoption test). It builds shim-init
+// (cmd/shim-init, static) for the Runtimes the tests use.
 func TestMain(m *testing.M) {
 	if IsInit() {
 		Init() // a container's init: this binary re-executed by libcontainer
@@ -41,7 +46,28 @@ func TestMain(m *testing.M) {
 	case "agent":
 		os.Exit(helperAgent(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	dir, err := os.MkdirTemp("", "sandbox-exec-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	// Traversable by every user: the work folders of workloads that run as
+	// nobody are below it (host isolation reaches them by path).
+	_ = os.Chmod(dir, 0o755)
+	code := func() int {
+		defer os.RemoveAll(dir)
+		init := filepath.Join(dir, "shim-init")
+		build := osexec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", init, "github.com/shim-run/shim/cmd/shim-init")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building shim-init: %v\n%s", err, out)
+			return 1
+		}
+		os.Setenv(initEnv, init)
+		os.Setenv(stateEnv, filepath.Join(dir, "state"))
+		return m.Run()
+	}()
+	os.Exit(code)
 }
 
 // helperAgent starts a workload like a real agent would, prints its pid and
@@ -61,7 +87,7 @@ func helperAgent(args []string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	rt := &Runtime{Cgroups: m}
+	rt := &Runtime{Cgroups: m, Init: os.Getenv(initEnv), StateDir: os.Getenv(stateEnv)}
 	p, err := rt.Start(Spec{ID: args[1], Incarnation: 3, Argv: []string{"/bin/sleep", "300"}, Isolation: iso,
 		Resources: cgroup.Resources{PidsMax: 16, MemMaxBytes: 64 << 20}})
 	if err != nil {
@@ -87,7 +113,7 @@ func newRuntime(t testing.TB) *Runtime {
 	if err != nil {
 		t.Fatalf("NewManager: %v", err)
 	}
-	rt := &Runtime{Cgroups: m}
+	rt := &Runtime{Cgroups: m, Init: os.Getenv(initEnv), StateDir: os.Getenv(stateEnv)}
 	t.Cleanup(func() {
 		ex, _ := rt.Existing()
 		for _, e := range ex {
@@ -626,4 +652,8 @@ func TestConcurrentStarts(t *testing.T) {
 		}
 	}
 	expectNoGroups(t, rt)
+}
+
+func BenchmarkStartHost(b *testing.B) {
+	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}, Isolation: IsolationHost})
 }
