@@ -245,10 +245,13 @@ func (r *Runtime) startContainer(s Spec, initPath string, uid, gid uint32, stdio
 	// The state is only needed until the workload runs: an agent adopts
 	// containers by pid and cgroup, like processes.
 	defer os.RemoveAll(filepath.Join(root, id))
-	// shim-init looks the workload up inside the container.
-	argv := append([]string{initInContainer, "--status-fd", "3", "--"}, s.Argv...)
+	// shim-init changes to the working directory (as the workload's user)
+	// and looks the workload up inside the container. libcontainer gets
+	// no Cwd: it would make a missing one as root, in the root directory
+	// on the host, before making it read-only.
+	argv := append([]string{initInContainer, "--status-fd", "3", "--dir", workingDir(s), "--"}, s.Argv...)
 	p := &libcontainer.Process{
-		Args: argv, Env: workloadEnv(s.Env, home(s)), Cwd: workingDir(s), Init: true,
+		Args: argv, Env: workloadEnv(s.Env, home(s)), Init: true,
 		Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2], ExtraFiles: []*os.File{status},
 		UID: int(uid), GID: int(gid),
 	}

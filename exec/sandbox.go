@@ -181,7 +181,10 @@ func checkMounts(s Spec, name string) error {
 				return fmt.Errorf("start %s: mount %s:%s: %q must be an absolute, clean path: %w", name, m.Source, m.Target, p, ErrInvalid)
 			}
 		}
-		others := append(slices.Clone(reservedTargets), "/")
+		if m.Target == "/" {
+			return fmt.Errorf("start %s: mount target /: the sandbox's root is its own: %w", name, ErrInvalid)
+		}
+		others := slices.Clone(reservedTargets)
 		for _, o := range s.Mounts[:i] {
 			others = append(others, o.Target)
 		}
@@ -194,10 +197,10 @@ func checkMounts(s Spec, name string) error {
 	return nil
 }
 
-// overlaps reports whether a is b or one lies inside the other.
+// overlaps reports whether a is b or one lies inside the other (neither
+// is "/").
 func overlaps(a, b string) bool {
-	inside := func(x, y string) bool { return y == "/" || strings.HasPrefix(x, y+"/") }
-	return a == b || inside(a, b) || inside(b, a)
+	return a == b || strings.HasPrefix(a, b+"/") || strings.HasPrefix(b, a+"/")
 }
 
 // prepareWorkDir creates the work folder if missing and gives it to the

@@ -10,7 +10,7 @@
 // It runs in two ways (see Main):
 //
 //	shim-init --config-fd N
-//	shim-init [--status-fd N] -- CMD [ARG...]
+//	shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]
 //
 // With --config-fd, exec has cloned it straight into the workload's new
 // namespaces and cgroup, and descriptor N holds a Config (Marshal). For a
@@ -58,7 +58,7 @@ var Forwarded = []os.Signal{
 // its environment has none.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-const usage = "usage: shim-init --config-fd N | shim-init [--status-fd N] -- CMD [ARG...]"
+const usage = "usage: shim-init --config-fd N | shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]"
 
 // Main runs the init with its arguments (os.Args[1:]) and returns its exit
 // code: the workload's, 128+N if signal N killed it, 1 if it could not be
@@ -123,7 +123,7 @@ func Main(args []string) int {
 
 // parseArgs returns the configuration the arguments ask for.
 func parseArgs(args []string) (*Config, error) {
-	statusFD := -1
+	statusFD, dir := -1, ""
 	for len(args) > 0 {
 		switch a := args[0]; a {
 		case "--config-fd":
@@ -151,6 +151,11 @@ func parseArgs(args []string) (*Config, error) {
 				return nil, err
 			}
 			statusFD, args = fd, args[2:]
+		case "--dir":
+			if len(args) < 2 || args[1] == "" {
+				return nil, errors.New("--dir needs a directory")
+			}
+			dir, args = args[1], args[2:]
 		case "--":
 			if len(args) < 2 {
 				return nil, errors.New("no command after --")
@@ -159,7 +164,7 @@ func parseArgs(args []string) (*Config, error) {
 			if !ok {
 				path = DefaultPath
 			}
-			return &Config{Argv: args[1:], Env: os.Environ(), Path: path, StatusFD: statusFD,
+			return &Config{Argv: args[1:], Env: os.Environ(), Path: path, Dir: dir, StatusFD: statusFD,
 				UID: uint32(os.Getuid()), GID: uint32(os.Getgid())}, nil
 		default:
 			return nil, fmt.Errorf("unknown argument %q", a)
