@@ -188,7 +188,7 @@ func checkRootfs(s Spec, name string) error {
 // initInContainer is where shim-init is bound (read-only) in a container:
 // inside the container's own /dev tmpfs, so that nothing is created in a
 // Rootfs on the host.
-const initInContainer = "/dev/.shim-init"
+const initInContainer = "/dev/.shim/shim-init"
 
 // startContainer starts s through libcontainer in the existing group g and
 // returns the pid of its init (a child of this process: nsexec clones with

@@ -45,6 +45,8 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	case "agent":
 		os.Exit(helperAgent(os.Args[1:]))
+	case "escape":
+		os.Exit(escapeHelper())
 	}
 	dir, err := os.MkdirTemp("", "sandbox-exec-test-")
 	if err != nil {

@@ -1,0 +1,135 @@
+package exec
+
+import (
+	"bytes"
+	"os"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// allModes are the isolation levels, each with shim-init as PID 1.
+var allModes = []Isolation{IsolationProcess, IsolationContainer, IsolationHost}
+
+// TestInitSignalEndsWorkload: SIGTERM to a workload without a handler
+// (sleep) ends it at once: the init forwards it, and the workload, not
+// being PID 1, dies of it. Without the init the kernel would drop it.
+func TestInitSignalEndsWorkload(t *testing.T) {
+	for _, iso := range allModes {
+		t.Run(iso.String(), func(t *testing.T) {
+			rt := newRuntime(t)
+			p, err := rt.Start(Spec{ID: "sleeper", Isolation: iso, Argv: []string{"/bin/sleep", "1000"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t0 := time.Now()
+			if err := p.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-p.Done():
+			case <-time.After(5 * time.Second):
+				_ = p.Kill()
+				t.Fatalf("still running 5 s after SIGTERM")
+			}
+			d := time.Since(t0)
+			t.Logf("%v: SIGTERM to exit in %v", iso, d)
+			if d > time.Second {
+				t.Errorf("SIGTERM took %v to end sleep, want well under a second", d)
+			}
+			if e := p.Exit(); e.Code != -1 || e.Signal != "SIGTERM" || e.Reason != ReasonSignaled {
+				t.Errorf("exit = %+v, want SIGTERM/signaled", e)
+			}
+			expectNoGroups(t, rt)
+		})
+	}
+}
+
+// TestInitExitStatus: the exit code and the signal that killed the
+// workload come back faithfully, as the init reports them.
+func TestInitExitStatus(t *testing.T) {
+	for _, iso := range allModes {
+		t.Run(iso.String(), func(t *testing.T) {
+			rt := newRuntime(t)
+			for i, tc := range []struct {
+				script string
+				want   Exit
+			}{
+				{"exit 7", Exit{Code: 7, Reason: ReasonExited}},
+				{"exit 143", Exit{Code: 143, Reason: ReasonExited}}, // a code, not SIGTERM
+				{"kill -TERM $$", Exit{Code: -1, Signal: "SIGTERM", Reason: ReasonSignaled}},
+				{"kill -KILL $$", Exit{Code: -1, Signal: "SIGKILL", Reason: ReasonSignaled}},
+				{"kill -SEGV $$", Exit{Code: -1, Signal: "SIGSEGV", Reason: ReasonSignaled}},
+			} {
+				e, out := runScript(t, rt, Spec{ID: "st", Incarnation: uint64(i), Isolation: iso}, tc.script)
+				if e != tc.want {
+					t.Errorf("%s: exit %+v, want %+v (output %q)", tc.script, e, tc.want, out)
+				}
+			}
+			p, err := rt.Start(Spec{ID: "st", Incarnation: 99, Isolation: iso, Argv: []string{"/bin/sleep", "1000"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			if e := wait(t, p); e != (Exit{Code: -1, Signal: "SIGKILL", Reason: ReasonKilled}) {
+				t.Errorf("Kill: exit %+v", e)
+			}
+			expectNoGroups(t, rt)
+		})
+	}
+}
+
+// TestInitReapsZombies: an orphan of the workload is reparented to the
+// init, PID 1 of the namespace, which reaps it when it exits: it does not
+// linger as a zombie.
+func TestInitReapsZombies(t *testing.T) {
+	for _, iso := range allModes {
+		t.Run(iso.String(), func(t *testing.T) {
+			rt := newRuntime(t)
+			p, err := rt.Start(Spec{ID: "zomb", Isolation: iso, Env: []string{"PATH=/usr/bin:/bin"},
+				Argv: []string{"/bin/sh", "-c", `sh -c 'sleep 0.7 &'; exec sleep 1000`}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { _ = p.Kill(); wait(t, p) }()
+			// Find the orphan on the host, in the workload's group.
+			orphan := 0
+			eventually(t, "the orphan", func() bool {
+				pids, _ := p.group.Procs()
+				for _, pid := range pids {
+					cmd, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+					if bytes.Equal(cmd, []byte("sleep\x000.7\x00")) {
+						orphan = pid
+						return true
+					}
+				}
+				return false
+			})
+			// Once its parent (the inner sh) has exited, its parent is the
+			// init; it exits 0.7 s after it started.
+			eventually(t, "the orphan to be the init's", func() bool { return ppid(orphan) == p.PID() })
+			eventually(t, "the orphan to be reaped", func() bool {
+				_, err := os.Stat("/proc/" + strconv.Itoa(orphan))
+				return err != nil // gone, not a zombie
+			})
+		})
+	}
+}
+
+// ppid returns pid's parent (0 if it is gone).
+func ppid(pid int) int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	i := bytes.LastIndexByte(b, ')')
+	f := bytes.Fields(b[i+1:])
+	if len(f) < 2 {
+		return 0
+	}
+	n, _ := strconv.Atoi(string(f[1]))
+	return n
+}
