@@ -108,6 +108,13 @@ func escapeHelper() int {
 		f.Close()
 		mustFail("write-proc-sys", err)
 	}
+	// Opened only, never written: a write would act on the host.
+	if f, err := os.OpenFile("/proc/sysrq-trigger", os.O_WRONLY, 0); err == nil {
+		f.Close()
+		mustFail("sysrq-open", nil)
+	} else {
+		mustFail("sysrq-open", err)
+	}
 	for _, p := range filepath.SplitList(os.Getenv(escPaths)) {
 		_, err := os.ReadFile(p)
 		if errors.Is(err, syscall.EISDIR) {

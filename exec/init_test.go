@@ -133,3 +133,21 @@ func ppid(pid int) int {
 	n, _ := strconv.Atoi(string(f[1]))
 	return n
 }
+
+// TestWorkloadDescriptors: the workload holds stdin, stdout and stderr
+// only: neither the init's configuration nor its status pipe, nor anything
+// the agent holds; and its log's descriptor names no host path.
+func TestWorkloadDescriptors(t *testing.T) {
+	for _, iso := range allModes {
+		t.Run(iso.String(), func(t *testing.T) {
+			rt := newRuntime(t)
+			// The shell's own, and 3: the directory its glob read.
+			e, out := runScript(t, rt, Spec{ID: "fds", Isolation: iso},
+				`cd /proc/self/fd && for f in *; do echo "$f=$(readlink $f)"; done`)
+			f := fields(out)
+			if e.Code != 0 || len(f) != 4 || f["0"] != "/dev/null" || f["1"] != "/out" || f["2"] != "/out" {
+				t.Errorf("exit %+v, descriptors:\n%s\nwant 0, 1 and 2 (/out, the log by its name only), and the listing's", e, out)
+			}
+		})
+	}
+}

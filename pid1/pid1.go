@@ -69,6 +69,19 @@ func Main(args []string) int {
 		fmt.Fprintf(os.Stderr, "shim-init: %v\n%s\n", err, usage)
 		return 2
 	}
+	// Descriptors the agent inherited without close-on-exec (from its own
+	// parent) and passed on are not the workload's.
+	if err := closeOnExec(); err != nil {
+		fmt.Fprintf(os.Stderr, "shim-init: %v\n", err)
+		return 1
+	}
+	// Not dumpable: a workload with the same user (always, in a container)
+	// can neither open the init's /proc/1/mem, environ or fds nor attach
+	// to it.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		fmt.Fprintf(os.Stderr, "shim-init: prctl(PR_SET_DUMPABLE): %v\n", err)
+		return 1
+	}
 	var status *os.File
 	if cfg.StatusFD >= 0 {
 		// Not for the workload.
@@ -179,6 +192,25 @@ func fdArg(s string) (int, error) {
 		return 0, fmt.Errorf("descriptor %q: want a number of 3 or more", s)
 	}
 	return fd, nil
+}
+
+// closeOnExec marks every descriptor above stderr close-on-exec.
+func closeOnExec() error {
+	err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	// Before Linux 5.11: one at a time.
+	ents, rerr := os.ReadDir("/proc/self/fd")
+	if rerr != nil {
+		return fmt.Errorf("close-on-exec: %v; %w", err, rerr)
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
+	return nil
 }
 
 type notFoundError struct{ file string }

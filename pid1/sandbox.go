@@ -242,7 +242,7 @@ func mkdirAll(dir string) error {
 // Only this thread changes (raw system calls): the workload inherits its
 // credentials, and Go's all-thread versions stop the world once per call,
 // about 80 µs each here. The init's other threads keep its privileges, but
-// nothing in the sandbox can reach them: the init is made non-dumpable, so
+// nothing in the sandbox can reach them: the init is not dumpable (Main), so
 // neither its /proc files nor ptrace are open to the workload (which also
 // lacks CAP_SYS_PTRACE and, with the filter, ptrace itself).
 func dropPrivileges(c *Config) error {
@@ -252,11 +252,6 @@ func dropPrivileges(c *Config) error {
 		keep = s.Caps
 	}
 	if s != nil {
-		// Not dumpable: the workload, even with the same UID, cannot
-		// open the init's /proc/1/mem, environ or fds, or attach to it.
-		if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
-			return fail("prctl(PR_SET_DUMPABLE)", err)
-		}
 		// Needs CAP_SETPCAP, so before the UID changes.
 		for capn := 0; capn < 64; capn++ {
 			if keep&(1<<capn) != 0 {
