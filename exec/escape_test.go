@@ -233,15 +233,32 @@ func TestEscape(t *testing.T) {
 	t.Setenv("SHIM_TEST_AGENT_SECRET", secret) // in the agent's (this process's) environment only
 	for _, iso := range []Isolation{IsolationProcess, IsolationContainer} {
 		for _, user := range []string{"", "0"} {
-			t.Run(fmt.Sprintf("%v/user=%q", iso, user), func(t *testing.T) {
-				testEscape(t, iso, user, self, secret)
-			})
+			// The helper comes in the work folder, or bound through Mounts
+			// (which makes a process sandbox build its whole root rather
+			// than clone the template's).
+			for _, mounted := range []bool{false, true} {
+				t.Run(fmt.Sprintf("%v/user=%q/mounted=%v", iso, user, mounted), func(t *testing.T) {
+					testEscape(t, iso, user, self, secret, mounted)
+				})
+			}
 		}
 	}
 }
 
-func testEscape(t *testing.T, iso Isolation, user, self, secret string) {
+func testEscape(t *testing.T, iso Isolation, user, self, secret string, mounted bool) {
 	rt := newRuntime(t)
+	work := workDir(t)
+	argv0, mounts := escapeBin, []Mount{{Source: self, Target: escapeBin, ReadOnly: true}}
+	if !mounted {
+		b, err := os.ReadFile(self)
+		if err == nil {
+			err = os.WriteFile(filepath.Join(work, "escape"), b, 0o755)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		argv0, mounts = "/work/escape", nil
+	}
 	id := fmt.Sprintf("%d-%d", os.Getpid(), time.Now().UnixNano())
 	// The agent's data dir: a secret, and the neighbour's log.
 	data := t.TempDir()
@@ -267,15 +284,14 @@ func testEscape(t *testing.T, iso Isolation, user, self, secret string) {
 	name := GroupName("esc", 1)
 	r := cgroup.Resources{PidsMax: 64, MemMaxBytes: 256 << 20}
 	p, err := rt.Start(Spec{
-		ID: "esc", Incarnation: 1, Isolation: iso, User: user, Argv: []string{escapeBin}, WorkDir: workDir(t),
+		ID: "esc", Incarnation: 1, Isolation: iso, User: user, Argv: []string{argv0}, WorkDir: work,
 		Env: []string{
 			helperEnv + "=escape", "PATH=/usr/bin:/bin",
 			escTestPID + "=" + strconv.Itoa(os.Getpid()), escNeighbour + "=" + strings.Join(neighbours, " "),
 			escSecret + "=" + reverse(secret), escID + "=" + id, escGroup + "=" + rt.Cgroups.Root() + "/" + name,
 			escPaths + "=" + strings.Join([]string{data, filepath.Join(data, "raft.db"), neighbourLog, filepath.Dir(self)}, ":"),
 		},
-		Mounts: []Mount{{Source: self, Target: escapeBin, ReadOnly: true}},
-		Stdout: out, Stderr: out, Resources: r,
+		Mounts: mounts, Stdout: out, Stderr: out, Resources: r,
 	})
 	if err != nil {
 		t.Fatalf("Start: %v", err)

@@ -286,8 +286,9 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	var cfg *pid1.Config
+	var tmpl *os.File
 	if s.Isolation != IsolationContainer {
-		if cfg, err = r.initConfig(s, uid, gid); err != nil {
+		if cfg, tmpl, err = r.initConfig(s, initPath, uid, gid); err != nil {
 			return nil, fmt.Errorf("start %s: %w", name, err)
 		}
 	}
@@ -319,7 +320,7 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		pid, err = r.startContainer(s, initPath, uid, gid, stdio, statusW, g)
 		pidfd = -1
 	} else {
-		pid, pidfd, err = startInit(s, initPath, cfg, stdio, statusW, g)
+		pid, pidfd, err = startInit(s, initPath, cfg, tmpl, stdio, statusW, g)
 	}
 	statusW.Close() // the init holds the only write end now
 	if err == nil && pidfd < 0 {

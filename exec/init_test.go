@@ -151,3 +151,36 @@ func TestWorkloadDescriptors(t *testing.T) {
 		})
 	}
 }
+
+// TestTemplate: a process sandbox without Mounts is cloned from the
+// template (shim-init is there, read-only, and only the sandbox's own file
+// systems are mounted on top); one with Mounts builds its whole root. Both
+// see the same system.
+func TestTemplate(t *testing.T) {
+	rt := newRuntime(t)
+	if err := rt.Prepare(); err != nil {
+		t.Fatalf("Prepare: %v", err)
+	}
+	script := `echo init=$(test -x /.shim/shim-init && echo yes || echo no)
+echo mounts=$(wc -l < /proc/self/mountinfo)
+echo usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro) shim=$(touch /.shim/x 2>/dev/null && echo rw || echo ro)
+echo work=$(echo w > /work/w && cat /work/w) tmp=$(echo t > /tmp/t && cat /tmp/t)
+echo shadow=$(wc -c < /etc/shadow) timer_list=$(wc -c < /proc/timer_list)`
+	data := t.TempDir()
+	for _, tc := range []struct {
+		name   string
+		mounts []Mount
+		init   string
+	}{
+		{"template", nil, "yes"},
+		{"full", []Mount{{Source: data, Target: "/data"}}, "no"},
+	} {
+		e, out := runScript(t, rt, Spec{ID: tc.name, WorkDir: workDir(t), Mounts: tc.mounts}, script)
+		f := fields(out)
+		mounts, _ := strconv.Atoi(f["mounts"])
+		if e.Code != 0 || f["init"] != tc.init || f["usr"] != "ro shim=ro" || f["work"] != "w tmp=t" ||
+			f["shadow"] != "0 timer_list=0" || mounts == 0 || mounts > 30 {
+			t.Errorf("%s: exit %+v, output:\n%s", tc.name, e, out)
+		}
+	}
+}

@@ -20,15 +20,18 @@ type Config struct {
 	Sandbox  *Sandbox // nil = no sandbox: the host's file system and privileges (only the user changes)
 }
 
-// Sandbox describes a sandbox's root and privileges. The init builds the
-// root on a fresh tmpfs mounted at Root, inside its own mount namespace
-// (whose mounts exec has made private): the Binds and Symlinks, then a
-// minimal /dev (null zero full random urandom tty, a private devpts, a
-// tmpfs /dev/shm), a fresh /proc, a read-only /sys, a private tmpfs /tmp,
-// then Masked and ReadOnly paths. The tmpfs is made read-only and becomes
-// "/" through pivot_root.
+// Sandbox describes a sandbox's root and privileges. With Root, the init
+// builds the root on a fresh tmpfs mounted there, inside its own mount
+// namespace (whose mounts exec has made private): the mount points, the
+// Symlinks and Binds, then a minimal /dev (null zero full random urandom
+// tty, a private devpts, a tmpfs /dev/shm), a fresh /proc, a read-only
+// /sys, a private tmpfs /tmp, then the Masked and ReadOnly paths. The
+// tmpfs is made read-only and becomes "/" through pivot_root. Without Root,
+// the init was cloned from a template (shim-init --template, which builds
+// the shared part once) and mounts only the sandbox's own file systems:
+// from /dev on.
 type Sandbox struct {
-	Root     string    // an empty host directory to build the root on
+	Root     string    // an empty host directory to build the root on; "" = the root is a template's
 	Binds    []Bind    // host paths bound into the root, in order
 	Symlinks []Symlink // symbolic links made in the root (e.g. /bin -> usr/bin)
 	Masked   []string  // hidden: /dev/null over a file, an empty read-only tmpfs over a directory
@@ -41,6 +44,10 @@ type Sandbox struct {
 type Bind struct {
 	Source, Target string
 	ReadOnly       bool
+	// FD, if above 2, is a detached mount (open_tree with OPEN_TREE_CLONE)
+	// inherited as that descriptor: it is moved to Target (which must
+	// exist: /work), and Source only names it in errors.
+	FD int
 }
 
 // Symlink is a symbolic link at Path (in the sandbox) to Target.
@@ -79,6 +86,7 @@ func (c *Config) Marshal() []byte {
 		e.string(b.Source)
 		e.string(b.Target)
 		e.bool(b.ReadOnly)
+		e.uint(uint64(max(b.FD, 0)))
 	}
 	e.uint(uint64(len(s.Symlinks)))
 	for _, l := range s.Symlinks {
@@ -114,7 +122,7 @@ func Unmarshal(b []byte) (*Config, error) {
 		s := &Sandbox{}
 		s.Root = d.string()
 		for n := d.count(); n > 0 && d.err == nil; n-- {
-			s.Binds = append(s.Binds, Bind{Source: d.string(), Target: d.string(), ReadOnly: d.bool()})
+			s.Binds = append(s.Binds, Bind{Source: d.string(), Target: d.string(), ReadOnly: d.bool(), FD: int(d.uint32())})
 		}
 		for n := d.count(); n > 0 && d.err == nil; n-- {
 			s.Symlinks = append(s.Symlinks, Symlink{Path: d.string(), Target: d.string()})

@@ -7,9 +7,10 @@
 // soon as the workload exits, whereupon the kernel kills whatever else is
 // left in the pid namespace.
 //
-// It runs in two ways (see Main):
+// It runs in three ways (see Main):
 //
 //	shim-init --config-fd N
+//	shim-init --template --config-fd N
 //	shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]
 //
 // With --config-fd, exec has cloned it straight into the workload's new
@@ -22,6 +23,12 @@
 // seccomp program last), changes to the working directory, looks the
 // executable up inside the sandbox and forks and executes it. The init
 // itself keeps no more privilege than the workload and is not dumpable.
+//
+// With --template, it builds only the part of a sandbox's root that every
+// sandbox shares (Sandbox.Root's mount points, links, binds and masks, and
+// itself at InitInTemplate), makes it its root, reports Started and waits
+// for its stdin to close: exec keeps its mount namespace as a template and
+// clones the init of each process sandbox from it, with Sandbox.Root "".
 //
 // With "--", it is the init of a container that libcontainer has set up
 // (the same signals, reaping and reports), or of anything by hand.
@@ -39,6 +46,7 @@ package pid1
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/signal"
@@ -58,13 +66,20 @@ var Forwarded = []os.Signal{
 // its environment has none.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-const usage = "usage: shim-init --config-fd N | shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]"
+const usage = "usage: shim-init [--template] --config-fd N | shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]"
 
 // Main runs the init with its arguments (os.Args[1:]) and returns its exit
 // code: the workload's, 128+N if signal N killed it, 1 if it could not be
 // started (127 if it was not found), 2 for bad arguments.
 func Main(args []string) int {
+	template := len(args) > 0 && args[0] == "--template"
+	if template {
+		args = args[1:]
+	}
 	cfg, err := parseArgs(args)
+	if err == nil && template && (cfg.Sandbox == nil || cfg.Sandbox.Root == "") {
+		err = errors.New("--template needs --config-fd with a sandbox root")
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "shim-init: %v\n%s\n", err, usage)
 		return 2
@@ -91,6 +106,17 @@ func Main(args []string) int {
 		}
 		status = os.NewFile(uintptr(cfg.StatusFD), "status")
 	}
+	if template {
+		runtime.LockOSThread()
+		if err := buildTemplate(cfg.Sandbox); err != nil {
+			fmt.Fprintf(os.Stderr, "shim-init: %v\n", err)
+			send(status, failure(err))
+			return 1
+		}
+		send(status, Report{Kind: Started})
+		_, _ = io.Copy(io.Discard, os.Stdin) // until exec has the namespace
+		return 0
+	}
 	// signal.Notify costs a round trip between two threads per signal
 	// (about 60 µs each here), so it runs while the sandbox is built. It
 	// is done before Started is reported: the agent signals only after.
@@ -103,15 +129,7 @@ func Main(args []string) int {
 
 	child, err := start(cfg)
 	if err != nil {
-		r := Report{Kind: Failed, Text: err.Error()}
-		var nf *notFoundError
-		var errno syscall.Errno
-		switch {
-		case errors.As(err, &nf):
-			r = Report{Kind: NotFound, Text: nf.file}
-		case errors.As(err, &errno):
-			r.Errno = errno
-		}
+		r := failure(err)
 		fmt.Fprintf(os.Stderr, "shim-init: %v\n", err)
 		send(status, r)
 		if r.Kind == NotFound {
@@ -132,6 +150,20 @@ func Main(args []string) int {
 		return r.Code
 	}
 	return 1
+}
+
+// failure is the report for err: NotFound, or Failed with its error number.
+func failure(err error) Report {
+	r := Report{Kind: Failed, Text: err.Error()}
+	var nf *notFoundError
+	var errno syscall.Errno
+	switch {
+	case errors.As(err, &nf):
+		r = Report{Kind: NotFound, Text: nf.file}
+	case errors.As(err, &errno):
+		r.Errno = errno
+	}
+	return r
 }
 
 // parseArgs returns the configuration the arguments ask for.

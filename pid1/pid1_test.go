@@ -30,7 +30,7 @@ func TestConfigRoundTrip(t *testing.T) {
 		{Argv: []string{"sh", "-c", "x\x00y"}, Env: []string{"A=1", "B="}, Path: "/bin", Dir: "/work", Hostname: "h",
 			UID: 65534, GID: 1<<32 - 2, StatusFD: 4},
 		{Argv: []string{"x"}, StatusFD: 3, Sandbox: &Sandbox{
-			Root: "/run/shim/sandbox", Binds: []Bind{{"/usr", "/usr", true}, {"/w", "/work", false}},
+			Root: "/run/shim/sandbox", Binds: []Bind{{"/usr", "/usr", true, 0}, {"/w", "/work", false, 5}},
 			Symlinks: []Symlink{{"/bin", "usr/bin"}}, Masked: []string{"/proc/kcore"}, ReadOnly: []string{"/proc/sys"},
 			Caps: 1<<5 | 1<<29, Seccomp: []byte{1, 2, 3, 4, 5, 6, 7, 8},
 		}},
@@ -49,7 +49,7 @@ func TestConfigRoundTrip(t *testing.T) {
 // encoding are refused with ErrConfig, never a panic.
 func TestUnmarshalBad(t *testing.T) {
 	c := &Config{Argv: []string{"a", "b"}, Env: []string{"E=1"}, StatusFD: 4, Sandbox: &Sandbox{
-		Root: "/r", Binds: []Bind{{"/a", "/b", true}}, Symlinks: []Symlink{{"/l", "t"}}, Seccomp: []byte("12345678"),
+		Root: "/r", Binds: []Bind{{"/a", "/b", true, 0}}, Symlinks: []Symlink{{"/l", "t"}}, Seccomp: []byte("12345678"),
 	}}
 	b := c.Marshal()
 	for n := range len(b) {
@@ -70,7 +70,7 @@ func TestUnmarshalBad(t *testing.T) {
 
 func FuzzUnmarshal(f *testing.F) {
 	f.Add((&Config{Argv: []string{"x"}, StatusFD: -1}).Marshal())
-	f.Add((&Config{Argv: []string{"x"}, Sandbox: &Sandbox{Root: "/r", Binds: []Bind{{"/a", "/b", false}}}}).Marshal())
+	f.Add((&Config{Argv: []string{"x"}, Sandbox: &Sandbox{Root: "/r", Binds: []Bind{{"/a", "/b", false, 7}}}}).Marshal())
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := Unmarshal(b)
@@ -295,7 +295,8 @@ func TestInitNotFoundAndBadArgs(t *testing.T) {
 	}
 	self, _ := os.Executable()
 	for _, args := range [][]string{{}, {"--"}, {"--bogus"}, {"--status-fd", "x", "--", "true"},
-		{"--status-fd", "1", "--", "true"}, {"--config-fd"}, {"--config-fd", "3", "extra"}, {"--config-fd", "0"}} {
+		{"--status-fd", "1", "--", "true"}, {"--config-fd"}, {"--config-fd", "3", "extra"}, {"--config-fd", "0"},
+		{"--template"}, {"--template", "--", "true"}} {
 		cmd := osexec.Command(self, args...)
 		cmd.Env = append(os.Environ(), mainEnv+"=1")
 		out, err := cmd.CombinedOutput()

@@ -42,65 +42,132 @@ const (
 	noexec = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
 )
 
-// buildRoot builds the sandbox's root on a tmpfs at s.Root and makes it
-// the root of this mount namespace. The namespace is this process's own,
-// with private propagation, so nothing here reaches the host.
+// InitInTemplate is where a template (see buildTemplate) holds shim-init
+// itself, read-only: the path exec runs it by in a sandbox cloned from the
+// template.
+const InitInTemplate = "/.shim/shim-init"
+
+// buildRoot gives this process the sandbox's root. With s.Root it builds
+// the root there (buildStatic, then sandboxMounts) and makes it "/" (seal);
+// without, the process's root already is a template's (see buildTemplate)
+// and only the sandbox's own file systems are mounted on it. The mount
+// namespace is this process's own, with private propagation, so nothing
+// here reaches the host.
 func buildRoot(s *Sandbox) error {
+	if s.Root == "" {
+		return sandboxMounts(s, "")
+	}
+	if err := buildStatic(s); err != nil {
+		return err
+	}
+	if err := sandboxMounts(s, s.Root); err != nil {
+		return err
+	}
+	return seal(s.Root)
+}
+
+// buildTemplate builds the part of a sandbox's root that all sandboxes
+// share (buildStatic), with this executable bound read-only at
+// InitInTemplate, and makes it "/" of this process's mount namespace: a
+// template that exec keeps (by its namespace) and clones every process
+// sandbox's from.
+func buildTemplate(s *Sandbox) error {
+	if err := buildStatic(s); err != nil {
+		return err
+	}
+	if err := bind("/proc/self/exe", s.Root+InitInTemplate, true); err != nil {
+		return fail("bind shim-init at "+InitInTemplate, err)
+	}
+	return seal(s.Root)
+}
+
+// buildStatic mounts a tmpfs at s.Root and makes in it the mount points of
+// the sandbox's own file systems, s.Symlinks, the binds of host paths
+// (Source), and the masks of what exists so far.
+func buildStatic(s *Sandbox) error {
 	root := s.Root
 	if !filepath.IsAbs(root) {
 		return fail("sandbox root", fmt.Errorf("%q is not absolute", root))
 	}
-	// The root holds only mount points and links; it is made read-only
-	// at the end.
+	// The root holds only mount points and links; seal makes it
+	// read-only.
 	if err := unix.Mount("tmpfs", root, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=755,size=64k"); err != nil {
 		return fail("mount the root tmpfs", err)
 	}
-	in := func(p string) string { return root + filepath.Clean("/"+p) }
-	for _, d := range []string{"proc", "dev", "sys", "tmp"} {
-		if err := unix.Mkdir(in(d), 0o755); err != nil {
+	for _, d := range []string{"proc", "dev", "sys", "tmp", "work"} {
+		if err := unix.Mkdir(root+"/"+d, 0o755); err != nil {
 			return fail("root", err)
 		}
 	}
 	for _, l := range s.Symlinks {
-		if err := mkdirAll(filepath.Dir(in(l.Path))); err != nil {
+		if err := mkdirAll(filepath.Dir(in(root, l.Path))); err != nil {
 			return fail("symlink "+l.Path, err)
 		}
-		if err := unix.Symlink(l.Target, in(l.Path)); err != nil {
+		if err := unix.Symlink(l.Target, in(root, l.Path)); err != nil {
 			return fail("symlink "+l.Path, err)
 		}
 	}
 	for _, b := range s.Binds {
-		if err := bind(b.Source, in(b.Target), b.ReadOnly); err != nil {
+		if b.FD > 2 {
+			continue // a detached mount: sandboxMounts moves it in
+		}
+		if err := bind(b.Source, in(root, b.Target), b.ReadOnly); err != nil {
 			return fail("bind "+b.Source+" at "+b.Target, err)
 		}
 	}
-	if err := buildDev(in("dev")); err != nil {
+	for _, p := range s.Masked {
+		if err := mask(in(root, p), "/dev/null"); err != nil {
+			return fail("mask "+p, err)
+		}
+	}
+	return nil
+}
+
+// sandboxMounts mounts the file systems of this sandbox alone on the root
+// at root ("" = "/"): a minimal /dev, a fresh /proc, a read-only /sys, a
+// private /tmp, the detached mounts of s.Binds (FD), then s.Masked and
+// s.ReadOnly.
+func sandboxMounts(s *Sandbox, root string) error {
+	if err := buildDev(in(root, "/dev")); err != nil {
 		return err
 	}
-	if err := unix.Mount("proc", in("proc"), "proc", noexec, ""); err != nil {
+	if err := unix.Mount("proc", in(root, "/proc"), "proc", noexec, ""); err != nil {
 		return fail("mount /proc", err)
 	}
-	if err := unix.Mount("sysfs", in("sys"), "sysfs", noexec|unix.MS_RDONLY, ""); err != nil {
+	if err := unix.Mount("sysfs", in(root, "/sys"), "sysfs", noexec|unix.MS_RDONLY, ""); err != nil {
 		return fail("mount /sys", err)
 	}
-	if err := unix.Mount("tmpfs", in("tmp"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777"); err != nil {
+	if err := unix.Mount("tmpfs", in(root, "/tmp"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=1777"); err != nil {
 		return fail("mount /tmp", err)
 	}
+	for _, b := range s.Binds {
+		if b.FD <= 2 {
+			continue // bound by buildStatic
+		}
+		if err := moveMount(b.FD, in(root, b.Target), b.ReadOnly); err != nil {
+			return fail("mount "+b.Source+" at "+b.Target, err)
+		}
+	}
 	for _, p := range s.Masked {
-		if err := mask(in(p), in("/dev/null")); err != nil {
+		if err := mask(in(root, p), in(root, "/dev/null")); err != nil {
 			return fail("mask "+p, err)
 		}
 	}
 	for _, p := range s.ReadOnly {
-		if err := readOnly(in(p)); err != nil {
+		if err := readOnly(in(root, p)); err != nil {
 			return fail("read-only "+p, err)
 		}
 	}
+	return nil
+}
+
+// seal makes the root tmpfs at root read-only and the root of this mount
+// namespace. pivot_root(".", ".") stacks the old root on the new one;
+// detaching it leaves the new root alone (runc does the same).
+func seal(root string) error {
 	if err := unix.Mount("", root, "", unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
 		return fail("make the root read-only", err)
 	}
-	// pivot_root(".", ".") stacks the old root on the new one; detaching
-	// it leaves the new root alone (runc does the same).
 	if err := unix.Chdir(root); err != nil {
 		return fail("pivot_root", err)
 	}
@@ -114,6 +181,23 @@ func buildRoot(s *Sandbox) error {
 		return fail("pivot_root", err)
 	}
 	return nil
+}
+
+// in returns path p of a root at root ("" = "/").
+func in(root, p string) string { return root + filepath.Clean("/"+p) }
+
+// moveMount moves the detached mount fd (open_tree) to dst, an existing
+// directory, never with setuid or device files, read-only if ro.
+func moveMount(fd int, dst string, ro bool) error {
+	defer unix.Close(fd)
+	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, dst, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return err
+	}
+	attr := unix.MountAttr{Attr_set: unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV}
+	if ro {
+		attr.Attr_set |= unix.MOUNT_ATTR_RDONLY
+	}
+	return unix.MountSetattr(unix.AT_FDCWD, dst, unix.AT_RECURSIVE|unix.AT_SYMLINK_NOFOLLOW, &attr)
 }
 
 // buildDev makes a minimal /dev on a tmpfs at dir.
