@@ -249,10 +249,14 @@ func (r *Runtime) startContainer(s Spec, initPath string, uid, gid uint32, stdio
 	// and looks the workload up inside the container. libcontainer gets
 	// no Cwd: it would make a missing one as root, in the root directory
 	// on the host, before making it read-only.
-	argv := append([]string{initInContainer, "--status-fd", "3", "--dir", workingDir(s), "--"}, s.Argv...)
+	// libcontainer's init would give stdout and stderr files to the
+	// workload's user (fixStdioPermissions; it leaves /dev/null alone):
+	// shim-init installs them instead, and the logs stay the agent's.
+	argv := append([]string{initInContainer, "--status-fd", "3", "--stdout-fd", "4", "--stderr-fd", "5",
+		"--dir", workingDir(s), "--"}, s.Argv...)
 	p := &libcontainer.Process{
 		Args: argv, Env: workloadEnv(s.Env, home(s)), Init: true,
-		Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2], ExtraFiles: []*os.File{status},
+		Stdin: stdio[0], Stdout: stdio[0], Stderr: stdio[0], ExtraFiles: []*os.File{status, stdio[1], stdio[2]},
 		UID: int(uid), GID: int(gid),
 	}
 	// Start returns once init is ready and waits for Exec; on failure it

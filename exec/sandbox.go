@@ -180,21 +180,22 @@ func makeTemplate(initPath string, sb *pid1.Sandbox) (*os.File, error) {
 		return nil, fmt.Errorf("template: %w", err)
 	}
 	defer cf.Close()
-	stdinR, stdinW, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("template: %w", err)
+	// shim-init reads its stdin until we close stdinW, once we have the
+	// namespace.
+	var stdinR, stdinW, statusR, statusW, null *os.File
+	defer func() {
+		for _, f := range []*os.File{stdinR, stdinW, statusR, statusW, null} {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}()
+	if stdinR, stdinW, err = os.Pipe(); err == nil {
+		if statusR, statusW, err = os.Pipe(); err == nil {
+			null, err = os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+		}
 	}
-	defer stdinW.Close()
-	statusR, statusW, err := os.Pipe()
 	if err != nil {
-		stdinR.Close()
-		return nil, fmt.Errorf("template: %w", err)
-	}
-	defer statusR.Close()
-	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		stdinR.Close()
-		statusW.Close()
 		return nil, fmt.Errorf("template: %w", err)
 	}
 	pid, _, err := syscall.StartProcess(initPath, []string{InitName, "--template", "--config-fd", "3"}, &syscall.ProcAttr{
@@ -202,14 +203,14 @@ func makeTemplate(initPath string, sb *pid1.Sandbox) (*os.File, error) {
 		Files: []uintptr{stdinR.Fd(), null.Fd(), null.Fd(), cf.Fd(), statusW.Fd()},
 		Sys:   &syscall.SysProcAttr{Setsid: true, Unshareflags: syscall.CLONE_NEWNS},
 	})
-	stdinR.Close()
-	statusW.Close()
-	null.Close()
 	if err != nil {
 		return nil, fmt.Errorf("template: exec %q: %w", initPath, err)
 	}
+	statusW.Close() // shim-init holds the only write end now
+	statusW = nil
 	defer func() {
 		stdinW.Close() // shim-init exits
+		stdinW = nil
 		var ws syscall.WaitStatus
 		_, _ = syscall.Wait4(pid, &ws, 0, nil)
 	}()

@@ -11,7 +11,7 @@
 //
 //	shim-init --config-fd N
 //	shim-init --template --config-fd N
-//	shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]
+//	shim-init [--status-fd N] [--stdout-fd N] [--stderr-fd N] [--dir DIR] -- CMD [ARG...]
 //
 // With --config-fd, exec has cloned it straight into the workload's new
 // namespaces and cgroup, and descriptor N holds a Config (Marshal). For a
@@ -66,7 +66,7 @@ var Forwarded = []os.Signal{
 // its environment has none.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-const usage = "usage: shim-init [--template] --config-fd N | shim-init [--status-fd N] [--dir DIR] -- CMD [ARG...]"
+const usage = "usage: shim-init [--template] --config-fd N | shim-init [--status-fd N] [--stdout-fd N] [--stderr-fd N] [--dir DIR] -- CMD [ARG...]"
 
 // Main runs the init with its arguments (os.Args[1:]) and returns its exit
 // code: the workload's, 128+N if signal N killed it, 1 if it could not be
@@ -170,6 +170,26 @@ func failure(err error) Report {
 func parseArgs(args []string) (*Config, error) {
 	statusFD, dir := -1, ""
 	for len(args) > 0 {
+		if a := args[0]; a == "--stdout-fd" || a == "--stderr-fd" {
+			// The workload's (and the init's own) output: installed
+			// at once, so that errors from here on go there.
+			if len(args) < 2 {
+				return nil, errors.New(a + " needs a descriptor")
+			}
+			fd, err := fdArg(args[1])
+			if err == nil {
+				target := 1
+				if a == "--stderr-fd" {
+					target = 2
+				}
+				err = unix.Dup3(fd, target, 0)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("%s %s: %w", a, args[1], err)
+			}
+			args = args[2:]
+			continue
+		}
 		switch a := args[0]; a {
 		case "--config-fd":
 			if len(args) != 2 {

@@ -319,3 +319,34 @@ func TestInitNotFoundAndBadArgs(t *testing.T) {
 		t.Errorf("garbage configuration: exit %d, output %q", cmd.ProcessState.ExitCode(), out)
 	}
 }
+
+// TestInitStdio: --stdout-fd and --stderr-fd give the workload (and the
+// init's own messages) those descriptors as stdout and stderr.
+func TestInitStdio(t *testing.T) {
+	dir := t.TempDir()
+	out, err := os.Create(dir + "/out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	errf, err := os.Create(dir + "/err")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self, _ := os.Executable()
+	cmd := osexec.Command(self, "--stdout-fd", "3", "--stderr-fd", "4", "--", "/bin/sh", "-c", "echo to-out; echo to-err >&2; ls /proc/self/fd >&2")
+	cmd.Env = append(os.Environ(), mainEnv+"=1")
+	cmd.ExtraFiles = []*os.File{out, errf}
+	if b, err := cmd.CombinedOutput(); err != nil || len(b) != 0 {
+		t.Fatalf("%v, output on the original stdio %q", err, b)
+	}
+	o, _ := os.ReadFile(dir + "/out")
+	e, _ := os.ReadFile(dir + "/err")
+	if string(o) != "to-out\n" || !strings.HasPrefix(string(e), "to-err\n0\n1\n2\n3\n") || strings.Count(string(e), "\n") != 5 {
+		t.Errorf("stdout %q, stderr %q (want the descriptors 0-2, and 3 for ls's listing)", o, e)
+	}
+	cmd = osexec.Command(self, "--stdout-fd", "9", "--", "/bin/true")
+	cmd.Env = append(os.Environ(), mainEnv+"=1")
+	if b, _ := cmd.CombinedOutput(); cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(b), "--stdout-fd 9: bad file descriptor") {
+		t.Errorf("--stdout-fd of a closed descriptor: exit %d, %q", cmd.ProcessState.ExitCode(), b)
+	}
+}
