@@ -272,6 +272,8 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		return nil, fmt.Errorf("start %s: a root file system needs container isolation: %w", name, ErrInvalid)
 	case s.Dir != "" && !filepath.IsAbs(s.Dir):
 		return nil, fmt.Errorf("start %s: working directory %q: must be absolute: %w", name, s.Dir, ErrInvalid)
+	case s.WorkDir != "" && !filepath.IsAbs(s.WorkDir):
+		return nil, fmt.Errorf("start %s: work folder %q: must be absolute: %w", name, s.WorkDir, ErrInvalid)
 	}
 	if err := checkMounts(s, name); err != nil {
 		return nil, err
@@ -636,7 +638,8 @@ func (p *Process) Kill() error {
 	return err
 }
 
-// Stats returns the cgroup's usage; ErrExited once the process is gone.
+// Stats returns the cgroup's usage (PidsCurrent counts shim-init's threads
+// too); ErrExited once the process is gone.
 func (p *Process) Stats() (cgroup.Usage, error) {
 	if p.exited() {
 		return cgroup.Usage{}, fmt.Errorf("stats %s: %w", p.name, ErrExited)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -198,7 +199,7 @@ func makeTemplate(initPath string, sb *pid1.Sandbox) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("template: %w", err)
 	}
-	pid, _, err := syscall.StartProcess(initPath, []string{InitName, "--template", "--config-fd", "3"}, &syscall.ProcAttr{
+	pid, _, err := syscall.StartProcess(initPath, []string{InitName, "--template", "--config-fd", strconv.Itoa(initConfigFD)}, &syscall.ProcAttr{
 		Env:   []string{"GOMAXPROCS=1"},
 		Files: []uintptr{stdinR.Fd(), null.Fd(), null.Fd(), cf.Fd(), statusW.Fd()},
 		Sys:   &syscall.SysProcAttr{Setsid: true, Unshareflags: syscall.CLONE_NEWNS},
@@ -477,8 +478,9 @@ func configFile(c *pid1.Config) (*os.File, error) {
 
 // startInit clones shim-init straight into the workload's namespaces and
 // group g (see cgroup.Group.Spawn), from the template tmpl if not nil, with
-// its configuration on fd 3, the write end of its status pipe on fd 4 and
-// the work folder's detached mount, if it needs one, on fd 5. It returns
+// its configuration on initConfigFD, the write end of its status pipe on
+// initStatusFD and the work folder's detached mount, if it needs one, on
+// workFD. It returns
 // the init's pid and a pidfd (-1 if the kernel gave none).
 func startInit(s Spec, initPath string, cfg *pid1.Config, tmpl *os.File, stdio []*os.File, status *os.File, g *cgroup.Group) (pid, pidfd int, err error) {
 	cf, err := configFile(cfg)
@@ -523,7 +525,7 @@ func startInit(s Spec, initPath string, cfg *pid1.Config, tmpl *os.File, stdio [
 			attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cgroupFD
 		}
 		var err error
-		pid, _, err = syscall.StartProcess(initPath, []string{InitName, "--config-fd", "3"}, attr)
+		pid, _, err = syscall.StartProcess(initPath, []string{InitName, "--config-fd", strconv.Itoa(initConfigFD)}, attr)
 		return err
 	}
 	switch {

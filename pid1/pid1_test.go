@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -110,7 +111,26 @@ func TestReportRoundTrip(t *testing.T) {
 type initProc struct {
 	cmd    *osexec.Cmd
 	status *bufio.Reader
-	out    *strings.Builder
+	out    *lockedBuffer
+}
+
+// lockedBuffer is the init's output, written by os/exec's copying
+// goroutine and read by the test.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // startInit runs shim-init with args; the status pipe is descriptor 3.
@@ -126,7 +146,7 @@ func startInit(t *testing.T, args ...string) *initProc {
 	}
 	cmd := osexec.Command(self, append([]string{"--status-fd", "3"}, args...)...)
 	cmd.Env = append(os.Environ(), mainEnv+"=1")
-	out := &strings.Builder{}
+	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.ExtraFiles = []*os.File{w}
 	if err := cmd.Start(); err != nil {
