@@ -336,7 +336,7 @@ func testNotFound(t *testing.T, iso Isolation) {
 	}{
 		{"/no/such", `exec: "/no/such": not found`, nil},
 		{"no-such-binary", `exec: "no-such-binary": not found`, []string{"PATH=/usr/bin:/bin"}},
-		{"cat", `exec: "cat": not found`, []string{"PATH=/nonexistent"}},
+		{"cat", `exec: "cat": not found`, []string{"PATH=/no/such/dir-sandbox-test"}},
 	} {
 		_, err := rt.Start(Spec{ID: "nf", Incarnation: 1, Argv: []string{tc.argv0}, Env: tc.env, Isolation: iso})
 		if !errors.Is(err, ErrNotFound) || err.Error() != tc.msg {
