@@ -17,14 +17,16 @@
 //
 //   - IsolationProcess, the default, is a process sandbox: shim-init is
 //     cloned straight into new pid, mount, uts, ipc and cgroup namespaces
-//     (and a network namespace with NetworkNone) and builds the root: a
-//     read-only view of the host's /usr, /etc, /bin, /sbin and /lib*, a
-//     minimal /dev, a fresh /proc, a read-only /sys with no cgroup file
-//     system, a private /tmp, the work folder at /work and the declared
-//     Mounts, with runc's masked and read-only paths; then it drops to the
-//     workload's user with no_new_privs, runc's default capabilities at
-//     most (none for a user other than root) and the default seccomp
-//     filter (compiled once per agent with libseccomp, -tags seccomp).
+//     (and a network namespace with NetworkNone), and the root it gets is
+//     a read-only view of the host's /usr, /etc, /bin, /sbin and /lib*
+//     (prepared once per Runtime as a template mount namespace, see
+//     Prepare), with a minimal /dev, a fresh /proc, a read-only /sys with
+//     no cgroup file system, a private /tmp, the work folder at /work and
+//     the declared Mounts, and runc's masked and read-only paths; then it
+//     drops to the workload's user with no_new_privs, runc's default
+//     capabilities at most (none for a user other than root) and the
+//     default seccomp filter (compiled once per agent with libseccomp,
+//     -tags seccomp), and executes the workload.
 //   - IsolationContainer runs the workload in a libcontainer sandbox: its
 //     own root file system (Rootfs) or the same host view, with shim-init
 //     bound read-only into it as PID 1. Binaries that start containers must
@@ -34,8 +36,9 @@
 //
 // A workload runs as User, "" meaning nobody (65534:65534). Its work folder
 // (Spec.WorkDir) is made its own, mode 0700. Its output goes to files the
-// agent opens (0600, in folders made 0700) and passes as descriptors: no
-// sandbox sees a log path.
+// agent opens (0600, in folders made 0700) and passes as descriptors, so
+// that no sandbox sees a log path (not even in /proc/self/fd, see openLog).
+// It inherits no other descriptor.
 //
 // Importing the package locks the main goroutine to the main thread (see
 // the package's init), and the first container start sets GOMAXPROCS=1 in
