@@ -611,6 +611,8 @@ func TestMemoryPerProcess(t *testing.T) {
 	expectNoGroups(t, rt)
 }
 
+// BenchmarkStartProcess, BenchmarkStartContainer and BenchmarkStartHost
+// start /bin/true in each isolation, bare: no work folder, no log.
 func BenchmarkStartProcess(b *testing.B) {
 	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}})
 }
@@ -706,4 +708,12 @@ func TestConcurrentStarts(t *testing.T) {
 
 func BenchmarkStartHost(b *testing.B) {
 	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}, Isolation: IsolationHost})
+}
+
+// BenchmarkStartProcessAgent starts process sandboxes as the agent does:
+// with a work folder and a log file.
+func BenchmarkStartProcessAgent(b *testing.B) {
+	dir := b.TempDir()
+	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}, WorkDir: filepath.Join(dir, "work", "bench"),
+		Stdout: filepath.Join(dir, "logs", "bench.log"), Stderr: filepath.Join(dir, "logs", "bench.log")})
 }
