@@ -10,6 +10,7 @@ all: build
 
 build:
 	CGO_ENABLED=1 $(GO) build -tags $(TAGS) -o $(BIN)/ ./cmd/shimd ./cmd/shim
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o $(BIN)/shim-init ./cmd/shim-init
 
 generate:
 	$(GO) generate ./proto/

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 
 	cgroups "github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
@@ -415,7 +416,8 @@ func validName(name string) error {
 }
 
 func notFound(err error) error {
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, cgroup1.ErrCgroupDeleted) {
+	// ENODEV: the group is being removed (its files are deactivated).
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, cgroup1.ErrCgroupDeleted) || errors.Is(err, syscall.ENODEV) {
 		return fmt.Errorf("%w: %w", ErrNotFound, err)
 	}
 	return err

@@ -14,7 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	securejoin "github.com/cyphar/filepath-securejoin"
 	"github.com/opencontainers/cgroups"
 	devconfig "github.com/opencontainers/cgroups/devices/config"
 	"github.com/opencontainers/runc/libcontainer"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/shim-run/shim/cgroup"
 	"github.com/shim-run/shim/exec/internal/boot"
+	"github.com/shim-run/shim/pid1"
 
 	// The cgroup v1 devices controller and v2 device eBPF programs.
 	_ "github.com/opencontainers/cgroups/devices"
@@ -60,30 +60,9 @@ func IsInit() bool { return boot.IsInit() }
 // executes the workload. It never returns.
 func Init() { boot.Init() }
 
-// initPidsHeadroom is added to a container's pids.max while libcontainer's
-// init runs in the group (it is a Go program with several threads, next to
-// the short-lived nsexec stages).
-const initPidsHeadroom = 16
-
-// initResources are a container group's bounds while libcontainer's init
-// sets the sandbox up in it, before the workload runs. That init is a Go
-// program doing the agent's work: it gets the CPU weight of one core and no
-// quota (a workload's small max or weight would stretch every start to
-// seconds under load), and pids headroom for its threads. startContainer
-// applies the workload's own bounds as soon as the workload is exec'd, so
-// its first instructions may run with the lifted bounds for a moment.
-func initResources(r cgroup.Resources) cgroup.Resources {
-	r.CPUMinMilli = max(r.CPUMinMilli, 1000)
-	r.CPUMaxMilli, r.CPUBurstMilli = 0, 0
-	if r.PidsMax > 0 {
-		r.PidsMax += initPidsHeadroom
-	}
-	return r
-}
-
-// defaultPath is the PATH used to find a container's executable when its
+// defaultPath is the PATH used to find a workload's executable when its
 // environment has none.
-const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+const defaultPath = pid1.DefaultPath
 
 // hostView lists the host directories a container without Rootfs sees,
 // read-only. Those that are symlinks on the host (merged /usr) are
@@ -188,116 +167,37 @@ func (v *view) prepare(dir string) error {
 	return nil
 }
 
-// checkContainer validates a container Spec and resolves its executable as
-// the container will see it. It returns the path to exec.
-func (r *Runtime) checkContainer(s Spec, name string) (string, error) {
-	if s.Dir != "" && !filepath.IsAbs(s.Dir) {
-		return "", fmt.Errorf("start %s: working directory %q: must be absolute in a container: %w", name, s.Dir, ErrInvalid)
-	}
+// checkRootfs checks a container's Rootfs, if any: an absolute path to a
+// directory.
+func checkRootfs(s Spec, name string) error {
 	if s.Rootfs == "" {
-		if err := checkDir(s.Dir, name); err != nil {
-			return "", err // the work directory
-		}
-		path, err := lookPath(s.Argv[0], withPath(s.Env), s.Dir)
-		if err != nil {
-			return "", err
-		}
-		if !inHostView(path, s.Dir) {
-			return "", fmt.Errorf("exec: %q: %w (not inside the container's view of the host: %s)", s.Argv[0], ErrNotFound, strings.Join(hostView, " "))
-		}
-		return path, nil
+		return nil
 	}
 	if !filepath.IsAbs(s.Rootfs) {
-		return "", fmt.Errorf("start %s: root file system %q: must be absolute: %w", name, s.Rootfs, ErrInvalid)
+		return fmt.Errorf("start %s: root file system %q: must be absolute: %w", name, s.Rootfs, ErrInvalid)
 	}
 	if fi, err := os.Stat(s.Rootfs); err != nil || !fi.IsDir() {
 		if err == nil {
 			err = syscall.ENOTDIR
 		}
-		return "", fmt.Errorf("start %s: root file system %q: %w", name, s.Rootfs, err)
+		return fmt.Errorf("start %s: root file system %q: %w", name, s.Rootfs, err)
 	}
-	root, err := filepath.EvalSymlinks(s.Rootfs)
-	if err != nil {
-		return "", fmt.Errorf("start %s: root file system %q: %w", name, s.Rootfs, err)
-	}
-	// s.Dir is made by libcontainer if missing (it may be below a mount
-	// such as /tmp).
-	file := s.Argv[0]
-	if strings.Contains(file, "/") {
-		if !filepath.IsAbs(file) {
-			file = filepath.Join("/", s.Dir, file)
-		}
-		if err := checkExec(inRoot(root, file), ""); err != nil {
-			return "", fmt.Errorf("exec: %q: %w", s.Argv[0], err)
-		}
-		return file, nil
-	}
-	for _, d := range filepath.SplitList(envPath(withPath(s.Env))) {
-		if !filepath.IsAbs(d) {
-			continue
-		}
-		p := filepath.Join(d, file)
-		if checkExec(inRoot(root, p), "") == nil {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("exec: %q: %w", file, ErrNotFound)
+	return nil
 }
 
-// inRoot resolves path inside root like a chroot would (symlinks cannot
-// leave root); on failure it returns a path that does not exist.
-func inRoot(root, path string) string {
-	p, err := securejoin.SecureJoin(root, path)
-	if err != nil {
-		return filepath.Join(root, "\x00")
-	}
-	return p
-}
-
-// inHostView reports whether path (as resolved by lookPath, maybe relative
-// to dir) is visible in the host view.
-func inHostView(path, dir string) bool {
-	if !filepath.IsAbs(path) {
-		path = filepath.Join(dir, path)
-	}
-	path = filepath.Clean(path)
-	for _, d := range append(slices.Clip(hostView), dir) {
-		if d != "" && (path == d || strings.HasPrefix(path, d+"/")) {
-			if _, err := os.Lstat(d); err == nil {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// withPath returns env, with the default PATH added for the lookup if env
-// has none (the workload's environment is not changed).
-func withPath(env []string) []string {
-	for _, kv := range env {
-		if strings.HasPrefix(kv, "PATH=") {
-			return env
-		}
-	}
-	return append(slices.Clip(env), "PATH="+defaultPath)
-}
-
-func envPath(env []string) string {
-	p := ""
-	for _, kv := range env {
-		if v, ok := strings.CutPrefix(kv, "PATH="); ok {
-			p = v
-		}
-	}
-	return p
-}
+// initInContainer is where shim-init is bound (read-only) in a container:
+// inside the container's own /dev tmpfs, so that nothing is created in a
+// Rootfs on the host.
+const initInContainer = "/dev/.shim/shim-init"
 
 // startContainer starts s through libcontainer in the existing group g and
-// returns the workload's pid (a child of this process: nsexec clones with
-// CLONE_PARENT). libcontainer moves its init into g before that init does
-// anything else, so the workload is in g from its first instruction.
-func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Credential, stdio []*os.File, g *cgroup.Group) (int, error) {
-	cfg, err := r.containerConfig(s, g)
+// returns the pid of its init (a child of this process: nsexec clones with
+// CLONE_PARENT), which executes shim-init (bound at initInContainer) with
+// the status pipe's write end status as descriptor 3; shim-init starts the
+// workload. libcontainer's init is born in g (v1) or moved there before it
+// does anything else (v2).
+func (r *Runtime) startContainer(s Spec, initPath string, uid, gid uint32, stdio []*os.File, status *os.File, g *cgroup.Group) (int, error) {
+	cfg, err := r.containerConfig(s, initPath, g)
 	if err != nil {
 		return 0, err
 	}
@@ -307,7 +207,7 @@ func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Creden
 		}
 	})
 	root := r.containerRoot()
-	id := containerID(r.Cgroups.Root() + "/" + name)
+	id := containerID(r.Cgroups.Root() + "/" + g.Name())
 	_ = os.RemoveAll(filepath.Join(root, id)) // left by an agent that died mid-start
 	// Where a container start's time went, measured with the agent's own
 	// 22 MB binary as libcontainer's init (perf trace of the syscalls and
@@ -345,24 +245,19 @@ func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Creden
 	// The state is only needed until the workload runs: an agent adopts
 	// containers by pid and cgroup, like processes.
 	defer os.RemoveAll(filepath.Join(root, id))
-	argv := slices.Clone(s.Argv)
-	if !strings.Contains(argv[0], "/") {
-		argv[0] = path // libcontainer's init looks it up with the workload's PATH only
-	}
-	cwd := s.Dir
-	if cwd == "" {
-		cwd = "/"
-	}
-	env := s.Env
-	if env == nil {
-		env = []string{}
-	}
+	// shim-init changes to the working directory (as the workload's user)
+	// and looks the workload up inside the container. libcontainer gets
+	// no Cwd: it would make a missing one as root, in the root directory
+	// on the host, before making it read-only.
+	// libcontainer's init would give stdout and stderr files to the
+	// workload's user (fixStdioPermissions; it leaves /dev/null alone):
+	// shim-init installs them instead, and the logs stay the agent's.
+	argv := append([]string{initInContainer, "--status-fd", "3", "--stdout-fd", "4", "--stderr-fd", "5",
+		"--dir", workingDir(s), "--"}, s.Argv...)
 	p := &libcontainer.Process{
-		Args: argv, Env: env, Cwd: cwd, Init: true,
-		Stdin: stdio[0], Stdout: stdio[1], Stderr: stdio[2],
-	}
-	if cred != nil {
-		p.UID, p.GID = int(cred.Uid), int(cred.Gid)
+		Args: argv, Env: workloadEnv(s.Env, home(s)), Init: true,
+		Stdin: stdio[0], Stdout: stdio[0], Stderr: stdio[0], ExtraFiles: []*os.File{status, stdio[1], stdio[2]},
+		UID: int(uid), GID: int(gid),
 	}
 	// Start returns once init is ready and waits for Exec; on failure it
 	// has killed init (the caller removes the group).
@@ -380,12 +275,6 @@ func (r *Runtime) startContainer(s Spec, name, path string, cred *syscall.Creden
 	}
 	if err := c.Exec(); err != nil {
 		return pid, err
-	}
-	if initResources(s.Resources) != s.Resources {
-		// Only the values that differ from initResources are written.
-		if err := g.Update(s.Resources); err != nil {
-			return pid, err
-		}
 	}
 	return pid, nil
 }
@@ -414,7 +303,7 @@ func containerID(path string) string {
 }
 
 // containerConfig builds the libcontainer configuration for s in group g.
-func (r *Runtime) containerConfig(s Spec, g *cgroup.Group) (*configs.Config, error) {
+func (r *Runtime) containerConfig(s Spec, initPath string, g *cgroup.Group) (*configs.Config, error) {
 	example := specconv.Example() // runc's defaults: capabilities, masked and read-only paths
 	caps := example.Process.Capabilities
 	cfg := &configs.Config{
@@ -466,25 +355,34 @@ func (r *Runtime) containerConfig(s Spec, g *cgroup.Group) (*configs.Config, err
 			return nil, err
 		}
 		cfg.Rootfs = root
-		return cfg, nil
+	} else {
+		v, err := r.hostView()
+		if err != nil {
+			return nil, err
+		}
+		cfg.Rootfs = v.dir
+		for _, m := range v.mounts {
+			m := *m // each config its own, whatever libcontainer does with it
+			cfg.Mounts = append(cfg.Mounts, &m)
+		}
+		cfg.MaskPaths = append(slices.Clip(cfg.MaskPaths), v.masked...)
 	}
-	v, err := r.hostView()
-	if err != nil {
-		return nil, err
+	const bind = unix.MS_BIND | unix.MS_REC | unix.MS_NOSUID | unix.MS_NODEV
+	if s.WorkDir != "" {
+		cfg.Mounts = append(cfg.Mounts, &configs.Mount{Source: s.WorkDir, Destination: "/work", Device: "bind", Flags: bind})
 	}
-	cfg.Rootfs = v.dir
-	for _, m := range v.mounts {
-		m := *m // each config its own, whatever libcontainer does with it
-		cfg.Mounts = append(cfg.Mounts, &m)
+	for _, m := range s.Mounts {
+		flags := bind
+		if m.ReadOnly {
+			flags |= unix.MS_RDONLY
+		}
+		cfg.Mounts = append(cfg.Mounts, &configs.Mount{Source: m.Source, Destination: m.Target, Device: "bind", Flags: flags})
 	}
-	cfg.MaskPaths = append(slices.Clip(cfg.MaskPaths), v.masked...)
-	if s.Dir != "" {
-		// The work directory, read-write.
-		cfg.Mounts = append(cfg.Mounts, &configs.Mount{
-			Source: s.Dir, Destination: s.Dir, Device: "bind",
-			Flags: unix.MS_BIND | unix.MS_REC | unix.MS_NOSUID | unix.MS_NODEV,
-		})
-	}
+	// After /dev, in whose tmpfs libcontainer makes the mount point.
+	cfg.Mounts = append(cfg.Mounts, &configs.Mount{
+		Source: initPath, Destination: initInContainer, Device: "bind",
+		Flags: unix.MS_BIND | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV,
+	})
 	return cfg, nil
 }
 

@@ -50,13 +50,13 @@ func fields(out string) map[string]string {
 // and may do.
 func TestSandboxContainerView(t *testing.T) {
 	rt := newRuntime(t)
-	work := t.TempDir()
+	work := workDir(t)
 	script := `echo pid=$$
 echo procs=$(ls /proc | grep '^[0-9]' | sort -n | tr '\n' ' ')
 touch /usr/shim-test 2>/dev/null && echo usr=writable || echo usr=ro
 touch /shim-test 2>/dev/null && echo root=writable || echo root=ro
 echo x > /tmp/f && echo tmp=$(cat /tmp/f)
-echo w > ./w && echo work=$(cat ` + work + `/w)
+echo w > ./w && echo work=$(cat /work/w)
 echo cwd=$(pwd)
 echo net=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')
 echo lo=$(cat /sys/class/net/lo/operstate 2>&1)
@@ -68,13 +68,13 @@ echo procsys=$(echo 1 > /proc/sys/kernel/ns_last_pid 2>/dev/null && echo writabl
 grep -E '^(NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/self/status | tr -d '\t' | sed 's/:/=/'
 echo mount=$(mount -t tmpfs none /mnt 2>/dev/null && echo ok || echo denied)
 echo uid=$(id -u)`
-	e, out := runScript(t, rt, Spec{ID: "box", Isolation: IsolationContainer, Network: NetworkNone, Dir: work}, script)
+	e, out := runScript(t, rt, Spec{ID: "box", Isolation: IsolationContainer, Network: NetworkNone, WorkDir: work, User: "0"}, script)
 	if e.Code != 0 {
 		t.Fatalf("exit %+v; output:\n%s", e, out)
 	}
 	f := fields(out)
 	want := map[string]string{
-		"pid": "1", "usr": "ro", "root": "ro", "tmp": "x", "work": "w", "cwd": work, "net": "lo", "lo": "unknown",
+		"usr": "ro", "root": "ro", "tmp": "x", "work": "w", "cwd": "/work", "net": "lo", "lo": "unknown",
 		"host": "box", "timer_list": "0", "firmware": "0", "shadow": "0", "procsys": "ro", "NoNewPrivs": "1", "mount": "denied", "uid": "0",
 		// runc's default: AUDIT_WRITE, KILL, NET_BIND_SERVICE.
 		"CapEff": "0000000020000420", "CapBnd": "0000000020000420",
@@ -87,10 +87,16 @@ echo uid=$(id -u)`
 			t.Errorf("%s = %q, want %q", k, f[k], v)
 		}
 	}
-	// sh and the pipeline: nothing of the host.
+	if f["pid"] == "1" || f["pid"] == "" {
+		t.Errorf("pid = %q, want the init's child", f["pid"])
+	}
+	// The init, sh and the pipeline: nothing of the host.
 	pids := strings.Fields(f["procs"])
-	if len(pids) == 0 || pids[0] != "1" || len(pids) > 6 {
+	if len(pids) == 0 || pids[0] != "1" || len(pids) > 7 {
 		t.Errorf("sees processes %v, want only its own", pids)
+	}
+	if b, err := os.ReadFile(filepath.Join(work, "w")); err != nil || string(b) != "w\n" {
+		t.Errorf("work folder on the host: %q, %v", b, err)
 	}
 	if _, err := os.Stat("/usr/shim-test"); err == nil {
 		os.Remove("/usr/shim-test")
@@ -221,7 +227,7 @@ func TestSandboxNotFoundAndCleanup(t *testing.T) {
 
 // TestResourceBothIsolations runs the cgroup guarantees for both isolation levels.
 func TestResourceBothIsolations(t *testing.T) {
-	for _, iso := range []Isolation{IsolationProcess, IsolationContainer} {
+	for _, iso := range []Isolation{IsolationProcess, IsolationContainer, IsolationHost} {
 		t.Run(fmt.Sprint("isolation=", iso), func(t *testing.T) {
 			t.Run("first instruction", func(t *testing.T) {
 				rt := newRuntime(t)
@@ -231,6 +237,9 @@ func TestResourceBothIsolations(t *testing.T) {
 					t.Fatalf("exit %+v: %s", e, out)
 				}
 				want := "/" + rt.Cgroups.Root() + "/cat.2"
+				if iso == IsolationProcess {
+					want = "/" // the root of its cgroup namespace
+				}
 				for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
 					parts := strings.SplitN(l, ":", 3)
 					if len(parts) == 3 && slices.Contains([]string{"cpu", "cpuacct", "memory", "pids", "freezer", ""}, parts[1]) &&
@@ -267,6 +276,7 @@ func TestResourceBothIsolations(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
+				r = runResources(r) // pids.max has room for the init's threads
 				name := "lim.0"
 				files := map[string]string{}
 				if rt.Cgroups.V2() {
@@ -375,7 +385,7 @@ func TestSandboxConcurrent(t *testing.T) {
 	for w := range workers {
 		go func() {
 			for i := range each {
-				iso := Isolation((w + i) % 2)
+				iso := Isolation((w + i) % 3)
 				p, err := rt.Start(Spec{ID: fmt.Sprintf("cc%d", w), Incarnation: uint64(i), Argv: []string{"/bin/sh", "-c", "exit 3"},
 					Isolation: iso, Network: Network(i % 2), Resources: cgroup.Resources{PidsMax: 8, MemMaxBytes: 32 << 20}})
 				if err != nil {

@@ -1,25 +1,52 @@
 // Package exec starts workloads in cgroup-bounded sandboxes and re-adopts
 // them after the agent restarts.
 //
-// Every workload runs in its own pid, mount, uts and ipc namespaces (it is
-// PID 1 of its pid namespace), in its own session, and in its own cgroup,
-// named "<id>.<incarnation>" below the Runtime's cgroup.Manager root. It has
-// no parent-death signal: workloads outlive the agent, and a restarted agent
-// finds them with Existing and takes them back with Adopt.
+// Every workload runs below its own PID 1, shim-init (package pid1, found
+// through Runtime.Init), in its own pid, mount, uts and ipc namespaces, its
+// own session, and its own cgroup, named "<id>.<incarnation>" below the
+// Runtime's cgroup.Manager root. The init is in that cgroup from its first
+// instruction. It forwards the usual termination signals to the workload,
+// reaps zombies, and reports through a pipe how the workload ended, so that
+// Signal(SIGTERM) ends a workload without a handler at once and Exit tells
+// an exit code from a death by signal. Killing the init kills the pid
+// namespace. There is no parent-death signal: workloads outlive the agent,
+// and a restarted agent finds them with Existing and takes them back (their
+// init) with Adopt.
 //
-// Two isolation levels share that model (see Isolation): a process is
-// cloned directly into its namespaces and cgroup with the host's file
-// system; a container is a libcontainer sandbox with its own root file
-// system, masked /proc and /sys, few capabilities, no_new_privs and a
-// seccomp filter. Binaries that start containers must call Init early in
-// main (see IsInit).
+// Three isolation levels (see Isolation):
+//
+//   - IsolationProcess, the default, is a process sandbox: shim-init is
+//     cloned straight into new pid, mount, uts, ipc and cgroup namespaces
+//     (and a network namespace with NetworkNone), and the root it gets is
+//     a read-only view of the host's /usr, /etc, /bin, /sbin and /lib*
+//     (prepared once per Runtime as a template mount namespace, see
+//     Prepare), with a minimal /dev, a fresh /proc, a read-only /sys with
+//     no cgroup file system, a private /tmp, the work folder at /work and
+//     the declared Mounts, and runc's masked and read-only paths; then it
+//     drops to the workload's user with no_new_privs, runc's default
+//     capabilities at most (none for a user other than root) and the
+//     default seccomp filter (compiled once per agent with libseccomp,
+//     -tags seccomp), and executes the workload.
+//   - IsolationContainer runs the workload in a libcontainer sandbox: its
+//     own root file system (Rootfs) or the same host view, with shim-init
+//     bound read-only into it as PID 1. Binaries that start containers must
+//     call Init early in main (see IsInit).
+//   - IsolationHost is for administrators: the same namespaces and init,
+//     but the host's file system and no privilege dropped beyond the user.
+//
+// A workload runs as User, "" meaning nobody (65534:65534). Its work folder
+// (Spec.WorkDir) is made its own, mode 0700. Its output goes to files the
+// agent opens (0600, in folders made 0700) and passes as descriptors, so
+// that no sandbox sees a log path (not even in /proc/self/fd, see openLog).
+// It inherits no other descriptor.
 //
 // Importing the package locks the main goroutine to the main thread (see
 // the package's init), and the first container start sets GOMAXPROCS=1 in
 // the process environment if it is unset (passed on to container inits).
 //
-// Each Process costs one parked goroutine: exit is learned from a pidfd
-// through the Go netpoller, never by polling.
+// Each Process costs one parked goroutine and two descriptors (a pidfd and
+// the status pipe): exit is learned from the pidfd through the Go netpoller,
+// never by polling.
 package exec
 
 import (
@@ -36,9 +63,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/shim-run/shim/cgroup"
-	"golang.org/x/sys/unix"
+	"github.com/shim-run/shim/pid1"
 )
 
 // Sentinel errors, wrapped with context; test with errors.Is.
@@ -58,36 +88,76 @@ type Spec struct {
 	ID          string // workload id; must be a valid file name (no "/")
 	Incarnation uint64 // restart counter; with ID it names the cgroup
 	Argv        []string
-	Env         []string // exactly the workload's environment, "K=V"; nil = empty
-	// Dir is the working directory: "" = the agent's (a container's "/").
-	// In a container with the host view it is bind-mounted read-write at
-	// the same path (the work directory); with Rootfs it is inside Rootfs.
-	Dir       string
-	Stdout    string // file appended to (created with its parents); "" = /dev/null
-	Stderr    string // file appended to (created with its parents); "" = /dev/null
+	// Env is the workload's environment, "K=V"; nil = empty. HOME is added
+	// (the work folder) if it has none and there is a work folder. Argv[0]
+	// is looked up inside the sandbox in its PATH, or a default PATH.
+	Env []string
+	// Dir is the working directory, an absolute path inside the sandbox
+	// (host isolation: on the host); "" = the work folder, else "/" (host
+	// isolation: the agent's).
+	Dir string
+	// WorkDir is the workload's work folder, a host directory (created if
+	// missing) that Start makes owned by the workload's user, mode 0700,
+	// and binds read-write at /work in a sandbox or container; host
+	// isolation uses it in place. "" = none.
+	WorkDir string
+	// Mounts are host paths bound into a sandbox or container. Start only
+	// refuses relative paths and targets that overlap each other or the
+	// sandbox's own mount points (/, /proc, /dev, /sys, /tmp, /work, the
+	// host view); which sources are allowed is the caller's decision.
+	Mounts    []Mount
+	Stdout    string // file appended to (created 0600 with 0700 parents); "" = /dev/null
+	Stderr    string // file appended to (created 0600 with 0700 parents); "" = /dev/null
 	Resources cgroup.Resources
 	Isolation Isolation
 	Network   Network
-	User      string // "UID[:GID]" (GID defaults to UID); "" = the agent's (root)
+	User      string // "UID[:GID]" (GID defaults to UID); "" = nobody (65534:65534)
 	// Rootfs is a container's root directory (mounted read-only); "" = a
 	// read-only view of the host's /usr, /etc, /bin, /sbin and /lib*.
 	Rootfs string
+}
+
+// Mount is a host path (Source) bound at Target in the sandbox.
+type Mount struct {
+	Source, Target string
+	ReadOnly       bool
 }
 
 // Isolation selects how a workload is sandboxed.
 type Isolation int
 
 const (
-	// IsolationProcess clones the workload directly into new pid, mount,
-	// uts and ipc namespaces and its cgroup; it sees the host's files.
+	// IsolationProcess is a process sandbox (see the package doc): new pid,
+	// mount, uts, ipc and cgroup namespaces, a root built by shim-init from
+	// a read-only view of the host's system folders, a fresh /proc, private
+	// /tmp and /work, masked paths, no_new_privs, few capabilities and the
+	// default seccomp filter.
 	IsolationProcess Isolation = iota
 	// IsolationContainer runs it in a libcontainer sandbox: the same
-	// namespaces and cgroup, plus its own read-only root file system,
-	// masked and read-only /proc and /sys paths, runc's default
-	// capabilities, no_new_privs and (built with -tags seccomp) a seccomp
-	// filter.
+	// namespaces (but the cgroup one) and cgroup, its own read-only root file
+	// system, masked and read-only /proc and /sys paths, runc's default
+	// capabilities, no_new_privs and (built with -tags seccomp) the same
+	// seccomp filter, with shim-init as PID 1.
 	IsolationContainer
+	// IsolationHost only gives the workload new pid, mount, uts and ipc
+	// namespaces (and network with NetworkNone), with shim-init as PID 1:
+	// it sees the host's files and, as root, keeps every capability. For
+	// administrators.
+	IsolationHost
 )
+
+// String names the isolation level as the API does.
+func (i Isolation) String() string {
+	switch i {
+	case IsolationProcess:
+		return "process"
+	case IsolationContainer:
+		return "container"
+	case IsolationHost:
+		return "host"
+	}
+	return "isolation(" + strconv.Itoa(int(i)) + ")"
+}
 
 // Network selects a workload's network namespace.
 type Network int
@@ -120,20 +190,25 @@ const (
 // Cgroups. It holds no per-process state and is safe for concurrent use.
 type Runtime struct {
 	Cgroups *cgroup.Manager
-	// StateDir holds libcontainer's state while a container starts and the
-	// root directory of the host view; "" = /run/shim.
+	// StateDir holds libcontainer's state while a container starts, the
+	// root directory of the container's host view, and the empty directory
+	// each process sandbox builds its root on; "" = /run/shim.
 	StateDir string
+	// Init is the shim-init executable (absolute); "" = InitName next to
+	// the running executable, else in PATH.
+	Init string
 }
 
 // Process is a started or adopted workload.
 type Process struct {
 	name   string
-	pid    int
+	pid    int // shim-init's
 	start  uint64
 	child  bool
 	group  *cgroup.Group
-	pidfd  *os.File // non-blocking, registered with the netpoller
-	oom    uint64   // the group's OOM-kill counter when we took charge
+	pidfd  *os.File      // non-blocking, registered with the netpoller
+	status *statusReader // shim-init's reports; nil when adopted
+	oom    uint64        // the group's OOM-kill counter when we took charge
 	killed atomic.Bool
 	done   chan struct{}
 	exit   Exit
@@ -166,17 +241,16 @@ func validID(id string) error {
 
 const nsFlags = syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWIPC
 
-// Start starts s in a new cgroup with s.Resources applied. The process is in
-// that cgroup before it executes its first instruction (see
-// cgroup.Group.Spawn; for containers libcontainer places its init there
-// before the workload is exec'd). The executable is resolved first, using
-// PATH from s.Env or else the agent's (in a container: s.Env's or a default
-// PATH, inside its root); if it does not exist the error wraps ErrNotFound
-// and nothing is created. On any later failure the cgroup is removed again.
-//
-// For process isolation the mount namespace is unshared in the child
-// (SysProcAttr.Unshareflags) rather than cloned, so that Go also makes "/"
-// recursively private there and mounts never propagate back to the host.
+// Start starts s in a new cgroup with s.Resources applied (pids.max with
+// room for shim-init's threads, see initPids). shim-init is in that cgroup
+// before it executes its first instruction (see cgroup.Group.Spawn; for
+// containers libcontainer's init is born there and becomes shim-init), and
+// Start returns once shim-init reports that the workload has been executed.
+// The executable is looked up inside the sandbox; if it does not exist the
+// error is `exec: "NAME": not found` (wrapping ErrNotFound). Other failures
+// inside the sandbox wrap the error number (errors.Is(err, fs.ErrNotExist)
+// for a missing working directory). On any failure the cgroup is removed
+// again.
 func (r *Runtime) Start(s Spec) (*Process, error) {
 	if r.Cgroups == nil {
 		return nil, fmt.Errorf("start: Runtime.Cgroups is nil: %w", ErrInvalid)
@@ -185,28 +259,45 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		return nil, fmt.Errorf("start: %w", err)
 	}
 	name := GroupName(s.ID, s.Incarnation)
-	if len(s.Argv) == 0 {
+	if len(s.Argv) == 0 || s.Argv[0] == "" {
 		return nil, fmt.Errorf("start %s: empty Argv: %w", name, ErrInvalid)
 	}
-	cred, err := parseUser(s.User)
+	uid, gid, err := parseUser(s.User)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	switch {
-	case s.Isolation != IsolationProcess && s.Isolation != IsolationContainer:
+	case s.Isolation != IsolationProcess && s.Isolation != IsolationContainer && s.Isolation != IsolationHost:
 		return nil, fmt.Errorf("start %s: isolation %d: %w", name, s.Isolation, ErrInvalid)
 	case s.Network != NetworkHost && s.Network != NetworkNone:
 		return nil, fmt.Errorf("start %s: network %d: %w", name, s.Network, ErrInvalid)
 	case s.Rootfs != "" && s.Isolation != IsolationContainer:
 		return nil, fmt.Errorf("start %s: a root file system needs container isolation: %w", name, ErrInvalid)
+	case s.Dir != "" && !filepath.IsAbs(s.Dir):
+		return nil, fmt.Errorf("start %s: working directory %q: must be absolute: %w", name, s.Dir, ErrInvalid)
+	case s.WorkDir != "" && !filepath.IsAbs(s.WorkDir):
+		return nil, fmt.Errorf("start %s: work folder %q: must be absolute: %w", name, s.WorkDir, ErrInvalid)
 	}
-	var path string
+	if err := checkMounts(s, name); err != nil {
+		return nil, err
+	}
 	if s.Isolation == IsolationContainer {
-		path, err = r.checkContainer(s, name)
-	} else {
-		path, err = checkProcess(s, name)
+		if err := checkRootfs(s, name); err != nil {
+			return nil, err
+		}
 	}
+	initPath, err := r.initPath()
 	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	var cfg *pid1.Config
+	var tmpl *os.File
+	if s.Isolation != IsolationContainer {
+		if cfg, tmpl, err = r.initConfig(s, initPath, uid, gid); err != nil {
+			return nil, fmt.Errorf("start %s: %w", name, err)
+		}
+	}
+	if err := prepareWorkDir(s.WorkDir, uid, gid, name); err != nil {
 		return nil, err
 	}
 	stdio, closeStdio, err := openStdio(s)
@@ -214,27 +305,55 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	defer closeStdio()
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
 	var g *cgroup.Group
 	if s.Isolation == IsolationContainer {
-		g, err = r.Cgroups.CreateDevices(name, initResources(s.Resources), deviceCgroups())
+		g, err = r.Cgroups.CreateDevices(name, startResources(s.Resources), deviceCgroups())
 	} else {
-		g, err = r.Cgroups.Create(name, s.Resources)
+		g, err = r.Cgroups.Create(name, startResources(s.Resources))
 	}
 	if err != nil {
+		statusR.Close()
+		statusW.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	var pid, pidfd int
 	if s.Isolation == IsolationContainer {
-		pid, err = r.startContainer(s, name, path, cred, stdio, g)
+		pid, err = r.startContainer(s, initPath, uid, gid, stdio, statusW, g)
 		pidfd = -1
 	} else {
-		pid, pidfd, err = startProcess(s, path, cred, stdio, g)
+		pid, pidfd, err = startInit(s, initPath, cfg, tmpl, stdio, statusW, g)
 	}
+	statusW.Close() // the init holds the only write end now
 	if err == nil && pidfd < 0 {
 		pidfd, err = unix.PidfdOpen(pid, 0)
 	}
 	if err == nil {
 		err = unix.SetNonblock(pidfd, true)
+	}
+	status := &statusReader{f: statusR}
+	if err == nil {
+		var rep pid1.Report
+		var ok bool
+		rep, ok, err = status.next(time.Now().Add(startTimeout))
+		switch {
+		case err != nil:
+			err = fmt.Errorf("start %s: %w", name, err)
+		case !ok:
+			err = fmt.Errorf("start %s: shim-init ended before the workload started (see its stderr)", name)
+		default:
+			err = startError(rep, name)
+		}
+	}
+	if err == nil && runResources(s.Resources) != startResources(s.Resources) {
+		// Only the values that differ from startResources are written.
+		err = g.Update(runResources(s.Resources))
+		if err != nil {
+			err = fmt.Errorf("start %s: %w", name, err)
+		}
 	}
 	if err != nil {
 		if pid > 0 {
@@ -245,13 +364,11 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 		if pidfd >= 0 {
 			unix.Close(pidfd)
 		}
+		statusR.Close()
 		_ = g.Delete()
-		if s.Isolation == IsolationContainer {
-			return nil, fmt.Errorf("start %s: container: %w", name, err)
-		}
-		return nil, fmt.Errorf("start %s: exec %q: %w", name, path, err)
+		return nil, err
 	}
-	p := &Process{name: name, pid: pid, child: true, group: g, done: make(chan struct{})}
+	p := &Process{name: name, pid: pid, child: true, group: g, status: status, done: make(chan struct{})}
 	// The child is ours and unreaped, so its /proc entry is there.
 	_, p.start, _ = procStat(pid)
 	p.pidfd = os.NewFile(uintptr(pidfd), "pidfd")
@@ -259,59 +376,26 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 	return p, nil
 }
 
-// checkProcess checks s.Dir and resolves the executable on the host.
-func checkProcess(s Spec, name string) (string, error) {
-	if err := checkDir(s.Dir, name); err != nil {
-		return "", err
-	}
-	return lookPath(s.Argv[0], s.Env, s.Dir)
+// startResources are a group's bounds while shim-init (or libcontainer's
+// init) sets the sandbox up, before the workload runs: the CPU weight of
+// one core and no quota (a workload's small max or weight would stretch a
+// start to seconds under load), and room for the init's threads. Start
+// applies runResources as soon as the workload runs, so its first
+// instructions may run with the lifted CPU bounds for a moment.
+func startResources(r cgroup.Resources) cgroup.Resources {
+	r = runResources(r)
+	r.CPUMinMilli = max(r.CPUMinMilli, 1000)
+	r.CPUMaxMilli, r.CPUBurstMilli = 0, 0
+	return r
 }
 
-// checkDir checks that dir ("" = none) is a directory on the host.
-func checkDir(dir, name string) error {
-	if dir == "" {
-		return nil
+// runResources are a group's bounds while the workload runs: r, with
+// shim-init's threads counted on top of r.PidsMax.
+func runResources(r cgroup.Resources) cgroup.Resources {
+	if r.PidsMax > 0 {
+		r.PidsMax += initPids
 	}
-	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-		if err == nil {
-			err = syscall.ENOTDIR
-		}
-		return fmt.Errorf("start %s: working directory %q: %w", name, dir, err)
-	}
-	return nil
-}
-
-// startProcess clones the workload straight into its namespaces and g. It
-// returns the pid and a pidfd (-1 if the kernel gave none).
-func startProcess(s Spec, path string, cred *syscall.Credential, stdio []*os.File, g *cgroup.Group) (pid, pidfd int, err error) {
-	pidfd = -1
-	attr := &syscall.ProcAttr{
-		Dir:   s.Dir,
-		Env:   s.Env,
-		Files: []uintptr{stdio[0].Fd(), stdio[1].Fd(), stdio[2].Fd()},
-		Sys: &syscall.SysProcAttr{
-			Setsid:       true, // a Ctrl-C on the agent's terminal never reaches workloads
-			Cloneflags:   nsFlags,
-			Unshareflags: syscall.CLONE_NEWNS,
-			PidFD:        &pidfd,
-			Credential:   cred,
-			// No Pdeathsig: workloads must outlive the agent.
-		},
-	}
-	start := func(cgroupFD int) error {
-		if cgroupFD >= 0 {
-			attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cgroupFD
-		}
-		var err error
-		pid, _, err = syscall.StartProcess(path, s.Argv, attr)
-		return err
-	}
-	if s.Network == NetworkNone {
-		err = spawnInNewNetns(g, start)
-	} else {
-		err = g.Spawn(start)
-	}
-	return pid, pidfd, err
+	return r
 }
 
 // spawnInNewNetns forks through g.SpawnLocked from a thread that has its own
@@ -367,22 +451,21 @@ func loopbackUp() error {
 	return nil
 }
 
-// parseUser parses "UID[:GID]"; "" is nil (keep the agent's identity). The
-// supplementary groups are always cleared.
-func parseUser(u string) (*syscall.Credential, error) {
+// parseUser parses "UID[:GID]"; "" is nobody (65534:65534).
+func parseUser(u string) (uid, gid uint32, err error) {
 	if u == "" {
-		return nil, nil
+		return 65534, 65534, nil
 	}
 	us, gs, hasG := strings.Cut(u, ":")
-	uid, err := strconv.ParseUint(us, 10, 32)
-	gid := uid
+	uid64, err := strconv.ParseUint(us, 10, 32)
+	gid64 := uid64
 	if err == nil && hasG {
-		gid, err = strconv.ParseUint(gs, 10, 32)
+		gid64, err = strconv.ParseUint(gs, 10, 32)
 	}
-	if err != nil || uid == 1<<32-1 || gid == 1<<32-1 {
-		return nil, fmt.Errorf("user %q: want UID[:GID] (numbers): %w", u, ErrInvalid)
+	if err != nil || uid64 == 1<<32-1 || gid64 == 1<<32-1 {
+		return 0, 0, fmt.Errorf("user %q: want UID[:GID] (numbers): %w", u, ErrInvalid)
 	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
+	return uint32(uid64), uint32(gid64), nil
 }
 
 // Adopt takes charge of a workload started by an earlier agent: incarnation
@@ -519,9 +602,11 @@ func (p *Process) Exit() Exit {
 	}
 }
 
-// Signal sends sig to the workload's main process through its pidfd (never
-// to a reused pid). As PID 1 of its namespace the workload only receives
-// signals it has a handler for, except SIGKILL and SIGSTOP.
+// Signal sends sig to the workload's init through its pidfd (never to a
+// reused pid). The init forwards pid1.Forwarded (SIGTERM, SIGINT, SIGHUP,
+// SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH) to the workload, which is not PID 1
+// and so gets the default action of those it does not handle; SIGKILL
+// kills the init and with it the whole pid namespace; others are ignored.
 func (p *Process) Signal(sig syscall.Signal) error {
 	rc, err := p.pidfd.SyscallConn()
 	if err != nil {
@@ -556,7 +641,8 @@ func (p *Process) Kill() error {
 	return err
 }
 
-// Stats returns the cgroup's usage; ErrExited once the process is gone.
+// Stats returns the cgroup's usage (PidsCurrent counts shim-init's threads
+// too); ErrExited once the process is gone.
 func (p *Process) Stats() (cgroup.Usage, error) {
 	if p.exited() {
 		return cgroup.Usage{}, fmt.Errorf("stats %s: %w", p.name, ErrExited)
@@ -582,12 +668,13 @@ func (p *Process) Sample() (cpuNanos, memBytes uint64, err error) {
 }
 
 // Resize changes the workload's resources in place; the process keeps
-// running under the same PID.
+// running under the same PID. As at Start, pids.max gets room for the
+// init's threads.
 func (p *Process) Resize(r cgroup.Resources) error {
 	if p.exited() {
 		return fmt.Errorf("resize %s: %w", p.name, ErrExited)
 	}
-	err := p.group.Update(r)
+	err := p.group.Update(runResources(r))
 	if err != nil && p.exited() {
 		return fmt.Errorf("resize %s: %w", p.name, ErrExited)
 	}
@@ -625,20 +712,7 @@ func (p *Process) wait() {
 				break
 			}
 		}
-		switch {
-		case ws.Exited():
-			e = Exit{Code: ws.ExitStatus(), Reason: ReasonExited}
-		case ws.Signaled():
-			e = Exit{Code: -1, Signal: unix.SignalName(ws.Signal()), Reason: ReasonSignaled}
-			if ws.Signal() == syscall.SIGKILL && p.killed.Load() {
-				e.Reason = ReasonKilled
-			}
-		default:
-			e = Exit{Code: -1, Reason: "unexpected wait status " + strconv.Itoa(int(ws))}
-		}
-		if ws.Signaled() && ws.Signal() == syscall.SIGKILL && p.oomRose() {
-			e.OOMKilled, e.Reason = true, ReasonOOMKilled
-		}
+		e = p.childExit(ws)
 	} else {
 		e = Exit{Code: -1, Reason: ReasonUnknown}
 		if p.killed.Load() {
@@ -653,8 +727,52 @@ func (p *Process) wait() {
 	_ = p.group.Kill()
 	_ = p.group.Delete() // a leftover shows up in Runtime.Existing
 	p.pidfd.Close()
+	if p.status != nil {
+		p.status.f.Close()
+	}
 	p.exit = e
 	close(p.done)
+}
+
+// childExit is how the workload ended, from shim-init's last report, or,
+// if it made none (it was killed: by Kill, the OOM killer, or a SIGKILL
+// sent to it), from the init's own wait status ws.
+func (p *Process) childExit(ws syscall.WaitStatus) Exit {
+	var last pid1.Report
+	for {
+		r, ok, _ := p.status.next(time.Time{}) // the init has exited: no waiting
+		if !ok {
+			break
+		}
+		last = r
+	}
+	var e Exit
+	sig := syscall.Signal(-1)
+	switch {
+	case last.Kind == pid1.Exited:
+		e = Exit{Code: last.Code, Reason: ReasonExited}
+	case last.Kind == pid1.Signaled:
+		sig = syscall.Signal(last.Code)
+	case ws.Signaled():
+		sig = ws.Signal()
+	case ws.Exited():
+		return Exit{Code: -1, Reason: fmt.Sprintf("shim-init exited with code %d without reporting the workload's end", ws.ExitStatus())}
+	default:
+		return Exit{Code: -1, Reason: "unexpected wait status " + strconv.Itoa(int(ws))}
+	}
+	if sig >= 0 {
+		e = Exit{Code: -1, Signal: unix.SignalName(sig), Reason: ReasonSignaled}
+		if e.Signal == "" {
+			e.Signal = "signal " + strconv.Itoa(int(sig))
+		}
+		if sig == syscall.SIGKILL && p.killed.Load() {
+			e.Reason = ReasonKilled
+		}
+		if sig == syscall.SIGKILL && p.oomRose() {
+			e.OOMKilled, e.Reason = true, ReasonOOMKilled
+		}
+	}
+	return e
 }
 
 func (p *Process) oomRose() bool {
@@ -669,51 +787,6 @@ func pidfdReady(fd, timeoutMs int) bool {
 	return err == nil && n > 0 && fds[0].Revents != 0
 }
 
-// lookPath resolves the executable like execvp would after chdir(dir).
-func lookPath(file string, env []string, dir string) (string, error) {
-	if strings.Contains(file, "/") {
-		if err := checkExec(file, dir); err != nil {
-			return "", fmt.Errorf("exec: %q: %w", file, err)
-		}
-		return file, nil
-	}
-	pathEnv, ok := "", false
-	for _, kv := range env {
-		if v, found := strings.CutPrefix(kv, "PATH="); found {
-			pathEnv, ok = v, true
-		}
-	}
-	if !ok {
-		pathEnv = os.Getenv("PATH")
-	}
-	for _, d := range filepath.SplitList(pathEnv) {
-		if d == "" {
-			d = "."
-		}
-		if p := d + "/" + file; checkExec(p, dir) == nil {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("exec: %q: %w", file, ErrNotFound)
-}
-
-func checkExec(path, dir string) error {
-	if !filepath.IsAbs(path) && dir != "" {
-		path = filepath.Join(dir, path)
-	}
-	st, err := os.Stat(path)
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
-		return ErrNotFound
-	}
-	if err != nil {
-		return err
-	}
-	if st.IsDir() || st.Mode()&0o111 == 0 {
-		return fs.ErrPermission
-	}
-	return nil
-}
-
 // devNull is stdin for every workload, opened once and never closed (the
 // child gets its own copy of the descriptor).
 var devNull struct {
@@ -723,8 +796,8 @@ var devNull struct {
 }
 
 // openStdio returns the workload's stdin (/dev/null), stdout and stderr, the
-// outputs opened for appending (created with their parents), and a func that
-// closes what it opened. Stdout and Stderr naming the same file (an agent's
+// outputs opened for appending by openLog, and a func that closes what it
+// opened. Stdout and Stderr naming the same file (an agent's
 // one log per process) share one descriptor, and parents are made only if
 // the open finds them missing: a few path walks less per start.
 func openStdio(s Spec) ([]*os.File, func(), error) {
@@ -744,14 +817,12 @@ func openStdio(s Spec) ([]*os.File, func(), error) {
 			files = append(files, files[1])
 			continue
 		}
+		var f *os.File
+		var err error
 		if path == "" {
-			path = os.DevNull
-		}
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-		if errors.Is(err, fs.ErrNotExist) && path != os.DevNull {
-			if err = os.MkdirAll(filepath.Dir(path), 0o755); err == nil {
-				f, err = os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-			}
+			f, err = os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+		} else {
+			f, err = openLog(path)
 		}
 		if err != nil {
 			closeAll()
@@ -761,6 +832,88 @@ func openStdio(s Spec) ([]*os.File, func(), error) {
 		files = append(files, f)
 	}
 	return files, closeAll, nil
+}
+
+// logFlags open a log for the workload: appending, created if missing, no
+// symbolic link followed.
+const logFlags = unix.O_WRONLY | unix.O_APPEND | unix.O_CREAT | unix.O_NOFOLLOW | unix.O_CLOEXEC
+
+// openLog opens path for the workload to append to: created 0600 (its
+// folder 0700 if missing), so that only the agent reads it; the workload
+// writes through the descriptor. It is opened through a detached mount of
+// its folder (logTree), so that the descriptor's path, which the workload
+// can read in /proc/self/fd, is "/NAME" only: no host path. Where no such
+// mount can be made (not root, an old kernel) it is opened by its path.
+func openLog(path string) (*os.File, error) {
+	dir, name := filepath.Split(filepath.Clean(path))
+	if name == "" || dir == "" {
+		return nil, fmt.Errorf("log %q: %w", path, ErrInvalid)
+	}
+	dfd, err := logTree(dir)
+	if err != nil {
+		if errors.Is(err, errNoTree) {
+			return os.OpenFile(path, logFlags, 0o600)
+		}
+		return nil, err
+	}
+	fd, err := unix.Openat(dfd, name, logFlags, 0o600)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// errNoTree: open_tree is not available here; open logs by their path.
+var errNoTree = errors.New("no detached mount")
+
+// logTrees caches, per log folder, a detached mount of it (open_tree with
+// OPEN_TREE_CLONE: in no mount namespace, so its root is "/"), with the
+// folder's device and inode. A folder replaced by another of the same name
+// gets a new mount; the old one's descriptor is kept (a concurrent Start
+// may be using it), a descriptor per replacement.
+var logTrees sync.Map // folder -> *logTreeFD
+
+type logTreeFD struct {
+	fd       int
+	dev, ino uint64
+}
+
+// logTree returns the descriptor of a detached mount of dir, made (with its
+// parents, 0700) if missing.
+func logTree(dir string) (int, error) {
+	var st unix.Stat_t
+	err := unix.Stat(dir, &st)
+	if errors.Is(err, unix.ENOENT) {
+		if err = os.MkdirAll(dir, 0o700); err == nil {
+			err = unix.Stat(dir, &st)
+		}
+	}
+	if err != nil {
+		return -1, &fs.PathError{Op: "stat", Path: dir, Err: err}
+	}
+	if v, ok := logTrees.Load(dir); ok {
+		if t := v.(*logTreeFD); t.dev == st.Dev && t.ino == st.Ino {
+			return t.fd, nil
+		}
+	}
+	fd, err := unix.OpenTree(unix.AT_FDCWD, dir, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if err != nil {
+		return -1, errNoTree
+	}
+	var tst unix.Stat_t
+	if err := unix.Fstat(fd, &tst); err != nil || tst.Dev != st.Dev || tst.Ino != st.Ino {
+		unix.Close(fd)
+		return -1, errNoTree // replaced meanwhile: the path will do
+	}
+	t := &logTreeFD{fd: fd, dev: st.Dev, ino: st.Ino}
+	if v, loaded := logTrees.LoadOrStore(dir, t); loaded {
+		if old := v.(*logTreeFD); old.dev == t.dev && old.ino == t.ino {
+			unix.Close(fd)
+			return old.fd, nil
+		}
+		logTrees.Store(dir, t)
+	}
+	return fd, nil
 }
 
 // procStat returns the state (field 3) and start time (field 22) of pid.

@@ -18,10 +18,15 @@ import (
 	"github.com/shim-run/shim/cgroup"
 )
 
-const helperEnv = "SHIM_EXEC_TEST_HELPER"
+const (
+	helperEnv = "SHIM_EXEC_TEST_HELPER"
+	initEnv   = "SHIM_EXEC_TEST_INIT"  // shim-init, built by TestMain
+	stateEnv  = "SHIM_EXEC_TEST_STATE" // the Runtimes' StateDir
+)
 
 // TestMain lets the test binary double as a workload (memory hog) and as a
-// short-lived agent (for the adoption test).
+// short-lived agent (for the adoption test). It builds shim-init
+// (cmd/shim-init, static) for the Runtimes the tests use.
 func TestMain(m *testing.M) {
 	if IsInit() {
 		Init() // a container's init: this binary re-executed by libcontainer
@@ -40,8 +45,31 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	case "agent":
 		os.Exit(helperAgent(os.Args[1:]))
+	case "escape":
+		os.Exit(escapeHelper())
 	}
-	os.Exit(m.Run())
+	dir, err := os.MkdirTemp("", "sandbox-exec-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	// Traversable by every user: the work folders of workloads that run as
+	// nobody are below it (host isolation reaches them by path).
+	_ = os.Chmod(dir, 0o755)
+	code := func() int {
+		defer os.RemoveAll(dir)
+		init := filepath.Join(dir, "shim-init")
+		build := osexec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", init, "github.com/shim-run/shim/cmd/shim-init")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building shim-init: %v\n%s", err, out)
+			return 1
+		}
+		os.Setenv(initEnv, init)
+		os.Setenv(stateEnv, filepath.Join(dir, "state"))
+		return m.Run()
+	}()
+	os.Exit(code)
 }
 
 // helperAgent starts a workload like a real agent would, prints its pid and
@@ -61,7 +89,7 @@ func helperAgent(args []string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	rt := &Runtime{Cgroups: m}
+	rt := &Runtime{Cgroups: m, Init: os.Getenv(initEnv), StateDir: os.Getenv(stateEnv)}
 	p, err := rt.Start(Spec{ID: args[1], Incarnation: 3, Argv: []string{"/bin/sleep", "300"}, Isolation: iso,
 		Resources: cgroup.Resources{PidsMax: 16, MemMaxBytes: 64 << 20}})
 	if err != nil {
@@ -87,7 +115,7 @@ func newRuntime(t testing.TB) *Runtime {
 	if err != nil {
 		t.Fatalf("NewManager: %v", err)
 	}
-	rt := &Runtime{Cgroups: m}
+	rt := &Runtime{Cgroups: m, Init: os.Getenv(initEnv), StateDir: os.Getenv(stateEnv)}
 	t.Cleanup(func() {
 		ex, _ := rt.Existing()
 		for _, e := range ex {
@@ -169,40 +197,53 @@ func expectNoGroups(t *testing.T, rt *Runtime) {
 	}
 }
 
+// TestFirstInstructionInCgroup checks that the init (and so the workload)
+// is in its group from its first instruction: with host isolation the
+// workload sees its group's path; in a process sandbox, its cgroup
+// namespace, made at the init's birth, has the group as its root, so every
+// hierarchy shows "/" (born elsewhere and moved, it would show a path
+// leading out of the root).
 func TestFirstInstructionInCgroup(t *testing.T) {
-	rt := newRuntime(t)
-	out := filepath.Join(t.TempDir(), "out", "cgroup.txt")
-	p, err := rt.Start(Spec{ID: "cat", Incarnation: 1, Argv: []string{"cat", "/proc/self/cgroup"},
-		Env: []string{"PATH=/usr/bin:/bin"}, Stdout: out, Resources: cgroup.Resources{PidsMax: 4}})
-	if err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	if e := wait(t, p); e.Code != 0 || e.Reason != ReasonExited {
-		t.Fatalf("exit = %+v", e)
-	}
-	want := "/" + rt.Cgroups.Root() + "/cat.1"
-	got := readTrim(t, out)
-	checked := 0
-	for _, line := range strings.Split(got, "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 {
-			t.Fatalf("bad line %q", line)
-		}
-		ours := rt.Cgroups.V2() && parts[1] == ""
-		for _, c := range strings.Split(parts[1], ",") {
-			ours = ours || slices.Contains([]string{"cpu", "cpuacct", "memory", "pids", "freezer"}, c)
-		}
-		if ours {
-			checked++
-			if parts[2] != want {
-				t.Errorf("workload's first view of its cgroup: %q, want %s", line, want)
+	for _, iso := range []Isolation{IsolationHost, IsolationProcess} {
+		t.Run(iso.String(), func(t *testing.T) {
+			rt := newRuntime(t)
+			out := filepath.Join(t.TempDir(), "out", "cgroup.txt")
+			p, err := rt.Start(Spec{ID: "cat", Incarnation: 1, Argv: []string{"cat", "/proc/self/cgroup"}, Isolation: iso,
+				Env: []string{"PATH=/usr/bin:/bin"}, Stdout: out, Resources: cgroup.Resources{PidsMax: 4}})
+			if err != nil {
+				t.Fatalf("Start: %v", err)
 			}
-		}
+			if e := wait(t, p); e.Code != 0 || e.Reason != ReasonExited {
+				t.Fatalf("exit = %+v", e)
+			}
+			want := "/" + rt.Cgroups.Root() + "/cat.1"
+			if iso == IsolationProcess {
+				want = "/"
+			}
+			got := readTrim(t, out)
+			checked := 0
+			for _, line := range strings.Split(got, "\n") {
+				parts := strings.SplitN(line, ":", 3)
+				if len(parts) != 3 {
+					t.Fatalf("bad line %q", line)
+				}
+				ours := rt.Cgroups.V2() && parts[1] == ""
+				for _, c := range strings.Split(parts[1], ",") {
+					ours = ours || slices.Contains([]string{"cpu", "cpuacct", "memory", "pids", "freezer"}, c)
+				}
+				if ours {
+					checked++
+					if parts[2] != want {
+						t.Errorf("workload's first view of its cgroup: %q, want %s", line, want)
+					}
+				}
+			}
+			if checked == 0 {
+				t.Fatalf("no controller lines in:\n%s", got)
+			}
+			expectNoGroups(t, rt)
+		})
 	}
-	if checked == 0 {
-		t.Fatalf("no controller lines in:\n%s", got)
-	}
-	expectNoGroups(t, rt)
 }
 
 func TestLimitsResizeKill(t *testing.T) {
@@ -214,6 +255,7 @@ func TestLimitsResizeKill(t *testing.T) {
 	}
 	check := func(r cgroup.Resources) {
 		t.Helper()
+		r = runResources(r) // room for the init's threads
 		if rt.Cgroups.V2() {
 			v := cgroup.MapV2(r)
 			d := groupDir(rt, "", "sleeper.7")
@@ -255,7 +297,7 @@ func TestLimitsResizeKill(t *testing.T) {
 		t.Fatalf("after resize pid %d start %d (%v), want the same process", pid, s, err)
 	}
 	u, err := p.Stats()
-	if err != nil || u.PidsCurrent != 1 || u.MemoryBytes == 0 {
+	if err != nil || u.PidsCurrent < 2 || u.MemoryBytes == 0 { // the init's threads and sleep
 		t.Errorf("Stats = %+v, %v", u, err)
 	}
 
@@ -279,6 +321,14 @@ func TestLimitsResizeKill(t *testing.T) {
 }
 
 func TestNotFound(t *testing.T) {
+	for _, iso := range []Isolation{IsolationProcess, IsolationHost, IsolationContainer} {
+		t.Run(iso.String(), func(t *testing.T) { testNotFound(t, iso) })
+	}
+}
+
+// testNotFound checks the errors of workloads that cannot start, looked up
+// inside the sandbox, and that nothing is left behind.
+func testNotFound(t *testing.T, iso Isolation) {
 	rt := newRuntime(t)
 	for _, tc := range []struct {
 		argv0, msg string
@@ -286,36 +336,60 @@ func TestNotFound(t *testing.T) {
 	}{
 		{"/no/such", `exec: "/no/such": not found`, nil},
 		{"no-such-binary", `exec: "no-such-binary": not found`, []string{"PATH=/usr/bin:/bin"}},
-		{"cat", `exec: "cat": not found`, []string{"PATH=/nonexistent"}},
+		{"cat", `exec: "cat": not found`, []string{"PATH=/no/such/dir-sandbox-test"}},
 	} {
-		_, err := rt.Start(Spec{ID: "nf", Incarnation: 1, Argv: []string{tc.argv0}, Env: tc.env})
+		_, err := rt.Start(Spec{ID: "nf", Incarnation: 1, Argv: []string{tc.argv0}, Env: tc.env, Isolation: iso})
 		if !errors.Is(err, ErrNotFound) || err.Error() != tc.msg {
 			t.Errorf("Start(%q): got %v, want %s", tc.argv0, err, tc.msg)
 		}
 	}
-	noexec := filepath.Join(t.TempDir(), "data")
-	if err := os.WriteFile(noexec, []byte("#!/bin/sh\n"), 0o644); err != nil {
+	// The files are in the work folder: at /work in a sandbox, in place
+	// (the host's path) with host isolation.
+	work := workDir(t)
+	in := func(name string) string {
+		if iso == IsolationHost {
+			return filepath.Join(work, name)
+		}
+		return "/work/" + name
+	}
+	if err := os.WriteFile(filepath.Join(work, "data"), []byte("#!/bin/sh\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := rt.Start(Spec{ID: "perm", Argv: []string{noexec}}); !errors.Is(err, os.ErrPermission) {
+	if _, err := rt.Start(Spec{ID: "perm", Argv: []string{in("data")}, WorkDir: work, Isolation: iso}); !errors.Is(err, os.ErrPermission) || !strings.Contains(err.Error(), "exec ") {
 		t.Errorf("non-executable: got %v, want permission denied", err)
 	}
 	if names, err := rt.Cgroups.List(); err != nil || len(names) != 0 {
 		t.Errorf("groups after failed starts: %v, %v", names, err)
 	}
-	if _, err := rt.Start(Spec{ID: "baddir", Argv: []string{"/bin/true"}, Dir: "/no/such/dir"}); !errors.Is(err, os.ErrNotExist) {
+	if _, err := rt.Start(Spec{ID: "baddir", Argv: []string{"/bin/true"}, Dir: "/no/such/dir", Isolation: iso}); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("Start with a missing Dir: %v", err)
 	}
-	// A failure after the group exists (exec of a file the kernel cannot
-	// run) cleans up too.
-	bad := filepath.Join(t.TempDir(), "bad")
-	if err := os.WriteFile(bad, []byte("\x7fELF garbage"), 0o755); err != nil {
+	// A failure of the workload's exec itself.
+	if err := os.WriteFile(filepath.Join(work, "bad"), []byte("\x7fELF garbage"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := rt.Start(Spec{ID: "badexec", Argv: []string{bad}}); !errors.Is(err, syscall.ENOEXEC) {
+	if _, err := rt.Start(Spec{ID: "badexec", Argv: []string{in("bad")}, WorkDir: work, Isolation: iso}); !errors.Is(err, syscall.ENOEXEC) {
 		t.Errorf("Start of a corrupt binary: %v, want ENOEXEC", err)
 	}
 	expectNoGroups(t, rt)
+}
+
+// workDir returns a work folder below a fresh temporary directory that
+// every user may traverse (with host isolation the workload, nobody,
+// reaches it by its path).
+func workDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	work := filepath.Join(dir, "work")
+	if err := os.Mkdir(work, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return work
 }
 
 func TestIsolationAndExitCode(t *testing.T) {
@@ -327,7 +401,7 @@ func TestIsolationAndExitCode(t *testing.T) {
 	if err := os.WriteFile(out, []byte("previous\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	script := `echo pid=$$; for ns in pid mnt uts ipc; do echo $ns=$(readlink /proc/self/ns/$ns); done; echo oops >&2; exit 7`
+	script := `echo pid=$$ init=$(cat /proc/1/comm); for ns in pid mnt uts ipc; do echo $ns=$(readlink /proc/self/ns/$ns); done; echo oops >&2; exit 7`
 	p, err := rt.Start(Spec{ID: "iso", Argv: []string{"/bin/sh", "-c", script}, Env: []string{"PATH=/usr/bin:/bin"},
 		Stdout: out, Stderr: out, Dir: "/tmp"})
 	if err != nil {
@@ -340,8 +414,8 @@ func TestIsolationAndExitCode(t *testing.T) {
 	if !strings.HasPrefix(got, "previous\n") || !strings.Contains(got, "oops") {
 		t.Errorf("output not appended:\n%s", got)
 	}
-	if !strings.Contains(got, "pid=1\n") {
-		t.Errorf("workload is not PID 1 of its namespace:\n%s", got)
+	if !strings.Contains(got, " init=shim-init\n") || strings.Contains(got, "pid=1 ") {
+		t.Errorf("workload is not below shim-init, PID 1 of its namespace:\n%s", got)
 	}
 	for _, ns := range []string{"pid", "mnt", "uts", "ipc"} {
 		mine, _ := os.Readlink("/proc/self/ns/" + ns)
@@ -399,7 +473,7 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Existing: %v", err)
 	}
-	if len(ex) != 1 || ex[0].ID != "adoptee" || ex[0].Incarnation != 3 || ex[0].PID != pid || ex[0].StartTime != start || !slices.Equal(ex[0].PIDs, []int{pid}) {
+	if len(ex) != 1 || ex[0].ID != "adoptee" || ex[0].Incarnation != 3 || ex[0].PID != pid || ex[0].StartTime != start || len(ex[0].PIDs) != 2 || !slices.Contains(ex[0].PIDs, pid) {
 		t.Fatalf("Existing = %+v, want adoptee.3 pid %d start %d", ex, pid, start)
 	}
 	// ...refuses a mismatched identity...
@@ -459,8 +533,10 @@ func TestOOMKill(t *testing.T) {
 		t.Fatal(err)
 	}
 	errLog := filepath.Join(t.TempDir(), "err")
-	p, err := rt.Start(Spec{ID: "hog", Argv: []string{self}, Env: []string{helperEnv + "=memhog"}, Stderr: errLog,
-		Resources: cgroup.Resources{MemMaxBytes: 64 << 20}})
+	// The test binary, bound into the sandbox (its libraries are in the
+	// host view).
+	p, err := rt.Start(Spec{ID: "hog", Argv: []string{"/opt/memhog"}, Env: []string{helperEnv + "=memhog"}, Stderr: errLog,
+		Mounts: []Mount{{Source: self, Target: "/opt/memhog", ReadOnly: true}}, Resources: cgroup.Resources{MemMaxBytes: 64 << 20}})
 	if err != nil {
 		t.Fatalf("Start: %v", err)
 	}
@@ -535,6 +611,8 @@ func TestMemoryPerProcess(t *testing.T) {
 	expectNoGroups(t, rt)
 }
 
+// BenchmarkStartProcess, BenchmarkStartContainer and BenchmarkStartHost
+// start /bin/true in each isolation, bare: no work folder, no log.
 func BenchmarkStartProcess(b *testing.B) {
 	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}})
 }
@@ -626,4 +704,16 @@ func TestConcurrentStarts(t *testing.T) {
 		}
 	}
 	expectNoGroups(t, rt)
+}
+
+func BenchmarkStartHost(b *testing.B) {
+	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}, Isolation: IsolationHost})
+}
+
+// BenchmarkStartProcessAgent starts process sandboxes as the agent does:
+// with a work folder and a log file.
+func BenchmarkStartProcessAgent(b *testing.B) {
+	dir := b.TempDir()
+	benchmarkStart(b, Spec{ID: "bench", Argv: []string{"/bin/true"}, WorkDir: filepath.Join(dir, "work", "bench"),
+		Stdout: filepath.Join(dir, "logs", "bench.log"), Stderr: filepath.Join(dir, "logs", "bench.log")})
 }

@@ -1,13 +1,16 @@
-// Command shim-init is the init of shim's sandboxes. As the init of a shim
-// VM (pid1/guest) it mounts the guest's file systems, runs the workload and
-// powers the VM off. Build it static (CGO_ENABLED=0): exec/vm puts it into
-// the initramfs it builds.
+// Command shim-init is PID 1 of every shim sandbox and VM guest. In a
+// sandbox (package pid1) it builds the sandbox, starts the workload,
+// forwards signals to it, reaps zombies and reports how the workload ended.
+// As the init of a shim VM (package pid1/guest) it mounts the guest's file
+// systems, runs the workload and powers the VM off. Build it statically
+// (CGO_ENABLED=0) and install it next to shimd; exec/vm puts it into the
+// initramfs it builds.
 package main
 
 import (
-	"fmt"
 	"os"
 
+	"github.com/shim-run/shim/pid1"
 	"github.com/shim-run/shim/pid1/guest"
 )
 
@@ -15,6 +18,5 @@ func main() {
 	if guest.IsGuest() {
 		guest.Main()
 	}
-	fmt.Fprintln(os.Stderr, "shim-init: not the init of a shim VM (want PID 1 with "+guest.GuestEnv+"=1)")
-	os.Exit(2)
+	os.Exit(pid1.Main(os.Args[1:]))
 }
