@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"net"
 	"net/http"
@@ -15,21 +16,29 @@ import (
 	"github.com/shim-run/shim/table"
 )
 
-// NewHTTPClient returns the HTTP client used between nodes and by the CLI:
-// keep-alive connections, short dial timeout.
-func NewHTTPClient() *http.Client {
+// NewHTTPClient returns the HTTP client used between nodes: keep-alive
+// connections (HTTP/1.1, so each costs one TLS handshake for as long as it
+// lives), short dial timeout. tlsConfig (auth.APIClient) makes it speak
+// HTTPS; nil, plain HTTP (trust off).
+func NewHTTPClient(tlsConfig *tls.Config) *http.Client {
 	return &http.Client{Transport: &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:     tlsConfig,
+		TLSHandshakeTimeout: 5 * time.Second,
 		MaxIdleConns:        256,
 		MaxIdleConnsPerHost: 64,
 		IdleConnTimeout:     90 * time.Second,
 	}}
 }
 
-// URL turns host:port into an http URL.
-func URL(addr string) string {
+// URL turns host:port into an https URL, or an http one when secure is
+// false (trust off).
+func URL(addr string, secure bool) string {
 	if strings.Contains(addr, "://") {
 		return addr
+	}
+	if secure {
+		return "https://" + addr
 	}
 	return "http://" + addr
 }
@@ -44,10 +53,11 @@ func (s *Server) peer(addr string) *peer {
 	defer s.peersMu.Unlock()
 	p := s.clients[addr]
 	if p == nil {
-		u := URL(addr)
+		u := URL(addr, s.secure())
+		opt := connect.WithInterceptors(authInterceptor{}) // passes tokens on (auth.go)
 		p = &peer{
-			shim:  shimv1connect.NewShimServiceClient(s.httpc, u),
-			agent: shimv1connect.NewAgentServiceClient(s.httpc, u),
+			shim:  shimv1connect.NewShimServiceClient(s.httpc, u, opt),
+			agent: shimv1connect.NewAgentServiceClient(s.httpc, u, opt),
 		}
 		s.clients[addr] = p
 	}
