@@ -309,7 +309,7 @@ type whoamiEntry struct {
 // whoamiCached asks a server who the token of c is.
 func (s *Server) whoamiCached(ctx context.Context, c caller) caller {
 	key := sha256.Sum256([]byte(c.token))
-	now := time.Now()
+	now := s.Now()
 	s.whoami.mu.Lock()
 	e, ok := s.whoami.m[key]
 	s.whoami.mu.Unlock()

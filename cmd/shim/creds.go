@@ -48,10 +48,12 @@ func (a *app) credentials(secure bool) (*credentials, error) {
 		return nil, err
 	}
 	if secure {
-		pool, err := a.caPool(dataDir)
+		ca, err := a.readCA(dataDir)
 		if err != nil {
 			return nil, err
 		}
+		pool := x509.NewCertPool()
+		pool.AddCert(ca)
 		cr.tls = auth.Config(auth.APIClient, pool, nil)
 	}
 	a.creds = cr
@@ -78,7 +80,7 @@ func (a *app) token(dataDir string) (string, error) {
 	return tok.String(), nil
 }
 
-func (a *app) caPool(dataDir string) (*x509.CertPool, error) {
+func (a *app) readCA(dataDir string) (*x509.Certificate, error) {
 	path, from := a.caFlag, "--ca"
 	if path == "" {
 		path, from = a.getenv("SHIM_CA"), "$SHIM_CA"
@@ -93,9 +95,7 @@ func (a *app) caPool(dataDir string) (*x509.CertPool, error) {
 		}
 		return nil, fmt.Errorf("cluster CA from %s (%s): %s", from, path, osReason(err))
 	}
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	return pool, nil
+	return ca, nil
 }
 
 // osReason is an OS error without the operation: "no such file or directory".
