@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"strings"
 	"time"
@@ -80,6 +81,7 @@ func rowTrust(e *env) []Result {
 	rounds := pick(e, 2, 3)
 	rates := map[bool][]float64{}
 	perSec := map[bool][]float64{}
+	cpuPer := map[bool][]float64{} // per round: servers' and simulators' CPU µs per placement
 	for r := range rounds {
 		for _, insecure := range []bool{false, true} {
 			c := newCluster(e, "tplace")
@@ -91,8 +93,32 @@ func rowTrust(e *env) []Result {
 				c.close()
 				return append(out, failed("10f", "placements/s, trust on vs off", "/s", "", err))
 			}
+			daemons := append(append([]*daemon(nil), c.servers...), c.workers...)
+			cpu0 := map[*daemon]float64{}
+			for _, d := range daemons {
+				cpu0[d] = cpuSeconds(d.pid())
+			}
+			var stopPerf func()
+			if ld, err := c.leader(context.Background()); err == nil {
+				stopPerf = e.perf(fmt.Sprintf("row10-%s-r%d-leader", map[bool]string{false: "on", true: "off"}[insecure], r+1), ld.pid())
+			}
 			lr := spawnLoad(c, 64, 1, dur, 0)
+			if stopPerf != nil {
+				stopPerf()
+			}
+			var srvCPU, simCPU float64
+			for _, d := range daemons {
+				used := cpuSeconds(d.pid()) - cpu0[d]
+				if d.role == "server" {
+					srvCPU += used
+				} else {
+					simCPU += used
+				}
+			}
 			c.close()
+			if lr.placed > 0 {
+				cpuPer[insecure] = append(cpuPer[insecure], 1e6*srvCPU/float64(lr.placed), 1e6*simCPU/float64(lr.placed))
+			}
 			if lr.firstErr != nil && lr.placed == 0 {
 				return append(out, failed("10f", "placements/s, trust on vs off", "/s", "", lr.firstErr))
 			}
@@ -103,8 +129,8 @@ func rowTrust(e *env) []Result {
 	}
 	onRate, offRate := median(rates[false]), median(rates[true])
 	loss := 100 * (offRate - onRate) / offRate
-	note := fmt.Sprintf("%d simulated nodes, 64 clients × Spawn{Count:1}, %d rounds of %s each, on and off in turn; overall rates on %v, off %v",
-		nodes, rounds, dur, roundAll(rates[false]), roundAll(rates[true]))
+	note := fmt.Sprintf("%d simulated nodes, 64 clients × Spawn{Count:1}, %d rounds of %s each, on and off in turn; overall rates on %v, off %v; CPU µs per placement (servers, simulators) per round: on %v, off %v",
+		nodes, rounds, dur, roundAll(rates[false]), roundAll(rates[true]), roundAll(cpuPer[false]), roundAll(cpuPer[true]))
 	out = append(out,
 		Result{Row: "10f", What: "placements committed/s, trust on", Unit: "/s", Sample: perSec[false], Note: note},
 		Result{Row: "10g", What: "placements committed/s, trust off", Unit: "/s", Sample: perSec[true]},
