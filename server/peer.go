@@ -27,12 +27,20 @@ import (
 // both. Over HTTP/1.1 those reconnections took a tenth of the leader's CPU
 // under a placement load; over HTTP/2 a call given up resets one stream, and
 // the connection, multiplexing every call between two nodes, stays.
+//
+// A connection that stays must not outlive its peer unnoticed (a host that
+// died sends no reset): one that has received nothing for 5 s is pinged,
+// and closed if the ping is not answered within 5 s, so that later calls
+// dial afresh rather than wait out their deadlines on it. (Calls do not wait
+// for that: the agent and the servers bound each attempt and try another
+// member.)
 func NewHTTPClient(tlsConfig *tls.Config) *http.Client {
 	return &http.Client{Transport: &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:     tlsConfig,
 		TLSHandshakeTimeout: 5 * time.Second,
 		ForceAttemptHTTP2:   tlsConfig != nil,
+		HTTP2:               &http.HTTP2Config{SendPingTimeout: 5 * time.Second, PingTimeout: 5 * time.Second},
 		MaxIdleConns:        0, // no limit over all hosts (HTTP/1.1)
 		MaxIdleConnsPerHost: 4096,
 		IdleConnTimeout:     90 * time.Second,
