@@ -109,6 +109,10 @@ func (cp *fakeCP) Usage(context.Context, *connect.Request[pb.UsageRequest]) (*co
 	return nil, connect.NewError(connect.CodeUnimplemented, nil)
 }
 
+func (cp *fakeCP) Certify(context.Context, *connect.Request[pb.CertifyRequest]) (*connect.Response[pb.CertifyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, nil)
+}
+
 // countingRuntime is SimRuntime that counts starts and fences, and whose
 // processes exit at once with exitCode when it is set.
 type countingRuntime struct {

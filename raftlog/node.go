@@ -129,12 +129,23 @@ func Open(cfg Config, fsm FSM) (*Node, error) {
 			}
 			adv = a
 		}
-		tcp, err := raft.NewTCPTransportWithLogger(cfg.BindAddr, adv, tcpMaxPool, tcpTimeout, logger.Named("transport"))
-		if err != nil {
-			cleanup()
-			return nil, fmt.Errorf("raftlog: open: transport: %w", err)
+		if cfg.ServerTLS != nil || cfg.ClientTLS != nil {
+			layer, err := newTLSLayer(cfg.BindAddr, adv, cfg.ServerTLS, cfg.ClientTLS)
+			if err != nil {
+				cleanup()
+				return nil, fmt.Errorf("raftlog: open: transport: %w", err)
+			}
+			nt := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+				Stream: layer, MaxPool: tcpMaxPool, Timeout: tcpTimeout, Logger: logger.Named("transport")})
+			trans, n.addr = nt, string(nt.LocalAddr())
+		} else {
+			tcp, err := raft.NewTCPTransportWithLogger(cfg.BindAddr, adv, tcpMaxPool, tcpTimeout, logger.Named("transport"))
+			if err != nil {
+				cleanup()
+				return nil, fmt.Errorf("raftlog: open: transport: %w", err)
+			}
+			trans, n.addr = tcp, string(tcp.LocalAddr())
 		}
-		trans, n.addr = tcp, string(tcp.LocalAddr())
 	}
 
 	hadState, err := raft.HasExistingState(logs, stable, snaps)

@@ -1,12 +1,13 @@
 // Package raftlog wires shim's process table into hashicorp/raft: BoltDB log
-// and stable store, file snapshots, a TCP transport, bootstrap, membership and
-// leadership.
+// and stable store, file snapshots, a TLS (or TCP) transport, bootstrap,
+// membership and leadership.
 //
 // It is the only package in shim that imports hashicorp/raft; its API exposes
 // no raft types.
 package raftlog
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"time"
@@ -58,6 +59,12 @@ type Config struct {
 	SnapshotThreshold  uint64        // default 8192 entries since the last snapshot
 
 	Logger io.Writer // raft log output (hclog, level INFO); default os.Stderr
+
+	// ServerTLS and ClientTLS, both set, make the transport speak TLS
+	// (tls.go): ServerTLS for the connections it accepts, ClientTLS for
+	// those it dials (auth.Config's RaftServer and RaftClient). With
+	// neither, it is plain TCP: for tests and benchmarks only.
+	ServerTLS, ClientTLS *tls.Config
 
 	// InMemory is for unit tests only: in-memory log, stable and snapshot
 	// stores and raft's in-memory transport. BindAddr is then just a name

@@ -10,6 +10,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/table"
 )
@@ -64,8 +65,14 @@ func (h *agentAPI) Join(ctx context.Context, req *connect.Request[pb.JoinRequest
 	if n.Role == pb.NodeRole_NODE_ROLE_SERVER && n.RaftAddr == "" {
 		return nil, invalid("join: server %s has no raft address", n.Name)
 	}
+	if err := checkJoin(ctx, n); err != nil {
+		return nil, err
+	}
 	return onLeader(ctx, s, 0, func() (*resp[pb.JoinResponse], error) {
 		if n.Role == pb.NodeRole_NODE_ROLE_SERVER {
+			if err := s.probeRaft(ctx, n.Name, n.RaftAddr); err != nil {
+				return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("join %s: %w", n.Name, err))
+			}
 			if err := s.Raft.AddVoter(ctx, n.Name, n.RaftAddr); err != nil {
 				return nil, apiError(fmt.Errorf("join %s: add voter: %w", n.Name, err))
 			}
@@ -79,6 +86,23 @@ func (h *agentAPI) Join(ctx context.Context, req *connect.Request[pb.JoinRequest
 	}, func(ctx context.Context, p *peer) (*resp[pb.JoinResponse], error) {
 		return p.agent.Join(ctx, connect.NewRequest(req.Msg))
 	})
+}
+
+// checkJoin lets a node join only under the name and role of its own
+// certificate. A server passing on another node's join checked it there.
+func checkJoin(ctx context.Context, n *pb.NodeRecord) error {
+	id := callerOf(ctx).id
+	if id.Kind != auth.KindNode || id.Node != n.Name {
+		return actsFor(ctx, n.Name)
+	}
+	want := auth.RoleWorker
+	if n.Role == pb.NodeRole_NODE_ROLE_SERVER {
+		want = auth.RoleServer
+	}
+	if id.Role != want {
+		return authError(fmt.Errorf("%w: %s may not join as a %s", auth.ErrPermissionDenied, id, want))
+	}
+	return nil
 }
 
 // serverAPIs lists the API addresses of the server nodes.
@@ -95,6 +119,9 @@ func (s *Server) serverAPIs() []string {
 func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveRequest]) (*resp[pb.LeaveResponse], error) {
 	s := h.s
 	name := req.Msg.Name
+	if err := actsFor(ctx, name); err != nil {
+		return nil, err
+	}
 	return onLeader(ctx, s, 0, func() (*resp[pb.LeaveResponse], error) {
 		n := s.Table.Node(name)
 		if n == nil {
@@ -119,6 +146,9 @@ func (h *agentAPI) Leave(ctx context.Context, req *connect.Request[pb.LeaveReque
 // Heartbeat renews a node's lease. Only the leader grants leases.
 func (h *agentAPI) Heartbeat(ctx context.Context, req *connect.Request[pb.HeartbeatRequest]) (*resp[pb.HeartbeatResponse], error) {
 	s := h.s
+	if err := actsFor(ctx, req.Msg.Node); err != nil {
+		return nil, err
+	}
 	return onLeader(ctx, s, 200*time.Millisecond, func() (*resp[pb.HeartbeatResponse], error) {
 		out, err := s.heartbeat(ctx, req.Msg)
 		if err != nil {
@@ -172,6 +202,9 @@ const forwardedHeader = "Shim-Forwarded"
 // Assignments is a blocking query for a node's processes.
 func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.AssignmentsRequest]) (*resp[pb.AssignmentsResponse], error) {
 	s := h.s
+	if err := actsFor(ctx, req.Msg.Node); err != nil {
+		return nil, err
+	}
 	if s.Table == nil {
 		return forward(ctx, s, func(p *peer) (*resp[pb.AssignmentsResponse], error) {
 			return p.agent.Assignments(ctx, connect.NewRequest(req.Msg))
@@ -237,6 +270,9 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 
 func (h *agentAPI) Report(ctx context.Context, req *connect.Request[pb.ReportRequest]) (*resp[pb.ReportResponse], error) {
 	s := h.s
+	if err := actsFor(ctx, req.Msg.Report.GetNode()); err != nil {
+		return nil, err
+	}
 	if s.Table == nil {
 		return forward(ctx, s, func(p *peer) (*resp[pb.ReportResponse], error) {
 			return p.agent.Report(ctx, connect.NewRequest(req.Msg))

@@ -208,7 +208,7 @@ func TestHeartbeatStream(t *testing.T) {
 	addr := strings.TrimPrefix(hs.URL, "http://")
 	register(t, s, "s1", addr, pb.NodeRole_NODE_ROLE_SERVER)
 	register(t, s, "w1", "127.0.0.1:1", pb.NodeRole_NODE_ROLE_WORKER)
-	c := NewAgentClient(NewHTTPClient(), hs.URL)
+	c := NewAgentClient(NewHTTPClient(nil), nil, hs.URL)
 	ctx := context.Background()
 	for range 3 {
 		resp, err := c.Heartbeat(ctx, connect.NewRequest(&pb.HeartbeatRequest{Node: "w1"}))
@@ -306,7 +306,7 @@ func TestHeartbeatStreamRedirect(t *testing.T) {
 	ff.leader, ff.leadID = false, "s1"
 	ff.mu.Unlock()
 
-	c := NewAgentClient(NewHTTPClient(), fhs.URL)
+	c := NewAgentClient(NewHTTPClient(nil), nil, fhs.URL)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	for range 2 {

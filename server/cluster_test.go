@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/shim-run/shim/agent"
+	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/raftlog"
@@ -21,13 +23,15 @@ import (
 	"github.com/shim-run/shim/table"
 )
 
-// node is one in-process cluster member: in-memory Raft, a real HTTP API on
-// loopback and an agent with simulated processes.
+// node is one in-process cluster member: in-memory Raft, a real HTTPS API on
+// loopback (trust on: a node certificate from the cluster's CA) and an agent
+// with simulated processes.
 type node struct {
 	name   string
 	srv    *server.Server
 	raft   *raftlog.Node
 	http   *httptest.Server
+	creds  *auth.Credentials
 	cancel context.CancelFunc
 	done   chan struct{}
 }
@@ -36,12 +40,18 @@ type cluster struct {
 	t     *testing.T
 	nodes []*node
 	lease time.Duration
+	ca    *auth.CA
+	admin auth.Token // an admin token, committed at bootstrap
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 func newCluster(t *testing.T, n int, lease time.Duration) *cluster {
-	c := &cluster{t: t, lease: lease}
+	ca, err := auth.NewCA("test", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cluster{t: t, lease: lease, ca: ca}
 	for i := range n {
 		c.add(fmt.Sprintf("n%d", i+1), i == 0)
 	}
@@ -53,6 +63,38 @@ func newCluster(t *testing.T, n int, lease time.Duration) *cluster {
 	return c
 }
 
+// creds signs a certificate for a node, as Certify would.
+func (c *cluster) creds(name string, role auth.Role) *auth.Credentials {
+	c.t.Helper()
+	key, err := auth.NewKey()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	csr, err := auth.NewCSR(key, name, []string{"127.0.0.1"})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	der, _, err := c.ca.Sign(csr, role, time.Now())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	cr, err := auth.NewCredentials(der, key, c.ca.Cert.Raw)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return cr
+}
+
+// serveTLS serves h over HTTPS (HTTP/2 and HTTP/1.1) with a node's
+// credentials.
+func serveTLS(h http.Handler, cr *auth.Credentials) *httptest.Server {
+	hs := httptest.NewUnstartedServer(h)
+	hs.EnableHTTP2 = true
+	hs.TLS = cr.TLS(auth.APIServer)
+	hs.StartTLS()
+	return hs
+}
+
 func (c *cluster) add(name string, bootstrap bool) *node {
 	t := c.t
 	tb := table.New()
@@ -62,17 +104,36 @@ func (c *cluster) add(name string, bootstrap bool) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
+	cr := c.creds(name, auth.RoleServer)
 	srv := &server.Server{Name: name, Table: tb, Raft: rn, Watch: w, Lease: c.lease, Log: quietLog(),
-		LogDir: t.TempDir()}
-	hs := httptest.NewServer(srv.Handler())
-	addr := strings.TrimPrefix(hs.URL, "http://")
-	nd := &node{name: name, srv: srv, raft: rn, http: hs, done: make(chan struct{})}
+		LogDir: t.TempDir(), Auth: cr,
+		// In-memory Raft has no socket to probe (raftlog's TLS tests
+		// cover the transport).
+		ProbeRaft: func(context.Context, string, string) error { return nil }}
+	hs := serveTLS(srv.Handler(), cr)
+	addr := strings.TrimPrefix(hs.URL, "https://")
+	nd := &node{name: name, srv: srv, raft: rn, http: hs, creds: cr, done: make(chan struct{})}
 	ctx, cancel := context.WithCancel(context.Background())
 	nd.cancel = cancel
+	if bootstrap {
+		keyDER, err := c.ca.KeyDER()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.admin = auth.NewToken("")
+		bctx, bcancel := context.WithTimeout(ctx, 10*time.Second)
+		err = srv.BootstrapTrust(bctx, &pb.Trust{ClusterId: "test", CaCert: c.ca.Cert.Raw, CaKey: keyDER},
+			[]*pb.TokenRecord{{Id: c.admin.ID, Hash: c.admin.Hash(), Role: pb.TokenRole_TOKEN_ROLE_ADMIN}})
+		bcancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
 	rec := &pb.NodeRecord{Name: name, Role: pb.NodeRole_NODE_ROLE_SERVER, ApiAddr: addr, RaftAddr: rn.Addr(),
 		Capacity: &pb.Resources{CpuMaxMilli: 4000, MemMaxBytes: 8 << 30}}
+	httpc := server.NewHTTPClient(cr.TLS(auth.APIClient))
 	if !bootstrap {
-		cl := shimv1connect.NewAgentServiceClient(server.NewHTTPClient(), c.nodes[0].http.URL)
+		cl := shimv1connect.NewAgentServiceClient(httpc, c.nodes[0].http.URL)
 		waitFor(t, 5*time.Second, "join "+name, func() bool {
 			_, err := cl.Join(ctx, connect.NewRequest(&pb.JoinRequest{Node: rec}))
 			return err == nil
@@ -80,7 +141,7 @@ func (c *cluster) add(name string, bootstrap bool) *node {
 	}
 	// The agent heartbeats over a stream, as simulated workers do: a
 	// follower's agent is sent on to the leader.
-	streams := server.NewStreams(server.NewHTTPClient())
+	streams := server.NewStreams(httpc, cr.TLS(auth.StreamClient))
 	var clientsMu sync.Mutex
 	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
@@ -89,7 +150,7 @@ func (c *cluster) add(name string, bootstrap bool) *node {
 			clientsMu.Lock()
 			defer clientsMu.Unlock()
 			if clients[a] == nil {
-				clients[a] = streams.Client(server.URL(a))
+				clients[a] = streams.Client(server.URL(a, true))
 			}
 			return clients[a]
 		},
@@ -115,8 +176,28 @@ func (n *node) stop() {
 	n.cancel = nil
 }
 
+// bearer adds a token to every call of a client.
+func bearer(tok string) connect.Option {
+	return connect.WithInterceptors(connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			if tok != "" {
+				req.Header().Set("Authorization", "Bearer "+tok)
+			}
+			return next(ctx, req)
+		}
+	}))
+}
+
+// userClient returns a user's client of node i: no certificate, the token
+// tok ("" for none).
+func (c *cluster) userClient(i int, tok string, opts ...connect.ClientOption) shimv1connect.ShimServiceClient {
+	httpc := server.NewHTTPClient(auth.Config(auth.APIClient, c.nodes[i].creds.Pool, nil))
+	return shimv1connect.NewShimServiceClient(httpc, c.nodes[i].http.URL, append(opts, bearer(tok))...)
+}
+
+// client returns an admin's client of node i.
 func (c *cluster) client(i int) shimv1connect.ShimServiceClient {
-	return shimv1connect.NewShimServiceClient(server.NewHTTPClient(), c.nodes[i].http.URL)
+	return c.userClient(i, c.admin.String())
 }
 
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {

@@ -32,8 +32,8 @@ func TestListFromEncodedCache(t *testing.T) {
 		}
 	}
 	spawn(50)
-	binary := shimv1connect.NewShimServiceClient(NewHTTPClient(), hs.URL)
-	jsonc := shimv1connect.NewShimServiceClient(NewHTTPClient(), hs.URL, connect.WithProtoJSON())
+	binary := shimv1connect.NewShimServiceClient(NewHTTPClient(nil), hs.URL)
+	jsonc := shimv1connect.NewShimServiceClient(NewHTTPClient(nil), hs.URL, connect.WithProtoJSON())
 	check := func(what string) {
 		t.Helper()
 		want := s.Table.Processes(false, "")

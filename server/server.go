@@ -1,8 +1,9 @@
-// Package server serves shim's API on one HTTP port: the user-facing
-// ShimService and the node-facing AgentService (Connect, so gRPC, gRPC-Web and
-// JSON over HTTP all work). Servers answer reads from their replica of the
-// table and send writes to the Raft leader; workers hold no table and pass
-// every call to a server. The leader also keeps node leases in memory.
+// Package server serves shim's API on one HTTPS port (HTTP/2 and HTTP/1.1):
+// the user-facing ShimService and the node-facing AgentService (Connect, so
+// gRPC, gRPC-Web and JSON over HTTP all work). Servers answer reads from
+// their replica of the table and send writes to the Raft leader; workers hold
+// no table and pass every call to a server. The leader also keeps node
+// leases in memory. Who may call what is decided at the edge (auth.go).
 package server
 
 import (
@@ -18,6 +19,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/shim-run/shim/auth"
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -56,6 +58,17 @@ type Server struct {
 	// UsageOf returns this node's processes' use (the agent's Usage): the
 	// last sample, or read now when fresh is set.
 	UsageOf func(ids []string, fresh bool) map[string]*pb.Usage
+	// Auth is this node's certificate and the cluster CA: callers must
+	// then prove who they are (auth.go), and this server calls other nodes
+	// over TLS with it. Nil turns trust off: every caller may do
+	// anything, over plain HTTP (tests and benchmarks only).
+	Auth *auth.Credentials
+	// MetricsOpen serves /metrics without a token.
+	MetricsOpen bool
+	// ProbeRaft checks, before a server joins as a voter, that its Raft
+	// address answers as that server. Default (nil): a TLS dial with this
+	// node's certificate (trust.go), or nothing with trust off.
+	ProbeRaft func(ctx context.Context, name, addr string) error
 
 	closed  chan struct{} // closed when Run returns
 	peersMu sync.Mutex
@@ -65,6 +78,7 @@ type Server struct {
 
 	batch     batcher     // proposals waiting to be committed together (batch.go)
 	listCache recordCache // encoded records for List (listcache.go)
+	whoami    whoamiCache // workers: what servers said of tokens (auth.go)
 
 	streamsMu     sync.Mutex
 	streams       map[net.Conn]struct{} // open heartbeat streams (stream.go)
@@ -98,7 +112,7 @@ func (s *Server) init() {
 		})
 	}
 	s.clients = map[string]*peer{}
-	s.httpc = NewHTTPClient()
+	s.httpc = NewHTTPClient(s.tlsFor(auth.APIClient))
 	s.leases = newLeases()
 	s.closed = make(chan struct{})
 }
@@ -115,16 +129,17 @@ func (s *Server) Handler() http.Handler {
 	s.init()
 	// No gzip: members talk over a LAN, where compressing every blocking
 	// query's answer cost more CPU than anything else the agent did.
-	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes), connect.WithCompression("gzip", nil, nil)}
+	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes), connect.WithCompression("gzip", nil, nil),
+		connect.WithInterceptors(authInterceptor{})}
 	mux := http.NewServeMux()
 	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s}, opts...))
 	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s}, opts...))
 	mux.HandleFunc(StreamPath, s.serveHeartbeatStream)
-	mux.Handle("/metrics", s.Metrics.Handler())
+	mux.Handle("/metrics", s.metricsGate(s.Metrics.Handler()))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	return http.MaxBytesHandler(mux, MaxRequestBytes+4096)
+	return http.MaxBytesHandler(s.authenticate(mux), MaxRequestBytes+4096)
 }
 
 // Run runs the leader duties (lease checks) until ctx ends, then closes the

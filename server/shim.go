@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/table"
 )
@@ -31,6 +32,9 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	m := req.Msg
 	if err := table.ValidateSpec(m.Spec); err != nil {
 		return nil, apiError(err)
+	}
+	if err := checkSpawn(ctx, m.Spec); err != nil {
+		return nil, err
 	}
 	n := max(int(m.Count), 1)
 	if n > table.MaxSpawnIDs {
@@ -360,8 +364,15 @@ func (h *shimAPI) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest]
 			return invalid("%q names %d processes; logs needs exactly one", m.Id, len(ids))
 		}
 		rec = s.Table.Get(ids[0])
-	} else if _, err := os.Stat(LogPath(s.LogDir, m.Id)); err == nil {
-		rec = &pb.ProcessRecord{Id: m.Id, Node: s.Name}
+	} else if id := callerOf(ctx).id; id.Kind != auth.KindToken {
+		// A worker answers from its own files only a server, which
+		// checked the user's token; a user's call (its token unchecked
+		// here) goes to a server, which proxies it back if need be.
+		if _, err := os.Stat(LogPath(s.LogDir, m.Id)); err == nil {
+			rec = &pb.ProcessRecord{Id: m.Id, Node: s.Name}
+		} else if id.Kind == auth.KindNode {
+			return connect.NewError(connect.CodeNotFound, fmt.Errorf("no log of %s on node %s", m.Id, s.Name))
+		}
 	}
 	if rec == nil || rec.Node != s.Name {
 		owner := s.ownerAPI(rec)

@@ -3,6 +3,7 @@ package server
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 )
@@ -44,7 +46,7 @@ import (
 // Node to server: a uvarint length and a HeartbeatRequest.
 const (
 	// StreamPath is the heartbeat stream's HTTP path.
-	StreamPath = "/shim/v1/heartbeat-stream"
+	StreamPath = auth.ProcHeartbeatStream
 	// streamProto is the Upgrade token.
 	streamProto = "shim-heartbeat/1"
 
@@ -68,6 +70,11 @@ func (s *Server) serveHeartbeatStream(w http.ResponseWriter, r *http.Request) {
 	}
 	if !strings.EqualFold(r.Header.Get("Upgrade"), streamProto) {
 		http.Error(w, "expected Upgrade: "+streamProto, http.StatusUpgradeRequired)
+		return
+	}
+	// Only nodes beat; each beat is then checked against the node it names.
+	if err := allow(r.Context(), StreamPath); err != nil {
+		httpAuthError(w, err)
 		return
 	}
 	s.streamsMu.Lock()
@@ -118,6 +125,8 @@ func (s *Server) serveHeartbeatStream(w http.ResponseWriter, r *http.Request) {
 		out = out[:0]
 		if err := proto.Unmarshal(in, req); err != nil {
 			out = appendError(out, connect.CodeInvalidArgument, "heartbeat stream: "+err.Error())
+		} else if err := auth.ActsFor(callerOf(r.Context()).id, req.Node); err != nil {
+			out = appendError(out, connect.CodePermissionDenied, err.Error())
 		} else {
 			out = s.streamBeat(r.Context(), req, out)
 		}
@@ -207,6 +216,7 @@ func appendError(out []byte, code connect.Code, msg string) []byte {
 // leader uses the stream the node already holds there.
 type Streams struct {
 	httpc *http.Client
+	tls   *tls.Config // auth.StreamClient; nil: plain TCP (trust off)
 	mu    sync.Mutex
 	slots map[string]*streamSlot // by host:port
 }
@@ -218,26 +228,28 @@ type streamSlot struct {
 }
 
 // NewStreams returns an empty set of streams whose clients make their
-// other calls with httpc.
-func NewStreams(httpc *http.Client) *Streams {
-	return &Streams{httpc: httpc, slots: map[string]*streamSlot{}}
+// other calls with httpc. Streams speak TLS with tlsConfig (auth's
+// StreamClient: HTTP/1.1 only, since a stream is an HTTP/1.1 upgrade); nil
+// means plain TCP, for http:// members.
+func NewStreams(httpc *http.Client, tlsConfig *tls.Config) *Streams {
+	return &Streams{httpc: httpc, tls: tlsConfig, slots: map[string]*streamSlot{}}
 }
 
 // NewAgentClient returns a client with streams of its own; see
 // Streams.Client.
-func NewAgentClient(httpc *http.Client, baseURL string) shimv1connect.AgentServiceClient {
-	return NewStreams(httpc).Client(baseURL)
+func NewAgentClient(httpc *http.Client, tlsConfig *tls.Config, baseURL string) shimv1connect.AgentServiceClient {
+	return NewStreams(httpc, tlsConfig).Client(baseURL)
 }
 
 // Client returns an AgentService client for the member at baseURL
-// (http://host:port) whose Heartbeat calls go over a heartbeat stream; every
-// other call is plain Connect. Where the member serves no streams, Heartbeat
-// falls back to the unary call.
+// (https://host:port, or http:// with trust off) whose Heartbeat calls go
+// over a heartbeat stream; every other call is plain Connect. Where the
+// member serves no streams, Heartbeat falls back to the unary call.
 func (p *Streams) Client(baseURL string) shimv1connect.AgentServiceClient {
 	return &agentClient{
 		AgentServiceClient: shimv1connect.NewAgentServiceClient(p.httpc, baseURL),
 		streams:            p,
-		target:             hostOf(baseURL),
+		target:             p.hostOf(baseURL),
 	}
 }
 
@@ -252,9 +264,14 @@ type agentClient struct {
 	avoidTill time.Time // ...is not used until then
 }
 
-func hostOf(baseURL string) string {
+// hostOf returns host:port of a member whose streams this set can dial.
+func (p *Streams) hostOf(baseURL string) string {
 	u, err := url.Parse(baseURL)
-	if err != nil || u.Scheme != "http" || u.Host == "" {
+	want := "http"
+	if p.tls != nil {
+		want = "https"
+	}
+	if err != nil || u.Scheme != want || u.Host == "" {
 		return ""
 	}
 	return u.Host
@@ -432,7 +449,7 @@ func (p *Streams) stream(ctx context.Context, addr string) (bc *beatConn, fresh 
 		done := make(chan struct{})
 		sl.dialing = done
 		p.mu.Unlock()
-		bc, err = dialBeat(ctx, addr)
+		bc, err = dialBeat(ctx, addr, p.tls)
 		p.mu.Lock()
 		sl.dialing = nil
 		close(done)
@@ -480,7 +497,7 @@ type frame struct {
 	err     error
 }
 
-func dialBeat(ctx context.Context, addr string) (*beatConn, error) {
+func dialBeat(ctx context.Context, addr string, tlsConfig *tls.Config) (*beatConn, error) {
 	d := net.Dialer{Timeout: 2 * time.Second, KeepAlive: 15 * time.Second}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -488,6 +505,18 @@ func dialBeat(ctx context.Context, addr string) (*beatConn, error) {
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
+	}
+	if tlsConfig != nil {
+		c := tlsConfig.Clone()
+		if host, _, err := net.SplitHostPort(addr); err == nil {
+			c.ServerName = host
+		}
+		tc := tls.Client(conn, c)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		conn = tc
 	}
 	br := bufio.NewReaderSize(conn, 512)
 	_, err = io.WriteString(conn, "GET "+StreamPath+" HTTP/1.1\r\nHost: "+addr+

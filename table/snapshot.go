@@ -28,6 +28,8 @@ type Snapshot struct {
 	nodes   []*pb.NodeRecord
 	procs   []*pb.ProcessRecord
 	pending []string
+	trust   *pb.Trust
+	tokens  []*pb.TokenRecord
 }
 
 // Snapshot captures the table's state.
@@ -39,6 +41,8 @@ func (t *Table) Snapshot() *Snapshot {
 		nodes:   make([]*pb.NodeRecord, 0, len(t.nodes)),
 		procs:   make([]*pb.ProcessRecord, 0, len(t.procs)),
 		pending: slices.Clone(t.pending),
+		trust:   t.trust,
+		tokens:  sortedTokens(t.tokens),
 	}
 	for _, name := range t.nodeOrder {
 		s.nodes = append(s.nodes, t.nodes[name])
@@ -58,6 +62,7 @@ func (s *Snapshot) Persist(w io.Writer) error {
 	hdr := &pb.SnapshotHeader{
 		Version: snapshotVersion, Index: s.index, Pending: s.pending,
 		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
+		Trust: s.trust, Tokens: s.tokens,
 	}
 	if _, err := protodelim.MarshalTo(bw, hdr); err != nil {
 		return fmt.Errorf("persist header: %w", err)
@@ -136,12 +141,17 @@ func (t *Table) Restore(r io.Reader) error {
 		nt.nodeIndex[n.Name] = hdr.Index
 	}
 	nt.pending = hdr.Pending
+	nt.trust = hdr.Trust
+	for _, tk := range hdr.Tokens {
+		nt.tokens[tk.Id] = tk
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.index, t.procs, t.nodes, t.nodeOrder, t.servers = nt.index, nt.procs, nt.nodes, nt.nodeOrder, nt.servers
 	t.byNode, t.byName, t.pending, t.alloc, t.nodeIndex = nt.byNode, nt.byName, nt.pending, nt.alloc, nt.nodeIndex
 	t.left, t.leftBase, t.changes = map[string]*departures{}, hdr.Index, map[string]*departures{}
 	t.cands, t.candsOK, t.states, t.order = nil, false, nt.states, nt.order
+	t.trust, t.tokens = nt.trust, nt.tokens
 	return nil
 }
 
@@ -149,8 +159,13 @@ func (t *Table) Restore(r io.Reader) error {
 func Equal(a, b *Table) bool {
 	sa, sb := a.Snapshot(), b.Snapshot()
 	if sa.index != sb.index || len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
-		!slices.Equal(sa.pending, sb.pending) {
+		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) {
 		return false
+	}
+	for i := range sa.tokens {
+		if !proto.Equal(sa.tokens[i], sb.tokens[i]) {
+			return false
+		}
 	}
 	for i := range sa.nodes {
 		if !proto.Equal(sa.nodes[i], sb.nodes[i]) {

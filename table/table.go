@@ -47,6 +47,9 @@ type Table struct {
 	candsOK bool
 	// states counts the records in each state (derived), for metrics.
 	states map[pb.ProcessState]int
+	// trust and tokens: the cluster CA and client tokens (trust.go).
+	trust  *pb.Trust
+	tokens map[string]*pb.TokenRecord
 	// order holds every process id sorted by creation time, then id: the
 	// order Processes lists them in, kept rather than sorted per call
 	// (derived; a record's creation time never changes).
@@ -116,6 +119,8 @@ func (t *Table) reset() {
 	t.cands, t.candsOK = nil, false
 	t.states = map[pb.ProcessState]int{}
 	t.order = nil
+	t.trust = nil
+	t.tokens = map[string]*pb.TokenRecord{}
 }
 
 // depart logs that id is no longer assigned to node as of the table index.
@@ -254,6 +259,12 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 		err = x.hold(op.Hold)
 	case *pb.Command_Prune:
 		ids = x.prune(op.Prune.GetBeforeUnixNano())
+	case *pb.Command_SetTrust:
+		err = x.setTrust(op.SetTrust.GetTrust())
+	case *pb.Command_AddToken:
+		err = x.addToken(op.AddToken.GetToken())
+	case *pb.Command_RevokeToken:
+		err = x.revokeToken(op.RevokeToken.GetId())
 	default:
 		err = fmt.Errorf("%w: empty command", ErrDecode)
 	}

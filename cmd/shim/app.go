@@ -23,11 +23,13 @@ type app struct {
 	out, errOut io.Writer
 	getenv      func(string) string
 	now         func() time.Time
-	// dial makes a client for a base URL ("http://host:port"); tests replace it.
-	dial func(baseURL string) shimv1connect.ShimServiceClient
+	// dial makes a client for a base URL ("https://host:port"); tests
+	// replace it.
+	dial func(baseURL string) (shimv1connect.ShimServiceClient, error)
 
-	addrFlag string
-	timeout  time.Duration
+	addrFlag, tokenFlag, caFlag string
+	timeout                     time.Duration
+	creds                       *credentials // found on first use (creds.go)
 
 	addrs   []string // resolved on first use
 	clients map[string]shimv1connect.ShimServiceClient
@@ -137,6 +139,8 @@ func (a *app) rootCmd() *cobra.Command {
 	pf := root.PersistentFlags()
 	pf.StringVar(&a.addrFlag, "addr", "", "shim servers `ADDR[,ADDR]`, tried in order (default $SHIM_ADDR or "+defaultAddr+")")
 	pf.DurationVar(&a.timeout, "timeout", 10*time.Second, "timeout of each API call (0: none)")
+	pf.StringVar(&a.tokenFlag, "token", "", "API token (default $SHIM_TOKEN, or admin.token in $SHIM_DATA_DIR, default ./shim-data)")
+	pf.StringVar(&a.caFlag, "ca", "", "cluster CA certificate, a PEM `FILE` (default $SHIM_CA, or ca.pem in $SHIM_DATA_DIR)")
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		if a.timeout < 0 {
 			return usagef("invalid --timeout %s: negative", a.timeout)
@@ -145,7 +149,7 @@ func (a *app) rootCmd() *cobra.Command {
 	}
 	root.AddCommand(
 		a.spawnCmd(), a.psCmd(), a.killCmd(), a.nodesCmd(), a.logsCmd(),
-		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.versionCmd(),
+		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.tokenCmd(), a.versionCmd(),
 	)
 	return root
 }

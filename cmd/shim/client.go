@@ -16,7 +16,8 @@ import (
 )
 
 // parseAddrs splits an --addr value into base URLs. Each entry is host:port
-// with an optional http:// or https:// prefix; a missing port means 7070.
+// with an optional https:// (the default) or http:// prefix (a cluster
+// running with trust off); a missing port means 7070.
 func parseAddrs(v string) ([]string, error) {
 	var out []string
 	for _, raw := range strings.Split(v, ",") {
@@ -24,11 +25,11 @@ func parseAddrs(v string) ([]string, error) {
 		if s == "" {
 			continue
 		}
-		scheme := "http://"
+		scheme := "https://"
 		if rest, ok := strings.CutPrefix(s, "http://"); ok {
-			s = rest
+			s, scheme = rest, "http://"
 		} else if rest, ok := strings.CutPrefix(s, "https://"); ok {
-			s, scheme = rest, "https://"
+			s = rest
 		}
 		s = strings.TrimSuffix(s, "/")
 		if _, _, err := net.SplitHostPort(s); err != nil {
@@ -70,24 +71,35 @@ func (a *app) resolve() error {
 	return nil
 }
 
-func (a *app) httpDial(baseURL string) shimv1connect.ShimServiceClient {
+func (a *app) httpDial(baseURL string) (shimv1connect.ShimServiceClient, error) {
+	cr, err := a.credentials(strings.HasPrefix(baseURL, "https://"))
+	if err != nil {
+		return nil, err
+	}
 	dialTimeout := min(3*time.Second, a.timeout)
 	if dialTimeout <= 0 {
 		dialTimeout = 3 * time.Second
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.Proxy = nil
-	tr.DialContext = (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext
-	return shimv1connect.NewShimServiceClient(&http.Client{Transport: tr}, baseURL)
+	tr := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:     cr.tls,
+		TLSHandshakeTimeout: dialTimeout,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     90 * time.Second,
+	}
+	return shimv1connect.NewShimServiceClient(&http.Client{Transport: tr}, baseURL, bearer(cr.token)), nil
 }
 
-func (a *app) client(baseURL string) shimv1connect.ShimServiceClient {
+func (a *app) client(baseURL string) (shimv1connect.ShimServiceClient, error) {
 	c, ok := a.clients[baseURL]
 	if !ok {
-		c = a.dial(baseURL)
+		var err error
+		if c, err = a.dial(baseURL); err != nil {
+			return nil, err
+		}
 		a.clients[baseURL] = c
 	}
-	return c
+	return c, nil
 }
 
 var errInterrupted = errors.New("interrupted")
@@ -101,12 +113,20 @@ type unreachableError struct {
 func (e *unreachableError) Error() string {
 	hosts := make([]string, len(e.addrs))
 	for i, u := range e.addrs {
-		hosts[i] = strings.TrimPrefix(u, "http://")
+		hosts[i] = hostOf(u)
 	}
 	return fmt.Sprintf("cannot reach shim at %s: %s", strings.Join(hosts, ","), reason(e.err))
 }
 
 func (e *unreachableError) Unwrap() error { return e.err }
+
+// hostOf strips the scheme from a base URL.
+func hostOf(baseURL string) string {
+	if _, rest, ok := strings.Cut(baseURL, "://"); ok {
+		return rest
+	}
+	return baseURL
+}
 
 // unreachable reports whether err means "this address did not answer", so
 // the next one should be tried. The request was not processed in that case.
@@ -163,7 +183,12 @@ func (a *app) callTimeout(ctx context.Context, timeout time.Duration, f func(con
 		if timeout > 0 {
 			cctx, cancel = context.WithTimeout(ctx, timeout)
 		}
-		err := f(cctx, a.client(a.addrs[n]))
+		c, err := a.client(a.addrs[n])
+		if err != nil {
+			cancel()
+			return err
+		}
+		err = f(cctx, c)
 		cancel()
 		if err == nil {
 			a.first = n
@@ -175,7 +200,7 @@ func (a *app) callTimeout(ctx context.Context, timeout time.Duration, f func(con
 		if !unreachable(err) {
 			a.first = n
 			if connect.CodeOf(err) == connect.CodeDeadlineExceeded {
-				return fmt.Errorf("no answer from %s within %s", strings.TrimPrefix(a.addrs[n], "http://"), timeout)
+				return fmt.Errorf("no answer from %s within %s", hostOf(a.addrs[n]), timeout)
 			}
 			return srvErr(err)
 		}

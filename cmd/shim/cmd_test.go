@@ -39,6 +39,11 @@ type fakeServer struct {
 	listReqs []*pb.ListRequest
 	// after spawn, List returns the spawned records in this state
 	spawnState pb.ProcessState
+	// tokens (creds_test.go)
+	createReq *pb.CreateTokenRequest
+	lastToken string
+	tokens    []*pb.TokenRecord
+	revoked   string
 }
 
 func notFound(ref string) error {
@@ -159,13 +164,13 @@ func runShim(t *testing.T, f *fakeServer, env string, args ...string) (result, [
 	a.now = func() time.Time { return t0.Add(time.Minute) }
 	var dialed []string
 	_, h := shimv1connect.NewShimServiceHandler(f)
-	a.dial = func(base string) shimv1connect.ShimServiceClient {
+	a.dial = func(base string) (shimv1connect.ShimServiceClient, error) {
 		dialed = append(dialed, base)
 		var c connect.HTTPClient = handlerClient{h}
 		if strings.Contains(base, "down") {
 			c = downClient{}
 		}
-		return shimv1connect.NewShimServiceClient(c, base)
+		return shimv1connect.NewShimServiceClient(c, base), nil
 	}
 	code := a.execute(context.Background(), args)
 	if errOut.Len() > 0 && (strings.Count(errOut.String(), "\n") != 1 || !strings.HasPrefix(errOut.String(), "shim: ")) {
@@ -285,7 +290,7 @@ func TestPs(t *testing.T) {
 func TestFailover(t *testing.T) {
 	f := &fakeServer{}
 	r, dialed := runShim(t, f, "down:1,http://up:2", "ps")
-	if r.code != 0 || fmt.Sprint(dialed) != "[http://down:1 http://up:2]" {
+	if r.code != 0 || fmt.Sprint(dialed) != "[https://down:1 http://up:2]" {
 		t.Errorf("failover = %+v, dialed %v", r, dialed)
 	}
 	r, _ = runShim(t, f, "down:7070", "ps")
@@ -294,7 +299,7 @@ func TestFailover(t *testing.T) {
 	}
 	// --addr wins over $SHIM_ADDR.
 	r, dialed = runShim(t, f, "down:1", "--addr", "up:3", "nodes")
-	if r.code != 0 || fmt.Sprint(dialed) != "[http://up:3]" {
+	if r.code != 0 || fmt.Sprint(dialed) != "[https://up:3]" {
 		t.Errorf("--addr = %+v, dialed %v", r, dialed)
 	}
 }

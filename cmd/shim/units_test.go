@@ -229,12 +229,12 @@ func TestParseAddrs(t *testing.T) {
 		want []string
 		err  string
 	}{
-		{"127.0.0.1:7070", []string{"http://127.0.0.1:7070"}, ""},
-		{"http://a:1,b:2", []string{"http://a:1", "http://b:2"}, ""},
+		{"127.0.0.1:7070", []string{"https://127.0.0.1:7070"}, ""},
+		{"http://a:1,b:2", []string{"http://a:1", "https://b:2"}, ""},
 		{"https://a:1/", []string{"https://a:1"}, ""},
-		{"a, b:9", []string{"http://a:7070", "http://b:9"}, ""},
-		{"[::1]:7070", []string{"http://[::1]:7070"}, ""},
-		{"[::1]", []string{"http://[::1]:7070"}, ""},
+		{"a, b:9", []string{"https://a:7070", "https://b:9"}, ""},
+		{"[::1]:7070", []string{"https://[::1]:7070"}, ""},
+		{"[::1]", []string{"https://[::1]:7070"}, ""},
 		{"a:1:2", nil, `invalid --addr "a:1:2": use HOST:PORT`},
 		{"a:1/x", nil, `invalid --addr "a:1/x": use HOST:PORT`},
 		{":7070", nil, `invalid --addr ":7070": use HOST:PORT`},

@@ -3,8 +3,10 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -22,6 +24,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/shim-run/shim/agent"
+	"github.com/shim-run/shim/auth"
 	"github.com/shim-run/shim/guard"
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
@@ -33,6 +36,9 @@ import (
 
 type options struct {
 	name, dataDir, api, raftAddr, role, join, logLevel string
+	advertise, raftAdvertise                           string
+	joinToken, joinTokenFile                           string
+	metricsOpen, insecure                              bool
 	lease, hold                                        time.Duration
 	reserveCPU, reserveMem, cpuCap, memCap             string
 	overcommit                                         uint32
@@ -53,10 +59,17 @@ func newCommand() *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&o.name, "name", host, "node name (unique in the cluster)")
 	f.StringVar(&o.dataDir, "data-dir", "./shim-data", "directory for Raft state, process state and logs")
-	f.StringVar(&o.api, "api", "127.0.0.1:7070", "API listen address (also what other nodes dial)")
+	f.StringVar(&o.api, "api", "127.0.0.1:7070", "API listen address (HTTPS; also what other nodes dial, unless --advertise)")
 	f.StringVar(&o.raftAddr, "raft", "127.0.0.1:7071", "Raft listen address (servers only)")
+	f.StringVar(&o.advertise, "advertise", "", "API address other nodes and clients dial (default: --api); needed when --api listens on 0.0.0.0")
+	f.StringVar(&o.raftAdvertise, "raft-advertise", "", "Raft address other servers dial (default: --raft); needed when --raft listens on 0.0.0.0")
 	f.StringVar(&o.role, "role", "server", "server (Raft voter) or worker (runs processes, not in Raft)")
 	f.StringVar(&o.join, "join", "", "API address of any member, comma-separated for several; empty bootstraps a new cluster")
+	f.StringVar(&o.joinToken, "join-token", "", "join token for a new node (default $SHIM_JOIN_TOKEN); the bootstrap server wrote one to <data-dir>/join.token")
+	f.StringVar(&o.joinTokenFile, "join-token-file", "", "read the join token from this file")
+	f.BoolVar(&o.metricsOpen, "metrics-open", false, "serve /metrics without a token")
+	f.BoolVar(&o.insecure, "insecure", false, "no TLS and no tokens: anyone who reaches a port owns every host (benchmarks only)")
+	_ = f.MarkHidden("insecure")
 	f.DurationVar(&o.lease, "lease", time.Second, "node lease: a node that cannot renew it for this long is fenced and replaced")
 	f.DurationVar(&o.hold, "shutdown-hold", 30*time.Second, "after a clean stop, how long the cluster waits for this shimd to return before moving its processes")
 	f.StringVar(&o.reserveCPU, "reserve-cpu", "0", "CPU cores kept back for the system")
@@ -103,20 +116,42 @@ func run(ctx context.Context, o *options) error {
 	defer stop()
 
 	join := splitAddrs(o.join)
+	apiAdv, err := advertised("api", o.api, o.advertise)
+	if err != nil {
+		return err
+	}
+	raftAdv := ""
+	if role == pb.NodeRole_NODE_ROLE_SERVER {
+		if raftAdv, err = advertised("raft", o.raftAddr, o.raftAdvertise); err != nil {
+			return err
+		}
+	}
 	if o.simulate > 0 {
 		if role != pb.NodeRole_NODE_ROLE_WORKER || len(join) == 0 {
 			return errors.New("--simulate needs --role worker and --join")
 		}
 		return simulate(ctx, o, o.simulate, join, capacity, log)
 	}
+	if role == pb.NodeRole_NODE_ROLE_WORKER && len(join) == 0 {
+		return errors.New("--role worker needs --join with the API address of a server")
+	}
+	var creds *auth.Credentials
+	var boot *bootstrap
+	if o.insecure {
+		log.Warn("--insecure: no TLS, no tokens; anyone who reaches this node's ports owns it")
+	} else if creds, boot, err = trustSetup(ctx, o, role, join, certHosts(apiAdv, o.api, raftAdv, o.raftAddr), log); err != nil {
+		return err
+	}
+	secure := creds != nil
 	m := metrics.New(nil)
-	srv := &server.Server{Name: o.name, Lease: o.lease, LogDir: filepath.Join(o.dataDir, "logs"), Log: log, Metrics: m}
+	srv := &server.Server{Name: o.name, Lease: o.lease, LogDir: filepath.Join(o.dataDir, "logs"), Log: log, Metrics: m,
+		Auth: creds, MetricsOpen: o.metricsOpen}
 	var rn *raftlog.Node
 	if role == pb.NodeRole_NODE_ROLE_SERVER {
 		t := table.New()
 		w := server.NewWatcher()
-		rn, err = raftlog.Open(raftlog.Config{
-			ID: o.name, BindAddr: o.raftAddr, DataDir: filepath.Join(o.dataDir, "raft"),
+		rc := raftlog.Config{
+			ID: o.name, BindAddr: o.raftAddr, Advertise: o.raftAdvertise, DataDir: filepath.Join(o.dataDir, "raft"),
 			Bootstrap: len(join) == 0, Logger: os.Stderr,
 			// A new leader must answer heartbeats before any node's lease
 			// (1 s, renewed every 200 ms) runs out, so elections must finish
@@ -127,15 +162,16 @@ func run(ctx context.Context, o *options) error {
 			// deposed leader steps down after 200 ms without a quorum.
 			HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond,
 			LeaderLeaseTimeout: 200 * time.Millisecond,
-		}, &server.FSM{Table: t, Watch: w})
+		}
+		if secure {
+			rc.ServerTLS, rc.ClientTLS = creds.TLS(auth.RaftServer), creds.TLS(auth.RaftClient)
+		}
+		rn, err = raftlog.Open(rc, &server.FSM{Table: t, Watch: w})
 		if err != nil {
 			return fmt.Errorf("raft: %w", err)
 		}
 		srv.Table, srv.Raft, srv.Watch = t, rn, w
 	} else {
-		if len(join) == 0 {
-			return errors.New("--role worker needs --join with the API address of a server")
-		}
 		srv.Peers = join
 	}
 
@@ -143,25 +179,39 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return fmt.Errorf("api: %w", err)
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
+	if boot != nil {
+		// Tokens must be good before anyone may use them.
+		if err := finishBootstrap(ctx, srv, o.dataDir, boot); err != nil {
+			ln.Close()
+			return err
+		}
+	}
 	go func() {
-		if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if secure {
+			hs.TLSConfig = creds.TLS(auth.APIServer)
+			err = hs.ServeTLS(ln, "", "")
+		} else {
+			err = hs.Serve(ln)
+		}
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Error("api server stopped", "err", err)
 		}
 	}()
-	log.Info("shimd started", "role", o.role, "api", o.api, "raft", o.raftAddr, "data", o.dataDir,
-		"cpu", table.Cores(capacity.CpuMaxMilli), "mem", table.Bytes(capacity.MemMaxBytes))
+	log.Info("shimd started", "role", o.role, "api", o.api, "advertise", apiAdv, "raft", raftAdv, "data", o.dataDir,
+		"tls", secure, "cpu", table.Cores(capacity.CpuMaxMilli), "mem", table.Bytes(capacity.MemMaxBytes))
 
 	// The agent talks to this node's own API on servers (which forwards to
 	// the leader), and to the servers directly on workers.
 	var addrsMu sync.Mutex
-	addrs := []string{o.api}
+	addrs := []string{apiAdv}
 	if role == pb.NodeRole_NODE_ROLE_WORKER {
 		addrs = join
 	} else if rn.HadState() || len(join) == 0 {
-		addrs = []string{o.api}
+		addrs = []string{apiAdv}
 	} else {
-		addrs = append([]string{o.api}, join...)
+		addrs = append([]string{apiAdv}, join...)
 	}
 	rt, err := newRuntime(o.name, log)
 	if err != nil {
@@ -174,10 +224,14 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 	defer deadline.Close()
-	httpc := server.NewHTTPClient()
+	var clientTLS, streamTLS *tls.Config
+	if secure {
+		clientTLS, streamTLS = creds.TLS(auth.APIClient), creds.TLS(auth.StreamClient)
+	}
+	httpc := server.NewHTTPClient(clientTLS)
 	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
-		Node: &pb.NodeRecord{Name: o.name, Role: role, ApiAddr: o.api, RaftAddr: raftAddrFor(role, o.raftAddr),
+		Node: &pb.NodeRecord{Name: o.name, Role: role, ApiAddr: apiAdv, RaftAddr: raftAdv,
 			Capacity: capacity, OvercommitPercent: o.overcommit},
 		Addrs: func() []string {
 			addrsMu.Lock()
@@ -189,7 +243,7 @@ func run(ctx context.Context, o *options) error {
 			defer addrsMu.Unlock()
 			c := clients[addr]
 			if c == nil {
-				c = server.NewAgentClient(httpc, server.URL(addr)) // heartbeats over a stream, as simulated workers
+				c = server.NewAgentClient(httpc, streamTLS, server.URL(addr, secure)) // heartbeats over a stream, as simulated workers
 				clients[addr] = c
 			}
 			return c
@@ -202,7 +256,7 @@ func run(ctx context.Context, o *options) error {
 				srv.SetPeers(s)
 			} else {
 				addrsMu.Lock()
-				addrs = []string{o.api}
+				addrs = []string{apiAdv}
 				addrsMu.Unlock()
 			}
 		},
@@ -220,7 +274,7 @@ func run(ctx context.Context, o *options) error {
 	}
 	if role == pb.NodeRole_NODE_ROLE_SERVER && !rn.HadState() && len(join) > 0 {
 		// A new server must be a voter before its own API can answer.
-		if err := joinRaft(ctx, httpc, join, ag.Node); err != nil {
+		if err := joinRaft(ctx, httpc, secure, join, ag.Node); err != nil {
 			return err
 		}
 	}
@@ -252,21 +306,22 @@ func run(ctx context.Context, o *options) error {
 }
 
 // joinRaft asks a member to add this server as a voter, retrying until one
-// answers.
-func joinRaft(ctx context.Context, httpc *http.Client, join []string, n *pb.NodeRecord) error {
+// answers; a refusal ends it.
+func joinRaft(ctx context.Context, httpc *http.Client, secure bool, join []string, n *pb.NodeRecord) error {
 	backoff := 100 * time.Millisecond
 	for {
 		var err error
 		for _, addr := range join {
-			c := shimv1connect.NewAgentServiceClient(httpc, server.URL(addr))
+			c := shimv1connect.NewAgentServiceClient(httpc, server.URL(addr, secure))
 			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			_, err = c.Join(rctx, connect.NewRequest(&pb.JoinRequest{Node: n}))
 			cancel()
 			if err == nil {
 				return nil
 			}
-			if connect.CodeOf(err) == connect.CodeInvalidArgument {
-				return fmt.Errorf("join %s: %w", addr, err)
+			switch connect.CodeOf(err) {
+			case connect.CodeInvalidArgument, connect.CodeUnauthenticated, connect.CodePermissionDenied:
+				return fmt.Errorf("join %s: %s", addr, oneLine(err))
 			}
 		}
 		slog.Warn("cannot join yet; retrying", "join", join, "err", err)
@@ -279,11 +334,31 @@ func joinRaft(ctx context.Context, httpc *http.Client, join []string, n *pb.Node
 	}
 }
 
-func raftAddrFor(role pb.NodeRole, addr string) string {
-	if role == pb.NodeRole_NODE_ROLE_SERVER {
-		return addr
+// advertised is the address others dial: adv, or the listen address, which
+// then must be one (not 0.0.0.0).
+func advertised(flag, listen, adv string) (string, error) {
+	a, name := listen, "--"+flag
+	if adv != "" {
+		a, name = adv, map[string]string{"api": "--advertise", "raft": "--raft-advertise"}[flag]
 	}
-	return ""
+	host, port, err := net.SplitHostPort(a)
+	if err != nil || port == "" {
+		return "", fmt.Errorf("%s %q: use HOST:PORT", name, a)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		if flag == "raft" {
+			return "", fmt.Errorf("--raft %s listens on every address: pass --raft-advertise HOST:PORT, the address other servers dial", listen)
+		}
+		return "", fmt.Errorf("--api %s listens on every address: pass --advertise HOST:PORT, the address other nodes dial", listen)
+	}
+	return a, nil
+}
+
+// httpErrorLog sends net/http's own complaints (TLS handshakes that fail:
+// scanners, plain HTTP on the TLS port) to the debug log, where they do not
+// drown what matters.
+func httpErrorLog(log *slog.Logger) *stdlog.Logger {
+	return slog.NewLogLogger(log.Handler(), slog.LevelDebug)
 }
 
 func parseRole(s string) (pb.NodeRole, error) {

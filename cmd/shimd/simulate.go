@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/shim-run/shim/agent"
+	"github.com/shim-run/shim/auth"
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -41,14 +43,26 @@ func simStateDir(dataDir, name string) string {
 // talking to the servers over the API like any worker; only its processes
 // are pretend (agent.SimRuntime). It is for scale tests and benchmarks.
 func simulate(ctx context.Context, o *options, n int, join []string, capacity *pb.Resources, log *slog.Logger) error {
-	// One client for all n workers, whose pool keeps enough idle
-	// connections for every worker's long poll, heartbeats and reports:
-	// with fewer, finished calls close their connections and new ones dial
-	// (a third of the simulator's CPU went to connect(2) at 64 per host).
-	httpc := server.NewHTTPClient()
+	// With trust off: one client for all n workers, whose pool keeps
+	// enough idle connections for every worker's long poll, heartbeats and
+	// reports: with fewer, finished calls close their connections and new
+	// ones dial (a third of the simulator's CPU went to connect(2) at 64
+	// per host).
+	httpc := server.NewHTTPClient(nil)
 	if tr, ok := httpc.Transport.(*http.Transport); ok {
 		tr.MaxIdleConnsPerHost = 4*n + 64
 		tr.MaxIdleConns = 0 // no limit over all hosts
+	}
+	// With trust on, each worker is a node of its own, with a certificate
+	// of its own (signed with the join token, kept in memory only: a
+	// simulated worker is never restarted) and so connections of its own.
+	var en *enroller
+	if !o.insecure {
+		tok, err := joinToken(o)
+		if err != nil {
+			return err
+		}
+		en = &enroller{join: join, tok: tok}
 	}
 	stateDir := simStateDir(o.dataDir, o.name)
 	_ = os.RemoveAll(stateDir) // a previous run's, killed
@@ -57,15 +71,20 @@ func simulate(ctx context.Context, o *options, n int, join []string, capacity *p
 	addrs := append([]string(nil), join...)
 	// Each worker has clients and heartbeat streams of its own, as a real
 	// worker has: n workers hold n streams to the leader, not one.
-	clientsOf := func() func(addr string) shimv1connect.AgentServiceClient {
-		streams := server.NewStreams(httpc)
+	clientsOf := func(creds *auth.Credentials) func(addr string) shimv1connect.AgentServiceClient {
+		hc, streamTLS := httpc, (*tls.Config)(nil)
+		if creds != nil {
+			hc = server.NewHTTPClient(creds.TLS(auth.APIClient))
+			streamTLS = creds.TLS(auth.StreamClient)
+		}
+		streams := server.NewStreams(hc, streamTLS)
 		clients := map[string]shimv1connect.AgentServiceClient{}
 		return func(addr string) shimv1connect.AgentServiceClient {
 			mu.Lock()
 			defer mu.Unlock()
 			c := clients[addr]
 			if c == nil {
-				c = streams.Client(server.URL(addr))
+				c = streams.Client(server.URL(addr, creds != nil))
 				clients[addr] = c
 			}
 			return c
@@ -75,15 +94,26 @@ func simulate(ctx context.Context, o *options, n int, join []string, capacity *p
 	quiet := slog.New(log.Handler()).With("simulated", true)
 	var wg sync.WaitGroup
 	for i := range n {
+		name := fmt.Sprintf("%s-sim-%d", o.name, i)
+		var creds *auth.Credentials
+		if en != nil {
+			var err error
+			if creds, err = en.enroll(ctx, name, pb.NodeRole_NODE_ROLE_WORKER, nil); err != nil {
+				if ctx.Err() != nil {
+					break
+				}
+				return err
+			}
+		}
 		ag := &agent.Agent{
-			Node: &pb.NodeRecord{Name: fmt.Sprintf("%s-sim-%d", o.name, i), Role: pb.NodeRole_NODE_ROLE_WORKER,
+			Node: &pb.NodeRecord{Name: name, Role: pb.NodeRole_NODE_ROLE_WORKER,
 				ApiAddr: o.api, Capacity: capacity, OvercommitPercent: o.overcommit},
 			Addrs: func() []string {
 				mu.Lock()
 				defer mu.Unlock()
 				return addrs
 			},
-			Client: clientsOf(),
+			Client: clientsOf(creds),
 			OnServers: func(s []string) {
 				mu.Lock()
 				addrs = s

@@ -341,6 +341,61 @@ func (NodeState) EnumDescriptor() ([]byte, []int) {
 	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
 }
 
+type TokenRole int32
+
+const (
+	TokenRole_TOKEN_ROLE_UNSPECIFIED TokenRole = 0
+	TokenRole_TOKEN_ROLE_ADMIN       TokenRole = 1 // everything
+	TokenRole_TOKEN_ROLE_OPERATOR    TokenRole = 2 // spawn (not as root, no host paths), kill, resize, drain, and read
+	TokenRole_TOKEN_ROLE_READ        TokenRole = 3 // list, nodes, logs, events, metrics
+	TokenRole_TOKEN_ROLE_NODE        TokenRole = 4 // join a node: have its certificate signed
+)
+
+// Enum value maps for TokenRole.
+var (
+	TokenRole_name = map[int32]string{
+		0: "TOKEN_ROLE_UNSPECIFIED",
+		1: "TOKEN_ROLE_ADMIN",
+		2: "TOKEN_ROLE_OPERATOR",
+		3: "TOKEN_ROLE_READ",
+		4: "TOKEN_ROLE_NODE",
+	}
+	TokenRole_value = map[string]int32{
+		"TOKEN_ROLE_UNSPECIFIED": 0,
+		"TOKEN_ROLE_ADMIN":       1,
+		"TOKEN_ROLE_OPERATOR":    2,
+		"TOKEN_ROLE_READ":        3,
+		"TOKEN_ROLE_NODE":        4,
+	}
+)
+
+func (x TokenRole) Enum() *TokenRole {
+	p := new(TokenRole)
+	*p = x
+	return p
+}
+
+func (x TokenRole) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TokenRole) Descriptor() protoreflect.EnumDescriptor {
+	return file_shim_v1_shim_proto_enumTypes[6].Descriptor()
+}
+
+func (TokenRole) Type() protoreflect.EnumType {
+	return &file_shim_v1_shim_proto_enumTypes[6]
+}
+
+func (x TokenRole) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TokenRole.Descriptor instead.
+func (TokenRole) EnumDescriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
+}
+
 // Resources bounds a process. CPU is in millicores (1000 = one core), memory in
 // bytes. Zero means "not set". Placement reserves the minimum; the maximum is a
 // hard limit; burst lets CPU exceed the maximum briefly from banked quota.
@@ -1060,6 +1115,9 @@ type Command struct {
 	//	*Command_Batch
 	//	*Command_Prune
 	//	*Command_Hold
+	//	*Command_SetTrust
+	//	*Command_AddToken
+	//	*Command_RevokeToken
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1208,6 +1266,33 @@ func (x *Command) GetHold() *Hold {
 	return nil
 }
 
+func (x *Command) GetSetTrust() *SetTrust {
+	if x != nil {
+		if x, ok := x.Op.(*Command_SetTrust); ok {
+			return x.SetTrust
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetAddToken() *AddToken {
+	if x != nil {
+		if x, ok := x.Op.(*Command_AddToken); ok {
+			return x.AddToken
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetRevokeToken() *RevokeToken {
+	if x != nil {
+		if x, ok := x.Op.(*Command_RevokeToken); ok {
+			return x.RevokeToken
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1256,6 +1341,20 @@ type Command_Hold struct {
 	Hold *Hold `protobuf:"bytes,20,opt,name=hold,proto3,oneof"`
 }
 
+type Command_SetTrust struct {
+	// Cluster trust (table/trust.go). Numbered apart from the commands
+	// above so that other new commands can take 21 on.
+	SetTrust *SetTrust `protobuf:"bytes,30,opt,name=set_trust,json=setTrust,proto3,oneof"`
+}
+
+type Command_AddToken struct {
+	AddToken *AddToken `protobuf:"bytes,31,opt,name=add_token,json=addToken,proto3,oneof"`
+}
+
+type Command_RevokeToken struct {
+	RevokeToken *RevokeToken `protobuf:"bytes,32,opt,name=revoke_token,json=revokeToken,proto3,oneof"`
+}
+
 func (*Command_RegisterNode) isCommand_Op() {}
 
 func (*Command_SetNodeState) isCommand_Op() {}
@@ -1277,6 +1376,12 @@ func (*Command_Batch) isCommand_Op() {}
 func (*Command_Prune) isCommand_Op() {}
 
 func (*Command_Hold) isCommand_Op() {}
+
+func (*Command_SetTrust) isCommand_Op() {}
+
+func (*Command_AddToken) isCommand_Op() {}
+
+func (*Command_RevokeToken) isCommand_Op() {}
 
 type Batch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1322,6 +1427,285 @@ func (x *Batch) GetCommands() []*Command {
 	return nil
 }
 
+// Trust is the cluster's identity: set once, at bootstrap.
+type Trust struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ClusterId     string                 `protobuf:"bytes,1,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"` // random, made at bootstrap
+	CaCert        []byte                 `protobuf:"bytes,2,opt,name=ca_cert,json=caCert,proto3" json:"ca_cert,omitempty"`          // the CA certificate, DER
+	CaKey         []byte                 `protobuf:"bytes,3,opt,name=ca_key,json=caKey,proto3" json:"ca_key,omitempty"`             // the CA's private key, PKCS#8 DER
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Trust) Reset() {
+	*x = Trust{}
+	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Trust) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Trust) ProtoMessage() {}
+
+func (x *Trust) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Trust.ProtoReflect.Descriptor instead.
+func (*Trust) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Trust) GetClusterId() string {
+	if x != nil {
+		return x.ClusterId
+	}
+	return ""
+}
+
+func (x *Trust) GetCaCert() []byte {
+	if x != nil {
+		return x.CaCert
+	}
+	return nil
+}
+
+func (x *Trust) GetCaKey() []byte {
+	if x != nil {
+		return x.CaKey
+	}
+	return nil
+}
+
+// TokenRecord is a client token as the table keeps it: never the secret,
+// only its SHA-256.
+type TokenRecord struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Hash            []byte                 `protobuf:"bytes,2,opt,name=hash,proto3" json:"hash,omitempty"` // sha256 of the secret; cleared in API answers
+	Role            TokenRole              `protobuf:"varint,3,opt,name=role,proto3,enum=shim.v1.TokenRole" json:"role,omitempty"`
+	Name            string                 `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"` // what it is for (free text, optional)
+	CreatedUnixNano int64                  `protobuf:"varint,5,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	ExpiresUnixNano int64                  `protobuf:"varint,6,opt,name=expires_unix_nano,json=expiresUnixNano,proto3" json:"expires_unix_nano,omitempty"` // 0 = never
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *TokenRecord) Reset() {
+	*x = TokenRecord{}
+	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenRecord) ProtoMessage() {}
+
+func (x *TokenRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenRecord.ProtoReflect.Descriptor instead.
+func (*TokenRecord) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *TokenRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *TokenRecord) GetHash() []byte {
+	if x != nil {
+		return x.Hash
+	}
+	return nil
+}
+
+func (x *TokenRecord) GetRole() TokenRole {
+	if x != nil {
+		return x.Role
+	}
+	return TokenRole_TOKEN_ROLE_UNSPECIFIED
+}
+
+func (x *TokenRecord) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TokenRecord) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+func (x *TokenRecord) GetExpiresUnixNano() int64 {
+	if x != nil {
+		return x.ExpiresUnixNano
+	}
+	return 0
+}
+
+type SetTrust struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Trust         *Trust                 `protobuf:"bytes,1,opt,name=trust,proto3" json:"trust,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetTrust) Reset() {
+	*x = SetTrust{}
+	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetTrust) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetTrust) ProtoMessage() {}
+
+func (x *SetTrust) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetTrust.ProtoReflect.Descriptor instead.
+func (*SetTrust) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SetTrust) GetTrust() *Trust {
+	if x != nil {
+		return x.Trust
+	}
+	return nil
+}
+
+type AddToken struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         *TokenRecord           `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddToken) Reset() {
+	*x = AddToken{}
+	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddToken) ProtoMessage() {}
+
+func (x *AddToken) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddToken.ProtoReflect.Descriptor instead.
+func (*AddToken) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AddToken) GetToken() *TokenRecord {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+type RevokeToken struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeToken) Reset() {
+	*x = RevokeToken{}
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeToken) ProtoMessage() {}
+
+func (x *RevokeToken) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeToken.ProtoReflect.Descriptor instead.
+func (*RevokeToken) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *RevokeToken) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 type RegisterNode struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          *NodeRecord            `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -1331,7 +1715,7 @@ type RegisterNode struct {
 
 func (x *RegisterNode) Reset() {
 	*x = RegisterNode{}
-	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1343,7 +1727,7 @@ func (x *RegisterNode) String() string {
 func (*RegisterNode) ProtoMessage() {}
 
 func (x *RegisterNode) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1356,7 +1740,7 @@ func (x *RegisterNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNode.ProtoReflect.Descriptor instead.
 func (*RegisterNode) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RegisterNode) GetNode() *NodeRecord {
@@ -1376,7 +1760,7 @@ type SetNodeState struct {
 
 func (x *SetNodeState) Reset() {
 	*x = SetNodeState{}
-	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1388,7 +1772,7 @@ func (x *SetNodeState) String() string {
 func (*SetNodeState) ProtoMessage() {}
 
 func (x *SetNodeState) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1401,7 +1785,7 @@ func (x *SetNodeState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeState.ProtoReflect.Descriptor instead.
 func (*SetNodeState) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SetNodeState) GetName() string {
@@ -1428,7 +1812,7 @@ type SetDraining struct {
 
 func (x *SetDraining) Reset() {
 	*x = SetDraining{}
-	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1440,7 +1824,7 @@ func (x *SetDraining) String() string {
 func (*SetDraining) ProtoMessage() {}
 
 func (x *SetDraining) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1453,7 +1837,7 @@ func (x *SetDraining) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDraining.ProtoReflect.Descriptor instead.
 func (*SetDraining) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SetDraining) GetName() string {
@@ -1479,7 +1863,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1491,7 +1875,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1504,7 +1888,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{11}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RemoveNode) GetName() string {
@@ -1526,7 +1910,7 @@ type Hold struct {
 
 func (x *Hold) Reset() {
 	*x = Hold{}
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1538,7 +1922,7 @@ func (x *Hold) String() string {
 func (*Hold) ProtoMessage() {}
 
 func (x *Hold) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1551,7 +1935,7 @@ func (x *Hold) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hold.ProtoReflect.Descriptor instead.
 func (*Hold) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Hold) GetName() string {
@@ -1578,7 +1962,7 @@ type Spawn struct {
 
 func (x *Spawn) Reset() {
 	*x = Spawn{}
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1590,7 +1974,7 @@ func (x *Spawn) String() string {
 func (*Spawn) ProtoMessage() {}
 
 func (x *Spawn) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1603,7 +1987,7 @@ func (x *Spawn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Spawn.ProtoReflect.Descriptor instead.
 func (*Spawn) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Spawn) GetIds() []string {
@@ -1630,7 +2014,7 @@ type Kill struct {
 
 func (x *Kill) Reset() {
 	*x = Kill{}
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1642,7 +2026,7 @@ func (x *Kill) String() string {
 func (*Kill) ProtoMessage() {}
 
 func (x *Kill) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1655,7 +2039,7 @@ func (x *Kill) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Kill.ProtoReflect.Descriptor instead.
 func (*Kill) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Kill) GetIds() []string {
@@ -1690,7 +2074,7 @@ type StatusUpdate struct {
 
 func (x *StatusUpdate) Reset() {
 	*x = StatusUpdate{}
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1702,7 +2086,7 @@ func (x *StatusUpdate) String() string {
 func (*StatusUpdate) ProtoMessage() {}
 
 func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1715,7 +2099,7 @@ func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusUpdate.ProtoReflect.Descriptor instead.
 func (*StatusUpdate) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StatusUpdate) GetId() string {
@@ -1791,7 +2175,7 @@ type Report struct {
 
 func (x *Report) Reset() {
 	*x = Report{}
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1803,7 +2187,7 @@ func (x *Report) String() string {
 func (*Report) ProtoMessage() {}
 
 func (x *Report) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1816,7 +2200,7 @@ func (x *Report) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Report.ProtoReflect.Descriptor instead.
 func (*Report) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Report) GetNode() string {
@@ -1846,7 +2230,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1858,7 +2242,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1871,7 +2255,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Resize) GetId() string {
@@ -1905,7 +2289,7 @@ type Prune struct {
 
 func (x *Prune) Reset() {
 	*x = Prune{}
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1917,7 +2301,7 @@ func (x *Prune) String() string {
 func (*Prune) ProtoMessage() {}
 
 func (x *Prune) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1930,7 +2314,7 @@ func (x *Prune) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Prune.ProtoReflect.Descriptor instead.
 func (*Prune) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Prune) GetBeforeUnixNano() int64 {
@@ -1951,7 +2335,7 @@ type SpawnRequest struct {
 
 func (x *SpawnRequest) Reset() {
 	*x = SpawnRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1963,7 +2347,7 @@ func (x *SpawnRequest) String() string {
 func (*SpawnRequest) ProtoMessage() {}
 
 func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1976,7 +2360,7 @@ func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnRequest.ProtoReflect.Descriptor instead.
 func (*SpawnRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SpawnRequest) GetSpec() *ProcessSpec {
@@ -2009,7 +2393,7 @@ type SpawnResponse struct {
 
 func (x *SpawnResponse) Reset() {
 	*x = SpawnResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2405,7 @@ func (x *SpawnResponse) String() string {
 func (*SpawnResponse) ProtoMessage() {}
 
 func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2418,7 @@ func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnResponse.ProtoReflect.Descriptor instead.
 func (*SpawnResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SpawnResponse) GetProcesses() []*ProcessRecord {
@@ -2054,7 +2438,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2066,7 +2450,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2079,7 +2463,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *KillRequest) GetIds() []string {
@@ -2105,7 +2489,7 @@ type KillResponse struct {
 
 func (x *KillResponse) Reset() {
 	*x = KillResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2117,7 +2501,7 @@ func (x *KillResponse) String() string {
 func (*KillResponse) ProtoMessage() {}
 
 func (x *KillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2514,7 @@ func (x *KillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillResponse.ProtoReflect.Descriptor instead.
 func (*KillResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *KillResponse) GetProcesses() []*ProcessRecord {
@@ -2153,7 +2537,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2165,7 +2549,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2178,7 +2562,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ResizeRequest) GetId() string {
@@ -2225,7 +2609,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2237,7 +2621,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2250,7 +2634,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ResizeResponse) GetProcess() *ProcessRecord {
@@ -2274,7 +2658,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2286,7 +2670,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2299,7 +2683,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListRequest) GetIds() []string {
@@ -2354,7 +2738,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2366,7 +2750,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2379,7 +2763,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListResponse) GetProcesses() []*ProcessRecord {
@@ -2406,7 +2790,7 @@ type NodesRequest struct {
 
 func (x *NodesRequest) Reset() {
 	*x = NodesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2418,7 +2802,7 @@ func (x *NodesRequest) String() string {
 func (*NodesRequest) ProtoMessage() {}
 
 func (x *NodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2431,7 +2815,7 @@ func (x *NodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
 func (*NodesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *NodesRequest) GetUsage() bool {
@@ -2456,7 +2840,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2468,7 +2852,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2481,7 +2865,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *NodeStatus) GetNode() *NodeRecord {
@@ -2543,7 +2927,7 @@ type NodesResponse struct {
 
 func (x *NodesResponse) Reset() {
 	*x = NodesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2939,7 @@ func (x *NodesResponse) String() string {
 func (*NodesResponse) ProtoMessage() {}
 
 func (x *NodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2952,7 @@ func (x *NodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesResponse.ProtoReflect.Descriptor instead.
 func (*NodesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *NodesResponse) GetNodes() []*NodeStatus {
@@ -2596,7 +2980,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2608,7 +2992,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2621,7 +3005,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *LogsRequest) GetId() string {
@@ -2654,7 +3038,7 @@ type LogsChunk struct {
 
 func (x *LogsChunk) Reset() {
 	*x = LogsChunk{}
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2666,7 +3050,7 @@ func (x *LogsChunk) String() string {
 func (*LogsChunk) ProtoMessage() {}
 
 func (x *LogsChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2679,7 +3063,7 @@ func (x *LogsChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsChunk.ProtoReflect.Descriptor instead.
 func (*LogsChunk) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *LogsChunk) GetData() []byte {
@@ -2699,7 +3083,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2711,7 +3095,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2724,7 +3108,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DrainRequest) GetNode() string {
@@ -2750,7 +3134,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2762,7 +3146,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2775,7 +3159,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DrainResponse) GetNode() *NodeRecord {
@@ -2783,6 +3167,384 @@ func (x *DrainResponse) GetNode() *NodeRecord {
 		return x.Node
 	}
 	return nil
+}
+
+type CreateTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Role          TokenRole              `protobuf:"varint,1,opt,name=role,proto3,enum=shim.v1.TokenRole" json:"role,omitempty"`
+	TtlMillis     int64                  `protobuf:"varint,2,opt,name=ttl_millis,json=ttlMillis,proto3" json:"ttl_millis,omitempty"` // 0 = never expires
+	Name          string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTokenRequest) Reset() {
+	*x = CreateTokenRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTokenRequest) ProtoMessage() {}
+
+func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
+func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *CreateTokenRequest) GetRole() TokenRole {
+	if x != nil {
+		return x.Role
+	}
+	return TokenRole_TOKEN_ROLE_UNSPECIFIED
+}
+
+func (x *CreateTokenRequest) GetTtlMillis() int64 {
+	if x != nil {
+		return x.TtlMillis
+	}
+	return 0
+}
+
+func (x *CreateTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type CreateTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`   // the token itself, shown once; node tokens carry the CA pin
+	Record        *TokenRecord           `protobuf:"bytes,2,opt,name=record,proto3" json:"record,omitempty"` // without its hash
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateTokenResponse) Reset() {
+	*x = CreateTokenResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateTokenResponse) ProtoMessage() {}
+
+func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
+func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *CreateTokenResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *CreateTokenResponse) GetRecord() *TokenRecord {
+	if x != nil {
+		return x.Record
+	}
+	return nil
+}
+
+type ListTokensRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTokensRequest) Reset() {
+	*x = ListTokensRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTokensRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTokensRequest) ProtoMessage() {}
+
+func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
+func (*ListTokensRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+}
+
+type ListTokensResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        []*TokenRecord         `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTokensResponse) Reset() {
+	*x = ListTokensResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTokensResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTokensResponse) ProtoMessage() {}
+
+func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
+func (*ListTokensResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *ListTokensResponse) GetTokens() []*TokenRecord {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+type RevokeTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTokenRequest) Reset() {
+	*x = RevokeTokenRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTokenRequest) ProtoMessage() {}
+
+func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
+func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *RevokeTokenRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type RevokeTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeTokenResponse) Reset() {
+	*x = RevokeTokenResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeTokenResponse) ProtoMessage() {}
+
+func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
+func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+}
+
+// WhoamiResponse is how the answering server sees the caller. Workers use
+// it to check a token they cannot check themselves (for /metrics).
+type WhoamiRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WhoamiRequest) Reset() {
+	*x = WhoamiRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WhoamiRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WhoamiRequest) ProtoMessage() {}
+
+func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WhoamiRequest.ProtoReflect.Descriptor instead.
+func (*WhoamiRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+}
+
+type WhoamiResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`                      // "token" or "node"
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`                      // admin, operator, read, node; or server, worker
+	TokenId       string                 `protobuf:"bytes,3,opt,name=token_id,json=tokenId,proto3" json:"token_id,omitempty"` // a token's id
+	Node          string                 `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`                      // a node certificate's name
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WhoamiResponse) Reset() {
+	*x = WhoamiResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WhoamiResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WhoamiResponse) ProtoMessage() {}
+
+func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WhoamiResponse.ProtoReflect.Descriptor instead.
+func (*WhoamiResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *WhoamiResponse) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *WhoamiResponse) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *WhoamiResponse) GetTokenId() string {
+	if x != nil {
+		return x.TokenId
+	}
+	return ""
+}
+
+func (x *WhoamiResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
 }
 
 type JoinRequest struct {
@@ -2794,7 +3556,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2806,7 +3568,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2819,7 +3581,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *JoinRequest) GetNode() *NodeRecord {
@@ -2838,7 +3600,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2850,7 +3612,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2863,7 +3625,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *JoinResponse) GetServers() []string {
@@ -2871,6 +3633,121 @@ func (x *JoinResponse) GetServers() []string {
 		return x.Servers
 	}
 	return nil
+}
+
+// CertifyRequest asks the leader to sign a joining node's certificate. It
+// carries a join token (role node) in its Authorization header; the node
+// name is the CSR's common name.
+type CertifyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Csr           []byte                 `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`                          // PKCS#10 certificate request, DER
+	Role          NodeRole               `protobuf:"varint,2,opt,name=role,proto3,enum=shim.v1.NodeRole" json:"role,omitempty"` // what the node will be: server or worker
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CertifyRequest) Reset() {
+	*x = CertifyRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CertifyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CertifyRequest) ProtoMessage() {}
+
+func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CertifyRequest.ProtoReflect.Descriptor instead.
+func (*CertifyRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *CertifyRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
+func (x *CertifyRequest) GetRole() NodeRole {
+	if x != nil {
+		return x.Role
+	}
+	return NodeRole_NODE_ROLE_UNSPECIFIED
+}
+
+type CertifyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cert          []byte                 `protobuf:"bytes,1,opt,name=cert,proto3" json:"cert,omitempty"`                   // the node's certificate, DER
+	CaCert        []byte                 `protobuf:"bytes,2,opt,name=ca_cert,json=caCert,proto3" json:"ca_cert,omitempty"` // the cluster CA, DER
+	ClusterId     string                 `protobuf:"bytes,3,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CertifyResponse) Reset() {
+	*x = CertifyResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CertifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CertifyResponse) ProtoMessage() {}
+
+func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CertifyResponse.ProtoReflect.Descriptor instead.
+func (*CertifyResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *CertifyResponse) GetCert() []byte {
+	if x != nil {
+		return x.Cert
+	}
+	return nil
+}
+
+func (x *CertifyResponse) GetCaCert() []byte {
+	if x != nil {
+		return x.CaCert
+	}
+	return nil
+}
+
+func (x *CertifyResponse) GetClusterId() string {
+	if x != nil {
+		return x.ClusterId
+	}
+	return ""
 }
 
 type LeaveRequest struct {
@@ -2882,7 +3759,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +3771,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3784,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *LeaveRequest) GetName() string {
@@ -2925,7 +3802,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2937,7 +3814,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2950,7 +3827,7 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
 }
 
 type HeartbeatRequest struct {
@@ -2963,7 +3840,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2975,7 +3852,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2988,7 +3865,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *HeartbeatRequest) GetNode() string {
@@ -3022,7 +3899,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3034,7 +3911,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3047,7 +3924,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *HeartbeatResponse) GetLeaseMillis() int64 {
@@ -3105,7 +3982,7 @@ type AssignmentsRequest struct {
 
 func (x *AssignmentsRequest) Reset() {
 	*x = AssignmentsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3117,7 +3994,7 @@ func (x *AssignmentsRequest) String() string {
 func (*AssignmentsRequest) ProtoMessage() {}
 
 func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3130,7 +4007,7 @@ func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*AssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *AssignmentsRequest) GetNode() string {
@@ -3180,7 +4057,7 @@ type AssignmentsResponse struct {
 
 func (x *AssignmentsResponse) Reset() {
 	*x = AssignmentsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3192,7 +4069,7 @@ func (x *AssignmentsResponse) String() string {
 func (*AssignmentsResponse) ProtoMessage() {}
 
 func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3205,7 +4082,7 @@ func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*AssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *AssignmentsResponse) GetProcesses() []*ProcessRecord {
@@ -3266,7 +4143,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3278,7 +4155,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3291,7 +4168,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ReportRequest) GetReport() *Report {
@@ -3309,7 +4186,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3321,7 +4198,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3334,7 +4211,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
 }
 
 // ids empty = all; fresh reads the cgroups now instead of the last sample.
@@ -3348,7 +4225,7 @@ type UsageRequest struct {
 
 func (x *UsageRequest) Reset() {
 	*x = UsageRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3360,7 +4237,7 @@ func (x *UsageRequest) String() string {
 func (*UsageRequest) ProtoMessage() {}
 
 func (x *UsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3373,7 +4250,7 @@ func (x *UsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRequest.ProtoReflect.Descriptor instead.
 func (*UsageRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *UsageRequest) GetIds() []string {
@@ -3399,7 +4276,7 @@ type UsageResponse struct {
 
 func (x *UsageResponse) Reset() {
 	*x = UsageResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3411,7 +4288,7 @@ func (x *UsageResponse) String() string {
 func (*UsageResponse) ProtoMessage() {}
 
 func (x *UsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3424,7 +4301,7 @@ func (x *UsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageResponse.ProtoReflect.Descriptor instead.
 func (*UsageResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *UsageResponse) GetUsage() map[string]*Usage {
@@ -3443,7 +4320,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3455,7 +4332,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3468,7 +4345,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *ApplyRequest) GetCommand() *Command {
@@ -3488,7 +4365,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3500,7 +4377,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3513,7 +4390,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ApplyResponse) GetIds() []string {
@@ -3539,13 +4416,15 @@ type SnapshotHeader struct {
 	NodeCount     uint64                 `protobuf:"varint,3,opt,name=node_count,json=nodeCount,proto3" json:"node_count,omitempty"`
 	ProcessCount  uint64                 `protobuf:"varint,4,opt,name=process_count,json=processCount,proto3" json:"process_count,omitempty"`
 	Pending       []string               `protobuf:"bytes,5,rep,name=pending,proto3" json:"pending,omitempty"` // FIFO order of processes waiting for room
+	Trust         *Trust                 `protobuf:"bytes,6,opt,name=trust,proto3" json:"trust,omitempty"`
+	Tokens        []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"` // sorted by id
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3557,7 +4436,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3570,7 +4449,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -3604,6 +4483,20 @@ func (x *SnapshotHeader) GetProcessCount() uint64 {
 func (x *SnapshotHeader) GetPending() []string {
 	if x != nil {
 		return x.Pending
+	}
+	return nil
+}
+
+func (x *SnapshotHeader) GetTrust() *Trust {
+	if x != nil {
+		return x.Trust
+	}
+	return nil
+}
+
+func (x *SnapshotHeader) GetTokens() []*TokenRecord {
+	if x != nil {
+		return x.Tokens
 	}
 	return nil
 }
@@ -3684,7 +4577,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\fmodify_index\x18\n" +
 	" \x01(\x04R\vmodifyIndex\x12-\n" +
 	"\x12overcommit_percent\x18\v \x01(\rR\x11overcommitPercent\x12/\n" +
-	"\x14hold_until_unix_nano\x18\f \x01(\x03R\x11holdUntilUnixNano\"\xbb\x04\n" +
+	"\x14hold_until_unix_nano\x18\f \x01(\x03R\x11holdUntilUnixNano\"\xda\x05\n" +
 	"\aCommand\x12\"\n" +
 	"\rnow_unix_nano\x18\x01 \x01(\x03R\vnowUnixNano\x12<\n" +
 	"\rregister_node\x18\n" +
@@ -3699,10 +4592,31 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x06resize\x18\x11 \x01(\v2\x0f.shim.v1.ResizeH\x00R\x06resize\x12&\n" +
 	"\x05batch\x18\x12 \x01(\v2\x0e.shim.v1.BatchH\x00R\x05batch\x12&\n" +
 	"\x05prune\x18\x13 \x01(\v2\x0e.shim.v1.PruneH\x00R\x05prune\x12#\n" +
-	"\x04hold\x18\x14 \x01(\v2\r.shim.v1.HoldH\x00R\x04holdB\x04\n" +
+	"\x04hold\x18\x14 \x01(\v2\r.shim.v1.HoldH\x00R\x04hold\x120\n" +
+	"\tset_trust\x18\x1e \x01(\v2\x11.shim.v1.SetTrustH\x00R\bsetTrust\x120\n" +
+	"\tadd_token\x18\x1f \x01(\v2\x11.shim.v1.AddTokenH\x00R\baddToken\x129\n" +
+	"\frevoke_token\x18  \x01(\v2\x14.shim.v1.RevokeTokenH\x00R\vrevokeTokenB\x04\n" +
 	"\x02op\"5\n" +
 	"\x05Batch\x12,\n" +
-	"\bcommands\x18\x01 \x03(\v2\x10.shim.v1.CommandR\bcommands\"7\n" +
+	"\bcommands\x18\x01 \x03(\v2\x10.shim.v1.CommandR\bcommands\"V\n" +
+	"\x05Trust\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\x01 \x01(\tR\tclusterId\x12\x17\n" +
+	"\aca_cert\x18\x02 \x01(\fR\x06caCert\x12\x15\n" +
+	"\x06ca_key\x18\x03 \x01(\fR\x05caKey\"\xc5\x01\n" +
+	"\vTokenRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04hash\x18\x02 \x01(\fR\x04hash\x12&\n" +
+	"\x04role\x18\x03 \x01(\x0e2\x12.shim.v1.TokenRoleR\x04role\x12\x12\n" +
+	"\x04name\x18\x04 \x01(\tR\x04name\x12*\n" +
+	"\x11created_unix_nano\x18\x05 \x01(\x03R\x0fcreatedUnixNano\x12*\n" +
+	"\x11expires_unix_nano\x18\x06 \x01(\x03R\x0fexpiresUnixNano\"0\n" +
+	"\bSetTrust\x12$\n" +
+	"\x05trust\x18\x01 \x01(\v2\x0e.shim.v1.TrustR\x05trust\"6\n" +
+	"\bAddToken\x12*\n" +
+	"\x05token\x18\x01 \x01(\v2\x14.shim.v1.TokenRecordR\x05token\"\x1d\n" +
+	"\vRevokeToken\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"7\n" +
 	"\fRegisterNode\x12'\n" +
 	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\"L\n" +
 	"\fSetNodeState\x12\x12\n" +
@@ -3799,11 +4713,39 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aundrain\x18\x02 \x01(\bR\aundrain\"8\n" +
 	"\rDrainResponse\x12'\n" +
-	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\"6\n" +
+	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\"o\n" +
+	"\x12CreateTokenRequest\x12&\n" +
+	"\x04role\x18\x01 \x01(\x0e2\x12.shim.v1.TokenRoleR\x04role\x12\x1d\n" +
+	"\n" +
+	"ttl_millis\x18\x02 \x01(\x03R\tttlMillis\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"Y\n" +
+	"\x13CreateTokenResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12,\n" +
+	"\x06record\x18\x02 \x01(\v2\x14.shim.v1.TokenRecordR\x06record\"\x13\n" +
+	"\x11ListTokensRequest\"B\n" +
+	"\x12ListTokensResponse\x12,\n" +
+	"\x06tokens\x18\x01 \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens\"$\n" +
+	"\x12RevokeTokenRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
+	"\x13RevokeTokenResponse\"\x0f\n" +
+	"\rWhoamiRequest\"g\n" +
+	"\x0eWhoamiResponse\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\x12\x19\n" +
+	"\btoken_id\x18\x03 \x01(\tR\atokenId\x12\x12\n" +
+	"\x04node\x18\x04 \x01(\tR\x04node\"6\n" +
 	"\vJoinRequest\x12'\n" +
 	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\"(\n" +
 	"\fJoinResponse\x12\x18\n" +
-	"\aservers\x18\x01 \x03(\tR\aservers\"\"\n" +
+	"\aservers\x18\x01 \x03(\tR\aservers\"I\n" +
+	"\x0eCertifyRequest\x12\x10\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\x12%\n" +
+	"\x04role\x18\x02 \x01(\x0e2\x11.shim.v1.NodeRoleR\x04role\"]\n" +
+	"\x0fCertifyResponse\x12\x12\n" +
+	"\x04cert\x18\x01 \x01(\fR\x04cert\x12\x17\n" +
+	"\aca_cert\x18\x02 \x01(\fR\x06caCert\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\x03 \x01(\tR\tclusterId\"\"\n" +
 	"\fLeaveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x0f\n" +
 	"\rLeaveResponse\"M\n" +
@@ -3851,14 +4793,16 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\x9e\x01\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\xf2\x01\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x1d\n" +
 	"\n" +
 	"node_count\x18\x03 \x01(\x04R\tnodeCount\x12#\n" +
 	"\rprocess_count\x18\x04 \x01(\x04R\fprocessCount\x12\x18\n" +
-	"\apending\x18\x05 \x03(\tR\apending*\x83\x01\n" +
+	"\apending\x18\x05 \x03(\tR\apending\x12$\n" +
+	"\x05trust\x18\x06 \x01(\v2\x0e.shim.v1.TrustR\x05trust\x12,\n" +
+	"\x06tokens\x18\a \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens*\x83\x01\n" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n" +
@@ -3889,7 +4833,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rNODE_STATE_UP\x10\x01\x12\x13\n" +
 	"\x0fNODE_STATE_DOWN\x10\x02\x12\x13\n" +
-	"\x0fNODE_STATE_LEFT\x10\x032\x8e\x03\n" +
+	"\x0fNODE_STATE_LEFT\x10\x03*\x80\x01\n" +
+	"\tTokenRole\x12\x1a\n" +
+	"\x16TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10TOKEN_ROLE_ADMIN\x10\x01\x12\x17\n" +
+	"\x13TOKEN_ROLE_OPERATOR\x10\x02\x12\x13\n" +
+	"\x0fTOKEN_ROLE_READ\x10\x03\x12\x13\n" +
+	"\x0fTOKEN_ROLE_NODE\x10\x042\xa4\x05\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -3897,7 +4847,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04List\x12\x14.shim.v1.ListRequest\x1a\x15.shim.v1.ListResponse\x126\n" +
 	"\x05Nodes\x12\x15.shim.v1.NodesRequest\x1a\x16.shim.v1.NodesResponse\x122\n" +
 	"\x04Logs\x12\x14.shim.v1.LogsRequest\x1a\x12.shim.v1.LogsChunk0\x01\x126\n" +
-	"\x05Drain\x12\x15.shim.v1.DrainRequest\x1a\x16.shim.v1.DrainResponse2\xb4\x03\n" +
+	"\x05Drain\x12\x15.shim.v1.DrainRequest\x1a\x16.shim.v1.DrainResponse\x12H\n" +
+	"\vCreateToken\x12\x1b.shim.v1.CreateTokenRequest\x1a\x1c.shim.v1.CreateTokenResponse\x12E\n" +
+	"\n" +
+	"ListTokens\x12\x1a.shim.v1.ListTokensRequest\x1a\x1b.shim.v1.ListTokensResponse\x12H\n" +
+	"\vRevokeToken\x12\x1b.shim.v1.RevokeTokenRequest\x1a\x1c.shim.v1.RevokeTokenResponse\x129\n" +
+	"\x06Whoami\x12\x16.shim.v1.WhoamiRequest\x1a\x17.shim.v1.WhoamiResponse2\xf2\x03\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -3905,7 +4860,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vAssignments\x12\x1b.shim.v1.AssignmentsRequest\x1a\x1c.shim.v1.AssignmentsResponse\x129\n" +
 	"\x06Report\x12\x16.shim.v1.ReportRequest\x1a\x17.shim.v1.ReportResponse\x126\n" +
 	"\x05Apply\x12\x15.shim.v1.ApplyRequest\x1a\x16.shim.v1.ApplyResponse\x126\n" +
-	"\x05Usage\x12\x15.shim.v1.UsageRequest\x1a\x16.shim.v1.UsageResponseB.Z,github.com/shim-run/shim/proto/shimv1;shimv1b\x06proto3"
+	"\x05Usage\x12\x15.shim.v1.UsageRequest\x1a\x16.shim.v1.UsageResponse\x12<\n" +
+	"\aCertify\x12\x17.shim.v1.CertifyRequest\x1a\x18.shim.v1.CertifyResponseB.Z,github.com/shim-run/shim/proto/shimv1;shimv1b\x06proto3"
 
 var (
 	file_shim_v1_shim_proto_rawDescOnce sync.Once
@@ -3919,8 +4875,8 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 	return file_shim_v1_shim_proto_rawDescData
 }
 
-var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
+var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -3928,141 +4884,179 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(ProcessState)(0),           // 3: shim.v1.ProcessState
 	(NodeRole)(0),               // 4: shim.v1.NodeRole
 	(NodeState)(0),              // 5: shim.v1.NodeState
-	(*Resources)(nil),           // 6: shim.v1.Resources
-	(*ProcessSpec)(nil),         // 7: shim.v1.ProcessSpec
-	(*Incarnation)(nil),         // 8: shim.v1.Incarnation
-	(*ProcessRecord)(nil),       // 9: shim.v1.ProcessRecord
-	(*Usage)(nil),               // 10: shim.v1.Usage
-	(*NodeRecord)(nil),          // 11: shim.v1.NodeRecord
-	(*Command)(nil),             // 12: shim.v1.Command
-	(*Batch)(nil),               // 13: shim.v1.Batch
-	(*RegisterNode)(nil),        // 14: shim.v1.RegisterNode
-	(*SetNodeState)(nil),        // 15: shim.v1.SetNodeState
-	(*SetDraining)(nil),         // 16: shim.v1.SetDraining
-	(*RemoveNode)(nil),          // 17: shim.v1.RemoveNode
-	(*Hold)(nil),                // 18: shim.v1.Hold
-	(*Spawn)(nil),               // 19: shim.v1.Spawn
-	(*Kill)(nil),                // 20: shim.v1.Kill
-	(*StatusUpdate)(nil),        // 21: shim.v1.StatusUpdate
-	(*Report)(nil),              // 22: shim.v1.Report
-	(*Resize)(nil),              // 23: shim.v1.Resize
-	(*Prune)(nil),               // 24: shim.v1.Prune
-	(*SpawnRequest)(nil),        // 25: shim.v1.SpawnRequest
-	(*SpawnResponse)(nil),       // 26: shim.v1.SpawnResponse
-	(*KillRequest)(nil),         // 27: shim.v1.KillRequest
-	(*KillResponse)(nil),        // 28: shim.v1.KillResponse
-	(*ResizeRequest)(nil),       // 29: shim.v1.ResizeRequest
-	(*ResizeResponse)(nil),      // 30: shim.v1.ResizeResponse
-	(*ListRequest)(nil),         // 31: shim.v1.ListRequest
-	(*ListResponse)(nil),        // 32: shim.v1.ListResponse
-	(*NodesRequest)(nil),        // 33: shim.v1.NodesRequest
-	(*NodeStatus)(nil),          // 34: shim.v1.NodeStatus
-	(*NodesResponse)(nil),       // 35: shim.v1.NodesResponse
-	(*LogsRequest)(nil),         // 36: shim.v1.LogsRequest
-	(*LogsChunk)(nil),           // 37: shim.v1.LogsChunk
-	(*DrainRequest)(nil),        // 38: shim.v1.DrainRequest
-	(*DrainResponse)(nil),       // 39: shim.v1.DrainResponse
-	(*JoinRequest)(nil),         // 40: shim.v1.JoinRequest
-	(*JoinResponse)(nil),        // 41: shim.v1.JoinResponse
-	(*LeaveRequest)(nil),        // 42: shim.v1.LeaveRequest
-	(*LeaveResponse)(nil),       // 43: shim.v1.LeaveResponse
-	(*HeartbeatRequest)(nil),    // 44: shim.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),   // 45: shim.v1.HeartbeatResponse
-	(*AssignmentsRequest)(nil),  // 46: shim.v1.AssignmentsRequest
-	(*AssignmentsResponse)(nil), // 47: shim.v1.AssignmentsResponse
-	(*ReportRequest)(nil),       // 48: shim.v1.ReportRequest
-	(*ReportResponse)(nil),      // 49: shim.v1.ReportResponse
-	(*UsageRequest)(nil),        // 50: shim.v1.UsageRequest
-	(*UsageResponse)(nil),       // 51: shim.v1.UsageResponse
-	(*ApplyRequest)(nil),        // 52: shim.v1.ApplyRequest
-	(*ApplyResponse)(nil),       // 53: shim.v1.ApplyResponse
-	(*SnapshotHeader)(nil),      // 54: shim.v1.SnapshotHeader
-	nil,                         // 55: shim.v1.UsageResponse.UsageEntry
+	(TokenRole)(0),              // 6: shim.v1.TokenRole
+	(*Resources)(nil),           // 7: shim.v1.Resources
+	(*ProcessSpec)(nil),         // 8: shim.v1.ProcessSpec
+	(*Incarnation)(nil),         // 9: shim.v1.Incarnation
+	(*ProcessRecord)(nil),       // 10: shim.v1.ProcessRecord
+	(*Usage)(nil),               // 11: shim.v1.Usage
+	(*NodeRecord)(nil),          // 12: shim.v1.NodeRecord
+	(*Command)(nil),             // 13: shim.v1.Command
+	(*Batch)(nil),               // 14: shim.v1.Batch
+	(*Trust)(nil),               // 15: shim.v1.Trust
+	(*TokenRecord)(nil),         // 16: shim.v1.TokenRecord
+	(*SetTrust)(nil),            // 17: shim.v1.SetTrust
+	(*AddToken)(nil),            // 18: shim.v1.AddToken
+	(*RevokeToken)(nil),         // 19: shim.v1.RevokeToken
+	(*RegisterNode)(nil),        // 20: shim.v1.RegisterNode
+	(*SetNodeState)(nil),        // 21: shim.v1.SetNodeState
+	(*SetDraining)(nil),         // 22: shim.v1.SetDraining
+	(*RemoveNode)(nil),          // 23: shim.v1.RemoveNode
+	(*Hold)(nil),                // 24: shim.v1.Hold
+	(*Spawn)(nil),               // 25: shim.v1.Spawn
+	(*Kill)(nil),                // 26: shim.v1.Kill
+	(*StatusUpdate)(nil),        // 27: shim.v1.StatusUpdate
+	(*Report)(nil),              // 28: shim.v1.Report
+	(*Resize)(nil),              // 29: shim.v1.Resize
+	(*Prune)(nil),               // 30: shim.v1.Prune
+	(*SpawnRequest)(nil),        // 31: shim.v1.SpawnRequest
+	(*SpawnResponse)(nil),       // 32: shim.v1.SpawnResponse
+	(*KillRequest)(nil),         // 33: shim.v1.KillRequest
+	(*KillResponse)(nil),        // 34: shim.v1.KillResponse
+	(*ResizeRequest)(nil),       // 35: shim.v1.ResizeRequest
+	(*ResizeResponse)(nil),      // 36: shim.v1.ResizeResponse
+	(*ListRequest)(nil),         // 37: shim.v1.ListRequest
+	(*ListResponse)(nil),        // 38: shim.v1.ListResponse
+	(*NodesRequest)(nil),        // 39: shim.v1.NodesRequest
+	(*NodeStatus)(nil),          // 40: shim.v1.NodeStatus
+	(*NodesResponse)(nil),       // 41: shim.v1.NodesResponse
+	(*LogsRequest)(nil),         // 42: shim.v1.LogsRequest
+	(*LogsChunk)(nil),           // 43: shim.v1.LogsChunk
+	(*DrainRequest)(nil),        // 44: shim.v1.DrainRequest
+	(*DrainResponse)(nil),       // 45: shim.v1.DrainResponse
+	(*CreateTokenRequest)(nil),  // 46: shim.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil), // 47: shim.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),   // 48: shim.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),  // 49: shim.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),  // 50: shim.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil), // 51: shim.v1.RevokeTokenResponse
+	(*WhoamiRequest)(nil),       // 52: shim.v1.WhoamiRequest
+	(*WhoamiResponse)(nil),      // 53: shim.v1.WhoamiResponse
+	(*JoinRequest)(nil),         // 54: shim.v1.JoinRequest
+	(*JoinResponse)(nil),        // 55: shim.v1.JoinResponse
+	(*CertifyRequest)(nil),      // 56: shim.v1.CertifyRequest
+	(*CertifyResponse)(nil),     // 57: shim.v1.CertifyResponse
+	(*LeaveRequest)(nil),        // 58: shim.v1.LeaveRequest
+	(*LeaveResponse)(nil),       // 59: shim.v1.LeaveResponse
+	(*HeartbeatRequest)(nil),    // 60: shim.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),   // 61: shim.v1.HeartbeatResponse
+	(*AssignmentsRequest)(nil),  // 62: shim.v1.AssignmentsRequest
+	(*AssignmentsResponse)(nil), // 63: shim.v1.AssignmentsResponse
+	(*ReportRequest)(nil),       // 64: shim.v1.ReportRequest
+	(*ReportResponse)(nil),      // 65: shim.v1.ReportResponse
+	(*UsageRequest)(nil),        // 66: shim.v1.UsageRequest
+	(*UsageResponse)(nil),       // 67: shim.v1.UsageResponse
+	(*ApplyRequest)(nil),        // 68: shim.v1.ApplyRequest
+	(*ApplyResponse)(nil),       // 69: shim.v1.ApplyResponse
+	(*SnapshotHeader)(nil),      // 70: shim.v1.SnapshotHeader
+	nil,                         // 71: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
-	6,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
+	7,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
 	0,  // 1: shim.v1.ProcessSpec.restart:type_name -> shim.v1.RestartPolicy
 	1,  // 2: shim.v1.ProcessSpec.isolation:type_name -> shim.v1.Isolation
 	2,  // 3: shim.v1.ProcessSpec.network:type_name -> shim.v1.Network
 	3,  // 4: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
-	7,  // 5: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
+	8,  // 5: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
 	3,  // 6: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
-	8,  // 7: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
-	10, // 8: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
+	9,  // 7: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
+	11, // 8: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
 	4,  // 9: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
 	5,  // 10: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	6,  // 11: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	14, // 12: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	15, // 13: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	16, // 14: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	17, // 15: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	19, // 16: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	20, // 17: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	22, // 18: shim.v1.Command.report:type_name -> shim.v1.Report
-	23, // 19: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	13, // 20: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	24, // 21: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	18, // 22: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	12, // 23: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	11, // 24: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	5,  // 25: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	7,  // 26: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	3,  // 27: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	21, // 28: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	6,  // 29: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	7,  // 30: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	9,  // 31: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	9,  // 32: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	6,  // 33: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	9,  // 34: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	9,  // 35: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	11, // 36: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	6,  // 37: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	6,  // 38: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	10, // 39: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	34, // 40: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	11, // 41: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	11, // 42: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	5,  // 43: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	9,  // 44: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	5,  // 45: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	22, // 46: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	55, // 47: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	12, // 48: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	10, // 49: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	25, // 50: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	27, // 51: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	29, // 52: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	31, // 53: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	33, // 54: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	36, // 55: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	38, // 56: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	40, // 57: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	42, // 58: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	44, // 59: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	46, // 60: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	48, // 61: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	52, // 62: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	50, // 63: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	26, // 64: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	28, // 65: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	30, // 66: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	32, // 67: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	35, // 68: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	37, // 69: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	39, // 70: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	41, // 71: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	43, // 72: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	45, // 73: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	47, // 74: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	49, // 75: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	53, // 76: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	51, // 77: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	64, // [64:78] is the sub-list for method output_type
-	50, // [50:64] is the sub-list for method input_type
-	50, // [50:50] is the sub-list for extension type_name
-	50, // [50:50] is the sub-list for extension extendee
-	0,  // [0:50] is the sub-list for field type_name
+	7,  // 11: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	20, // 12: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	21, // 13: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	22, // 14: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	23, // 15: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	25, // 16: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	26, // 17: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	28, // 18: shim.v1.Command.report:type_name -> shim.v1.Report
+	29, // 19: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	14, // 20: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	30, // 21: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	24, // 22: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	17, // 23: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	18, // 24: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	19, // 25: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	13, // 26: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	6,  // 27: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	15, // 28: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	16, // 29: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	12, // 30: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	5,  // 31: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	8,  // 32: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	3,  // 33: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	27, // 34: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	7,  // 35: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	8,  // 36: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	10, // 37: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	10, // 38: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	7,  // 39: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	10, // 40: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	10, // 41: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	12, // 42: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	7,  // 43: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	7,  // 44: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	11, // 45: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	40, // 46: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	12, // 47: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	6,  // 48: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	16, // 49: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	16, // 50: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	12, // 51: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	4,  // 52: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	5,  // 53: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	10, // 54: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	5,  // 55: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	28, // 56: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	71, // 57: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	13, // 58: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	15, // 59: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	16, // 60: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	11, // 61: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	31, // 62: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	33, // 63: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	35, // 64: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	37, // 65: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	39, // 66: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	42, // 67: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	44, // 68: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	46, // 69: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	48, // 70: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	50, // 71: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	52, // 72: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	54, // 73: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	58, // 74: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	60, // 75: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	62, // 76: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	64, // 77: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	68, // 78: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	66, // 79: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	56, // 80: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	32, // 81: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	34, // 82: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	36, // 83: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	38, // 84: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	41, // 85: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	43, // 86: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	45, // 87: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	47, // 88: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	49, // 89: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	51, // 90: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	53, // 91: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	55, // 92: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	59, // 93: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	61, // 94: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	63, // 95: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	65, // 96: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	69, // 97: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	67, // 98: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	57, // 99: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	81, // [81:100] is the sub-list for method output_type
+	62, // [62:81] is the sub-list for method input_type
+	62, // [62:62] is the sub-list for extension type_name
+	62, // [62:62] is the sub-list for extension extendee
+	0,  // [0:62] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -4082,14 +5076,17 @@ func file_shim_v1_shim_proto_init() {
 		(*Command_Batch)(nil),
 		(*Command_Prune)(nil),
 		(*Command_Hold)(nil),
+		(*Command_SetTrust)(nil),
+		(*Command_AddToken)(nil),
+		(*Command_RevokeToken)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
-			NumEnums:      6,
-			NumMessages:   50,
+			NumEnums:      7,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -122,6 +124,7 @@ func freePort() string {
 
 // daemon is one shimd process.
 type daemon struct {
+	cl                         *cluster
 	name, role, api, raft, dir string
 	sims                       int // --simulate N
 	args                       []string
@@ -157,20 +160,76 @@ func (d *daemon) alive() bool {
 	}
 }
 
-// cluster is a set of shimd processes on loopback.
+// cluster is a set of shimd processes on loopback. Trust is on, as users
+// run shim: the first server makes the CA and tokens, the others join with
+// its join token, and the harness's clients and CLI runs use its CA and
+// admin token. An insecure cluster (shimd's hidden --insecure: plain HTTP
+// and TCP, no tokens) exists only to measure what trust costs (row 10).
 type cluster struct {
-	e       *env
-	tag     string
-	servers []*daemon
-	workers []*daemon // real workers and simulators
-	clients map[string]shimv1connect.ShimServiceClient
-	agents  map[string]shimv1connect.AgentServiceClient
-	mu      sync.Mutex
+	e        *env
+	tag      string
+	insecure bool
+	servers  []*daemon
+	workers  []*daemon // real workers and simulators
+	clients  map[string]shimv1connect.ShimServiceClient
+	httpc    *http.Client // trusts the cluster's CA
+	token    string       // the admin token
+	mu       sync.Mutex
 }
 
 func newCluster(e *env, tag string) *cluster {
-	return &cluster{e: e, tag: tag, clients: map[string]shimv1connect.ShimServiceClient{},
-		agents: map[string]shimv1connect.AgentServiceClient{}}
+	return &cluster{e: e, tag: tag, clients: map[string]shimv1connect.ShimServiceClient{}, httpc: e.httpc}
+}
+
+// newInsecureCluster is newCluster with trust off.
+func newInsecureCluster(e *env, tag string) *cluster {
+	c := newCluster(e, tag)
+	c.insecure = true
+	return c
+}
+
+// trustArgs are the flags every node but the first starts with.
+func (c *cluster) trustArgs() []string {
+	if c.insecure {
+		return []string{"--insecure"}
+	}
+	return []string{"--join-token-file", filepath.Join(c.servers[0].dir, "join.token")}
+}
+
+// loadTrust waits for the first server's CA and admin token and makes the
+// harness's client from them.
+func (c *cluster) loadTrust() error {
+	if c.insecure {
+		return nil
+	}
+	dir := c.servers[0].dir
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		caPEM, err1 := os.ReadFile(filepath.Join(dir, "ca.pem"))
+		tok, err2 := os.ReadFile(filepath.Join(dir, "admin.token"))
+		_, err3 := os.Stat(filepath.Join(dir, "join.token"))
+		if err := errors.Join(err1, err2, err3); err == nil {
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(caPEM) {
+				return fmt.Errorf("%s/ca.pem holds no certificate", dir)
+			}
+			tr := c.e.httpc.Transport.(*http.Transport).Clone()
+			tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}
+			c.httpc, c.token = &http.Client{Transport: tr}, strings.TrimSpace(string(tok))
+			return nil
+		} else if time.Now().After(deadline) {
+			return fmt.Errorf("the first server wrote no CA and tokens within 30s: %w", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// url is the base URL of a member's API.
+func (c *cluster) url(addr string) string {
+	if c.insecure {
+		return "http://" + addr
+	}
+	return "https://" + addr
 }
 
 // startServers starts n servers (the first bootstraps) and waits for them.
@@ -181,6 +240,9 @@ func (c *cluster) startServers(n int, extra ...string) error {
 		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft, "--log-level", c.e.logLevel()}
 		if i > 0 {
 			d.args = append(d.args, "--join", c.servers[0].api)
+			d.args = append(d.args, c.trustArgs()...)
+		} else if c.insecure {
+			d.args = append(d.args, "--insecure")
 		}
 		d.args = append(d.args, extra...)
 		if err := c.start(d); err != nil {
@@ -188,6 +250,9 @@ func (c *cluster) startServers(n int, extra ...string) error {
 		}
 		c.servers = append(c.servers, d)
 		if i == 0 {
+			if err := c.loadTrust(); err != nil {
+				return err
+			}
 			if err := c.waitNodesUp(1, 30*time.Second); err != nil {
 				return err
 			}
@@ -207,6 +272,7 @@ func (c *cluster) addWorker(sims int, extra ...string) (*daemon, error) {
 	d.dir = filepath.Join(c.e.tmp, d.name)
 	d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--role", "worker",
 		"--join", c.serverAddrs(), "--log-level", c.e.logLevel()}
+	d.args = append(d.args, c.trustArgs()...)
 	if sims > 0 {
 		d.args = append(d.args, "--simulate", strconv.Itoa(sims))
 	}
@@ -219,6 +285,7 @@ func (c *cluster) addWorker(sims int, extra ...string) (*daemon, error) {
 }
 
 func (c *cluster) start(d *daemon) error {
+	d.cl = c
 	if err := os.MkdirAll(d.dir, 0o755); err != nil {
 		return err
 	}
@@ -344,7 +411,7 @@ func (c *cluster) api(addr string) shimv1connect.ShimServiceClient {
 	defer c.mu.Unlock()
 	cl := c.clients[addr]
 	if cl == nil {
-		cl = shimv1connect.NewShimServiceClient(c.e.httpc, "http://"+addr)
+		cl = shimv1connect.NewShimServiceClient(c.httpc, c.url(addr), bearer(c.token))
 		c.clients[addr] = cl
 	}
 	return cl
@@ -606,7 +673,17 @@ func (c *cluster) shimCLI(stdout io.Writer, args ...string) (time.Duration, erro
 }
 
 func (c *cluster) shimCLIAt(addrs string, stdout io.Writer, args ...string) (time.Duration, error) {
+	if c.insecure {
+		var urls []string
+		for _, a := range strings.Split(addrs, ",") {
+			urls = append(urls, c.url(a))
+		}
+		addrs = strings.Join(urls, ",")
+	}
 	cmd := exec.Command(filepath.Join(c.e.bin, "shim"), append([]string{"--addr", addrs}, args...)...)
+	// As a user next to the first server would: its data dir holds the
+	// admin token and the CA.
+	cmd.Env = append(os.Environ(), "SHIM_DATA_DIR="+c.servers[0].dir)
 	var errb bytes.Buffer
 	if stdout != nil {
 		cmd.Stdout = stdout
@@ -621,16 +698,32 @@ func (c *cluster) shimCLIAt(addrs string, stdout io.Writer, args ...string) (tim
 	return d, nil
 }
 
+// bearer sends tok ("" for none) with every call.
+func bearer(tok string) connect.ClientOption {
+	return connect.WithInterceptors(connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			if tok != "" {
+				req.Header().Set("Authorization", "Bearer "+tok)
+			}
+			return next(ctx, req)
+		}
+	}))
+}
+
 // ---- metrics ----
 
 // metrics is one scrape of /metrics: series (name plus labels) to value.
 type metrics map[string]float64
 
-func (e *env) scrape(addr string) (metrics, error) {
+func (e *env) scrape(d *daemon) (metrics, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+addr+"/metrics", nil)
-	resp, err := e.httpc.Do(req)
+	c := d.cl
+	req, _ := http.NewRequestWithContext(ctx, "GET", c.url(d.api)+"/metrics", nil)
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.httpc.Do(req)
 	if err != nil {
 		return nil, err
 	}
@@ -663,7 +756,7 @@ func (e *env) scrapeAll(ds ...*daemon) metrics {
 		if !d.alive() {
 			continue
 		}
-		m, err := e.scrape(d.api)
+		m, err := e.scrape(d)
 		if err != nil {
 			continue
 		}

@@ -42,6 +42,7 @@ var rows = []row{
 	{"7", "heartbeats without false deaths", rowHeartbeats},
 	{"8", "agent memory overhead", rowAgentMemory},
 	{"9", "resize: CLI to cgroup file", rowResize},
+	{"10", "the cost of trust: TLS and tokens on vs off", rowTrust},
 }
 
 func main() {

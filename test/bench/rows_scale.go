@@ -73,7 +73,7 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 		for {
 			running = -1
 			if ld, err := c.leader(context.Background()); err == nil {
-				if m, err := e.scrape(ld.api); err == nil {
+				if m, err := e.scrape(ld); err == nil {
 					running = m[`shim_processes{state="running"}`]
 				}
 			}
@@ -471,7 +471,7 @@ func rowAgentMemory(e *env) []Result {
 	time.Sleep(3 * time.Second)
 	idleW := sample(w)
 	idleS := sample(c.servers[0])
-	m0, _ := e.scrape(w.api)
+	m0, _ := e.scrape(w)
 	spec := sleepSpec(pb.Isolation_ISOLATION_PROCESS)
 	spec.Node = w.name
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -485,7 +485,7 @@ func rowAgentMemory(e *env) []Result {
 	}
 	time.Sleep(5 * time.Second) // a sampling round (2 s) and GC
 	busyW := sample(w)
-	m1, _ := e.scrape(w.api)
+	m1, _ := e.scrape(w)
 	per := (median(busyW) - median(idleW)) / float64(procs)
 	heapPer := (m1["go_memstats_heap_inuse_bytes"] - m0["go_memstats_heap_inuse_bytes"]) / 1024 / float64(procs)
 	toMiB := func(xs []float64) []float64 {

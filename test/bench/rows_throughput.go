@@ -18,7 +18,12 @@ import (
 // workers, sims per simulator process, and waits until every node is up.
 // flags go to servers and simulators alike.
 func simCluster(e *env, tag string, nodes, perSim int, flags ...string) (*cluster, error) {
-	c := newCluster(e, tag)
+	return startSims(newCluster(e, tag), nodes, perSim, flags...)
+}
+
+// startSims is simCluster on a cluster made by the caller.
+func startSims(c *cluster, nodes, perSim int, flags ...string) (*cluster, error) {
+	e := c.e
 	if err := c.startServers(3, flags...); err != nil {
 		return c, err
 	}

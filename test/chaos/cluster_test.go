@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"debug/elf"
 	"encoding/binary"
 	"encoding/hex"
@@ -338,18 +340,12 @@ func startCluster(t *testing.T, lease string) *cluster {
 	}
 	c.beats = newBeats(filepath.Join(c.dir, "shared", beatsFile))
 
-	httpc := &http.Client{Transport: &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
-		MaxIdleConnsPerHost: 4,
-		IdleConnTimeout:     10 * time.Second,
-	}}
 	ports := freePorts(t, 5)
 	prefix := "c" + id
 	for i, svc := range []string{"s1", "s2", "s3", "w1", "w2"} {
 		c.nodes = append(c.nodes, &node{
 			svc: svc, name: prefix + "-" + svc, server: svc[0] == 's', port: ports[i],
 			container: c.project + "-" + svc,
-			api:       shimv1connect.NewShimServiceClient(httpc, fmt.Sprintf("http://127.0.0.1:%d", ports[i])),
 		})
 	}
 	// The subnet is random; if Docker refuses it (it overlaps a network of
@@ -364,7 +360,9 @@ func startCluster(t *testing.T, lease string) *cluster {
 			n.ip = fmt.Sprintf("%s.%d", c.subnet, 11+i)
 			c.env = append(c.env, fmt.Sprintf("CHAOS_PORT_%s=%d", strings.ToUpper(n.svc), n.port))
 		}
-		out, err := c.composeCmd(3*time.Minute, "up", "-d", "--no-build")
+		// s1 first: it makes the cluster's CA and tokens, which the
+		// others join with.
+		out, err := c.composeCmd(3*time.Minute, "up", "-d", "--no-build", "s1")
 		if err == nil {
 			break
 		}
@@ -373,6 +371,10 @@ func startCluster(t *testing.T, lease string) *cluster {
 		}
 		t.Logf("subnet %s.0/24 is taken; trying another", c.subnet)
 		_, _ = c.composeCmd(2*time.Minute, "down", "-v", "--remove-orphans", "-t", "1")
+	}
+	c.trust()
+	if out, err := c.composeCmd(3*time.Minute, "up", "-d", "--no-build"); err != nil {
+		t.Fatalf("docker-compose up: %v\n%s", err, out)
 	}
 	for _, n := range c.nodes {
 		out, err := run(time.Minute, nil, "docker", "inspect", "-f", "{{.Id}}", n.container)
@@ -383,6 +385,48 @@ func startCluster(t *testing.T, lease string) *cluster {
 	}
 	t.Logf("compose project %s: network %s (%s.0/24), image %s, data in %s", c.project, c.network, c.subnet, c.image, c.dir)
 	return c
+}
+
+// trust waits for s1 to write the cluster's CA and tokens, hands the join
+// token to the other nodes (in /shared) and makes the test's API clients:
+// HTTPS that trusts s1's CA, with its admin token.
+func (c *cluster) trust() {
+	t := c.t
+	t.Helper()
+	dir := filepath.Join(c.dir, "data", "s1")
+	var caPEM, admin, join []byte
+	if !poll(60*time.Second, 100*time.Millisecond, func() bool {
+		var e1, e2, e3 error
+		caPEM, e1 = os.ReadFile(filepath.Join(dir, "ca.pem"))
+		admin, e2 = os.ReadFile(filepath.Join(dir, "admin.token"))
+		join, e3 = os.ReadFile(filepath.Join(dir, "join.token"))
+		return e1 == nil && e2 == nil && e3 == nil
+	}) {
+		t.Fatalf("s1 wrote no CA and tokens to %s within 60s", dir)
+	}
+	if err := os.WriteFile(filepath.Join(c.dir, "shared", "join.token"), join, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		t.Fatalf("%s/ca.pem holds no certificate", dir)
+	}
+	httpc := &http.Client{Transport: &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: time.Second}).DialContext,
+		TLSClientConfig:     &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13},
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     10 * time.Second,
+	}}
+	tok := strings.TrimSpace(string(admin))
+	bearer := connect.WithInterceptors(connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			req.Header().Set("Authorization", "Bearer "+tok)
+			return next(ctx, req)
+		}
+	}))
+	for _, n := range c.nodes {
+		n.api = shimv1connect.NewShimServiceClient(httpc, fmt.Sprintf("https://127.0.0.1:%d", n.port), bearer)
+	}
 }
 
 func (c *cluster) composeCmd(timeout time.Duration, args ...string) (string, error) {

@@ -200,7 +200,7 @@ func TestBadInput(t *testing.T) {
 		t.Fatalf("bad input changed the table:\nbefore %s\nafter  %s", before, after)
 	}
 	// An unreachable address.
-	r := shimAt(t, freePort(t), "ps")
+	r := c.shimAt(freePort(t), "ps")
 	if r.code == 0 || !strings.Contains(r.stderr, "reach") {
 		t.Fatalf("unreachable --addr: exit %d, %q", r.code, r.stderr)
 	}
@@ -229,7 +229,7 @@ func TestLogsFromAnyMember(t *testing.T) {
 		return false
 	})
 	for _, d := range c.nodes {
-		r := shimAt(t, d.api, "logs", id)
+		r := c.shimAt(d.api, "logs", id)
 		if r.code != 0 || !strings.Contains(r.stdout, "hello from shim") || !strings.Contains(r.stdout, "to stderr") {
 			t.Fatalf("logs via %s: exit %d out %q err %q", d.name, r.code, r.stdout, r.stderr)
 		}

@@ -252,7 +252,7 @@ func TestLeaderLoss(t *testing.T) {
 	}
 	addr := strings.Join(others, ",")
 	waitFor(t, 5*time.Second, "spawn accepted by a new leader", func() bool {
-		return shimAt(t, addr, "--timeout", "1s", "spawn", "--", "/bin/sleep", "100000").code == 0
+		return c.shimAt(addr, "--timeout", "1s", "spawn", "--", "/bin/sleep", "100000").code == 0
 	})
 	took := time.Since(start)
 	t.Logf("leader killed: writes accepted again after %s", took)
@@ -262,20 +262,20 @@ func TestLeaderLoss(t *testing.T) {
 	}
 	// The survivors stay up, and their processes were not restarted.
 	waitFor(t, 5*time.Second, "leader's processes moved", func() bool {
-		for _, p := range psAt(t, addr) {
+		for _, p := range c.psAt(addr) {
 			if p.Node == leader.name {
 				return false
 			}
 		}
 		return true
 	})
-	r := shimAt(t, addr, "nodes", "-o", "json")
+	r := c.shimAt(addr, "nodes", "-o", "json")
 	for _, d := range c.nodes {
 		if d != leader && !strings.Contains(r.stdout, fmt.Sprintf(`"name": %q`, d.name)) {
 			t.Fatalf("node %s missing from %s", d.name, r.stdout)
 		}
 	}
-	for _, p := range psAt(t, addr) {
+	for _, p := range c.psAt(addr) {
 		if b, ok := before[p.ID]; ok && b.Node != leader.name {
 			if p.PID != b.PID || p.Incarnation != b.Incarnation || p.Restarts != b.Restarts {
 				t.Fatalf("%s on surviving node %s was disturbed: %+v -> %+v", p.ID, b.Node, b, p)
@@ -284,11 +284,11 @@ func TestLeaderLoss(t *testing.T) {
 	}
 }
 
-func psAt(t *testing.T, addr string) []proc {
-	t.Helper()
-	r := shimAt(t, addr, "ps", "-o", "json")
+func (c *cluster) psAt(addr string) []proc {
+	c.t.Helper()
+	r := c.shimAt(addr, "ps", "-o", "json")
 	if r.code != 0 {
 		return nil
 	}
-	return decodePS(t, r.stdout)
+	return decodePS(c.t, r.stdout)
 }

@@ -67,7 +67,7 @@ func TestAgentGone(t *testing.T) {
 		}
 		var after []proc
 		waitFor(t, 10*time.Second, "the lost processes running elsewhere", func() bool {
-			after = psAt(t, addr)
+			after = c.psAt(addr)
 			moved := 0
 			for _, p := range after {
 				if old, ok := lost[p.ID]; ok && p.Node != victim.name && p.Incarnation > old.Incarnation &&

@@ -1,10 +1,14 @@
 // Package e2e runs real shimd and shim binaries on loopback: real Raft on
-// disk, real cgroups, real processes. Tests need root and skip without it.
+// disk, real cgroups, real processes, with trust on as users run it (TLS
+// everywhere, the CLI's token and CA from the bootstrap node's data dir,
+// nodes joining with its join token). Tests need root and skip without it.
 package e2e
 
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -86,7 +90,7 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
 		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
 		if i > 0 {
-			d.args = append(d.args, "--join", c.nodes[0].api)
+			d.args = append(d.args, c.joinArgs()...)
 		}
 		d.args = append(d.args, extra...)
 		if os.Getenv("SHIM_E2E_DEBUG") != "" {
@@ -94,6 +98,9 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 		}
 		c.nodes = append(c.nodes, d)
 		c.start(d)
+		if i == 0 {
+			c.waitTrust()
+		}
 	}
 	t.Cleanup(c.cleanup)
 	c.waitNodesUp(n, 15*time.Second)
@@ -190,6 +197,26 @@ func tail(s string, n int) string {
 	return s
 }
 
+// joinArgs are the flags a new node joins the cluster with: the bootstrap
+// node's address and the join token it wrote.
+func (c *cluster) joinArgs() []string {
+	return []string{"--join", c.nodes[0].api, "--join-token-file", filepath.Join(c.nodes[0].dir, "join.token")}
+}
+
+// waitTrust waits for the bootstrap node to write the cluster's CA and
+// tokens, which the others join with.
+func (c *cluster) waitTrust() {
+	c.t.Helper()
+	waitFor(c.t, 15*time.Second, "the bootstrap node's join token", func() bool {
+		_, err := os.Stat(filepath.Join(c.dataDir(), "join.token"))
+		return err == nil
+	})
+}
+
+// dataDir holds the CLI's credentials: the bootstrap node's admin.token and
+// ca.pem.
+func (c *cluster) dataDir() string { return c.nodes[0].dir }
+
 func (c *cluster) addrs() string {
 	var a []string
 	for _, d := range c.nodes {
@@ -204,10 +231,25 @@ type result struct {
 	code           int
 }
 
-// shim runs the CLI against the given address list.
-func shimAt(t *testing.T, addr string, args ...string) result {
+// shimAt runs the CLI against the given address list, with the cluster's
+// credentials found as a user's would be: in $SHIM_DATA_DIR.
+func (c *cluster) shimAt(addr string, args ...string) result {
+	c.t.Helper()
+	return runCLI(c.t, []string{"SHIM_DATA_DIR=" + c.dataDir()}, append([]string{"--addr", addr}, args...)...)
+}
+
+// runCLI runs the CLI with env added to an environment that holds no
+// credentials of its own.
+func runCLI(t *testing.T, env []string, args ...string) result {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(bin, "shim"), append([]string{"--addr", addr}, args...)...)
+	cmd := exec.Command(filepath.Join(bin, "shim"), args...)
+	for _, e := range os.Environ() {
+		if !strings.HasPrefix(e, "SHIM_") {
+			cmd.Env = append(cmd.Env, e)
+		}
+	}
+	cmd.Env = append(cmd.Env, env...)
+	cmd.Dir = t.TempDir() // no ./shim-data to fall back on
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
@@ -222,7 +264,7 @@ func shimAt(t *testing.T, addr string, args ...string) result {
 
 func (c *cluster) shim(args ...string) result {
 	c.t.Helper()
-	return shimAt(c.t, c.addrs(), args...)
+	return c.shimAt(c.addrs(), args...)
 }
 
 // must runs the CLI and fails the test on a non-zero exit.
@@ -326,15 +368,51 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool, opts 
 	}
 }
 
-var apiClient = &http.Client{Timeout: 2 * time.Second}
+// api returns an admin's API client of the member at addr: HTTPS with the
+// cluster's CA, the admin token; opts add to it.
+func (c *cluster) api(addr string, opts ...connect.ClientOption) shimv1connect.ShimServiceClient {
+	c.t.Helper()
+	tok, err := os.ReadFile(filepath.Join(c.dataDir(), "admin.token"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return shimv1connect.NewShimServiceClient(c.httpClient(), "https://"+addr,
+		append(opts, withToken(strings.TrimSpace(string(tok))))...)
+}
+
+// httpClient is an HTTPS client that trusts the cluster's CA.
+func (c *cluster) httpClient() *http.Client {
+	c.t.Helper()
+	pem, err := os.ReadFile(filepath.Join(c.dataDir(), "ca.pem"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		c.t.Fatal("ca.pem holds no certificate")
+	}
+	return &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}}
+}
+
+// withToken sends tok as a bearer token with every call.
+func withToken(tok string) connect.ClientOption {
+	return connect.WithInterceptors(connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+		return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+			if tok != "" {
+				req.Header().Set("Authorization", "Bearer "+tok)
+			}
+			return next(ctx, req)
+		}
+	}))
+}
 
 // list asks the first of addrs that answers for the live processes through
 // the API, and returns them with the time the answer arrived (nil if none
 // answered).
 func (c *cluster) list(addrs []string) ([]*pb.ProcessRecord, time.Time) {
 	for _, a := range addrs {
-		cl := shimv1connect.NewShimServiceClient(apiClient, "http://"+a)
-		r, err := cl.List(context.Background(), connect.NewRequest(&pb.ListRequest{}))
+		r, err := c.api(a).List(context.Background(), connect.NewRequest(&pb.ListRequest{}))
 		if err == nil {
 			return r.Msg.Processes, time.Now()
 		}

@@ -3,6 +3,8 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"net/http"
@@ -176,15 +178,35 @@ func newPartLab(t *testing.T, n int) *partLab {
 		l.ip(t, "-n", d.ns, "link", "set", "eth0", "up")
 		l.nodes = append(l.nodes, d)
 	}
+	return l
+}
+
+// connect makes the lab's API clients, once the first node has written the
+// cluster's CA and admin token: HTTPS from the switch namespace, as an
+// admin.
+func (l *partLab) connect(t *testing.T) {
+	t.Helper()
+	dir := l.nodes[0].dir
+	var pem, tok []byte
+	waitFor(t, 20*time.Second, "the first node's CA and admin token", func() bool {
+		var err1, err2 error
+		pem, err1 = os.ReadFile(filepath.Join(dir, "ca.pem"))
+		tok, err2 = os.ReadFile(filepath.Join(dir, "admin.token"))
+		return err1 == nil && err2 == nil
+	})
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		t.Fatal("ca.pem holds no certificate")
+	}
 	l.httpc = &http.Client{Transport: &http.Transport{
 		DialContext:         nsDialer("/run/netns/" + l.sw),
+		TLSClientConfig:     &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13},
 		MaxIdleConnsPerHost: 8,
 		IdleConnTimeout:     30 * time.Second,
 	}}
 	for _, d := range l.nodes {
-		d.shim = shimv1connect.NewShimServiceClient(l.httpc, "http://"+d.api)
+		d.shim = shimv1connect.NewShimServiceClient(l.httpc, "https://"+d.api, withToken(strings.TrimSpace(string(tok))))
 	}
-	return l
 }
 
 func (l *partLab) addNS(t *testing.T, name string) {
@@ -248,7 +270,7 @@ func (l *partLab) startNode(t *testing.T, d *ptNode, join string) {
 		"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.ip + ":7071",
 		"--lease", ptLease.String()}
 	if join != "" {
-		args = append(args, "--join", join)
+		args = append(args, "--join", join, "--join-token-file", filepath.Join(l.nodes[0].dir, "join.token"))
 	}
 	// nsenter enters only the network namespace and execs shimd (no fork),
 	// so /sys/fs/cgroup stays the host's and cmd.Process is shimd itself.
@@ -266,6 +288,7 @@ func (l *partLab) startNode(t *testing.T, d *ptNode, join string) {
 func (l *partLab) startNodes(t *testing.T) {
 	t.Helper()
 	l.startNode(t, l.nodes[0], "")
+	l.connect(t)
 	waitFor(t, 20*time.Second, "the first node to lead", func() bool {
 		r, err := l.nodesOf(l.nodes[0])
 		return err == nil && len(r.Nodes) == 1 && r.Nodes[0].Leader

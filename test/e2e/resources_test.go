@@ -323,7 +323,7 @@ func TestResourceResize(t *testing.T) {
 	} {
 		t0 := time.Now()
 		done := make(chan result, 1)
-		go func() { done <- shimAt(t, c.addrs(), append([]string{"resize", id}, step.args...)...) }()
+		go func() { done <- c.shimAt(c.addrs(), append([]string{"resize", id}, step.args...)...) }()
 		var lat time.Duration
 		for deadline := t0.Add(10 * time.Second); ; time.Sleep(200 * time.Microsecond) { // poll the file
 			if readInt(t, quota) == step.quota {
@@ -415,7 +415,8 @@ while :; do sleep 0.05; done`
 		big.name = big.name[len(big.name)-63:]
 	}
 	big.args = []string{"--name", big.name, "--data-dir", big.dir, "--api", big.api, "--raft", big.raft,
-		"--join", c.nodes[0].api, "--cpu", "4", "--mem", "2G", "--reserve-mem", "0"}
+		"--cpu", "4", "--mem", "2G", "--reserve-mem", "0"}
+	big.args = append(big.args, c.joinArgs()...)
 	c.nodes = append(c.nodes, big)
 	c.start(big)
 	c.waitNodesUp(2, 15*time.Second)

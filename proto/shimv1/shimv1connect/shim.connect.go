@@ -52,6 +52,14 @@ const (
 	ShimServiceLogsProcedure = "/shim.v1.ShimService/Logs"
 	// ShimServiceDrainProcedure is the fully-qualified name of the ShimService's Drain RPC.
 	ShimServiceDrainProcedure = "/shim.v1.ShimService/Drain"
+	// ShimServiceCreateTokenProcedure is the fully-qualified name of the ShimService's CreateToken RPC.
+	ShimServiceCreateTokenProcedure = "/shim.v1.ShimService/CreateToken"
+	// ShimServiceListTokensProcedure is the fully-qualified name of the ShimService's ListTokens RPC.
+	ShimServiceListTokensProcedure = "/shim.v1.ShimService/ListTokens"
+	// ShimServiceRevokeTokenProcedure is the fully-qualified name of the ShimService's RevokeToken RPC.
+	ShimServiceRevokeTokenProcedure = "/shim.v1.ShimService/RevokeToken"
+	// ShimServiceWhoamiProcedure is the fully-qualified name of the ShimService's Whoami RPC.
+	ShimServiceWhoamiProcedure = "/shim.v1.ShimService/Whoami"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -67,6 +75,8 @@ const (
 	AgentServiceApplyProcedure = "/shim.v1.AgentService/Apply"
 	// AgentServiceUsageProcedure is the fully-qualified name of the AgentService's Usage RPC.
 	AgentServiceUsageProcedure = "/shim.v1.AgentService/Usage"
+	// AgentServiceCertifyProcedure is the fully-qualified name of the AgentService's Certify RPC.
+	AgentServiceCertifyProcedure = "/shim.v1.AgentService/Certify"
 )
 
 // ShimServiceClient is a client for the shim.v1.ShimService service.
@@ -78,6 +88,10 @@ type ShimServiceClient interface {
 	Nodes(context.Context, *connect.Request[shimv1.NodesRequest]) (*connect.Response[shimv1.NodesResponse], error)
 	Logs(context.Context, *connect.Request[shimv1.LogsRequest]) (*connect.ServerStreamForClient[shimv1.LogsChunk], error)
 	Drain(context.Context, *connect.Request[shimv1.DrainRequest]) (*connect.Response[shimv1.DrainResponse], error)
+	CreateToken(context.Context, *connect.Request[shimv1.CreateTokenRequest]) (*connect.Response[shimv1.CreateTokenResponse], error)
+	ListTokens(context.Context, *connect.Request[shimv1.ListTokensRequest]) (*connect.Response[shimv1.ListTokensResponse], error)
+	RevokeToken(context.Context, *connect.Request[shimv1.RevokeTokenRequest]) (*connect.Response[shimv1.RevokeTokenResponse], error)
+	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -133,18 +147,46 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Drain")),
 			connect.WithClientOptions(opts...),
 		),
+		createToken: connect.NewClient[shimv1.CreateTokenRequest, shimv1.CreateTokenResponse](
+			httpClient,
+			baseURL+ShimServiceCreateTokenProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("CreateToken")),
+			connect.WithClientOptions(opts...),
+		),
+		listTokens: connect.NewClient[shimv1.ListTokensRequest, shimv1.ListTokensResponse](
+			httpClient,
+			baseURL+ShimServiceListTokensProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("ListTokens")),
+			connect.WithClientOptions(opts...),
+		),
+		revokeToken: connect.NewClient[shimv1.RevokeTokenRequest, shimv1.RevokeTokenResponse](
+			httpClient,
+			baseURL+ShimServiceRevokeTokenProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("RevokeToken")),
+			connect.WithClientOptions(opts...),
+		),
+		whoami: connect.NewClient[shimv1.WhoamiRequest, shimv1.WhoamiResponse](
+			httpClient,
+			baseURL+ShimServiceWhoamiProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Whoami")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // shimServiceClient implements ShimServiceClient.
 type shimServiceClient struct {
-	spawn  *connect.Client[shimv1.SpawnRequest, shimv1.SpawnResponse]
-	kill   *connect.Client[shimv1.KillRequest, shimv1.KillResponse]
-	resize *connect.Client[shimv1.ResizeRequest, shimv1.ResizeResponse]
-	list   *connect.Client[shimv1.ListRequest, shimv1.ListResponse]
-	nodes  *connect.Client[shimv1.NodesRequest, shimv1.NodesResponse]
-	logs   *connect.Client[shimv1.LogsRequest, shimv1.LogsChunk]
-	drain  *connect.Client[shimv1.DrainRequest, shimv1.DrainResponse]
+	spawn       *connect.Client[shimv1.SpawnRequest, shimv1.SpawnResponse]
+	kill        *connect.Client[shimv1.KillRequest, shimv1.KillResponse]
+	resize      *connect.Client[shimv1.ResizeRequest, shimv1.ResizeResponse]
+	list        *connect.Client[shimv1.ListRequest, shimv1.ListResponse]
+	nodes       *connect.Client[shimv1.NodesRequest, shimv1.NodesResponse]
+	logs        *connect.Client[shimv1.LogsRequest, shimv1.LogsChunk]
+	drain       *connect.Client[shimv1.DrainRequest, shimv1.DrainResponse]
+	createToken *connect.Client[shimv1.CreateTokenRequest, shimv1.CreateTokenResponse]
+	listTokens  *connect.Client[shimv1.ListTokensRequest, shimv1.ListTokensResponse]
+	revokeToken *connect.Client[shimv1.RevokeTokenRequest, shimv1.RevokeTokenResponse]
+	whoami      *connect.Client[shimv1.WhoamiRequest, shimv1.WhoamiResponse]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -182,6 +224,26 @@ func (c *shimServiceClient) Drain(ctx context.Context, req *connect.Request[shim
 	return c.drain.CallUnary(ctx, req)
 }
 
+// CreateToken calls shim.v1.ShimService.CreateToken.
+func (c *shimServiceClient) CreateToken(ctx context.Context, req *connect.Request[shimv1.CreateTokenRequest]) (*connect.Response[shimv1.CreateTokenResponse], error) {
+	return c.createToken.CallUnary(ctx, req)
+}
+
+// ListTokens calls shim.v1.ShimService.ListTokens.
+func (c *shimServiceClient) ListTokens(ctx context.Context, req *connect.Request[shimv1.ListTokensRequest]) (*connect.Response[shimv1.ListTokensResponse], error) {
+	return c.listTokens.CallUnary(ctx, req)
+}
+
+// RevokeToken calls shim.v1.ShimService.RevokeToken.
+func (c *shimServiceClient) RevokeToken(ctx context.Context, req *connect.Request[shimv1.RevokeTokenRequest]) (*connect.Response[shimv1.RevokeTokenResponse], error) {
+	return c.revokeToken.CallUnary(ctx, req)
+}
+
+// Whoami calls shim.v1.ShimService.Whoami.
+func (c *shimServiceClient) Whoami(ctx context.Context, req *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error) {
+	return c.whoami.CallUnary(ctx, req)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -191,6 +253,10 @@ type ShimServiceHandler interface {
 	Nodes(context.Context, *connect.Request[shimv1.NodesRequest]) (*connect.Response[shimv1.NodesResponse], error)
 	Logs(context.Context, *connect.Request[shimv1.LogsRequest], *connect.ServerStream[shimv1.LogsChunk]) error
 	Drain(context.Context, *connect.Request[shimv1.DrainRequest]) (*connect.Response[shimv1.DrainResponse], error)
+	CreateToken(context.Context, *connect.Request[shimv1.CreateTokenRequest]) (*connect.Response[shimv1.CreateTokenResponse], error)
+	ListTokens(context.Context, *connect.Request[shimv1.ListTokensRequest]) (*connect.Response[shimv1.ListTokensResponse], error)
+	RevokeToken(context.Context, *connect.Request[shimv1.RevokeTokenRequest]) (*connect.Response[shimv1.RevokeTokenResponse], error)
+	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -242,6 +308,30 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Drain")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceCreateTokenHandler := connect.NewUnaryHandler(
+		ShimServiceCreateTokenProcedure,
+		svc.CreateToken,
+		connect.WithSchema(shimServiceMethods.ByName("CreateToken")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceListTokensHandler := connect.NewUnaryHandler(
+		ShimServiceListTokensProcedure,
+		svc.ListTokens,
+		connect.WithSchema(shimServiceMethods.ByName("ListTokens")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceRevokeTokenHandler := connect.NewUnaryHandler(
+		ShimServiceRevokeTokenProcedure,
+		svc.RevokeToken,
+		connect.WithSchema(shimServiceMethods.ByName("RevokeToken")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceWhoamiHandler := connect.NewUnaryHandler(
+		ShimServiceWhoamiProcedure,
+		svc.Whoami,
+		connect.WithSchema(shimServiceMethods.ByName("Whoami")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -258,6 +348,14 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceLogsHandler.ServeHTTP(w, r)
 		case ShimServiceDrainProcedure:
 			shimServiceDrainHandler.ServeHTTP(w, r)
+		case ShimServiceCreateTokenProcedure:
+			shimServiceCreateTokenHandler.ServeHTTP(w, r)
+		case ShimServiceListTokensProcedure:
+			shimServiceListTokensHandler.ServeHTTP(w, r)
+		case ShimServiceRevokeTokenProcedure:
+			shimServiceRevokeTokenHandler.ServeHTTP(w, r)
+		case ShimServiceWhoamiProcedure:
+			shimServiceWhoamiHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -295,6 +393,22 @@ func (UnimplementedShimServiceHandler) Drain(context.Context, *connect.Request[s
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Drain is not implemented"))
 }
 
+func (UnimplementedShimServiceHandler) CreateToken(context.Context, *connect.Request[shimv1.CreateTokenRequest]) (*connect.Response[shimv1.CreateTokenResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.CreateToken is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) ListTokens(context.Context, *connect.Request[shimv1.ListTokensRequest]) (*connect.Response[shimv1.ListTokensResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.ListTokens is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) RevokeToken(context.Context, *connect.Request[shimv1.RevokeTokenRequest]) (*connect.Response[shimv1.RevokeTokenResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.RevokeToken is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Whoami is not implemented"))
+}
+
 // AgentServiceClient is a client for the shim.v1.AgentService service.
 type AgentServiceClient interface {
 	Join(context.Context, *connect.Request[shimv1.JoinRequest]) (*connect.Response[shimv1.JoinResponse], error)
@@ -304,6 +418,7 @@ type AgentServiceClient interface {
 	Report(context.Context, *connect.Request[shimv1.ReportRequest]) (*connect.Response[shimv1.ReportResponse], error)
 	Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error)
 	Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error)
+	Certify(context.Context, *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the shim.v1.AgentService service. By default, it
@@ -359,6 +474,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("Usage")),
 			connect.WithClientOptions(opts...),
 		),
+		certify: connect.NewClient[shimv1.CertifyRequest, shimv1.CertifyResponse](
+			httpClient,
+			baseURL+AgentServiceCertifyProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("Certify")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -371,6 +492,7 @@ type agentServiceClient struct {
 	report      *connect.Client[shimv1.ReportRequest, shimv1.ReportResponse]
 	apply       *connect.Client[shimv1.ApplyRequest, shimv1.ApplyResponse]
 	usage       *connect.Client[shimv1.UsageRequest, shimv1.UsageResponse]
+	certify     *connect.Client[shimv1.CertifyRequest, shimv1.CertifyResponse]
 }
 
 // Join calls shim.v1.AgentService.Join.
@@ -408,6 +530,11 @@ func (c *agentServiceClient) Usage(ctx context.Context, req *connect.Request[shi
 	return c.usage.CallUnary(ctx, req)
 }
 
+// Certify calls shim.v1.AgentService.Certify.
+func (c *agentServiceClient) Certify(ctx context.Context, req *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error) {
+	return c.certify.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the shim.v1.AgentService service.
 type AgentServiceHandler interface {
 	Join(context.Context, *connect.Request[shimv1.JoinRequest]) (*connect.Response[shimv1.JoinResponse], error)
@@ -417,6 +544,7 @@ type AgentServiceHandler interface {
 	Report(context.Context, *connect.Request[shimv1.ReportRequest]) (*connect.Response[shimv1.ReportResponse], error)
 	Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error)
 	Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error)
+	Certify(context.Context, *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -468,6 +596,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("Usage")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceCertifyHandler := connect.NewUnaryHandler(
+		AgentServiceCertifyProcedure,
+		svc.Certify,
+		connect.WithSchema(agentServiceMethods.ByName("Certify")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceJoinProcedure:
@@ -484,6 +618,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceApplyHandler.ServeHTTP(w, r)
 		case AgentServiceUsageProcedure:
 			agentServiceUsageHandler.ServeHTTP(w, r)
+		case AgentServiceCertifyProcedure:
+			agentServiceCertifyHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -519,4 +655,8 @@ func (UnimplementedAgentServiceHandler) Apply(context.Context, *connect.Request[
 
 func (UnimplementedAgentServiceHandler) Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.AgentService.Usage is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) Certify(context.Context, *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.AgentService.Certify is not implemented"))
 }
