@@ -103,7 +103,7 @@ func TestBurstOfExitsAllReachTheTable(t *testing.T) {
 	srv := &server.Server{Name: "agentfix-burst", Table: tb, Raft: rn, Watch: w, Lease: 5 * time.Second,
 		Log: quiet, LogDir: t.TempDir()}
 	hs := httptest.NewServer(srv.Handler())
-	httpc := server.NewHTTPClient()
+	httpc := server.NewHTTPClient(nil) // trust off: an agent unit test
 	rt := &burstRuntime{release: make(chan struct{})}
 	var cut atomic.Bool
 	ag := &agent.Agent{
@@ -111,7 +111,7 @@ func TestBurstOfExitsAllReachTheTable(t *testing.T) {
 			RaftAddr: rn.Addr(), Capacity: &pb.Resources{CpuMaxMilli: 4000, MemMaxBytes: 8 << 30}},
 		Addrs: func() []string { return []string{hs.Listener.Addr().String()} },
 		Client: func(addr string) shimv1connect.AgentServiceClient {
-			return cutReports{server.NewAgentClient(httpc, server.URL(addr)), &cut}
+			return cutReports{server.NewAgentClient(httpc, nil, server.URL(addr, false)), &cut}
 		},
 		Runtime: rt, DataDir: t.TempDir(), Lease: 5 * time.Second, Log: quiet,
 	}
