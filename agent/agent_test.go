@@ -113,6 +113,10 @@ func (cp *fakeCP) Certify(context.Context, *connect.Request[pb.CertifyRequest]) 
 	return nil, connect.NewError(connect.CodeUnimplemented, nil)
 }
 
+func (cp *fakeCP) ReadIndex(context.Context, *connect.Request[pb.ReadIndexRequest]) (*connect.Response[pb.ReadIndexResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, nil)
+}
+
 // countingRuntime is SimRuntime that counts starts and fences, and whose
 // processes exit at once with exitCode when it is set.
 type countingRuntime struct {

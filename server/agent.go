@@ -12,11 +12,15 @@ import (
 
 	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/table"
 )
 
 // agentAPI implements AgentService, spoken by node agents and servers.
-type agentAPI struct{ s *Server }
+type agentAPI struct {
+	shimv1connect.UnimplementedAgentServiceHandler // calls not built yet answer unimplemented
+	s                                              *Server
+}
 
 // onLeader runs local on the leader; elsewhere it calls remote on the leader
 // (servers) or on any server (workers), retrying while there is no leader.

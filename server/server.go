@@ -132,8 +132,8 @@ func (s *Server) Handler() http.Handler {
 	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes), connect.WithCompression("gzip", nil, nil),
 		connect.WithInterceptors(authInterceptor{})}
 	mux := http.NewServeMux()
-	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s}, opts...))
-	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s}, opts...))
+	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s: s}, opts...))
+	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s: s}, opts...))
 	mux.HandleFunc(StreamPath, s.serveHeartbeatStream)
 	mux.Handle("/metrics", s.metricsGate(s.Metrics.Handler()))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {

@@ -14,11 +14,15 @@ import (
 
 	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/table"
 )
 
 // shimAPI implements ShimService.
-type shimAPI struct{ s *Server }
+type shimAPI struct {
+	shimv1connect.UnimplementedShimServiceHandler // calls not built yet answer unimplemented
+	s                                             *Server
+}
 
 type resp[T any] = connect.Response[T]
 

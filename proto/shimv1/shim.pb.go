@@ -80,8 +80,10 @@ type Isolation int32
 
 const (
 	Isolation_ISOLATION_UNSPECIFIED Isolation = 0 // the node's default
-	Isolation_ISOLATION_PROCESS     Isolation = 1 // direct clone: namespaces + cgroups, host root fs
+	Isolation_ISOLATION_PROCESS     Isolation = 1 // the process sandbox: shim-init builds it (exec/sandbox.go)
 	Isolation_ISOLATION_CONTAINER   Isolation = 2 // libcontainer sandbox
+	Isolation_ISOLATION_VM          Isolation = 3 // a QEMU VM running shim's guest OS (exec/vm)
+	Isolation_ISOLATION_HOST        Isolation = 4 // no sandbox: namespaces only, host files (admin only)
 )
 
 // Enum value maps for Isolation.
@@ -90,11 +92,15 @@ var (
 		0: "ISOLATION_UNSPECIFIED",
 		1: "ISOLATION_PROCESS",
 		2: "ISOLATION_CONTAINER",
+		3: "ISOLATION_VM",
+		4: "ISOLATION_HOST",
 	}
 	Isolation_value = map[string]int32{
 		"ISOLATION_UNSPECIFIED": 0,
 		"ISOLATION_PROCESS":     1,
 		"ISOLATION_CONTAINER":   2,
+		"ISOLATION_VM":          3,
+		"ISOLATION_HOST":        4,
 	}
 )
 
@@ -123,6 +129,106 @@ func (x Isolation) Number() protoreflect.EnumNumber {
 // Deprecated: Use Isolation.Descriptor instead.
 func (Isolation) EnumDescriptor() ([]byte, []int) {
 	return file_shim_v1_shim_proto_rawDescGZIP(), []int{1}
+}
+
+// Grow says whether a process's grant follows its load.
+type Grow int32
+
+const (
+	Grow_GROW_OFF  Grow = 0 // fixed: the grant is the minimum, the limits are the maximum
+	Grow_GROW_ON   Grow = 1 // elastic: the grant follows the load in [min, max]; others move to make room
+	Grow_GROW_MOVE Grow = 2 // as ON, and the process itself may move when nothing else can
+)
+
+// Enum value maps for Grow.
+var (
+	Grow_name = map[int32]string{
+		0: "GROW_OFF",
+		1: "GROW_ON",
+		2: "GROW_MOVE",
+	}
+	Grow_value = map[string]int32{
+		"GROW_OFF":  0,
+		"GROW_ON":   1,
+		"GROW_MOVE": 2,
+	}
+)
+
+func (x Grow) Enum() *Grow {
+	p := new(Grow)
+	*p = x
+	return p
+}
+
+func (x Grow) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Grow) Descriptor() protoreflect.EnumDescriptor {
+	return file_shim_v1_shim_proto_enumTypes[2].Descriptor()
+}
+
+func (Grow) Type() protoreflect.EnumType {
+	return &file_shim_v1_shim_proto_enumTypes[2]
+}
+
+func (x Grow) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Grow.Descriptor instead.
+func (Grow) EnumDescriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{2}
+}
+
+// OnLost says what a node cut off from the cluster does with a process.
+type OnLost int32
+
+const (
+	OnLost_ON_LOST_UNSPECIFIED OnLost = 0 // FENCE
+	OnLost_ON_LOST_FENCE       OnLost = 1 // stop it when the lease runs out: it never runs twice
+	OnLost_ON_LOST_KEEP        OnLost = 2 // keep it running; the older copy stops once the newer one runs
+)
+
+// Enum value maps for OnLost.
+var (
+	OnLost_name = map[int32]string{
+		0: "ON_LOST_UNSPECIFIED",
+		1: "ON_LOST_FENCE",
+		2: "ON_LOST_KEEP",
+	}
+	OnLost_value = map[string]int32{
+		"ON_LOST_UNSPECIFIED": 0,
+		"ON_LOST_FENCE":       1,
+		"ON_LOST_KEEP":        2,
+	}
+)
+
+func (x OnLost) Enum() *OnLost {
+	p := new(OnLost)
+	*p = x
+	return p
+}
+
+func (x OnLost) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (OnLost) Descriptor() protoreflect.EnumDescriptor {
+	return file_shim_v1_shim_proto_enumTypes[3].Descriptor()
+}
+
+func (OnLost) Type() protoreflect.EnumType {
+	return &file_shim_v1_shim_proto_enumTypes[3]
+}
+
+func (x OnLost) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use OnLost.Descriptor instead.
+func (OnLost) EnumDescriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{3}
 }
 
 type Network int32
@@ -158,11 +264,11 @@ func (x Network) String() string {
 }
 
 func (Network) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[2].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[4].Descriptor()
 }
 
 func (Network) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[2]
+	return &file_shim_v1_shim_proto_enumTypes[4]
 }
 
 func (x Network) Number() protoreflect.EnumNumber {
@@ -171,7 +277,7 @@ func (x Network) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Network.Descriptor instead.
 func (Network) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{2}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
 }
 
 // ProcessState is one step of a process's lifecycle. See table/state.go for the
@@ -224,11 +330,11 @@ func (x ProcessState) String() string {
 }
 
 func (ProcessState) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[3].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[5].Descriptor()
 }
 
 func (ProcessState) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[3]
+	return &file_shim_v1_shim_proto_enumTypes[5]
 }
 
 func (x ProcessState) Number() protoreflect.EnumNumber {
@@ -237,7 +343,7 @@ func (x ProcessState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ProcessState.Descriptor instead.
 func (ProcessState) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{3}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
 }
 
 type NodeRole int32
@@ -273,11 +379,11 @@ func (x NodeRole) String() string {
 }
 
 func (NodeRole) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[4].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[6].Descriptor()
 }
 
 func (NodeRole) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[4]
+	return &file_shim_v1_shim_proto_enumTypes[6]
 }
 
 func (x NodeRole) Number() protoreflect.EnumNumber {
@@ -286,7 +392,7 @@ func (x NodeRole) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use NodeRole.Descriptor instead.
 func (NodeRole) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
 }
 
 type NodeState int32
@@ -325,11 +431,11 @@ func (x NodeState) String() string {
 }
 
 func (NodeState) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[5].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[7].Descriptor()
 }
 
 func (NodeState) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[5]
+	return &file_shim_v1_shim_proto_enumTypes[7]
 }
 
 func (x NodeState) Number() protoreflect.EnumNumber {
@@ -338,7 +444,7 @@ func (x NodeState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use NodeState.Descriptor instead.
 func (NodeState) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
 }
 
 type TokenRole int32
@@ -380,11 +486,11 @@ func (x TokenRole) String() string {
 }
 
 func (TokenRole) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[6].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[8].Descriptor()
 }
 
 func (TokenRole) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[6]
+	return &file_shim_v1_shim_proto_enumTypes[8]
 }
 
 func (x TokenRole) Number() protoreflect.EnumNumber {
@@ -393,7 +499,56 @@ func (x TokenRole) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TokenRole.Descriptor instead.
 func (TokenRole) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+}
+
+type Consistency int32
+
+const (
+	Consistency_CONSISTENCY_UNSPECIFIED  Consistency = 0 // LINEARIZABLE
+	Consistency_CONSISTENCY_LINEARIZABLE Consistency = 1 // confirmed with the leader (ReadIndex)
+	Consistency_CONSISTENCY_STALE        Consistency = 2 // the answering member's own copy
+)
+
+// Enum value maps for Consistency.
+var (
+	Consistency_name = map[int32]string{
+		0: "CONSISTENCY_UNSPECIFIED",
+		1: "CONSISTENCY_LINEARIZABLE",
+		2: "CONSISTENCY_STALE",
+	}
+	Consistency_value = map[string]int32{
+		"CONSISTENCY_UNSPECIFIED":  0,
+		"CONSISTENCY_LINEARIZABLE": 1,
+		"CONSISTENCY_STALE":        2,
+	}
+)
+
+func (x Consistency) Enum() *Consistency {
+	p := new(Consistency)
+	*p = x
+	return p
+}
+
+func (x Consistency) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Consistency) Descriptor() protoreflect.EnumDescriptor {
+	return file_shim_v1_shim_proto_enumTypes[9].Descriptor()
+}
+
+func (Consistency) Type() protoreflect.EnumType {
+	return &file_shim_v1_shim_proto_enumTypes[9]
+}
+
+func (x Consistency) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Consistency.Descriptor instead.
+func (Consistency) EnumDescriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
 }
 
 // Resources bounds a process. CPU is in millicores (1000 = one core), memory in
@@ -483,6 +638,120 @@ func (x *Resources) GetPidsMax() int64 {
 	return 0
 }
 
+// Mount asks for a host path a node declared (shimd --host-path NAME=PATH).
+type Mount struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"` // the declared name
+	Path          string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"` // where it appears inside the sandbox
+	ReadOnly      bool                   `protobuf:"varint,3,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Mount) Reset() {
+	*x = Mount{}
+	mi := &file_shim_v1_shim_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Mount) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Mount) ProtoMessage() {}
+
+func (x *Mount) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Mount.ProtoReflect.Descriptor instead.
+func (*Mount) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Mount) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Mount) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *Mount) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
+// Grant is what a node has promised a process: min <= grant <= max.
+type Grant struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CpuMilli      int64                  `protobuf:"varint,1,opt,name=cpu_milli,json=cpuMilli,proto3" json:"cpu_milli,omitempty"`
+	MemBytes      int64                  `protobuf:"varint,2,opt,name=mem_bytes,json=memBytes,proto3" json:"mem_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Grant) Reset() {
+	*x = Grant{}
+	mi := &file_shim_v1_shim_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Grant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Grant) ProtoMessage() {}
+
+func (x *Grant) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Grant.ProtoReflect.Descriptor instead.
+func (*Grant) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Grant) GetCpuMilli() int64 {
+	if x != nil {
+		return x.CpuMilli
+	}
+	return 0
+}
+
+func (x *Grant) GetMemBytes() int64 {
+	if x != nil {
+		return x.MemBytes
+	}
+	return 0
+}
+
 // ProcessSpec is what the user asked for.
 type ProcessSpec struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -497,13 +766,17 @@ type ProcessSpec struct {
 	Network       Network                `protobuf:"varint,9,opt,name=network,proto3,enum=shim.v1.Network" json:"network,omitempty"`
 	User          string                 `protobuf:"bytes,10,opt,name=user,proto3" json:"user,omitempty"`     // "UID[:GID]"
 	Rootfs        string                 `protobuf:"bytes,11,opt,name=rootfs,proto3" json:"rootfs,omitempty"` // container isolation only
+	Mounts        []*Mount               `protobuf:"bytes,12,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	Grow          Grow                   `protobuf:"varint,13,opt,name=grow,proto3,enum=shim.v1.Grow" json:"grow,omitempty"`
+	Priority      *int32                 `protobuf:"varint,14,opt,name=priority,proto3,oneof" json:"priority,omitempty"` // 0-1000, unset = 500; lower moves first to make room
+	OnLost        OnLost                 `protobuf:"varint,15,opt,name=on_lost,json=onLost,proto3,enum=shim.v1.OnLost" json:"on_lost,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ProcessSpec) Reset() {
 	*x = ProcessSpec{}
-	mi := &file_shim_v1_shim_proto_msgTypes[1]
+	mi := &file_shim_v1_shim_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -515,7 +788,7 @@ func (x *ProcessSpec) String() string {
 func (*ProcessSpec) ProtoMessage() {}
 
 func (x *ProcessSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[1]
+	mi := &file_shim_v1_shim_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -528,7 +801,7 @@ func (x *ProcessSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessSpec.ProtoReflect.Descriptor instead.
 func (*ProcessSpec) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{1}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ProcessSpec) GetName() string {
@@ -608,6 +881,34 @@ func (x *ProcessSpec) GetRootfs() string {
 	return ""
 }
 
+func (x *ProcessSpec) GetMounts() []*Mount {
+	if x != nil {
+		return x.Mounts
+	}
+	return nil
+}
+
+func (x *ProcessSpec) GetGrow() Grow {
+	if x != nil {
+		return x.Grow
+	}
+	return Grow_GROW_OFF
+}
+
+func (x *ProcessSpec) GetPriority() int32 {
+	if x != nil && x.Priority != nil {
+		return *x.Priority
+	}
+	return 0
+}
+
+func (x *ProcessSpec) GetOnLost() OnLost {
+	if x != nil {
+		return x.OnLost
+	}
+	return OnLost_ON_LOST_UNSPECIFIED
+}
+
 // Incarnation records one past run of a process on one node.
 type Incarnation struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -625,7 +926,7 @@ type Incarnation struct {
 
 func (x *Incarnation) Reset() {
 	*x = Incarnation{}
-	mi := &file_shim_v1_shim_proto_msgTypes[2]
+	mi := &file_shim_v1_shim_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -637,7 +938,7 @@ func (x *Incarnation) String() string {
 func (*Incarnation) ProtoMessage() {}
 
 func (x *Incarnation) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[2]
+	mi := &file_shim_v1_shim_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -650,7 +951,7 @@ func (x *Incarnation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Incarnation.ProtoReflect.Descriptor instead.
 func (*Incarnation) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{2}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Incarnation) GetIncarnation() uint64 {
@@ -727,18 +1028,22 @@ type ProcessRecord struct {
 	UpdatedUnixNano  int64                  `protobuf:"varint,13,opt,name=updated_unix_nano,json=updatedUnixNano,proto3" json:"updated_unix_nano,omitempty"`
 	Stop             bool                   `protobuf:"varint,14,opt,name=stop,proto3" json:"stop,omitempty"` // desired state: stopped (set by kill)
 	StopSignal       int32                  `protobuf:"varint,15,opt,name=stop_signal,json=stopSignal,proto3" json:"stop_signal,omitempty"`
-	History          []*Incarnation         `protobuf:"bytes,16,rep,name=history,proto3" json:"history,omitempty"`                             // most recent last, capped
-	ModifyIndex      uint64                 `protobuf:"varint,17,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"` // raft index of the last change
-	Usage            *Usage                 `protobuf:"bytes,18,opt,name=usage,proto3" json:"usage,omitempty"`                                 // last reported by the node
-	StartTime        uint64                 `protobuf:"varint,19,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`       // /proc start time of pid (guards PID reuse)
-	MoveTo           string                 `protobuf:"bytes,20,opt,name=move_to,json=moveTo,proto3" json:"move_to,omitempty"`                 // make-before-break move in progress: incarnation+1 starts here
+	History          []*Incarnation         `protobuf:"bytes,16,rep,name=history,proto3" json:"history,omitempty"`                                     // most recent last, capped
+	ModifyIndex      uint64                 `protobuf:"varint,17,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`         // raft index of the last change
+	Usage            *Usage                 `protobuf:"bytes,18,opt,name=usage,proto3" json:"usage,omitempty"`                                         // last reported by the node
+	StartTime        uint64                 `protobuf:"varint,19,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`               // /proc start time of pid (guards PID reuse)
+	MoveTo           string                 `protobuf:"bytes,20,opt,name=move_to,json=moveTo,proto3" json:"move_to,omitempty"`                         // make-before-break move in progress: incarnation+1 starts here
+	Grant            *Grant                 `protobuf:"bytes,21,opt,name=grant,proto3" json:"grant,omitempty"`                                         // what its node has promised it (placement counts grants)
+	Want             *Grant                 `protobuf:"bytes,22,opt,name=want,proto3" json:"want,omitempty"`                                           // a growth asked for and not granted yet (waiting for room)
+	WantReason       string                 `protobuf:"bytes,23,opt,name=want_reason,json=wantReason,proto3" json:"want_reason,omitempty"`             // why the growth waits
+	MovedUnixNano    int64                  `protobuf:"varint,24,opt,name=moved_unix_nano,json=movedUnixNano,proto3" json:"moved_unix_nano,omitempty"` // when it last moved to make room (moves are rate-limited)
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }
 
 func (x *ProcessRecord) Reset() {
 	*x = ProcessRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[3]
+	mi := &file_shim_v1_shim_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -750,7 +1055,7 @@ func (x *ProcessRecord) String() string {
 func (*ProcessRecord) ProtoMessage() {}
 
 func (x *ProcessRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[3]
+	mi := &file_shim_v1_shim_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -763,7 +1068,7 @@ func (x *ProcessRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRecord.ProtoReflect.Descriptor instead.
 func (*ProcessRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{3}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ProcessRecord) GetId() string {
@@ -906,6 +1211,34 @@ func (x *ProcessRecord) GetMoveTo() string {
 	return ""
 }
 
+func (x *ProcessRecord) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+func (x *ProcessRecord) GetWant() *Grant {
+	if x != nil {
+		return x.Want
+	}
+	return nil
+}
+
+func (x *ProcessRecord) GetWantReason() string {
+	if x != nil {
+		return x.WantReason
+	}
+	return ""
+}
+
+func (x *ProcessRecord) GetMovedUnixNano() int64 {
+	if x != nil {
+		return x.MovedUnixNano
+	}
+	return 0
+}
+
 // Usage is measured from cgroup stats.
 type Usage struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -918,7 +1251,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_shim_v1_shim_proto_msgTypes[4]
+	mi := &file_shim_v1_shim_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1263,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[4]
+	mi := &file_shim_v1_shim_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1276,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Usage) GetCpuUsageNanos() uint64 {
@@ -981,13 +1314,15 @@ type NodeRecord struct {
 	ModifyIndex       uint64                 `protobuf:"varint,10,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
 	OvercommitPercent uint32                 `protobuf:"varint,11,opt,name=overcommit_percent,json=overcommitPercent,proto3" json:"overcommit_percent,omitempty"`     // sum of max may reach capacity * this / 100
 	HoldUntilUnixNano int64                  `protobuf:"varint,12,opt,name=hold_until_unix_nano,json=holdUntilUnixNano,proto3" json:"hold_until_unix_nano,omitempty"` // shimd is restarting: do not judge its lease before this
+	HostPaths         []*HostPath            `protobuf:"bytes,13,rep,name=host_paths,json=hostPaths,proto3" json:"host_paths,omitempty"`                              // host paths this node offers to sandboxes
+	VmUnavailable     string                 `protobuf:"bytes,14,opt,name=vm_unavailable,json=vmUnavailable,proto3" json:"vm_unavailable,omitempty"`                  // why this node cannot run VMs; empty = it can
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
 
 func (x *NodeRecord) Reset() {
 	*x = NodeRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[5]
+	mi := &file_shim_v1_shim_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -999,7 +1334,7 @@ func (x *NodeRecord) String() string {
 func (*NodeRecord) ProtoMessage() {}
 
 func (x *NodeRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[5]
+	mi := &file_shim_v1_shim_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1012,7 +1347,7 @@ func (x *NodeRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRecord.ProtoReflect.Descriptor instead.
 func (*NodeRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *NodeRecord) GetName() string {
@@ -1099,6 +1434,73 @@ func (x *NodeRecord) GetHoldUntilUnixNano() int64 {
 	return 0
 }
 
+func (x *NodeRecord) GetHostPaths() []*HostPath {
+	if x != nil {
+		return x.HostPaths
+	}
+	return nil
+}
+
+func (x *NodeRecord) GetVmUnavailable() string {
+	if x != nil {
+		return x.VmUnavailable
+	}
+	return ""
+}
+
+// HostPath is a host folder a node offers (shimd --host-path NAME=PATH[:ro]).
+type HostPath struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	ReadOnly      bool                   `protobuf:"varint,2,opt,name=read_only,json=readOnly,proto3" json:"read_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostPath) Reset() {
+	*x = HostPath{}
+	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostPath) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostPath) ProtoMessage() {}
+
+func (x *HostPath) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostPath.ProtoReflect.Descriptor instead.
+func (*HostPath) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *HostPath) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *HostPath) GetReadOnly() bool {
+	if x != nil {
+		return x.ReadOnly
+	}
+	return false
+}
+
 type Command struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	NowUnixNano int64                  `protobuf:"varint,1,opt,name=now_unix_nano,json=nowUnixNano,proto3" json:"now_unix_nano,omitempty"`
@@ -1115,6 +1517,7 @@ type Command struct {
 	//	*Command_Batch
 	//	*Command_Prune
 	//	*Command_Hold
+	//	*Command_SetGrant
 	//	*Command_SetTrust
 	//	*Command_AddToken
 	//	*Command_RevokeToken
@@ -1125,7 +1528,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_shim_v1_shim_proto_msgTypes[6]
+	mi := &file_shim_v1_shim_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1137,7 +1540,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[6]
+	mi := &file_shim_v1_shim_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1150,7 +1553,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Command) GetNowUnixNano() int64 {
@@ -1266,6 +1669,15 @@ func (x *Command) GetHold() *Hold {
 	return nil
 }
 
+func (x *Command) GetSetGrant() *SetGrant {
+	if x != nil {
+		if x, ok := x.Op.(*Command_SetGrant); ok {
+			return x.SetGrant
+		}
+	}
+	return nil
+}
+
 func (x *Command) GetSetTrust() *SetTrust {
 	if x != nil {
 		if x, ok := x.Op.(*Command_SetTrust); ok {
@@ -1341,6 +1753,10 @@ type Command_Hold struct {
 	Hold *Hold `protobuf:"bytes,20,opt,name=hold,proto3,oneof"`
 }
 
+type Command_SetGrant struct {
+	SetGrant *SetGrant `protobuf:"bytes,21,opt,name=set_grant,json=setGrant,proto3,oneof"`
+}
+
 type Command_SetTrust struct {
 	// Cluster trust (table/trust.go). Numbered apart from the commands
 	// above so that other new commands can take 21 on.
@@ -1377,6 +1793,8 @@ func (*Command_Prune) isCommand_Op() {}
 
 func (*Command_Hold) isCommand_Op() {}
 
+func (*Command_SetGrant) isCommand_Op() {}
+
 func (*Command_SetTrust) isCommand_Op() {}
 
 func (*Command_AddToken) isCommand_Op() {}
@@ -1392,7 +1810,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_shim_v1_shim_proto_msgTypes[7]
+	mi := &file_shim_v1_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1404,7 +1822,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[7]
+	mi := &file_shim_v1_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1417,7 +1835,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Batch) GetCommands() []*Command {
@@ -1439,7 +1857,7 @@ type Trust struct {
 
 func (x *Trust) Reset() {
 	*x = Trust{}
-	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	mi := &file_shim_v1_shim_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1451,7 +1869,7 @@ func (x *Trust) String() string {
 func (*Trust) ProtoMessage() {}
 
 func (x *Trust) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	mi := &file_shim_v1_shim_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1464,7 +1882,7 @@ func (x *Trust) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trust.ProtoReflect.Descriptor instead.
 func (*Trust) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Trust) GetClusterId() string {
@@ -1504,7 +1922,7 @@ type TokenRecord struct {
 
 func (x *TokenRecord) Reset() {
 	*x = TokenRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1934,7 @@ func (x *TokenRecord) String() string {
 func (*TokenRecord) ProtoMessage() {}
 
 func (x *TokenRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1947,7 @@ func (x *TokenRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenRecord.ProtoReflect.Descriptor instead.
 func (*TokenRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TokenRecord) GetId() string {
@@ -1583,7 +2001,7 @@ type SetTrust struct {
 
 func (x *SetTrust) Reset() {
 	*x = SetTrust{}
-	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1595,7 +2013,7 @@ func (x *SetTrust) String() string {
 func (*SetTrust) ProtoMessage() {}
 
 func (x *SetTrust) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1608,7 +2026,7 @@ func (x *SetTrust) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetTrust.ProtoReflect.Descriptor instead.
 func (*SetTrust) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetTrust) GetTrust() *Trust {
@@ -1627,7 +2045,7 @@ type AddToken struct {
 
 func (x *AddToken) Reset() {
 	*x = AddToken{}
-	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1639,7 +2057,7 @@ func (x *AddToken) String() string {
 func (*AddToken) ProtoMessage() {}
 
 func (x *AddToken) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1652,7 +2070,7 @@ func (x *AddToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToken.ProtoReflect.Descriptor instead.
 func (*AddToken) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{11}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AddToken) GetToken() *TokenRecord {
@@ -1671,7 +2089,7 @@ type RevokeToken struct {
 
 func (x *RevokeToken) Reset() {
 	*x = RevokeToken{}
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +2101,7 @@ func (x *RevokeToken) String() string {
 func (*RevokeToken) ProtoMessage() {}
 
 func (x *RevokeToken) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +2114,7 @@ func (x *RevokeToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeToken.ProtoReflect.Descriptor instead.
 func (*RevokeToken) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RevokeToken) GetId() string {
@@ -1715,7 +2133,7 @@ type RegisterNode struct {
 
 func (x *RegisterNode) Reset() {
 	*x = RegisterNode{}
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1727,7 +2145,7 @@ func (x *RegisterNode) String() string {
 func (*RegisterNode) ProtoMessage() {}
 
 func (x *RegisterNode) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1740,7 +2158,7 @@ func (x *RegisterNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNode.ProtoReflect.Descriptor instead.
 func (*RegisterNode) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RegisterNode) GetNode() *NodeRecord {
@@ -1760,7 +2178,7 @@ type SetNodeState struct {
 
 func (x *SetNodeState) Reset() {
 	*x = SetNodeState{}
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1772,7 +2190,7 @@ func (x *SetNodeState) String() string {
 func (*SetNodeState) ProtoMessage() {}
 
 func (x *SetNodeState) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1785,7 +2203,7 @@ func (x *SetNodeState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeState.ProtoReflect.Descriptor instead.
 func (*SetNodeState) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetNodeState) GetName() string {
@@ -1812,7 +2230,7 @@ type SetDraining struct {
 
 func (x *SetDraining) Reset() {
 	*x = SetDraining{}
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1824,7 +2242,7 @@ func (x *SetDraining) String() string {
 func (*SetDraining) ProtoMessage() {}
 
 func (x *SetDraining) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1837,7 +2255,7 @@ func (x *SetDraining) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDraining.ProtoReflect.Descriptor instead.
 func (*SetDraining) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetDraining) GetName() string {
@@ -1863,7 +2281,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1875,7 +2293,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1888,7 +2306,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RemoveNode) GetName() string {
@@ -1910,7 +2328,7 @@ type Hold struct {
 
 func (x *Hold) Reset() {
 	*x = Hold{}
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1922,7 +2340,7 @@ func (x *Hold) String() string {
 func (*Hold) ProtoMessage() {}
 
 func (x *Hold) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1935,7 +2353,7 @@ func (x *Hold) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hold.ProtoReflect.Descriptor instead.
 func (*Hold) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Hold) GetName() string {
@@ -1956,13 +2374,14 @@ type Spawn struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"` // one process per id, all with the same spec
 	Spec          *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // the client's: a retry with the same id gets the first answer
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Spawn) Reset() {
 	*x = Spawn{}
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1974,7 +2393,7 @@ func (x *Spawn) String() string {
 func (*Spawn) ProtoMessage() {}
 
 func (x *Spawn) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1987,7 +2406,7 @@ func (x *Spawn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Spawn.ProtoReflect.Descriptor instead.
 func (*Spawn) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Spawn) GetIds() []string {
@@ -2004,6 +2423,175 @@ func (x *Spawn) GetSpec() *ProcessSpec {
 	return nil
 }
 
+func (x *Spawn) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// SetGrant changes a process's grant (within its bounds); see table/grants.go.
+type SetGrant struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Incarnation   uint64                 `protobuf:"varint,2,opt,name=incarnation,proto3" json:"incarnation,omitempty"` // 0 = the current one
+	Grant         *Grant                 `protobuf:"bytes,3,opt,name=grant,proto3" json:"grant,omitempty"`
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	By            string                 `protobuf:"bytes,5,opt,name=by,proto3" json:"by,omitempty"` // who asked: node, self or user
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetGrant) Reset() {
+	*x = SetGrant{}
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetGrant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetGrant) ProtoMessage() {}
+
+func (x *SetGrant) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetGrant.ProtoReflect.Descriptor instead.
+func (*SetGrant) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *SetGrant) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *SetGrant) GetIncarnation() uint64 {
+	if x != nil {
+		return x.Incarnation
+	}
+	return 0
+}
+
+func (x *SetGrant) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+func (x *SetGrant) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *SetGrant) GetBy() string {
+	if x != nil {
+		return x.By
+	}
+	return ""
+}
+
+// Event is one thing that happened to the cluster, derived from a command.
+type Event struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"` // the Raft index of the command
+	UnixNano      int64                  `protobuf:"varint,2,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	Type          string                 `protobuf:"bytes,3,opt,name=type,proto3" json:"type,omitempty"` // process.placed, process.running, node.down, ...
+	Id            string                 `protobuf:"bytes,4,opt,name=id,proto3" json:"id,omitempty"`     // the process, if any
+	Node          string                 `protobuf:"bytes,5,opt,name=node,proto3" json:"node,omitempty"`
+	Reason        string                 `protobuf:"bytes,6,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *Event) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Event) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
+}
+
+func (x *Event) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Event) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Event) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Event) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type Kill struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
@@ -2014,7 +2602,7 @@ type Kill struct {
 
 func (x *Kill) Reset() {
 	*x = Kill{}
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2026,7 +2614,7 @@ func (x *Kill) String() string {
 func (*Kill) ProtoMessage() {}
 
 func (x *Kill) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2039,7 +2627,7 @@ func (x *Kill) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Kill.ProtoReflect.Descriptor instead.
 func (*Kill) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Kill) GetIds() []string {
@@ -2074,7 +2662,7 @@ type StatusUpdate struct {
 
 func (x *StatusUpdate) Reset() {
 	*x = StatusUpdate{}
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2086,7 +2674,7 @@ func (x *StatusUpdate) String() string {
 func (*StatusUpdate) ProtoMessage() {}
 
 func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2099,7 +2687,7 @@ func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusUpdate.ProtoReflect.Descriptor instead.
 func (*StatusUpdate) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StatusUpdate) GetId() string {
@@ -2175,7 +2763,7 @@ type Report struct {
 
 func (x *Report) Reset() {
 	*x = Report{}
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2775,7 @@ func (x *Report) String() string {
 func (*Report) ProtoMessage() {}
 
 func (x *Report) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2788,7 @@ func (x *Report) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Report.ProtoReflect.Descriptor instead.
 func (*Report) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Report) GetNode() string {
@@ -2230,7 +2818,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2242,7 +2830,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2255,7 +2843,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Resize) GetId() string {
@@ -2289,7 +2877,7 @@ type Prune struct {
 
 func (x *Prune) Reset() {
 	*x = Prune{}
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2301,7 +2889,7 @@ func (x *Prune) String() string {
 func (*Prune) ProtoMessage() {}
 
 func (x *Prune) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2314,7 +2902,7 @@ func (x *Prune) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Prune.ProtoReflect.Descriptor instead.
 func (*Prune) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Prune) GetBeforeUnixNano() int64 {
@@ -2327,15 +2915,16 @@ func (x *Prune) GetBeforeUnixNano() int64 {
 type SpawnRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Spec          *ProcessSpec           `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
-	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"` // replicas; 0 means 1
-	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`   // block until every new process is running or terminal
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
+	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
+	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SpawnRequest) Reset() {
 	*x = SpawnRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2347,7 +2936,7 @@ func (x *SpawnRequest) String() string {
 func (*SpawnRequest) ProtoMessage() {}
 
 func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2360,7 +2949,7 @@ func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnRequest.ProtoReflect.Descriptor instead.
 func (*SpawnRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SpawnRequest) GetSpec() *ProcessSpec {
@@ -2384,6 +2973,13 @@ func (x *SpawnRequest) GetWait() bool {
 	return false
 }
 
+func (x *SpawnRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 type SpawnResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Processes     []*ProcessRecord       `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
@@ -2393,7 +2989,7 @@ type SpawnResponse struct {
 
 func (x *SpawnResponse) Reset() {
 	*x = SpawnResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2405,7 +3001,7 @@ func (x *SpawnResponse) String() string {
 func (*SpawnResponse) ProtoMessage() {}
 
 func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2418,7 +3014,7 @@ func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnResponse.ProtoReflect.Descriptor instead.
 func (*SpawnResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SpawnResponse) GetProcesses() []*ProcessRecord {
@@ -2438,7 +3034,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2450,7 +3046,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2463,7 +3059,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *KillRequest) GetIds() []string {
@@ -2489,7 +3085,7 @@ type KillResponse struct {
 
 func (x *KillResponse) Reset() {
 	*x = KillResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2501,7 +3097,7 @@ func (x *KillResponse) String() string {
 func (*KillResponse) ProtoMessage() {}
 
 func (x *KillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2514,7 +3110,7 @@ func (x *KillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillResponse.ProtoReflect.Descriptor instead.
 func (*KillResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *KillResponse) GetProcesses() []*ProcessRecord {
@@ -2537,7 +3133,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2549,7 +3145,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2562,7 +3158,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ResizeRequest) GetId() string {
@@ -2609,7 +3205,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2621,7 +3217,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2634,7 +3230,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ResizeResponse) GetProcess() *ProcessRecord {
@@ -2652,13 +3248,14 @@ type ListRequest struct {
 	MinIndex      uint64                 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`       // blocking query: wait until the table index exceeds this
 	WaitMillis    int64                  `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"` // blocking query: for at most this long
 	Usage         bool                   `protobuf:"varint,6,opt,name=usage,proto3" json:"usage,omitempty"`                             // ask the owning nodes for current CPU and memory use
+	Consistency   Consistency            `protobuf:"varint,7,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2670,7 +3267,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2683,7 +3280,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListRequest) GetIds() []string {
@@ -2728,17 +3325,25 @@ func (x *ListRequest) GetUsage() bool {
 	return false
 }
 
+func (x *ListRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_CONSISTENCY_UNSPECIFIED
+}
+
 type ListResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Processes     []*ProcessRecord       `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
 	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	Staleness     *Staleness             `protobuf:"bytes,3,opt,name=staleness,proto3" json:"staleness,omitempty"` // stale reads only
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2750,7 +3355,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2763,7 +3368,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListResponse) GetProcesses() []*ProcessRecord {
@@ -2780,17 +3385,86 @@ func (x *ListResponse) GetIndex() uint64 {
 	return 0
 }
 
+func (x *ListResponse) GetStaleness() *Staleness {
+	if x != nil {
+		return x.Staleness
+	}
+	return nil
+}
+
+// Staleness says how far behind a stale read's member may have been.
+type Staleness struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Index             uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`                                                    // the answering member's table index
+	LeaderIndex       uint64                 `protobuf:"varint,2,opt,name=leader_index,json=leaderIndex,proto3" json:"leader_index,omitempty"`                     // the last commit index it heard from the leader
+	LastContactMillis int64                  `protobuf:"varint,3,opt,name=last_contact_millis,json=lastContactMillis,proto3" json:"last_contact_millis,omitempty"` // since it last heard from the leader
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Staleness) Reset() {
+	*x = Staleness{}
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Staleness) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Staleness) ProtoMessage() {}
+
+func (x *Staleness) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Staleness.ProtoReflect.Descriptor instead.
+func (*Staleness) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *Staleness) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *Staleness) GetLeaderIndex() uint64 {
+	if x != nil {
+		return x.LeaderIndex
+	}
+	return 0
+}
+
+func (x *Staleness) GetLastContactMillis() int64 {
+	if x != nil {
+		return x.LastContactMillis
+	}
+	return 0
+}
+
 type NodesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// usage asks every up node for its processes' current use (NodeStatus.usage).
-	Usage         bool `protobuf:"varint,1,opt,name=usage,proto3" json:"usage,omitempty"`
+	Usage         bool        `protobuf:"varint,1,opt,name=usage,proto3" json:"usage,omitempty"`
+	Consistency   Consistency `protobuf:"varint,2,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodesRequest) Reset() {
 	*x = NodesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2802,7 +3476,7 @@ func (x *NodesRequest) String() string {
 func (*NodesRequest) ProtoMessage() {}
 
 func (x *NodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2815,7 +3489,7 @@ func (x *NodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
 func (*NodesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *NodesRequest) GetUsage() bool {
@@ -2823,6 +3497,13 @@ func (x *NodesRequest) GetUsage() bool {
 		return x.Usage
 	}
 	return false
+}
+
+func (x *NodesRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_CONSISTENCY_UNSPECIFIED
 }
 
 type NodeStatus struct {
@@ -2840,7 +3521,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2852,7 +3533,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2865,7 +3546,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *NodeStatus) GetNode() *NodeRecord {
@@ -2921,13 +3602,14 @@ type NodesResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Nodes         []*NodeStatus          `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
 	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	Staleness     *Staleness             `protobuf:"bytes,3,opt,name=staleness,proto3" json:"staleness,omitempty"` // stale reads only
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodesResponse) Reset() {
 	*x = NodesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2939,7 +3621,7 @@ func (x *NodesResponse) String() string {
 func (*NodesResponse) ProtoMessage() {}
 
 func (x *NodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2952,7 +3634,7 @@ func (x *NodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesResponse.ProtoReflect.Descriptor instead.
 func (*NodesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *NodesResponse) GetNodes() []*NodeStatus {
@@ -2963,6 +3645,257 @@ func (x *NodesResponse) GetNodes() []*NodeStatus {
 }
 
 func (x *NodesResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *NodesResponse) GetStaleness() *Staleness {
+	if x != nil {
+		return x.Staleness
+	}
+	return nil
+}
+
+type SetGrantRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Grant         *Grant                 `protobuf:"bytes,2,opt,name=grant,proto3" json:"grant,omitempty"` // zero fields keep their value
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetGrantRequest) Reset() {
+	*x = SetGrantRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetGrantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetGrantRequest) ProtoMessage() {}
+
+func (x *SetGrantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetGrantRequest.ProtoReflect.Descriptor instead.
+func (*SetGrantRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *SetGrantRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *SetGrantRequest) GetGrant() *Grant {
+	if x != nil {
+		return x.Grant
+	}
+	return nil
+}
+
+func (x *SetGrantRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type SetGrantResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessRecord         `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetGrantResponse) Reset() {
+	*x = SetGrantResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetGrantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetGrantResponse) ProtoMessage() {}
+
+func (x *SetGrantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetGrantResponse.ProtoReflect.Descriptor instead.
+func (*SetGrantResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *SetGrantResponse) GetProcess() *ProcessRecord {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+type EventsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Since         uint64                 `protobuf:"varint,1,opt,name=since,proto3" json:"since,omitempty"`   // events after this index
+	Follow        bool                   `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"` // keep streaming new events
+	Types         []string               `protobuf:"bytes,3,rep,name=types,proto3" json:"types,omitempty"`    // only these types (prefixes like "node." match)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventsRequest) Reset() {
+	*x = EventsRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventsRequest) ProtoMessage() {}
+
+func (x *EventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
+func (*EventsRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *EventsRequest) GetSince() uint64 {
+	if x != nil {
+		return x.Since
+	}
+	return 0
+}
+
+func (x *EventsRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
+}
+
+func (x *EventsRequest) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+type ReadIndexRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadIndexRequest) Reset() {
+	*x = ReadIndexRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadIndexRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadIndexRequest) ProtoMessage() {}
+
+func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
+func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+}
+
+type ReadIndexResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadIndexResponse) Reset() {
+	*x = ReadIndexResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadIndexResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadIndexResponse) ProtoMessage() {}
+
+func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
+func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ReadIndexResponse) GetIndex() uint64 {
 	if x != nil {
 		return x.Index
 	}
@@ -2980,7 +3913,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2992,7 +3925,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3005,7 +3938,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *LogsRequest) GetId() string {
@@ -3038,7 +3971,7 @@ type LogsChunk struct {
 
 func (x *LogsChunk) Reset() {
 	*x = LogsChunk{}
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3050,7 +3983,7 @@ func (x *LogsChunk) String() string {
 func (*LogsChunk) ProtoMessage() {}
 
 func (x *LogsChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3063,7 +3996,7 @@ func (x *LogsChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsChunk.ProtoReflect.Descriptor instead.
 func (*LogsChunk) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *LogsChunk) GetData() []byte {
@@ -3083,7 +4016,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3095,7 +4028,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3108,7 +4041,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *DrainRequest) GetNode() string {
@@ -3134,7 +4067,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3146,7 +4079,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3159,7 +4092,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *DrainResponse) GetNode() *NodeRecord {
@@ -3180,7 +4113,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3192,7 +4125,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3205,7 +4138,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *CreateTokenRequest) GetRole() TokenRole {
@@ -3239,7 +4172,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3251,7 +4184,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3264,7 +4197,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -3289,7 +4222,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3301,7 +4234,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3314,7 +4247,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
 }
 
 type ListTokensResponse struct {
@@ -3326,7 +4259,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3338,7 +4271,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3351,7 +4284,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenRecord {
@@ -3370,7 +4303,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3382,7 +4315,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3395,7 +4328,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -3413,7 +4346,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3425,7 +4358,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3438,7 +4371,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
 }
 
 // WhoamiResponse is how the answering server sees the caller. Workers use
@@ -3451,7 +4384,7 @@ type WhoamiRequest struct {
 
 func (x *WhoamiRequest) Reset() {
 	*x = WhoamiRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3463,7 +4396,7 @@ func (x *WhoamiRequest) String() string {
 func (*WhoamiRequest) ProtoMessage() {}
 
 func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3476,7 +4409,7 @@ func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoamiRequest.ProtoReflect.Descriptor instead.
 func (*WhoamiRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
 }
 
 type WhoamiResponse struct {
@@ -3491,7 +4424,7 @@ type WhoamiResponse struct {
 
 func (x *WhoamiResponse) Reset() {
 	*x = WhoamiResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3503,7 +4436,7 @@ func (x *WhoamiResponse) String() string {
 func (*WhoamiResponse) ProtoMessage() {}
 
 func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3516,7 +4449,7 @@ func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoamiResponse.ProtoReflect.Descriptor instead.
 func (*WhoamiResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *WhoamiResponse) GetKind() string {
@@ -3556,7 +4489,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3568,7 +4501,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3581,7 +4514,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *JoinRequest) GetNode() *NodeRecord {
@@ -3600,7 +4533,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3612,7 +4545,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3625,7 +4558,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *JoinResponse) GetServers() []string {
@@ -3648,7 +4581,7 @@ type CertifyRequest struct {
 
 func (x *CertifyRequest) Reset() {
 	*x = CertifyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3660,7 +4593,7 @@ func (x *CertifyRequest) String() string {
 func (*CertifyRequest) ProtoMessage() {}
 
 func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3673,7 +4606,7 @@ func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifyRequest.ProtoReflect.Descriptor instead.
 func (*CertifyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *CertifyRequest) GetCsr() []byte {
@@ -3701,7 +4634,7 @@ type CertifyResponse struct {
 
 func (x *CertifyResponse) Reset() {
 	*x = CertifyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3713,7 +4646,7 @@ func (x *CertifyResponse) String() string {
 func (*CertifyResponse) ProtoMessage() {}
 
 func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3726,7 +4659,7 @@ func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifyResponse.ProtoReflect.Descriptor instead.
 func (*CertifyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *CertifyResponse) GetCert() []byte {
@@ -3759,7 +4692,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[51]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3771,7 +4704,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[51]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3784,7 +4717,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *LeaveRequest) GetName() string {
@@ -3802,7 +4735,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[52]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3814,7 +4747,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[52]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3827,7 +4760,7 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
 }
 
 type HeartbeatRequest struct {
@@ -3840,7 +4773,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[53]
+	mi := &file_shim_v1_shim_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3852,7 +4785,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[53]
+	mi := &file_shim_v1_shim_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3865,7 +4798,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *HeartbeatRequest) GetNode() string {
@@ -3899,7 +4832,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[54]
+	mi := &file_shim_v1_shim_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3911,7 +4844,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[54]
+	mi := &file_shim_v1_shim_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3924,7 +4857,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *HeartbeatResponse) GetLeaseMillis() int64 {
@@ -3982,7 +4915,7 @@ type AssignmentsRequest struct {
 
 func (x *AssignmentsRequest) Reset() {
 	*x = AssignmentsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[55]
+	mi := &file_shim_v1_shim_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3994,7 +4927,7 @@ func (x *AssignmentsRequest) String() string {
 func (*AssignmentsRequest) ProtoMessage() {}
 
 func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[55]
+	mi := &file_shim_v1_shim_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4007,7 +4940,7 @@ func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*AssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *AssignmentsRequest) GetNode() string {
@@ -4057,7 +4990,7 @@ type AssignmentsResponse struct {
 
 func (x *AssignmentsResponse) Reset() {
 	*x = AssignmentsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[56]
+	mi := &file_shim_v1_shim_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4069,7 +5002,7 @@ func (x *AssignmentsResponse) String() string {
 func (*AssignmentsResponse) ProtoMessage() {}
 
 func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[56]
+	mi := &file_shim_v1_shim_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4082,7 +5015,7 @@ func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*AssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *AssignmentsResponse) GetProcesses() []*ProcessRecord {
@@ -4143,7 +5076,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[57]
+	mi := &file_shim_v1_shim_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4155,7 +5088,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[57]
+	mi := &file_shim_v1_shim_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4168,7 +5101,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *ReportRequest) GetReport() *Report {
@@ -4186,7 +5119,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[58]
+	mi := &file_shim_v1_shim_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4198,7 +5131,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[58]
+	mi := &file_shim_v1_shim_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4211,7 +5144,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{69}
 }
 
 // ids empty = all; fresh reads the cgroups now instead of the last sample.
@@ -4225,7 +5158,7 @@ type UsageRequest struct {
 
 func (x *UsageRequest) Reset() {
 	*x = UsageRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[59]
+	mi := &file_shim_v1_shim_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4237,7 +5170,7 @@ func (x *UsageRequest) String() string {
 func (*UsageRequest) ProtoMessage() {}
 
 func (x *UsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[59]
+	mi := &file_shim_v1_shim_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4250,7 +5183,7 @@ func (x *UsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRequest.ProtoReflect.Descriptor instead.
 func (*UsageRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *UsageRequest) GetIds() []string {
@@ -4276,7 +5209,7 @@ type UsageResponse struct {
 
 func (x *UsageResponse) Reset() {
 	*x = UsageResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[60]
+	mi := &file_shim_v1_shim_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4288,7 +5221,7 @@ func (x *UsageResponse) String() string {
 func (*UsageResponse) ProtoMessage() {}
 
 func (x *UsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[60]
+	mi := &file_shim_v1_shim_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4301,7 +5234,7 @@ func (x *UsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageResponse.ProtoReflect.Descriptor instead.
 func (*UsageResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *UsageResponse) GetUsage() map[string]*Usage {
@@ -4320,7 +5253,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[61]
+	mi := &file_shim_v1_shim_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4332,7 +5265,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[61]
+	mi := &file_shim_v1_shim_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4345,7 +5278,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *ApplyRequest) GetCommand() *Command {
@@ -4365,7 +5298,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[62]
+	mi := &file_shim_v1_shim_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4377,7 +5310,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[62]
+	mi := &file_shim_v1_shim_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4390,7 +5323,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *ApplyResponse) GetIds() []string {
@@ -4424,7 +5357,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[63]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4436,7 +5369,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[63]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4449,7 +5382,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -4512,7 +5445,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x0fcpu_burst_milli\x18\x03 \x01(\x03R\rcpuBurstMilli\x12\"\n" +
 	"\rmem_min_bytes\x18\x04 \x01(\x03R\vmemMinBytes\x12\"\n" +
 	"\rmem_max_bytes\x18\x05 \x01(\x03R\vmemMaxBytes\x12\x19\n" +
-	"\bpids_max\x18\x06 \x01(\x03R\apidsMax\"\xe1\x02\n" +
+	"\bpids_max\x18\x06 \x01(\x03R\apidsMax\"L\n" +
+	"\x05Mount\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1b\n" +
+	"\tread_only\x18\x03 \x01(\bR\breadOnly\"A\n" +
+	"\x05Grant\x12\x1b\n" +
+	"\tcpu_milli\x18\x01 \x01(\x03R\bcpuMilli\x12\x1b\n" +
+	"\tmem_bytes\x18\x02 \x01(\x03R\bmemBytes\"\x84\x04\n" +
 	"\vProcessSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
@@ -4525,7 +5465,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\anetwork\x18\t \x01(\x0e2\x10.shim.v1.NetworkR\anetwork\x12\x12\n" +
 	"\x04user\x18\n" +
 	" \x01(\tR\x04user\x12\x16\n" +
-	"\x06rootfs\x18\v \x01(\tR\x06rootfs\"\x8b\x02\n" +
+	"\x06rootfs\x18\v \x01(\tR\x06rootfs\x12&\n" +
+	"\x06mounts\x18\f \x03(\v2\x0e.shim.v1.MountR\x06mounts\x12!\n" +
+	"\x04grow\x18\r \x01(\x0e2\r.shim.v1.GrowR\x04grow\x12\x1f\n" +
+	"\bpriority\x18\x0e \x01(\x05H\x00R\bpriority\x88\x01\x01\x12(\n" +
+	"\aon_lost\x18\x0f \x01(\x0e2\x0f.shim.v1.OnLostR\x06onLostB\v\n" +
+	"\t_priority\"\x8b\x02\n" +
 	"\vIncarnation\x12 \n" +
 	"\vincarnation\x18\x01 \x01(\x04R\vincarnation\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x10\n" +
@@ -4534,7 +5479,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n" +
 	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x12&\n" +
-	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xa7\x05\n" +
+	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xba\x06\n" +
 	"\rProcessRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x12\n" +
@@ -4558,11 +5503,16 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05usage\x18\x12 \x01(\v2\x0e.shim.v1.UsageR\x05usage\x12\x1d\n" +
 	"\n" +
 	"start_time\x18\x13 \x01(\x04R\tstartTime\x12\x17\n" +
-	"\amove_to\x18\x14 \x01(\tR\x06moveTo\"o\n" +
+	"\amove_to\x18\x14 \x01(\tR\x06moveTo\x12$\n" +
+	"\x05grant\x18\x15 \x01(\v2\x0e.shim.v1.GrantR\x05grant\x12\"\n" +
+	"\x04want\x18\x16 \x01(\v2\x0e.shim.v1.GrantR\x04want\x12\x1f\n" +
+	"\vwant_reason\x18\x17 \x01(\tR\n" +
+	"wantReason\x12&\n" +
+	"\x0fmoved_unix_nano\x18\x18 \x01(\x03R\rmovedUnixNano\"o\n" +
 	"\x05Usage\x12&\n" +
 	"\x0fcpu_usage_nanos\x18\x01 \x01(\x04R\rcpuUsageNanos\x12!\n" +
 	"\fmemory_bytes\x18\x02 \x01(\x04R\vmemoryBytes\x12\x1b\n" +
-	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\"\xce\x03\n" +
+	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\"\xa7\x04\n" +
 	"\n" +
 	"NodeRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
@@ -4577,7 +5527,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\fmodify_index\x18\n" +
 	" \x01(\x04R\vmodifyIndex\x12-\n" +
 	"\x12overcommit_percent\x18\v \x01(\rR\x11overcommitPercent\x12/\n" +
-	"\x14hold_until_unix_nano\x18\f \x01(\x03R\x11holdUntilUnixNano\"\xda\x05\n" +
+	"\x14hold_until_unix_nano\x18\f \x01(\x03R\x11holdUntilUnixNano\x120\n" +
+	"\n" +
+	"host_paths\x18\r \x03(\v2\x11.shim.v1.HostPathR\thostPaths\x12%\n" +
+	"\x0evm_unavailable\x18\x0e \x01(\tR\rvmUnavailable\";\n" +
+	"\bHostPath\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
+	"\tread_only\x18\x02 \x01(\bR\breadOnly\"\x8c\x06\n" +
 	"\aCommand\x12\"\n" +
 	"\rnow_unix_nano\x18\x01 \x01(\x03R\vnowUnixNano\x12<\n" +
 	"\rregister_node\x18\n" +
@@ -4593,6 +5549,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05batch\x18\x12 \x01(\v2\x0e.shim.v1.BatchH\x00R\x05batch\x12&\n" +
 	"\x05prune\x18\x13 \x01(\v2\x0e.shim.v1.PruneH\x00R\x05prune\x12#\n" +
 	"\x04hold\x18\x14 \x01(\v2\r.shim.v1.HoldH\x00R\x04hold\x120\n" +
+	"\tset_grant\x18\x15 \x01(\v2\x11.shim.v1.SetGrantH\x00R\bsetGrant\x120\n" +
 	"\tset_trust\x18\x1e \x01(\v2\x11.shim.v1.SetTrustH\x00R\bsetTrust\x120\n" +
 	"\tadd_token\x18\x1f \x01(\v2\x11.shim.v1.AddTokenH\x00R\baddToken\x129\n" +
 	"\frevoke_token\x18  \x01(\v2\x14.shim.v1.RevokeTokenH\x00R\vrevokeTokenB\x04\n" +
@@ -4630,10 +5587,25 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"B\n" +
 	"\x04Hold\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
-	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"C\n" +
+	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"b\n" +
 	"\x05Spawn\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12(\n" +
-	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\"0\n" +
+	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x8a\x01\n" +
+	"\bSetGrant\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
+	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12$\n" +
+	"\x05grant\x18\x03 \x01(\v2\x0e.shim.v1.GrantR\x05grant\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x0e\n" +
+	"\x02by\x18\x05 \x01(\tR\x02by\"\x8a\x01\n" +
+	"\x05Event\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x1b\n" +
+	"\tunix_nano\x18\x02 \x01(\x03R\bunixNano\x12\x12\n" +
+	"\x04type\x18\x03 \x01(\tR\x04type\x12\x0e\n" +
+	"\x02id\x18\x04 \x01(\tR\x02id\x12\x12\n" +
+	"\x04node\x18\x05 \x01(\tR\x04node\x12\x16\n" +
+	"\x06reason\x18\x06 \x01(\tR\x06reason\"0\n" +
 	"\x04Kill\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x16\n" +
 	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\x91\x02\n" +
@@ -4657,11 +5629,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
 	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"b\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x81\x01\n" +
 	"\fSpawnRequest\x12(\n" +
 	"\x04spec\x18\x01 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x12\n" +
-	"\x04wait\x18\x03 \x01(\bR\x04wait\"E\n" +
+	"\x04wait\x18\x03 \x01(\bR\x04wait\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"E\n" +
 	"\rSpawnResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"7\n" +
 	"\vKillRequest\x12\x10\n" +
@@ -4676,7 +5650,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04move\x18\x04 \x01(\bR\x04move\x12\x14\n" +
 	"\x05clear\x18\x05 \x03(\tR\x05clear\"B\n" +
 	"\x0eResizeResponse\x120\n" +
-	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\x99\x01\n" +
+	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\xd1\x01\n" +
 	"\vListRequest\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x10\n" +
 	"\x03all\x18\x02 \x01(\bR\x03all\x12\x12\n" +
@@ -4684,12 +5658,19 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tmin_index\x18\x04 \x01(\x04R\bminIndex\x12\x1f\n" +
 	"\vwait_millis\x18\x05 \x01(\x03R\n" +
 	"waitMillis\x12\x14\n" +
-	"\x05usage\x18\x06 \x01(\bR\x05usage\"Z\n" +
+	"\x05usage\x18\x06 \x01(\bR\x05usage\x126\n" +
+	"\vconsistency\x18\a \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\x8c\x01\n" +
 	"\fListResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"$\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
+	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"t\n" +
+	"\tStaleness\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12!\n" +
+	"\fleader_index\x18\x02 \x01(\x04R\vleaderIndex\x12.\n" +
+	"\x13last_contact_millis\x18\x03 \x01(\x03R\x11lastContactMillis\"\\\n" +
 	"\fNodesRequest\x12\x14\n" +
-	"\x05usage\x18\x01 \x01(\bR\x05usage\"\x81\x02\n" +
+	"\x05usage\x18\x01 \x01(\bR\x05usage\x126\n" +
+	"\vconsistency\x18\x02 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\x81\x02\n" +
 	"\n" +
 	"NodeStatus\x12'\n" +
 	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\x12\x16\n" +
@@ -4698,10 +5679,24 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05limit\x18\x04 \x01(\v2\x12.shim.v1.ResourcesR\x05limit\x12\x1c\n" +
 	"\tprocesses\x18\x05 \x01(\rR\tprocesses\x12$\n" +
 	"\x05usage\x18\x06 \x01(\v2\x0e.shim.v1.UsageR\x05usage\x12\x14\n" +
-	"\x05voter\x18\a \x01(\bR\x05voter\"P\n" +
+	"\x05voter\x18\a \x01(\bR\x05voter\"\x82\x01\n" +
 	"\rNodesResponse\x12)\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x13.shim.v1.NodeStatusR\x05nodes\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"Z\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
+	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"_\n" +
+	"\x0fSetGrantRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12$\n" +
+	"\x05grant\x18\x02 \x01(\v2\x0e.shim.v1.GrantR\x05grant\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"D\n" +
+	"\x10SetGrantResponse\x120\n" +
+	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"S\n" +
+	"\rEventsRequest\x12\x14\n" +
+	"\x05since\x18\x01 \x01(\x04R\x05since\x12\x16\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x14\n" +
+	"\x05types\x18\x03 \x03(\tR\x05types\"\x12\n" +
+	"\x10ReadIndexRequest\")\n" +
+	"\x11ReadIndexResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"Z\n" +
 	"\vLogsRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1d\n" +
@@ -4807,11 +5802,21 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n" +
 	"\x19RESTART_POLICY_ON_FAILURE\x10\x02\x12\x18\n" +
-	"\x14RESTART_POLICY_NEVER\x10\x03*V\n" +
+	"\x14RESTART_POLICY_NEVER\x10\x03*|\n" +
 	"\tIsolation\x12\x19\n" +
 	"\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11ISOLATION_PROCESS\x10\x01\x12\x17\n" +
-	"\x13ISOLATION_CONTAINER\x10\x02*F\n" +
+	"\x13ISOLATION_CONTAINER\x10\x02\x12\x10\n" +
+	"\fISOLATION_VM\x10\x03\x12\x12\n" +
+	"\x0eISOLATION_HOST\x10\x04*0\n" +
+	"\x04Grow\x12\f\n" +
+	"\bGROW_OFF\x10\x00\x12\v\n" +
+	"\aGROW_ON\x10\x01\x12\r\n" +
+	"\tGROW_MOVE\x10\x02*F\n" +
+	"\x06OnLost\x12\x17\n" +
+	"\x13ON_LOST_UNSPECIFIED\x10\x00\x12\x11\n" +
+	"\rON_LOST_FENCE\x10\x01\x12\x10\n" +
+	"\fON_LOST_KEEP\x10\x02*F\n" +
 	"\aNetwork\x12\x17\n" +
 	"\x13NETWORK_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fNETWORK_HOST\x10\x01\x12\x10\n" +
@@ -4839,7 +5844,11 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x10TOKEN_ROLE_ADMIN\x10\x01\x12\x17\n" +
 	"\x13TOKEN_ROLE_OPERATOR\x10\x02\x12\x13\n" +
 	"\x0fTOKEN_ROLE_READ\x10\x03\x12\x13\n" +
-	"\x0fTOKEN_ROLE_NODE\x10\x042\xa4\x05\n" +
+	"\x0fTOKEN_ROLE_NODE\x10\x04*_\n" +
+	"\vConsistency\x12\x1b\n" +
+	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18CONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n" +
+	"\x11CONSISTENCY_STALE\x10\x022\x99\x06\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -4852,7 +5861,9 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\n" +
 	"ListTokens\x12\x1a.shim.v1.ListTokensRequest\x1a\x1b.shim.v1.ListTokensResponse\x12H\n" +
 	"\vRevokeToken\x12\x1b.shim.v1.RevokeTokenRequest\x1a\x1c.shim.v1.RevokeTokenResponse\x129\n" +
-	"\x06Whoami\x12\x16.shim.v1.WhoamiRequest\x1a\x17.shim.v1.WhoamiResponse2\xf2\x03\n" +
+	"\x06Whoami\x12\x16.shim.v1.WhoamiRequest\x1a\x17.shim.v1.WhoamiResponse\x12?\n" +
+	"\bSetGrant\x12\x18.shim.v1.SetGrantRequest\x1a\x19.shim.v1.SetGrantResponse\x122\n" +
+	"\x06Events\x12\x16.shim.v1.EventsRequest\x1a\x0e.shim.v1.Event0\x012\xb6\x04\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -4861,7 +5872,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x06Report\x12\x16.shim.v1.ReportRequest\x1a\x17.shim.v1.ReportResponse\x126\n" +
 	"\x05Apply\x12\x15.shim.v1.ApplyRequest\x1a\x16.shim.v1.ApplyResponse\x126\n" +
 	"\x05Usage\x12\x15.shim.v1.UsageRequest\x1a\x16.shim.v1.UsageResponse\x12<\n" +
-	"\aCertify\x12\x17.shim.v1.CertifyRequest\x1a\x18.shim.v1.CertifyResponseB.Z,github.com/shim-run/shim/proto/shimv1;shimv1b\x06proto3"
+	"\aCertify\x12\x17.shim.v1.CertifyRequest\x1a\x18.shim.v1.CertifyResponse\x12B\n" +
+	"\tReadIndex\x12\x19.shim.v1.ReadIndexRequest\x1a\x1a.shim.v1.ReadIndexResponseB.Z,github.com/shim-run/shim/proto/shimv1;shimv1b\x06proto3"
 
 var (
 	file_shim_v1_shim_proto_rawDescOnce sync.Once
@@ -4875,188 +5887,222 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 	return file_shim_v1_shim_proto_rawDescData
 }
 
-var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
+var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 76)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
-	(Network)(0),                // 2: shim.v1.Network
-	(ProcessState)(0),           // 3: shim.v1.ProcessState
-	(NodeRole)(0),               // 4: shim.v1.NodeRole
-	(NodeState)(0),              // 5: shim.v1.NodeState
-	(TokenRole)(0),              // 6: shim.v1.TokenRole
-	(*Resources)(nil),           // 7: shim.v1.Resources
-	(*ProcessSpec)(nil),         // 8: shim.v1.ProcessSpec
-	(*Incarnation)(nil),         // 9: shim.v1.Incarnation
-	(*ProcessRecord)(nil),       // 10: shim.v1.ProcessRecord
-	(*Usage)(nil),               // 11: shim.v1.Usage
-	(*NodeRecord)(nil),          // 12: shim.v1.NodeRecord
-	(*Command)(nil),             // 13: shim.v1.Command
-	(*Batch)(nil),               // 14: shim.v1.Batch
-	(*Trust)(nil),               // 15: shim.v1.Trust
-	(*TokenRecord)(nil),         // 16: shim.v1.TokenRecord
-	(*SetTrust)(nil),            // 17: shim.v1.SetTrust
-	(*AddToken)(nil),            // 18: shim.v1.AddToken
-	(*RevokeToken)(nil),         // 19: shim.v1.RevokeToken
-	(*RegisterNode)(nil),        // 20: shim.v1.RegisterNode
-	(*SetNodeState)(nil),        // 21: shim.v1.SetNodeState
-	(*SetDraining)(nil),         // 22: shim.v1.SetDraining
-	(*RemoveNode)(nil),          // 23: shim.v1.RemoveNode
-	(*Hold)(nil),                // 24: shim.v1.Hold
-	(*Spawn)(nil),               // 25: shim.v1.Spawn
-	(*Kill)(nil),                // 26: shim.v1.Kill
-	(*StatusUpdate)(nil),        // 27: shim.v1.StatusUpdate
-	(*Report)(nil),              // 28: shim.v1.Report
-	(*Resize)(nil),              // 29: shim.v1.Resize
-	(*Prune)(nil),               // 30: shim.v1.Prune
-	(*SpawnRequest)(nil),        // 31: shim.v1.SpawnRequest
-	(*SpawnResponse)(nil),       // 32: shim.v1.SpawnResponse
-	(*KillRequest)(nil),         // 33: shim.v1.KillRequest
-	(*KillResponse)(nil),        // 34: shim.v1.KillResponse
-	(*ResizeRequest)(nil),       // 35: shim.v1.ResizeRequest
-	(*ResizeResponse)(nil),      // 36: shim.v1.ResizeResponse
-	(*ListRequest)(nil),         // 37: shim.v1.ListRequest
-	(*ListResponse)(nil),        // 38: shim.v1.ListResponse
-	(*NodesRequest)(nil),        // 39: shim.v1.NodesRequest
-	(*NodeStatus)(nil),          // 40: shim.v1.NodeStatus
-	(*NodesResponse)(nil),       // 41: shim.v1.NodesResponse
-	(*LogsRequest)(nil),         // 42: shim.v1.LogsRequest
-	(*LogsChunk)(nil),           // 43: shim.v1.LogsChunk
-	(*DrainRequest)(nil),        // 44: shim.v1.DrainRequest
-	(*DrainResponse)(nil),       // 45: shim.v1.DrainResponse
-	(*CreateTokenRequest)(nil),  // 46: shim.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil), // 47: shim.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),   // 48: shim.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),  // 49: shim.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),  // 50: shim.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil), // 51: shim.v1.RevokeTokenResponse
-	(*WhoamiRequest)(nil),       // 52: shim.v1.WhoamiRequest
-	(*WhoamiResponse)(nil),      // 53: shim.v1.WhoamiResponse
-	(*JoinRequest)(nil),         // 54: shim.v1.JoinRequest
-	(*JoinResponse)(nil),        // 55: shim.v1.JoinResponse
-	(*CertifyRequest)(nil),      // 56: shim.v1.CertifyRequest
-	(*CertifyResponse)(nil),     // 57: shim.v1.CertifyResponse
-	(*LeaveRequest)(nil),        // 58: shim.v1.LeaveRequest
-	(*LeaveResponse)(nil),       // 59: shim.v1.LeaveResponse
-	(*HeartbeatRequest)(nil),    // 60: shim.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),   // 61: shim.v1.HeartbeatResponse
-	(*AssignmentsRequest)(nil),  // 62: shim.v1.AssignmentsRequest
-	(*AssignmentsResponse)(nil), // 63: shim.v1.AssignmentsResponse
-	(*ReportRequest)(nil),       // 64: shim.v1.ReportRequest
-	(*ReportResponse)(nil),      // 65: shim.v1.ReportResponse
-	(*UsageRequest)(nil),        // 66: shim.v1.UsageRequest
-	(*UsageResponse)(nil),       // 67: shim.v1.UsageResponse
-	(*ApplyRequest)(nil),        // 68: shim.v1.ApplyRequest
-	(*ApplyResponse)(nil),       // 69: shim.v1.ApplyResponse
-	(*SnapshotHeader)(nil),      // 70: shim.v1.SnapshotHeader
-	nil,                         // 71: shim.v1.UsageResponse.UsageEntry
+	(Grow)(0),                   // 2: shim.v1.Grow
+	(OnLost)(0),                 // 3: shim.v1.OnLost
+	(Network)(0),                // 4: shim.v1.Network
+	(ProcessState)(0),           // 5: shim.v1.ProcessState
+	(NodeRole)(0),               // 6: shim.v1.NodeRole
+	(NodeState)(0),              // 7: shim.v1.NodeState
+	(TokenRole)(0),              // 8: shim.v1.TokenRole
+	(Consistency)(0),            // 9: shim.v1.Consistency
+	(*Resources)(nil),           // 10: shim.v1.Resources
+	(*Mount)(nil),               // 11: shim.v1.Mount
+	(*Grant)(nil),               // 12: shim.v1.Grant
+	(*ProcessSpec)(nil),         // 13: shim.v1.ProcessSpec
+	(*Incarnation)(nil),         // 14: shim.v1.Incarnation
+	(*ProcessRecord)(nil),       // 15: shim.v1.ProcessRecord
+	(*Usage)(nil),               // 16: shim.v1.Usage
+	(*NodeRecord)(nil),          // 17: shim.v1.NodeRecord
+	(*HostPath)(nil),            // 18: shim.v1.HostPath
+	(*Command)(nil),             // 19: shim.v1.Command
+	(*Batch)(nil),               // 20: shim.v1.Batch
+	(*Trust)(nil),               // 21: shim.v1.Trust
+	(*TokenRecord)(nil),         // 22: shim.v1.TokenRecord
+	(*SetTrust)(nil),            // 23: shim.v1.SetTrust
+	(*AddToken)(nil),            // 24: shim.v1.AddToken
+	(*RevokeToken)(nil),         // 25: shim.v1.RevokeToken
+	(*RegisterNode)(nil),        // 26: shim.v1.RegisterNode
+	(*SetNodeState)(nil),        // 27: shim.v1.SetNodeState
+	(*SetDraining)(nil),         // 28: shim.v1.SetDraining
+	(*RemoveNode)(nil),          // 29: shim.v1.RemoveNode
+	(*Hold)(nil),                // 30: shim.v1.Hold
+	(*Spawn)(nil),               // 31: shim.v1.Spawn
+	(*SetGrant)(nil),            // 32: shim.v1.SetGrant
+	(*Event)(nil),               // 33: shim.v1.Event
+	(*Kill)(nil),                // 34: shim.v1.Kill
+	(*StatusUpdate)(nil),        // 35: shim.v1.StatusUpdate
+	(*Report)(nil),              // 36: shim.v1.Report
+	(*Resize)(nil),              // 37: shim.v1.Resize
+	(*Prune)(nil),               // 38: shim.v1.Prune
+	(*SpawnRequest)(nil),        // 39: shim.v1.SpawnRequest
+	(*SpawnResponse)(nil),       // 40: shim.v1.SpawnResponse
+	(*KillRequest)(nil),         // 41: shim.v1.KillRequest
+	(*KillResponse)(nil),        // 42: shim.v1.KillResponse
+	(*ResizeRequest)(nil),       // 43: shim.v1.ResizeRequest
+	(*ResizeResponse)(nil),      // 44: shim.v1.ResizeResponse
+	(*ListRequest)(nil),         // 45: shim.v1.ListRequest
+	(*ListResponse)(nil),        // 46: shim.v1.ListResponse
+	(*Staleness)(nil),           // 47: shim.v1.Staleness
+	(*NodesRequest)(nil),        // 48: shim.v1.NodesRequest
+	(*NodeStatus)(nil),          // 49: shim.v1.NodeStatus
+	(*NodesResponse)(nil),       // 50: shim.v1.NodesResponse
+	(*SetGrantRequest)(nil),     // 51: shim.v1.SetGrantRequest
+	(*SetGrantResponse)(nil),    // 52: shim.v1.SetGrantResponse
+	(*EventsRequest)(nil),       // 53: shim.v1.EventsRequest
+	(*ReadIndexRequest)(nil),    // 54: shim.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),   // 55: shim.v1.ReadIndexResponse
+	(*LogsRequest)(nil),         // 56: shim.v1.LogsRequest
+	(*LogsChunk)(nil),           // 57: shim.v1.LogsChunk
+	(*DrainRequest)(nil),        // 58: shim.v1.DrainRequest
+	(*DrainResponse)(nil),       // 59: shim.v1.DrainResponse
+	(*CreateTokenRequest)(nil),  // 60: shim.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil), // 61: shim.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),   // 62: shim.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),  // 63: shim.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),  // 64: shim.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil), // 65: shim.v1.RevokeTokenResponse
+	(*WhoamiRequest)(nil),       // 66: shim.v1.WhoamiRequest
+	(*WhoamiResponse)(nil),      // 67: shim.v1.WhoamiResponse
+	(*JoinRequest)(nil),         // 68: shim.v1.JoinRequest
+	(*JoinResponse)(nil),        // 69: shim.v1.JoinResponse
+	(*CertifyRequest)(nil),      // 70: shim.v1.CertifyRequest
+	(*CertifyResponse)(nil),     // 71: shim.v1.CertifyResponse
+	(*LeaveRequest)(nil),        // 72: shim.v1.LeaveRequest
+	(*LeaveResponse)(nil),       // 73: shim.v1.LeaveResponse
+	(*HeartbeatRequest)(nil),    // 74: shim.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),   // 75: shim.v1.HeartbeatResponse
+	(*AssignmentsRequest)(nil),  // 76: shim.v1.AssignmentsRequest
+	(*AssignmentsResponse)(nil), // 77: shim.v1.AssignmentsResponse
+	(*ReportRequest)(nil),       // 78: shim.v1.ReportRequest
+	(*ReportResponse)(nil),      // 79: shim.v1.ReportResponse
+	(*UsageRequest)(nil),        // 80: shim.v1.UsageRequest
+	(*UsageResponse)(nil),       // 81: shim.v1.UsageResponse
+	(*ApplyRequest)(nil),        // 82: shim.v1.ApplyRequest
+	(*ApplyResponse)(nil),       // 83: shim.v1.ApplyResponse
+	(*SnapshotHeader)(nil),      // 84: shim.v1.SnapshotHeader
+	nil,                         // 85: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
-	7,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
+	10, // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
 	0,  // 1: shim.v1.ProcessSpec.restart:type_name -> shim.v1.RestartPolicy
 	1,  // 2: shim.v1.ProcessSpec.isolation:type_name -> shim.v1.Isolation
-	2,  // 3: shim.v1.ProcessSpec.network:type_name -> shim.v1.Network
-	3,  // 4: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
-	8,  // 5: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
-	3,  // 6: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
-	9,  // 7: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
-	11, // 8: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
-	4,  // 9: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
-	5,  // 10: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	7,  // 11: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	20, // 12: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	21, // 13: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	22, // 14: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	23, // 15: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	25, // 16: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	26, // 17: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	28, // 18: shim.v1.Command.report:type_name -> shim.v1.Report
-	29, // 19: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	14, // 20: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	30, // 21: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	24, // 22: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	17, // 23: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
-	18, // 24: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
-	19, // 25: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
-	13, // 26: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	6,  // 27: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	15, // 28: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	16, // 29: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	12, // 30: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	5,  // 31: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	8,  // 32: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	3,  // 33: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	27, // 34: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	7,  // 35: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	8,  // 36: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	10, // 37: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	10, // 38: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	7,  // 39: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	10, // 40: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	10, // 41: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	12, // 42: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	7,  // 43: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	7,  // 44: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	11, // 45: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	40, // 46: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	12, // 47: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	6,  // 48: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	16, // 49: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	16, // 50: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	12, // 51: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	4,  // 52: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	5,  // 53: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	10, // 54: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	5,  // 55: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	28, // 56: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	71, // 57: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	13, // 58: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	15, // 59: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	16, // 60: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	11, // 61: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	31, // 62: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	33, // 63: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	35, // 64: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	37, // 65: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	39, // 66: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	42, // 67: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	44, // 68: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	46, // 69: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	48, // 70: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	50, // 71: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	52, // 72: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	54, // 73: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	58, // 74: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	60, // 75: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	62, // 76: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	64, // 77: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	68, // 78: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	66, // 79: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	56, // 80: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	32, // 81: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	34, // 82: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	36, // 83: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	38, // 84: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	41, // 85: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	43, // 86: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	45, // 87: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	47, // 88: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	49, // 89: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	51, // 90: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	53, // 91: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	55, // 92: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	59, // 93: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	61, // 94: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	63, // 95: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	65, // 96: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	69, // 97: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	67, // 98: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	57, // 99: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	81, // [81:100] is the sub-list for method output_type
-	62, // [62:81] is the sub-list for method input_type
-	62, // [62:62] is the sub-list for extension type_name
-	62, // [62:62] is the sub-list for extension extendee
-	0,  // [0:62] is the sub-list for field type_name
+	4,  // 3: shim.v1.ProcessSpec.network:type_name -> shim.v1.Network
+	11, // 4: shim.v1.ProcessSpec.mounts:type_name -> shim.v1.Mount
+	2,  // 5: shim.v1.ProcessSpec.grow:type_name -> shim.v1.Grow
+	3,  // 6: shim.v1.ProcessSpec.on_lost:type_name -> shim.v1.OnLost
+	5,  // 7: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
+	13, // 8: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
+	5,  // 9: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
+	14, // 10: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
+	16, // 11: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
+	12, // 12: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
+	12, // 13: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
+	6,  // 14: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
+	7,  // 15: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
+	10, // 16: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	18, // 17: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
+	26, // 18: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	27, // 19: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	28, // 20: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	29, // 21: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	31, // 22: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	34, // 23: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	36, // 24: shim.v1.Command.report:type_name -> shim.v1.Report
+	37, // 25: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	20, // 26: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	38, // 27: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	30, // 28: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	32, // 29: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	23, // 30: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	24, // 31: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	25, // 32: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	19, // 33: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	8,  // 34: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	21, // 35: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	22, // 36: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	17, // 37: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	7,  // 38: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	13, // 39: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	12, // 40: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	5,  // 41: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	35, // 42: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	10, // 43: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	13, // 44: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	15, // 45: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	15, // 46: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	10, // 47: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	15, // 48: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	9,  // 49: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	15, // 50: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	47, // 51: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	9,  // 52: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	17, // 53: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	10, // 54: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	10, // 55: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	16, // 56: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	49, // 57: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	47, // 58: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	12, // 59: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	15, // 60: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	17, // 61: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	8,  // 62: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	22, // 63: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	22, // 64: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	17, // 65: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	6,  // 66: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	7,  // 67: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	15, // 68: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	7,  // 69: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	36, // 70: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	85, // 71: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	19, // 72: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	21, // 73: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	22, // 74: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	16, // 75: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39, // 76: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41, // 77: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43, // 78: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45, // 79: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48, // 80: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56, // 81: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58, // 82: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60, // 83: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62, // 84: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64, // 85: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66, // 86: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51, // 87: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53, // 88: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68, // 89: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72, // 90: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74, // 91: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76, // 92: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78, // 93: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82, // 94: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80, // 95: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70, // 96: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54, // 97: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40, // 98: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42, // 99: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44, // 100: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46, // 101: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50, // 102: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57, // 103: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59, // 104: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61, // 105: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63, // 106: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65, // 107: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67, // 108: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52, // 109: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33, // 110: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69, // 111: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73, // 112: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75, // 113: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77, // 114: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79, // 115: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83, // 116: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81, // 117: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71, // 118: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55, // 119: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	98, // [98:120] is the sub-list for method output_type
+	76, // [76:98] is the sub-list for method input_type
+	76, // [76:76] is the sub-list for extension type_name
+	76, // [76:76] is the sub-list for extension extendee
+	0,  // [0:76] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -5064,7 +6110,8 @@ func file_shim_v1_shim_proto_init() {
 	if File_shim_v1_shim_proto != nil {
 		return
 	}
-	file_shim_v1_shim_proto_msgTypes[6].OneofWrappers = []any{
+	file_shim_v1_shim_proto_msgTypes[3].OneofWrappers = []any{}
+	file_shim_v1_shim_proto_msgTypes[9].OneofWrappers = []any{
 		(*Command_RegisterNode)(nil),
 		(*Command_SetNodeState)(nil),
 		(*Command_SetDraining)(nil),
@@ -5076,6 +6123,7 @@ func file_shim_v1_shim_proto_init() {
 		(*Command_Batch)(nil),
 		(*Command_Prune)(nil),
 		(*Command_Hold)(nil),
+		(*Command_SetGrant)(nil),
 		(*Command_SetTrust)(nil),
 		(*Command_AddToken)(nil),
 		(*Command_RevokeToken)(nil),
@@ -5085,8 +6133,8 @@ func file_shim_v1_shim_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   65,
+			NumEnums:      10,
+			NumMessages:   76,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -60,6 +60,10 @@ const (
 	ShimServiceRevokeTokenProcedure = "/shim.v1.ShimService/RevokeToken"
 	// ShimServiceWhoamiProcedure is the fully-qualified name of the ShimService's Whoami RPC.
 	ShimServiceWhoamiProcedure = "/shim.v1.ShimService/Whoami"
+	// ShimServiceSetGrantProcedure is the fully-qualified name of the ShimService's SetGrant RPC.
+	ShimServiceSetGrantProcedure = "/shim.v1.ShimService/SetGrant"
+	// ShimServiceEventsProcedure is the fully-qualified name of the ShimService's Events RPC.
+	ShimServiceEventsProcedure = "/shim.v1.ShimService/Events"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -77,6 +81,8 @@ const (
 	AgentServiceUsageProcedure = "/shim.v1.AgentService/Usage"
 	// AgentServiceCertifyProcedure is the fully-qualified name of the AgentService's Certify RPC.
 	AgentServiceCertifyProcedure = "/shim.v1.AgentService/Certify"
+	// AgentServiceReadIndexProcedure is the fully-qualified name of the AgentService's ReadIndex RPC.
+	AgentServiceReadIndexProcedure = "/shim.v1.AgentService/ReadIndex"
 )
 
 // ShimServiceClient is a client for the shim.v1.ShimService service.
@@ -92,6 +98,8 @@ type ShimServiceClient interface {
 	ListTokens(context.Context, *connect.Request[shimv1.ListTokensRequest]) (*connect.Response[shimv1.ListTokensResponse], error)
 	RevokeToken(context.Context, *connect.Request[shimv1.RevokeTokenRequest]) (*connect.Response[shimv1.RevokeTokenResponse], error)
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
+	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
+	Events(context.Context, *connect.Request[shimv1.EventsRequest]) (*connect.ServerStreamForClient[shimv1.Event], error)
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -171,6 +179,18 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Whoami")),
 			connect.WithClientOptions(opts...),
 		),
+		setGrant: connect.NewClient[shimv1.SetGrantRequest, shimv1.SetGrantResponse](
+			httpClient,
+			baseURL+ShimServiceSetGrantProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("SetGrant")),
+			connect.WithClientOptions(opts...),
+		),
+		events: connect.NewClient[shimv1.EventsRequest, shimv1.Event](
+			httpClient,
+			baseURL+ShimServiceEventsProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Events")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -187,6 +207,8 @@ type shimServiceClient struct {
 	listTokens  *connect.Client[shimv1.ListTokensRequest, shimv1.ListTokensResponse]
 	revokeToken *connect.Client[shimv1.RevokeTokenRequest, shimv1.RevokeTokenResponse]
 	whoami      *connect.Client[shimv1.WhoamiRequest, shimv1.WhoamiResponse]
+	setGrant    *connect.Client[shimv1.SetGrantRequest, shimv1.SetGrantResponse]
+	events      *connect.Client[shimv1.EventsRequest, shimv1.Event]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -244,6 +266,16 @@ func (c *shimServiceClient) Whoami(ctx context.Context, req *connect.Request[shi
 	return c.whoami.CallUnary(ctx, req)
 }
 
+// SetGrant calls shim.v1.ShimService.SetGrant.
+func (c *shimServiceClient) SetGrant(ctx context.Context, req *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error) {
+	return c.setGrant.CallUnary(ctx, req)
+}
+
+// Events calls shim.v1.ShimService.Events.
+func (c *shimServiceClient) Events(ctx context.Context, req *connect.Request[shimv1.EventsRequest]) (*connect.ServerStreamForClient[shimv1.Event], error) {
+	return c.events.CallServerStream(ctx, req)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -257,6 +289,8 @@ type ShimServiceHandler interface {
 	ListTokens(context.Context, *connect.Request[shimv1.ListTokensRequest]) (*connect.Response[shimv1.ListTokensResponse], error)
 	RevokeToken(context.Context, *connect.Request[shimv1.RevokeTokenRequest]) (*connect.Response[shimv1.RevokeTokenResponse], error)
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
+	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
+	Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -332,6 +366,18 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Whoami")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceSetGrantHandler := connect.NewUnaryHandler(
+		ShimServiceSetGrantProcedure,
+		svc.SetGrant,
+		connect.WithSchema(shimServiceMethods.ByName("SetGrant")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceEventsHandler := connect.NewServerStreamHandler(
+		ShimServiceEventsProcedure,
+		svc.Events,
+		connect.WithSchema(shimServiceMethods.ByName("Events")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -356,6 +402,10 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceRevokeTokenHandler.ServeHTTP(w, r)
 		case ShimServiceWhoamiProcedure:
 			shimServiceWhoamiHandler.ServeHTTP(w, r)
+		case ShimServiceSetGrantProcedure:
+			shimServiceSetGrantHandler.ServeHTTP(w, r)
+		case ShimServiceEventsProcedure:
+			shimServiceEventsHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -409,6 +459,14 @@ func (UnimplementedShimServiceHandler) Whoami(context.Context, *connect.Request[
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Whoami is not implemented"))
 }
 
+func (UnimplementedShimServiceHandler) SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.SetGrant is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Events is not implemented"))
+}
+
 // AgentServiceClient is a client for the shim.v1.AgentService service.
 type AgentServiceClient interface {
 	Join(context.Context, *connect.Request[shimv1.JoinRequest]) (*connect.Response[shimv1.JoinResponse], error)
@@ -419,6 +477,7 @@ type AgentServiceClient interface {
 	Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error)
 	Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error)
 	Certify(context.Context, *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error)
+	ReadIndex(context.Context, *connect.Request[shimv1.ReadIndexRequest]) (*connect.Response[shimv1.ReadIndexResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the shim.v1.AgentService service. By default, it
@@ -480,6 +539,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("Certify")),
 			connect.WithClientOptions(opts...),
 		),
+		readIndex: connect.NewClient[shimv1.ReadIndexRequest, shimv1.ReadIndexResponse](
+			httpClient,
+			baseURL+AgentServiceReadIndexProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("ReadIndex")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -493,6 +558,7 @@ type agentServiceClient struct {
 	apply       *connect.Client[shimv1.ApplyRequest, shimv1.ApplyResponse]
 	usage       *connect.Client[shimv1.UsageRequest, shimv1.UsageResponse]
 	certify     *connect.Client[shimv1.CertifyRequest, shimv1.CertifyResponse]
+	readIndex   *connect.Client[shimv1.ReadIndexRequest, shimv1.ReadIndexResponse]
 }
 
 // Join calls shim.v1.AgentService.Join.
@@ -535,6 +601,11 @@ func (c *agentServiceClient) Certify(ctx context.Context, req *connect.Request[s
 	return c.certify.CallUnary(ctx, req)
 }
 
+// ReadIndex calls shim.v1.AgentService.ReadIndex.
+func (c *agentServiceClient) ReadIndex(ctx context.Context, req *connect.Request[shimv1.ReadIndexRequest]) (*connect.Response[shimv1.ReadIndexResponse], error) {
+	return c.readIndex.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the shim.v1.AgentService service.
 type AgentServiceHandler interface {
 	Join(context.Context, *connect.Request[shimv1.JoinRequest]) (*connect.Response[shimv1.JoinResponse], error)
@@ -545,6 +616,7 @@ type AgentServiceHandler interface {
 	Apply(context.Context, *connect.Request[shimv1.ApplyRequest]) (*connect.Response[shimv1.ApplyResponse], error)
 	Usage(context.Context, *connect.Request[shimv1.UsageRequest]) (*connect.Response[shimv1.UsageResponse], error)
 	Certify(context.Context, *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error)
+	ReadIndex(context.Context, *connect.Request[shimv1.ReadIndexRequest]) (*connect.Response[shimv1.ReadIndexResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -602,6 +674,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("Certify")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceReadIndexHandler := connect.NewUnaryHandler(
+		AgentServiceReadIndexProcedure,
+		svc.ReadIndex,
+		connect.WithSchema(agentServiceMethods.ByName("ReadIndex")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceJoinProcedure:
@@ -620,6 +698,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceUsageHandler.ServeHTTP(w, r)
 		case AgentServiceCertifyProcedure:
 			agentServiceCertifyHandler.ServeHTTP(w, r)
+		case AgentServiceReadIndexProcedure:
+			agentServiceReadIndexHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -659,4 +739,8 @@ func (UnimplementedAgentServiceHandler) Usage(context.Context, *connect.Request[
 
 func (UnimplementedAgentServiceHandler) Certify(context.Context, *connect.Request[shimv1.CertifyRequest]) (*connect.Response[shimv1.CertifyResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.AgentService.Certify is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) ReadIndex(context.Context, *connect.Request[shimv1.ReadIndexRequest]) (*connect.Response[shimv1.ReadIndexResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.AgentService.ReadIndex is not implemented"))
 }
