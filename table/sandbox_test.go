@@ -56,6 +56,11 @@ func TestValidateSandbox(t *testing.T) {
 		{"rootfs escape", &pb.ProcessSpec{Isolation: container, Rootfs: "images/../../etc"}, "clean relative"},
 		{"rootfs dot dot", &pb.ProcessSpec{Isolation: container, Rootfs: "images/.."}, "clean relative"},
 		{"rootfs process", &pb.ProcessSpec{Rootfs: "images"}, "container isolation"},
+		{"user", &pb.ProcessSpec{User: "1000:100"}, ""},
+		{"root", &pb.ProcessSpec{User: "0"}, ""},
+		{"user name", &pb.ProcessSpec{User: "nobody"}, "UID[:GID]"},
+		{"user no gid", &pb.ProcessSpec{User: "1000:"}, "UID[:GID]"},
+		{"user too big", &pb.ProcessSpec{User: "4294967295"}, "UID[:GID]"},
 	}
 	for _, c := range cases {
 		c.spec.Command = []string{"/bin/true"}

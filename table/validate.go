@@ -78,6 +78,12 @@ var reservedTargets = []string{"/proc", "/dev", "/sys", "/tmp", "/work",
 // declared host path or a folder in one: NAME[/SUB].
 func validateSandbox(s *pb.ProcessSpec) error {
 	iso := s.Isolation
+	if u := s.User; u != "" {
+		uid, gid, hasGID := strings.Cut(u, ":")
+		if !numeric(uid) || (hasGID && !numeric(gid)) {
+			return fmt.Errorf("%w: user %q: want UID[:GID], numbers", ErrInvalid, u)
+		}
+	}
 	if len(s.Mounts) > MaxMounts {
 		return fmt.Errorf("%w: more than %d mounts", ErrInvalid, MaxMounts)
 	}
@@ -125,6 +131,21 @@ func validateSandbox(s *pb.ProcessSpec) error {
 		}
 	}
 	return fmt.Errorf("%w: working directory %s is outside the sandbox's own folders (/work, /tmp) and its mounts", ErrInvalid, d)
+}
+
+// numeric reports whether s is a decimal uid or gid (0 to 2^32-2).
+func numeric(s string) bool {
+	if s == "" || len(s) > 10 {
+		return false
+	}
+	var n uint64
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+		n = n*10 + uint64(c-'0')
+	}
+	return n < 1<<32-1
 }
 
 // cleanAbs reports whether p is an absolute path in canonical form: no
