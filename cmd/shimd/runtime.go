@@ -394,7 +394,12 @@ func (e *execRuntime) RemoveAll() error {
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, e.vm.RemoveAll())
+	if err := e.vm.RemoveAll(); err != nil {
+		errs = append(errs, err)
+	} else {
+		_ = os.Remove(e.vm.StateDir) // and the node's folder, if nothing else is left in it
+		_ = os.Remove(filepath.Dir(e.vm.StateDir))
+	}
 	return errors.Join(errs...)
 }
 

@@ -405,7 +405,8 @@ func TestResourceResizeMove(t *testing.T) {
 	script := `trap 'echo stop $SHIM_NODE $SHIM_INCARNATION $(date +%s%N) >> ` + events + `; exit 0' TERM
 echo start $SHIM_NODE $SHIM_INCARNATION $(date +%s%N) >> ` + events + `
 while :; do sleep 0.05; done`
-	id := c.spawn("--cpu", "0.5:1", "--mem", "1M:64M", "--", "/bin/sh", "-c", script)
+	// The events go to a host file: host isolation, as root (the admin's).
+	id := c.spawn("--cpu", "0.5:1", "--mem", "1M:64M", "--isolation", "host", "--user", "0", "--", "/bin/sh", "-c", script)
 	old := c.waitRunning(id)
 	small := c.nodes[0].name
 
