@@ -169,7 +169,7 @@ func (c *cluster) cleanup() {
 	}
 	for _, d := range c.nodes {
 		_ = os.RemoveAll(filepath.Join("/run/shim", d.name)) // its VMs' state (their QEMUs are gone with their cgroups)
-		killCgroups(d.name) // stale incarnations the table no longer lists
+		killCgroups(d.name)                                  // stale incarnations the table no longer lists
 		if left := removeCgroups(d.name); len(left) > 0 {
 			c.t.Errorf("%s: cgroups left behind: %v", d.name, left)
 		}

@@ -92,7 +92,9 @@ func TestVMResizeAndFence(t *testing.T) {
 	waitFor(t, 2*time.Second+time.Since(start), "MemTotal to rise by 256M", func() bool {
 		now = memTotal()
 		return now >= before+added-(8<<20) // the guest may keep a little for the new memory's page structs
-	}, func() string { return strconv.FormatInt(now>>20, 10) + "M from " + strconv.FormatInt(before>>20, 10) + "M" })
+	}, func() string {
+		return strconv.FormatInt(now>>20, 10) + "M from " + strconv.FormatInt(before>>20, 10) + "M"
+	})
 	t.Logf("MemTotal %dM -> %dM in %s", before>>20, now>>20, time.Since(start).Round(time.Millisecond))
 	if q := c.waitRunning(id); q.PID != p.PID {
 		t.Errorf("QEMU pid %d after the resize, want %d", q.PID, p.PID)
