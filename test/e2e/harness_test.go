@@ -168,8 +168,10 @@ func (c *cluster) cleanup() {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	for _, d := range c.nodes {
-		_ = os.RemoveAll(filepath.Join("/run/shim", d.name)) // its VMs' state (their QEMUs are gone with their cgroups)
-		killCgroups(d.name)                                  // stale incarnations the table no longer lists
+		// Its VMs' state (their QEMUs go with their cgroups), and stale
+		// incarnations the table no longer lists.
+		_ = os.RemoveAll(filepath.Join("/run/shim", d.name))
+		killCgroups(d.name)
 		if left := removeCgroups(d.name); len(left) > 0 {
 			c.t.Errorf("%s: cgroups left behind: %v", d.name, left)
 		}
