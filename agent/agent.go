@@ -48,6 +48,13 @@ type Agent struct {
 	// held (from the guard's file): processes it left may run until then.
 	// Zero: none, the node starts fenced until a leader grants a lease.
 	Resume time.Time
+	// HostPaths are the host folders this node offers to sandboxes, by
+	// name; CA is the cluster's CA certificate (PEM) workloads get, nil
+	// with trust off; SelfResize, if set, asks the cluster for a resize
+	// with a workload's self token (Want). See sandbox.go.
+	HostPaths  map[string]HostPath
+	CA         []byte
+	SelfResize func(ctx context.Context, token string, req *pb.ResizeRequest) error
 	// Deadline, if set, is told every new deadline of the node's lease,
 	// for the guard: a separate process that fences the node when the agent
 	// cannot (package guard). After a clean stop it is the held lease's.
@@ -74,6 +81,8 @@ type Agent struct {
 	startSem   chan struct{}
 	states     *stateLog // what a restarted agent adopts
 	book       addrBook  // the servers besides Addrs, and the one that answered last
+	tokensMu   sync.Mutex
+	tokens     map[string]string // self tokens by process id, from the assignments
 }
 
 func (a *Agent) init() {
@@ -128,7 +137,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.lease.stop()
 	}()
 	var wg sync.WaitGroup
-	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample} {
+	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample, a.sweepWork} {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx) }()
 	}

@@ -84,6 +84,7 @@ func (a *Agent) watch(ctx context.Context) {
 		}
 		backoff = 20 * time.Millisecond
 		index = resp.Msg.Index
+		a.mergeTokens(resp.Msg)
 		a.mu.Lock()
 		a.merge(resp.Msg)
 		a.tableIndex, a.nodeIndex = resp.Msg.TableIndex, resp.Msg.Index

@@ -17,7 +17,10 @@ type Spec struct {
 	Isolation   pb.Isolation
 	Network     pb.Network
 	User        string
-	Rootfs      string
+	Rootfs      string  // a host folder: resolved from the spec's NAME[/SUB]
+	WorkDir     string  // the work folder, <data dir>/work/<id> (see sandbox.go)
+	Mounts      []Mount // host paths, resolved
+	CA          []byte  // the cluster CA (PEM), for CAFile in the work folder; nil with trust off
 }
 
 // Exit describes how a process ended. Code is -1 when unknown.

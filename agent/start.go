@@ -64,11 +64,11 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	a.mu.Unlock()
 	spec := rec.Spec
 	begin := a.Clock.Now()
-	p, err := a.Runtime.Start(Spec{
-		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: a.env(rec), Dir: spec.Dir,
-		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
-		Network: spec.Network, User: spec.User, Rootfs: spec.Rootfs,
-	})
+	rs, err := a.runSpec(rec)
+	var p Proc
+	if err == nil {
+		p, err = a.Runtime.Start(rs)
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {
@@ -132,9 +132,10 @@ func sameAssignment(assigned []*pb.ProcessRecord, rec *pb.ProcessRecord) bool {
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // env is the process's environment: its spec's, plus SHIM_PROCESS_ID,
-// SHIM_PROCESS_NAME, SHIM_INCARNATION and SHIM_NODE.
+// SHIM_PROCESS_NAME, SHIM_INCARNATION, SHIM_NODE and the way back to the
+// cluster (selfEnv: SHIM_ADDR, SHIM_TOKEN, SHIM_CA).
 func (a *Agent) env(rec *pb.ProcessRecord) []string {
-	env := make([]string, 0, len(rec.Spec.Env)+5)
+	env := make([]string, 0, len(rec.Spec.Env)+8)
 	hasPath := false
 	for _, e := range rec.Spec.Env {
 		hasPath = hasPath || strings.HasPrefix(e, "PATH=")
@@ -143,8 +144,9 @@ func (a *Agent) env(rec *pb.ProcessRecord) []string {
 		env = append(env, defaultPath)
 	}
 	env = append(env, rec.Spec.Env...)
-	return append(env, "SHIM_PROCESS_ID="+rec.Id, "SHIM_PROCESS_NAME="+rec.Spec.Name,
+	env = append(env, "SHIM_PROCESS_ID="+rec.Id, "SHIM_PROCESS_NAME="+rec.Spec.Name,
 		fmt.Sprintf("SHIM_INCARNATION=%d", rec.Incarnation), "SHIM_NODE="+a.Node.Name)
+	return append(env, a.selfEnv(rec)...)
 }
 
 // wait handles the end of one run. A run the guard killed while the agent

@@ -16,6 +16,9 @@ const (
 	KindNode              // a node certificate the TLS handshake verified
 	KindToken             // a bearer token
 	KindSelf              // trust is off (tests, benchmarks): may do anything
+	// KindWorkload is a workload's self token (self.go): its own record
+	// and bounds only, checked per process by OwnProcess.
+	KindWorkload
 )
 
 // Role is what a token may do, or what a node certificate's node is.
@@ -28,6 +31,7 @@ const (
 	RoleNode     Role = "node"     // token: join a node (have its certificate signed)
 	RoleServer   Role = "server"   // node certificate: a Raft voter
 	RoleWorker   Role = "worker"   // node certificate: runs processes only
+	RoleSelf     Role = "self"     // a workload's self token: its own process only
 )
 
 // TokenRoles are the roles a token may have, for usage messages.
@@ -52,6 +56,9 @@ type Identity struct {
 	// Unchecked marks a token a worker passed on without checking it (it
 	// holds no table): only a server's answer may rest on it.
 	Unchecked bool
+	// KindWorkload: the process and incarnation the self token names.
+	Process     string
+	Incarnation uint64
 }
 
 // Self is the identity of every caller when trust is off.
@@ -68,6 +75,8 @@ func (id Identity) String() string {
 		return fmt.Sprintf("token %s (%s)", id.TokenID, id.Role)
 	case KindSelf:
 		return "anyone (trust is off)"
+	case KindWorkload:
+		return fmt.Sprintf("process %s (incarnation %d, self token)", id.Process, id.Incarnation)
 	}
 	return "no credentials"
 }
@@ -106,6 +115,13 @@ var (
 		shimv1connect.ShimServiceResizeProcedure,
 		shimv1connect.ShimServiceDrainProcedure,
 	))
+	// selfProcs: a workload's self token reads its own record and changes
+	// its own bounds and grant (the handlers check the id: OwnProcess).
+	selfProcs = set(
+		shimv1connect.ShimServiceListProcedure,
+		shimv1connect.ShimServiceResizeProcedure,
+		shimv1connect.ShimServiceSetGrantProcedure,
+	)
 	// joinProcs: a join token only has its node's certificate signed.
 	joinProcs = set(
 		shimv1connect.AgentServiceCertifyProcedure,
@@ -157,6 +173,9 @@ func Allow(id Identity, procedure string) error {
 		case id.Role == RoleNode:
 			ok = joinProcs[procedure]
 		}
+	case KindWorkload:
+		// Unchecked or not (a worker passes it on): the same few calls.
+		ok = selfProcs[procedure]
 	case KindNode:
 		switch id.Role {
 		case RoleServer:

@@ -266,6 +266,7 @@ func (h *agentAPI) Assignments(ctx context.Context, req *connect.Request[pb.Assi
 	if len(removed) > 0 {
 		out.HandedOff = s.Table.HandedOff(m.Node, since)
 	}
+	out.SelfTokens = s.selfTokens(m.Node, recs)
 	if n := s.Table.Node(m.Node); n != nil {
 		out.State = n.State
 	}

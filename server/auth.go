@@ -32,7 +32,9 @@ import (
 // interceptor for every RPC, and in serveHeartbeatStream and the /metrics
 // handler, which no interceptor sees. What only the request says is checked
 // in the handlers: a node heartbeats, reports, reads assignments and joins
-// only as itself (auth.ActsFor), and an operator spawns nothing as root.
+// only as itself (auth.ActsFor), an operator spawns nothing as root and
+// nothing on the host (checkSpawn), and a workload's self token reads and
+// resizes only its own process (sandbox.go).
 //
 // A refusal is one line: Connect's unauthenticated (no credentials, or a bad
 // token) or permission_denied (credentials without the right), and the
@@ -120,9 +122,13 @@ func cutPrefixFold(s, prefix string) (string, bool) {
 	return strings.TrimSpace(s[len(prefix):]), true
 }
 
-// checkToken finds the token in the table and checks its secret and expiry.
-// A worker only checks its form (unchecked).
+// checkToken finds the token in the table and checks its secret and expiry,
+// or checks a workload's self token (checkSelfToken). A worker only checks
+// its form (unchecked).
 func (s *Server) checkToken(raw string) (auth.Identity, error) {
+	if auth.IsSelfToken(raw) {
+		return s.checkSelfToken(raw)
+	}
 	tok, err := auth.ParseToken(raw)
 	if err != nil {
 		return auth.Identity{}, fmt.Errorf("%w: %v", auth.ErrUnauthenticated, err)
@@ -236,36 +242,6 @@ func forwardToken(ctx context.Context) string {
 		return ""
 	}
 	return callerOf(ctx).token
-}
-
-// checkSpawn refuses an operator's spec that would run as root or reach
-// into the host: no user (which means root) or user or group 0, a root
-// filesystem from a host path, or an isolation other than the two known
-// sandboxes.
-func checkSpawn(ctx context.Context, spec *pb.ProcessSpec) error {
-	id := callerOf(ctx).id
-	if id.Kind != auth.KindToken || id.Role != auth.RoleOperator {
-		return nil
-	}
-	deny := func(what string) error {
-		return connect.NewError(connect.CodePermissionDenied, fmt.Errorf("%w: %s may not %s",
-			auth.ErrPermissionDenied, id, what))
-	}
-	uid, gid, _ := strings.Cut(spec.GetUser(), ":")
-	switch {
-	case spec.GetUser() == "":
-		return deny("spawn as root (the default): pass --user UID[:GID]")
-	case strings.TrimLeft(uid, "0") == "" || (gid != "" && strings.TrimLeft(gid, "0") == ""):
-		return deny("spawn with user or group 0")
-	case spec.GetRootfs() != "":
-		return deny("spawn on a host path as root filesystem (--rootfs)")
-	}
-	switch spec.GetIsolation() {
-	case pb.Isolation_ISOLATION_UNSPECIFIED, pb.Isolation_ISOLATION_PROCESS, pb.Isolation_ISOLATION_CONTAINER:
-	default:
-		return deny("spawn with isolation " + spec.GetIsolation().String())
-	}
-	return nil
 }
 
 // ---- /metrics ----

@@ -153,6 +153,9 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 		})
 	}
 	m := req.Msg
+	if err := ownOnly(ctx, m.Id); err != nil {
+		return nil, err
+	}
 	ids, err := s.resolve([]string{m.Id})
 	if err != nil {
 		return nil, err
@@ -167,6 +170,12 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 	}
 	if err := table.ValidateResources(r); err != nil {
 		return nil, apiError(err)
+	}
+	if err := checkSelfResize(ctx, m, cur.Spec.GetResources(), r); err != nil {
+		return nil, err
+	}
+	if err := checkVMResize(cur, r); err != nil {
+		return nil, err
 	}
 	if !m.Force {
 		if err := s.checkShrink(ctx, cur, r); err != nil {
@@ -254,7 +263,10 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 			return p.shim.List(ctx, connect.NewRequest(req.Msg))
 		})
 	}
-	m := req.Msg
+	m, err := selfList(ctx, req.Msg)
+	if err != nil {
+		return nil, err
+	}
 	if m.MinIndex > 0 {
 		wctx, cancel := context.WithTimeout(ctx, waitFor(m.WaitMillis))
 		err := s.waitIndex(wctx, m.MinIndex+1)
@@ -358,6 +370,9 @@ func (h *shimAPI) Drain(ctx context.Context, req *connect.Request[pb.DrainReques
 func (h *shimAPI) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest], stream *connect.ServerStream[pb.LogsChunk]) error {
 	s := h.s
 	m := req.Msg
+	if err := validLogRef(m.Id); err != nil {
+		return err
+	}
 	var rec *pb.ProcessRecord
 	if s.Table != nil {
 		ids, err := s.resolve([]string{m.Id})
@@ -368,10 +383,14 @@ func (h *shimAPI) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest]
 			return invalid("%q names %d processes; logs needs exactly one", m.Id, len(ids))
 		}
 		rec = s.Table.Get(ids[0])
-	} else if id := callerOf(ctx).id; id.Kind != auth.KindToken {
+	} else if id := callerOf(ctx).id; id.Kind == auth.KindNode || id.Kind == auth.KindSelf {
 		// A worker answers from its own files only a server, which
 		// checked the user's token; a user's call (its token unchecked
-		// here) goes to a server, which proxies it back if need be.
+		// here) goes to a server, which proxies it back if need be. A
+		// server names a process by its full id.
+		if err := table.ValidateID(m.Id); err != nil {
+			return apiError(err)
+		}
 		if _, err := os.Stat(LogPath(s.LogDir, m.Id)); err == nil {
 			rec = &pb.ProcessRecord{Id: m.Id, Node: s.Name}
 		} else if id.Kind == auth.KindNode {

@@ -87,8 +87,6 @@ func TestTokensAndRoles(t *testing.T) {
 	wantCode(t, "read token creating an admin token", err, connect.CodePermissionDenied)
 	_, err = c.userClient(2, op).CreateToken(ctx, connect.NewRequest(&pb.CreateTokenRequest{Role: pb.TokenRole_TOKEN_ROLE_ADMIN}))
 	wantCode(t, "operator creating an admin token", err, connect.CodePermissionDenied)
-	_, err = c.userClient(0, op).Spawn(ctx, connect.NewRequest(sp))
-	wantCode(t, "operator spawning as root", err, connect.CodePermissionDenied)
 	for _, user := range []string{"0", "0:100", "100:0", "000"} {
 		s := spec("/bin/sleep", "100")
 		s.User = user
@@ -96,9 +94,20 @@ func TestTokensAndRoles(t *testing.T) {
 		wantCode(t, "operator spawning as "+user, err, connect.CodePermissionDenied)
 	}
 	s := spec("/bin/sleep", "100")
-	s.User, s.Rootfs = "1000", "/"
+	s.User, s.Rootfs, s.Isolation = "1000", "images", pb.Isolation_ISOLATION_CONTAINER
 	_, err = c.userClient(0, op).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: s}))
-	wantCode(t, "operator spawning on a host rootfs", err, connect.CodePermissionDenied)
+	wantCode(t, "operator spawning on a host path rootfs", err, connect.CodePermissionDenied)
+	hostIso := spec("/bin/sleep", "100")
+	hostIso.Isolation = pb.Isolation_ISOLATION_HOST
+	_, err = c.userClient(0, op).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: hostIso}))
+	wantCode(t, "operator spawning with isolation host", err, connect.CodePermissionDenied)
+	mounted := spec("/bin/sleep", "100")
+	mounted.Mounts = []*pb.Mount{{Name: "data", Path: "/data"}}
+	_, err = c.userClient(0, op).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: mounted}))
+	wantCode(t, "operator mounting a host path", err, connect.CodePermissionDenied)
+	s.Rootfs = "/"
+	_, err = c.userClient(0, c.admin.String()).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: s}))
+	wantCode(t, "admin spawning on the host's root", err, connect.CodeInvalidArgument)
 	if after := c.userState(); after != before {
 		t.Errorf("refused calls changed the table:\n%s\n%s", before, after)
 	}
@@ -107,9 +116,12 @@ func TestTokensAndRoles(t *testing.T) {
 	if _, err := c.userClient(2, read).List(ctx, connect.NewRequest(&pb.ListRequest{})); err != nil {
 		t.Errorf("read token listing: %v", err)
 	}
-	s.Rootfs = ""
+	s.Rootfs, s.Isolation = "", 0
 	if _, err := c.userClient(0, op).Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: s})); err != nil {
 		t.Errorf("operator spawning as 1000: %v", err)
+	}
+	if _, err := c.userClient(0, op).Spawn(ctx, connect.NewRequest(sp)); err != nil {
+		t.Errorf("operator spawning as nobody (no user): %v", err)
 	}
 	if _, err := c.userClient(0, short).List(ctx, connect.NewRequest(&pb.ListRequest{})); err != nil {
 		t.Errorf("fresh token: %v", err)

@@ -932,12 +932,18 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
 	best, bestCount, bestFree := -1, 0, int64(0)
 	bestNo := -1
 	var bestNoFree [2]int64
-	var bestNoErr error
+	var bestNoErr, offerErr error // offerErr: the first node that lacks what spec needs (Offers)
 	up := 0
 	for k := lo; k < hi; k++ {
 		c := &cs[k]
 		n := c.rec
 		if n.State != pb.NodeState_NODE_STATE_UP || (n.Draining && spec.Node == "") {
+			continue
+		}
+		if err := Offers(n, spec); err != nil {
+			if offerErr == nil {
+				offerErr = err
+			}
 			continue
 		}
 		up++
@@ -965,6 +971,10 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
 	}
 	want := fmt.Sprintf("cpu %s, memory %s", Cores(spec.Resources.GetCpuMinMilli()), Bytes(spec.Resources.GetMemMinBytes()))
 	switch {
+	case up == 0 && offerErr != nil && spec.Node != "":
+		return -1, fmt.Errorf("%w: %v", ErrNoCapacity, offerErr)
+	case up == 0 && offerErr != nil:
+		return -1, fmt.Errorf("%w: no up node offers what it needs (%v)", ErrNoCapacity, offerErr)
 	case spec.Node != "" && up == 0:
 		return -1, fmt.Errorf("%w: node %s is %s", ErrNoCapacity, spec.Node, NodeStateName(t.nodes[spec.Node].State))
 	case up == 0:

@@ -2,6 +2,7 @@ package table
 
 import (
 	"fmt"
+	"path"
 	"strings"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
@@ -48,7 +49,159 @@ func ValidateSpec(s *pb.ProcessSpec) error {
 	if _, ok := pb.Network_name[int32(s.Network)]; !ok {
 		return fmt.Errorf("%w: unknown network %d", ErrInvalid, s.Network)
 	}
+	if err := validateSandbox(s); err != nil {
+		return err
+	}
 	return ValidateResources(s.Resources)
+}
+
+// MaxMounts bounds a spec's mounts.
+const MaxMounts = 32
+
+// SandboxDirs are a sandbox's own writable folders: a working directory
+// must be one of them, inside one, or inside a mount.
+var SandboxDirs = []string{"/work", "/tmp"}
+
+// reservedTargets are the sandbox's own mount points and the host system
+// folders it sees read-only (exec's): a mount may neither be one nor lie
+// above or below one.
+var reservedTargets = []string{"/proc", "/dev", "/sys", "/tmp", "/work",
+	"/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"}
+
+// validateSandbox checks the paths of a spec, which name places inside its
+// sandbox or host paths its node declared, never the node's own files: the
+// working directory is absolute and clean, and inside the sandbox's own
+// folders (/work, /tmp) or a mount (any absolute path with host isolation;
+// none in a VM, which starts in its work folder); mounts name a declared
+// host path (NAME) and an absolute, clean target that overlaps neither
+// another nor the sandbox's own; a root file system (containers only) is a
+// declared host path or a folder in one: NAME[/SUB].
+func validateSandbox(s *pb.ProcessSpec) error {
+	iso := s.Isolation
+	if u := s.User; u != "" {
+		uid, gid, hasGID := strings.Cut(u, ":")
+		if !numeric(uid) || (hasGID && !numeric(gid)) {
+			return fmt.Errorf("%w: user %q: want UID[:GID], numbers", ErrInvalid, u)
+		}
+	}
+	if len(s.Mounts) > MaxMounts {
+		return fmt.Errorf("%w: more than %d mounts", ErrInvalid, MaxMounts)
+	}
+	if len(s.Mounts) > 0 && (iso == pb.Isolation_ISOLATION_HOST || iso == pb.Isolation_ISOLATION_VM) {
+		return fmt.Errorf("%w: mounts need a process or container sandbox (host isolation sees the host's files; a VM takes none yet)", ErrInvalid)
+	}
+	var targets []string
+	for _, m := range s.Mounts {
+		if m.GetName() == "" || ValidateName(m.GetName()) != nil {
+			return fmt.Errorf("%w: mount %q: the host path's name is 1-63 letters, digits, '.', '_' or '-'", ErrInvalid, m.GetName())
+		}
+		t := m.GetPath()
+		if !cleanAbs(t) || t == "/" {
+			return fmt.Errorf("%w: mount %s:%s: the target must be an absolute, clean path other than /", ErrInvalid, m.GetName(), t)
+		}
+		for _, o := range append(targets, reservedTargets...) {
+			if t == o || strings.HasPrefix(t, o+"/") || strings.HasPrefix(o, t+"/") {
+				return fmt.Errorf("%w: mount target %s overlaps %s", ErrInvalid, t, o)
+			}
+		}
+		targets = append(targets, t)
+	}
+	if r := s.Rootfs; r != "" {
+		if iso != pb.Isolation_ISOLATION_CONTAINER {
+			return fmt.Errorf("%w: a root file system (--rootfs) needs container isolation", ErrInvalid)
+		}
+		if _, _, err := SplitHostPath(r); err != nil {
+			return err
+		}
+	}
+	d := s.Dir
+	switch {
+	case d == "":
+		return nil
+	case !cleanAbs(d):
+		return fmt.Errorf("%w: working directory %q must be an absolute, clean path (a process may run on another host than the CLI's)", ErrInvalid, d)
+	case iso == pb.Isolation_ISOLATION_HOST:
+		return nil
+	case iso == pb.Isolation_ISOLATION_VM:
+		return fmt.Errorf("%w: working directory %s: a VM starts in its work folder (leave --dir out)", ErrInvalid, d)
+	}
+	for _, in := range append(targets, SandboxDirs...) {
+		if d == in || strings.HasPrefix(d, in+"/") {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: working directory %s is outside the sandbox's own folders (/work, /tmp) and its mounts", ErrInvalid, d)
+}
+
+// numeric reports whether s is a decimal uid or gid (0 to 2^32-2).
+func numeric(s string) bool {
+	if s == "" || len(s) > 10 {
+		return false
+	}
+	var n uint64
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+		n = n*10 + uint64(c-'0')
+	}
+	return n < 1<<32-1
+}
+
+// cleanAbs reports whether p is an absolute path in canonical form: no
+// "..", ".", doubled or trailing slashes.
+func cleanAbs(p string) bool {
+	return strings.HasPrefix(p, "/") && path.Clean(p) == p && !strings.ContainsRune(p, 0)
+}
+
+// SplitHostPath splits a root file system NAME[/SUB] into the declared host
+// path's name and the folder inside it ("" for the host path itself).
+func SplitHostPath(r string) (name, sub string, err error) {
+	name, sub, _ = strings.Cut(r, "/")
+	if name == "" || ValidateName(name) != nil {
+		return "", "", fmt.Errorf("%w: root file system %q: want NAME[/SUB], a host path the node declares (shimd --host-path NAME=DIR) or a folder in it", ErrInvalid, r)
+	}
+	if sub != "" && (path.Clean(sub) != sub || sub == ".." || strings.HasPrefix(sub, "../") || strings.HasPrefix(sub, "/") || strings.ContainsRune(sub, 0)) {
+		return "", "", fmt.Errorf("%w: root file system %q: the folder inside %s must be a clean relative path", ErrInvalid, r, name)
+	}
+	return name, sub, nil
+}
+
+// Offers reports why node n cannot run spec, or nil: a VM on a node
+// without QEMU, or a host path (a mount or the root file system) the node
+// does not declare, or declares read-only for a read-write mount.
+// Placement skips such nodes; a spec pinned to one is refused.
+func Offers(n *pb.NodeRecord, spec *pb.ProcessSpec) error {
+	if spec.GetIsolation() == pb.Isolation_ISOLATION_VM && n.GetVmUnavailable() != "" {
+		return fmt.Errorf("node %s cannot run VMs: %s", n.GetName(), n.GetVmUnavailable())
+	}
+	if len(spec.GetMounts()) == 0 && spec.GetRootfs() == "" {
+		return nil
+	}
+	offered := func(name string) *pb.HostPath {
+		for _, h := range n.GetHostPaths() {
+			if h.GetName() == name {
+				return h
+			}
+		}
+		return nil
+	}
+	for _, m := range spec.GetMounts() {
+		h := offered(m.GetName())
+		if h == nil {
+			return fmt.Errorf("node %s does not offer host path %s", n.GetName(), m.GetName())
+		}
+		if h.GetReadOnly() && !m.GetReadOnly() {
+			return fmt.Errorf("node %s offers host path %s read-only (mount it with :ro)", n.GetName(), m.GetName())
+		}
+	}
+	if r := spec.GetRootfs(); r != "" {
+		name, _, _ := SplitHostPath(r)
+		if offered(name) == nil {
+			return fmt.Errorf("node %s does not offer host path %s (the root file system)", n.GetName(), name)
+		}
+	}
+	return nil
 }
 
 // ValidateResources checks that bounds are non-negative and ordered.

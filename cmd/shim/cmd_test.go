@@ -196,6 +196,10 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"spawn", "--restart", "maybe", "--", "x"}, "shim: invalid --restart \"maybe\": use always, on-failure or never\n"},
 		{[]string{"spawn", "--count", "0", "--", "x"}, "shim: invalid --count \"0\": must be 1-10000\n"},
 		{[]string{"spawn", "--pids", "-3", "--", "x"}, "shim: invalid --pids \"-3\": negative value\n"},
+		{[]string{"spawn", "--dir", "/etc", "--", "x"}, "shim: working directory /etc is outside the sandbox's own folders (/work, /tmp) and its mounts\n"},
+		{[]string{"spawn", "--dir", "../x", "--", "x"}, "shim: working directory \"../x\" must be an absolute, clean path (a process may run on another host than the CLI's)\n"},
+		{[]string{"spawn", "--isolation", "container", "--rootfs", "/", "--", "x"}, "shim: root file system \"/\": want NAME[/SUB], a host path the node declares (shimd --host-path NAME=DIR) or a folder in it\n"},
+		{[]string{"spawn", "--mount", "data", "--", "x"}, "shim: invalid --mount \"data\": use NAME:PATH[:ro], NAME a host path the node declares\n"},
 		{[]string{"kill"}, "shim: shim kill needs at least one process ID (usage: shim kill [--signal SIG] ID...)\n"},
 		{[]string{"kill", "--signal", "NOPE", "x"}, "shim: invalid --signal \"NOPE\": unknown signal (use a name like TERM, KILL, INT, HUP or a number)\n"},
 		{[]string{"ps", "-o", "yaml"}, "shim: invalid --output \"yaml\": use table, json, wide\n"},
@@ -220,7 +224,8 @@ func TestSpawn(t *testing.T) {
 	f := &fakeServer{}
 	r, _ := runShim(t, f, "", "spawn", "--name", "web", "--cpu", "0.5:1:2", "--mem", "64M:128Mi", "--pids", "50",
 		"--restart", "never", "-e", "A=1,2", "--env", "B=x", "--node", "n1", "--count", "2", "--isolation", "container",
-		"--net", "none", "--user", "1000:1000", "--rootfs", "/srv/root", "--dir", "/tmp", "--", "sleep", "10", "--name")
+		"--net", "none", "--user", "1000:1000", "--rootfs", "images/root", "--dir", "/tmp", "--mount", "data:/data:ro",
+		"--mount", "scratch:/scratch", "--", "sleep", "10", "--name")
 	if r.code != 0 || r.out != "p1\np2\n" || r.errOut != "" {
 		t.Fatalf("spawn = %+v", r)
 	}
@@ -230,7 +235,8 @@ func TestSpawn(t *testing.T) {
 			MemMinBytes: 64 << 20, MemMaxBytes: 128 << 20, PidsMax: 50},
 		Restart: pb.RestartPolicy_RESTART_POLICY_NEVER, Node: "n1", Dir: "/tmp",
 		Isolation: pb.Isolation_ISOLATION_CONTAINER, Network: pb.Network_NETWORK_NONE,
-		User: "1000:1000", Rootfs: "/srv/root",
+		User: "1000:1000", Rootfs: "images/root",
+		Mounts: []*pb.Mount{{Name: "data", Path: "/data", ReadOnly: true}, {Name: "scratch", Path: "/scratch"}},
 	}}
 	if !proto.Equal(f.spawnReq, want) {
 		t.Errorf("spawn request\n got %v\nwant %v", f.spawnReq, want)

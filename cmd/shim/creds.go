@@ -73,6 +73,13 @@ func (a *app) token(dataDir string) (string, error) {
 		}
 		raw, from = string(b), path
 	}
+	if auth.IsSelfToken(raw) { // a workload's own ($SHIM_TOKEN inside a sandbox)
+		tok, err := auth.ParseSelfToken(raw)
+		if err != nil {
+			return "", fmt.Errorf("token from %s: %w", from, err)
+		}
+		return tok.String(), nil
+	}
 	tok, err := auth.ParseToken(raw)
 	if err != nil {
 		return "", fmt.Errorf("token from %s: %w", from, err)

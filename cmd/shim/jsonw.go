@@ -208,6 +208,9 @@ func appendProcessJSON(b []byte, v *processJSON) []byte {
 		w.float("cpu", u.CPU)
 		w.float("cpu_seconds", u.CPUSeconds)
 		w.uint("mem", u.Mem)
+		if u.GuestMem != 0 {
+			w.int("guest_mem", u.GuestMem)
+		}
 		w.close('}')
 	}
 	w.bool("stop", v.Stop)

@@ -19,7 +19,7 @@ import (
 type spawnOptions struct {
 	name, cpu, mem, pids, restart, node, isolation, network, user, rootfs, dir string
 	count                                                                      int
-	env                                                                        []string
+	env, mounts                                                                []string
 	wait                                                                       bool
 }
 
@@ -50,11 +50,12 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.node, "node", "", "run on `NODE`")
 	f.IntVar(&o.count, "count", 1, "number of replicas `N`")
 	f.BoolVar(&o.wait, "wait", false, "wait until the process is running (up to --timeout); fail if it does not start")
-	f.StringVar(&o.isolation, "isolation", "", "isolation `MODE`: process or container (default: the node's)")
+	f.StringVar(&o.isolation, "isolation", "", "isolation `MODE`: process (default), container, vm, or host (admin: no sandbox)")
 	f.StringVar(&o.network, "net", "", "network `MODE`: host (default) or none")
-	f.StringVar(&o.user, "user", "", "run as `UID[:GID]`")
-	f.StringVar(&o.rootfs, "rootfs", "", "root file system `DIR` on the node (container isolation)")
-	f.StringVar(&o.dir, "dir", "", "working `DIR` on the node")
+	f.StringVar(&o.user, "user", "", "run as `UID[:GID]` (default nobody; 0 needs an admin token)")
+	f.StringVar(&o.rootfs, "rootfs", "", "root file system `NAME[/SUB]`: a host path the node declares, or a folder in it (container isolation)")
+	f.StringVar(&o.dir, "dir", "", "working `DIR` in the sandbox: /work (the default), /tmp, a mount, or in one of them")
+	f.StringArrayVar(&o.mounts, "mount", nil, "mount the node's host path NAME at PATH: `NAME:PATH[:ro]` (repeatable; the node declares NAME with shimd --host-path)")
 	return cmd
 }
 
@@ -102,6 +103,13 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 		if s.Network, err = parseNetwork(o.network); err != nil {
 			return nil, flagError("net", o.network, err)
 		}
+	}
+	for _, m := range o.mounts {
+		mnt, err := parseMount(m)
+		if err != nil {
+			return nil, flagError("mount", m, err)
+		}
+		s.Mounts = append(s.Mounts, mnt)
 	}
 	if set("user") {
 		if s.User, err = parseUser(o.user); err != nil {

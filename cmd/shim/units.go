@@ -248,8 +248,28 @@ func parseIsolation(s string) (pb.Isolation, error) {
 		return pb.Isolation_ISOLATION_PROCESS, nil
 	case "container":
 		return pb.Isolation_ISOLATION_CONTAINER, nil
+	case "vm":
+		return pb.Isolation_ISOLATION_VM, nil
+	case "host":
+		return pb.Isolation_ISOLATION_HOST, nil
 	}
-	return 0, errors.New("use process or container")
+	return 0, errors.New("use process, container, vm or host")
+}
+
+// parseMount parses NAME:PATH[:ro] (or :rw): a host path the node declares,
+// where it appears in the sandbox.
+func parseMount(s string) (*pb.Mount, error) {
+	name, path, ok := strings.Cut(s, ":")
+	if !ok || name == "" || path == "" {
+		return nil, errors.New("use NAME:PATH[:ro], NAME a host path the node declares")
+	}
+	m := &pb.Mount{Name: name, Path: path}
+	if p, found := strings.CutSuffix(path, ":ro"); found {
+		m.Path, m.ReadOnly = p, true
+	} else if p, found := strings.CutSuffix(path, ":rw"); found {
+		m.Path = p
+	}
+	return m, nil
 }
 
 // parseNetwork parses a network mode name.

@@ -174,8 +174,14 @@ func TestParseEnums(t *testing.T) {
 	if v, err := parseIsolation("process"); v != pb.Isolation_ISOLATION_PROCESS || err != nil {
 		t.Errorf("parseIsolation(process) = %v, %v", v, err)
 	}
-	if _, err := parseIsolation("vm"); errText(err) != "use process or container" {
-		t.Errorf("parseIsolation(vm) error = %v", err)
+	if v, err := parseIsolation("vm"); v != pb.Isolation_ISOLATION_VM || err != nil {
+		t.Errorf("parseIsolation(vm) = %v, %v", v, err)
+	}
+	if v, err := parseIsolation("host"); v != pb.Isolation_ISOLATION_HOST || err != nil {
+		t.Errorf("parseIsolation(host) = %v, %v", v, err)
+	}
+	if _, err := parseIsolation("kvm"); errText(err) != "use process, container, vm or host" {
+		t.Errorf("parseIsolation(kvm) error = %v", err)
 	}
 	if v, err := parseNetwork("none"); v != pb.Network_NETWORK_NONE || err != nil {
 		t.Errorf("parseNetwork(none) = %v, %v", v, err)
@@ -262,5 +268,25 @@ func TestFlagError(t *testing.T) {
 	want := `invalid --mem "12X": unknown unit "X" (use K, M, G or T)`
 	if got.Error() != want || exitCode(got) != 2 {
 		t.Errorf("flagError = %q (exit %d), want %q (exit 2)", got, exitCode(got), want)
+	}
+}
+
+func TestParseMount(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want *pb.Mount
+		err  string
+	}{
+		{"data:/data", &pb.Mount{Name: "data", Path: "/data"}, ""},
+		{"data:/data:ro", &pb.Mount{Name: "data", Path: "/data", ReadOnly: true}, ""},
+		{"data:/data:rw", &pb.Mount{Name: "data", Path: "/data"}, ""},
+		{"data", nil, "use NAME:PATH[:ro], NAME a host path the node declares"},
+		{":/data", nil, "use NAME:PATH[:ro], NAME a host path the node declares"},
+		{"data:", nil, "use NAME:PATH[:ro], NAME a host path the node declares"},
+	} {
+		got, err := parseMount(c.in)
+		if errText(err) != c.err || (c.want != nil && (got == nil || got.String() != c.want.String())) {
+			t.Errorf("parseMount(%q) = %v, %q; want %v, %q", c.in, got, errText(err), c.want, c.err)
+		}
 	}
 }

@@ -27,9 +27,10 @@ type resourcesJSON struct {
 }
 
 type usageJSON struct {
-	CPU        float64 `json:"cpu"`         // recent rate, cores
-	CPUSeconds float64 `json:"cpu_seconds"` // total CPU time
-	Mem        uint64  `json:"mem"`         // bytes
+	CPU        float64 `json:"cpu"`                 // recent rate, cores
+	CPUSeconds float64 `json:"cpu_seconds"`         // total CPU time
+	Mem        uint64  `json:"mem"`                 // bytes
+	GuestMem   int64   `json:"guest_mem,omitempty"` // VMs: MemTotal inside, bytes
 }
 
 type incarnationJSON struct {
@@ -99,6 +100,8 @@ type nodeJSON struct {
 	Overcommit  uint32         `json:"overcommit_percent"`
 	Processes   uint32         `json:"processes"`
 	Usage       *nodeUsageJSON `json:"usage"`
+	HostPaths   []string       `json:"host_paths"` // NAME, or NAME:ro
+	VMs         string         `json:"vms"`        // "yes", or why not
 	Joined      *string        `json:"joined"`
 	Updated     *string        `json:"updated"`
 	ModifyIndex uint64         `json:"modify_index"`
@@ -138,6 +141,10 @@ func isolationName(i pb.Isolation) string {
 		return "process"
 	case pb.Isolation_ISOLATION_CONTAINER:
 		return "container"
+	case pb.Isolation_ISOLATION_VM:
+		return "vm"
+	case pb.Isolation_ISOLATION_HOST:
+		return "host"
 	}
 	return "default"
 }
@@ -166,7 +173,8 @@ func processView(r *pb.ProcessRecord) processJSON {
 		History: []incarnationJSON{}, ModifyIndex: r.GetModifyIndex(),
 	}
 	if u := r.GetUsage(); u != nil {
-		v.Usage = &usageJSON{CPU: cores(u.GetCpuMilli()), CPUSeconds: float64(u.GetCpuUsageNanos()) / 1e9, Mem: u.GetMemoryBytes()}
+		v.Usage = &usageJSON{CPU: cores(u.GetCpuMilli()), CPUSeconds: float64(u.GetCpuUsageNanos()) / 1e9, Mem: u.GetMemoryBytes(),
+			GuestMem: u.GetGuestMemTotalBytes()}
 	}
 	for _, h := range r.GetHistory() {
 		v.History = append(v.History, incarnationJSON{
@@ -206,7 +214,29 @@ func nodeView(s *pb.NodeStatus) nodeJSON {
 	if u := s.GetUsage(); u != nil {
 		v.Usage = &nodeUsageJSON{CPU: cores(u.GetCpuMilli()), Mem: u.GetMemoryBytes()}
 	}
+	v.HostPaths, v.VMs = hostPathsText(n), vmsText(n)
 	return v
+}
+
+// hostPathsText lists the host paths a node offers: NAME, or NAME:ro.
+func hostPathsText(n *pb.NodeRecord) []string {
+	out := []string{}
+	for _, h := range n.GetHostPaths() {
+		if h.GetReadOnly() {
+			out = append(out, h.GetName()+":ro")
+		} else {
+			out = append(out, h.GetName())
+		}
+	}
+	return out
+}
+
+// vmsText says whether a node runs VMs: "yes", or why not.
+func vmsText(n *pb.NodeRecord) string {
+	if w := n.GetVmUnavailable(); w != "" {
+		return "no: " + w
+	}
+	return "yes"
 }
 
 // writeJSON prints v indented, without HTML escaping.
@@ -337,6 +367,14 @@ func usageText(r *pb.ProcessRecord) (cpu, mem string) {
 	return fmt.Sprintf("%.0f%%", float64(u.GetCpuMilli())/10), table.Bytes(int64(u.GetMemoryBytes()))
 }
 
+// guestMemText is a running VM's memory as its guest sees it (MemTotal).
+func guestMemText(r *pb.ProcessRecord) string {
+	if m := r.GetUsage().GetGuestMemTotalBytes(); m > 0 && r.GetState() == pb.ProcessState_PROCESS_STATE_RUNNING {
+		return table.Bytes(m)
+	}
+	return "-"
+}
+
 // writeProcessTable prints the `shim ps` table; wide adds bounds, usage and
 // the reason; history adds a row under each process for every earlier
 // incarnation (moved off a lost node, fenced, or moved by a drain), with why
@@ -345,7 +383,7 @@ func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	head := "ID\tNAME\tNODE\tSTATE\tPID\tINC\tRESTARTS\tEXIT\tAGE"
 	if wide {
-		head += "\tCPU(MIN/MAX/BURST)\tMEM(MIN/MAX)\tPIDS\tCPU%\tMEMUSED\tREASON"
+		head += "\tISOLATION\tCPU(MIN/MAX/BURST)\tMEM(MIN/MAX)\tPIDS\tCPU%\tMEMUSED\tGUESTMEM\tREASON"
 	} else {
 		head += "\tCPU%\tMEM"
 	}
@@ -360,8 +398,8 @@ func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool
 		cmd := cell(commandLine(s.GetCommand()))
 		if wide {
 			cpu, mem := usageText(r)
-			row = append(row, cpuBounds(s.GetResources()), memBounds(s.GetResources()),
-				orDash(s.GetResources().GetPidsMax(), itoa), cpu, mem, dash(cell(r.GetReason())), cmd)
+			row = append(row, isolationName(s.GetIsolation()), cpuBounds(s.GetResources()), memBounds(s.GetResources()),
+				orDash(s.GetResources().GetPidsMax(), itoa), cpu, mem, guestMemText(r), dash(cell(r.GetReason())), cmd)
 		} else {
 			cpu, mem := usageText(r)
 			row = append(row, cpu, mem, truncate(cmd, 40))
@@ -388,7 +426,7 @@ func historyRow(h *pb.Incarnation, wide bool, now time.Time) []string {
 	}
 	why := "(" + dash(cell(h.GetReason())) + ")"
 	if wide {
-		return append(row, "", "", "", "", "", why, "")
+		return append(row, "", "", "", "", "", "", "", why, "")
 	}
 	return append(row, "", "", why)
 }
@@ -405,17 +443,22 @@ func nodeStateText(n *pb.NodeRecord) string {
 // writeNodeTable prints the `shim nodes` table.
 func writeNodeTable(w io.Writer, nodes []*pb.NodeStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(used/res/cap)\tMEM(used/res/cap)\tPROCS")
+	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(used/res/cap)\tMEM(used/res/cap)\tPROCS\tVMS\tHOSTPATHS")
 	for _, s := range nodes {
 		n, c, res, u := s.GetNode(), s.GetNode().GetCapacity(), s.GetReserved(), s.GetUsage()
 		cpuUsed, memUsed := "-", "-"
 		if u != nil {
 			cpuUsed, memUsed = table.Cores(u.GetCpuMilli()), table.Bytes(int64(u.GetMemoryBytes()))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s/%s\t%s/%s/%s\t%d\n",
+		vms := "yes"
+		if n.GetVmUnavailable() != "" {
+			vms = "no" // why: shim nodes -o json
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s/%s\t%s/%s/%s\t%d\t%s\t%s\n",
 			n.GetName(), roleName(n.GetRole()), nodeStateText(n), s.GetLeader(), dash(n.GetApiAddr()),
 			cpuUsed, table.Cores(res.GetCpuMinMilli()), table.Cores(capCPU(c)),
-			memUsed, table.Bytes(res.GetMemMinBytes()), table.Bytes(capMem(c)), s.GetProcesses())
+			memUsed, table.Bytes(res.GetMemMinBytes()), table.Bytes(capMem(c)), s.GetProcesses(),
+			vms, dash(strings.Join(hostPathsText(n), ",")))
 	}
 	return tw.Flush()
 }

@@ -109,8 +109,8 @@ func TestNodeView(t *testing.T) {
 	if err := writeNodeTable(&buf, []*pb.NodeStatus{s}); err != nil {
 		t.Fatal(err)
 	}
-	want := "NAME  ROLE    STATE        LEADER  API            CPU(used/res/cap)  MEM(used/res/cap)  PROCS\n" +
-		"n1    worker  up,draining  false   10.0.0.1:7070  -/1.5/4            -/1G/8G            3\n"
+	want := "NAME  ROLE    STATE        LEADER  API            CPU(used/res/cap)  MEM(used/res/cap)  PROCS  VMS  HOSTPATHS\n" +
+		"n1    worker  up,draining  false   10.0.0.1:7070  -/1.5/4            -/1G/8G            3      yes  -\n"
 	if buf.String() != want {
 		t.Errorf("node table:\n%s\nwant:\n%s", buf.String(), want)
 	}
@@ -122,6 +122,20 @@ func TestNodeView(t *testing.T) {
 	}
 	if !strings.Contains(buf.String(), "0.25/1.5/4") || !strings.Contains(buf.String(), "512M/1G/8G") {
 		t.Errorf("node table with usage:\n%s", buf.String())
+	}
+	// With host paths, and no QEMU.
+	s.Node.HostPaths = []*pb.HostPath{{Name: "data"}, {Name: "images", ReadOnly: true}}
+	s.Node.VmUnavailable = "no QEMU: qemu-system-x86_64 not found (install qemu-system-x86)"
+	buf.Reset()
+	if err := writeNodeTable(&buf, []*pb.NodeStatus{s}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), " no  ") || !strings.Contains(buf.String(), "data,images:ro") {
+		t.Errorf("node table with host paths:\n%s", buf.String())
+	}
+	m = decode(t, nodeView(s)).(map[string]any)
+	if m["vms"] != "no: "+s.Node.VmUnavailable || fmt.Sprint(m["host_paths"]) != "[data images:ro]" {
+		t.Errorf("vms %v, host_paths %v", m["vms"], m["host_paths"])
 	}
 }
 

@@ -43,6 +43,8 @@ type options struct {
 	reserveCPU, reserveMem, cpuCap, memCap             string
 	overcommit                                         uint32
 	simulate                                           int
+	initPath                                           string
+	hostPaths                                          []string
 }
 
 func newCommand() *cobra.Command {
@@ -78,6 +80,8 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.memCap, "mem", "", "memory this node offers (default: detected)")
 	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of capacity the sum of process maxima may reach (0 = unchecked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&o.initPath, "init", "", "shim-init, PID 1 of every sandbox and VM (default: next to shimd, then in PATH)")
+	f.StringArrayVar(&o.hostPaths, "host-path", nil, "a host folder this node offers to sandboxes, `NAME=DIR[:ro]` (repeatable; spawn --mount NAME:PATH uses it)")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	cmd.AddCommand(guardCommand())
@@ -101,6 +105,13 @@ func run(ctx context.Context, o *options) error {
 	}
 	capacity, err := detectCapacity(o)
 	if err != nil {
+		return err
+	}
+	hostPaths, hostPathRecs, err := parseHostPaths(o.hostPaths)
+	if err != nil {
+		return err
+	}
+	if o.initPath, err = absInit(o.initPath); err != nil {
 		return err
 	}
 	if err := os.MkdirAll(o.dataDir, 0o755); err != nil {
@@ -213,10 +224,11 @@ func run(ctx context.Context, o *options) error {
 	} else {
 		addrs = append([]string{apiAdv}, join...)
 	}
-	rt, err := newRuntime(o.name, log)
+	rt, err := newRuntime(o.name, o.initPath, log)
 	if err != nil {
 		return err
 	}
+	rt.prepare()
 	// The guard fences this node's processes at the lease deadline the
 	// agent publishes, should the agent be unable to: crashed or paused.
 	deadline, err := guard.Open(filepath.Join(o.dataDir, guard.FileName), true)
@@ -232,7 +244,7 @@ func run(ctx context.Context, o *options) error {
 	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
 		Node: &pb.NodeRecord{Name: o.name, Role: role, ApiAddr: apiAdv, RaftAddr: raftAdv,
-			Capacity: capacity, OvercommitPercent: o.overcommit},
+			Capacity: capacity, OvercommitPercent: o.overcommit, HostPaths: hostPathRecs, VmUnavailable: rt.noVM},
 		Addrs: func() []string {
 			addrsMu.Lock()
 			defer addrsMu.Unlock()
@@ -260,14 +272,17 @@ func run(ctx context.Context, o *options) error {
 				addrsMu.Unlock()
 			}
 		},
-		Runtime:  rt,
-		DataDir:  o.dataDir,
-		Lease:    o.lease,
-		Hold:     o.hold,
-		Deadline: deadline.SetTime,
-		Resume:   resumeLease(deadline, max(o.lease, o.hold)),
-		Log:      log,
-		Metrics:  m,
+		Runtime:    rt,
+		HostPaths:  hostPaths,
+		CA:         caPEM(creds),
+		SelfResize: selfResize(apiAdv, creds),
+		DataDir:    o.dataDir,
+		Lease:      o.lease,
+		Hold:       o.hold,
+		Deadline:   deadline.SetTime,
+		Resume:     resumeLease(deadline, max(o.lease, o.hold)),
+		Log:        log,
+		Metrics:    m,
 	}
 	if err := startGuard(o.dataDir, o.name, log); err != nil {
 		return err
@@ -280,6 +295,7 @@ func run(ctx context.Context, o *options) error {
 	}
 
 	srv.UsageOf = ag.Usage
+	rt.onWant = ag.Want
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); srv.Run(ctx) }()

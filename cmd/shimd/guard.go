@@ -40,7 +40,7 @@ func guardCommand() *cobra.Command {
 				return err
 			}
 			defer f.Close()
-			rt, err := newRuntime(name, log)
+			rt, err := newRuntime(name, "", log)
 			if err != nil {
 				return err
 			}

@@ -107,7 +107,7 @@ func simulate(ctx context.Context, o *options, n int, join []string, capacity *p
 		}
 		ag := &agent.Agent{
 			Node: &pb.NodeRecord{Name: name, Role: pb.NodeRole_NODE_ROLE_WORKER,
-				ApiAddr: o.api, Capacity: capacity, OvercommitPercent: o.overcommit},
+				ApiAddr: o.api, Capacity: capacity, OvercommitPercent: o.overcommit, VmUnavailable: "a simulated worker"},
 			Addrs: func() []string {
 				mu.Lock()
 				defer mu.Unlock()

@@ -1241,12 +1241,13 @@ func (x *ProcessRecord) GetMovedUnixNano() int64 {
 
 // Usage is measured from cgroup stats.
 type Usage struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	CpuUsageNanos uint64                 `protobuf:"varint,1,opt,name=cpu_usage_nanos,json=cpuUsageNanos,proto3" json:"cpu_usage_nanos,omitempty"`
-	MemoryBytes   uint64                 `protobuf:"varint,2,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
-	CpuMilli      int64                  `protobuf:"varint,3,opt,name=cpu_milli,json=cpuMilli,proto3" json:"cpu_milli,omitempty"` // recent CPU rate
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	CpuUsageNanos      uint64                 `protobuf:"varint,1,opt,name=cpu_usage_nanos,json=cpuUsageNanos,proto3" json:"cpu_usage_nanos,omitempty"`
+	MemoryBytes        uint64                 `protobuf:"varint,2,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
+	CpuMilli           int64                  `protobuf:"varint,3,opt,name=cpu_milli,json=cpuMilli,proto3" json:"cpu_milli,omitempty"`                                   // recent CPU rate
+	GuestMemTotalBytes int64                  `protobuf:"varint,4,opt,name=guest_mem_total_bytes,json=guestMemTotalBytes,proto3" json:"guest_mem_total_bytes,omitempty"` // VMs: MemTotal as the guest's kernel last reported it
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -1296,6 +1297,13 @@ func (x *Usage) GetMemoryBytes() uint64 {
 func (x *Usage) GetCpuMilli() int64 {
 	if x != nil {
 		return x.CpuMilli
+	}
+	return 0
+}
+
+func (x *Usage) GetGuestMemTotalBytes() int64 {
+	if x != nil {
+		return x.GuestMemTotalBytes
 	}
 	return 0
 }
@@ -4983,7 +4991,10 @@ type AssignmentsResponse struct {
 	Full       bool             `protobuf:"varint,6,opt,name=full,proto3" json:"full,omitempty"`
 	// handed_off: of removed, those that left by a committed make-before-break
 	// move (drain, resize --move); the node stops its copy gracefully.
-	HandedOff     []string `protobuf:"bytes,7,rep,name=handed_off,json=handedOff,proto3" json:"handed_off,omitempty"`
+	HandedOff []string `protobuf:"bytes,7,rep,name=handed_off,json=handedOff,proto3" json:"handed_off,omitempty"`
+	// self_tokens: by process id, the self token of the incarnation this
+	// node runs (the workload's $SHIM_TOKEN); computed, never stored.
+	SelfTokens    map[string]string `protobuf:"bytes,8,rep,name=self_tokens,json=selfTokens,proto3" json:"self_tokens,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5063,6 +5074,13 @@ func (x *AssignmentsResponse) GetFull() bool {
 func (x *AssignmentsResponse) GetHandedOff() []string {
 	if x != nil {
 		return x.HandedOff
+	}
+	return nil
+}
+
+func (x *AssignmentsResponse) GetSelfTokens() map[string]string {
+	if x != nil {
+		return x.SelfTokens
 	}
 	return nil
 }
@@ -5508,11 +5526,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04want\x18\x16 \x01(\v2\x0e.shim.v1.GrantR\x04want\x12\x1f\n" +
 	"\vwant_reason\x18\x17 \x01(\tR\n" +
 	"wantReason\x12&\n" +
-	"\x0fmoved_unix_nano\x18\x18 \x01(\x03R\rmovedUnixNano\"o\n" +
+	"\x0fmoved_unix_nano\x18\x18 \x01(\x03R\rmovedUnixNano\"\xa2\x01\n" +
 	"\x05Usage\x12&\n" +
 	"\x0fcpu_usage_nanos\x18\x01 \x01(\x04R\rcpuUsageNanos\x12!\n" +
 	"\fmemory_bytes\x18\x02 \x01(\x04R\vmemoryBytes\x12\x1b\n" +
-	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\"\xa7\x04\n" +
+	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\x121\n" +
+	"\x15guest_mem_total_bytes\x18\x04 \x01(\x03R\x12guestMemTotalBytes\"\xa7\x04\n" +
 	"\n" +
 	"NodeRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
@@ -5761,7 +5780,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tmin_index\x18\x02 \x01(\x04R\bminIndex\x12\x1f\n" +
 	"\vwait_millis\x18\x03 \x01(\x03R\n" +
 	"waitMillis\x12\x14\n" +
-	"\x05delta\x18\x04 \x01(\bR\x05delta\"\xf9\x01\n" +
+	"\x05delta\x18\x04 \x01(\bR\x05delta\"\x87\x03\n" +
 	"\x13AssignmentsResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12(\n" +
@@ -5771,7 +5790,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\aremoved\x18\x05 \x03(\tR\aremoved\x12\x12\n" +
 	"\x04full\x18\x06 \x01(\bR\x04full\x12\x1d\n" +
 	"\n" +
-	"handed_off\x18\a \x03(\tR\thandedOff\"8\n" +
+	"handed_off\x18\a \x03(\tR\thandedOff\x12M\n" +
+	"\vself_tokens\x18\b \x03(\v2,.shim.v1.AssignmentsResponse.SelfTokensEntryR\n" +
+	"selfTokens\x1a=\n" +
+	"\x0fSelfTokensEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"8\n" +
 	"\rReportRequest\x12'\n" +
 	"\x06report\x18\x01 \x01(\v2\x0f.shim.v1.ReportR\x06report\"\x10\n" +
 	"\x0eReportResponse\"6\n" +
@@ -5888,7 +5912,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 76)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 77)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -5975,7 +5999,8 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*ApplyRequest)(nil),        // 82: shim.v1.ApplyRequest
 	(*ApplyResponse)(nil),       // 83: shim.v1.ApplyResponse
 	(*SnapshotHeader)(nil),      // 84: shim.v1.SnapshotHeader
-	nil,                         // 85: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 85: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 86: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	10, // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -6048,61 +6073,62 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	7,  // 67: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
 	15, // 68: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	7,  // 69: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	36, // 70: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	85, // 71: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	19, // 72: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	21, // 73: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	22, // 74: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	16, // 75: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39, // 76: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41, // 77: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43, // 78: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45, // 79: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48, // 80: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56, // 81: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58, // 82: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60, // 83: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62, // 84: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64, // 85: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66, // 86: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51, // 87: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53, // 88: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68, // 89: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72, // 90: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74, // 91: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76, // 92: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78, // 93: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82, // 94: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80, // 95: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70, // 96: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54, // 97: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40, // 98: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42, // 99: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44, // 100: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46, // 101: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50, // 102: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57, // 103: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59, // 104: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61, // 105: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63, // 106: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65, // 107: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67, // 108: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52, // 109: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33, // 110: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69, // 111: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73, // 112: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75, // 113: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77, // 114: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79, // 115: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83, // 116: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81, // 117: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71, // 118: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55, // 119: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	98, // [98:120] is the sub-list for method output_type
-	76, // [76:98] is the sub-list for method input_type
-	76, // [76:76] is the sub-list for extension type_name
-	76, // [76:76] is the sub-list for extension extendee
-	0,  // [0:76] is the sub-list for field type_name
+	85, // 70: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	36, // 71: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	86, // 72: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	19, // 73: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	21, // 74: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	22, // 75: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	16, // 76: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39, // 77: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41, // 78: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43, // 79: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45, // 80: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48, // 81: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56, // 82: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58, // 83: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60, // 84: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62, // 85: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64, // 86: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66, // 87: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51, // 88: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53, // 89: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68, // 90: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72, // 91: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74, // 92: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76, // 93: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78, // 94: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82, // 95: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80, // 96: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70, // 97: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54, // 98: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40, // 99: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42, // 100: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44, // 101: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46, // 102: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50, // 103: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57, // 104: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59, // 105: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61, // 106: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63, // 107: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65, // 108: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67, // 109: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52, // 110: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33, // 111: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69, // 112: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73, // 113: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75, // 114: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77, // 115: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79, // 116: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83, // 117: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81, // 118: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71, // 119: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55, // 120: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	99, // [99:121] is the sub-list for method output_type
+	77, // [77:99] is the sub-list for method input_type
+	77, // [77:77] is the sub-list for extension type_name
+	77, // [77:77] is the sub-list for extension extendee
+	0,  // [0:77] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -6134,7 +6160,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   76,
+			NumMessages:   77,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

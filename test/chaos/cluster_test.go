@@ -149,6 +149,20 @@ func buildShimd(t *testing.T, out string) {
 	t.Logf("built static shimd from %s in %s", sourceVersion(), time.Since(start).Round(100*time.Millisecond))
 }
 
+// buildInit builds shim-init (static, as `make build` does) into out, next
+// to shimd, where shimd looks for it.
+func buildInit(t *testing.T, out string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", out, "./cmd/shim-init")
+	cmd.Dir = filepath.Join("..", "..")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build shim-init: %v\n%s", err, b)
+	}
+}
+
 // sourceVersion names the commit shimd was built from, and whether the
 // working tree had changes.
 func sourceVersion() string {
@@ -191,6 +205,7 @@ func buildImage(t *testing.T, dir, busybox, image string) {
 		t.Fatal(err)
 	}
 	buildShimd(t, filepath.Join(root, "bin", "shimd"))
+	buildInit(t, filepath.Join(root, "bin", "shim-init"))
 	copyFile(t, busybox, filepath.Join(root, "bin", "busybox"), 0o755)
 	for _, applet := range []string{"sh", "mount", "mkfifo", "rm", "sleep", "cat", "ls", "ps", "date", "kill"} {
 		if err := os.Symlink("busybox", filepath.Join(root, "bin", applet)); err != nil {

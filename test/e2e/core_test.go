@@ -61,8 +61,8 @@ func TestCoreLifecycle(t *testing.T) {
 			t.Fatalf("%s: cpu.cfs_quota_us = %s, want 10000", p.ID, got)
 		}
 		pids := cgroupOf(t, p.PID, "pids")
-		if got := readInt(t, filepath.Join("/sys/fs/cgroup/pids", pids, "pids.max")); got != "64" {
-			t.Fatalf("%s: pids.max = %s, want 64", p.ID, got)
+		if got := readInt(t, filepath.Join("/sys/fs/cgroup/pids", pids, "pids.max")); got != fmt.Sprint(64+initPids) {
+			t.Fatalf("%s: pids.max = %s, want 64 and shim-init's %d", p.ID, got, initPids)
 		}
 	}
 	if len(perNode) != 3 {

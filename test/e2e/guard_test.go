@@ -33,7 +33,7 @@ func TestAgentGone(t *testing.T) {
 	c := startCluster(t, 3)
 	fifo, beats := beatFiles(t)
 	const n = 30
-	c.must("spawn", "--name", "beat", "--count", fmt.Sprint(n), "--restart", "always", "--",
+	c.must("spawn", "--name", "beat", "--count", fmt.Sprint(n), "--restart", "always", "--isolation", "host", "--user", "0", "--",
 		"/bin/bash", "-c", ptBeatScript, "beat", fifo, beats)
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d running", n), func() bool { return countRunning(c.ps()) == n })
 

@@ -27,7 +27,7 @@ import (
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 )
 
-var bin string // directory holding freshly built shimd and shim
+var bin string // directory holding freshly built shimd, shim and shim-init
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "shim-e2e-bin")
@@ -36,8 +36,15 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = dir
-	for _, c := range []string{"shimd", "shim"} {
-		out, err := exec.Command("go", "build", "-tags", "seccomp", "-o", filepath.Join(dir, c), "../../cmd/"+c).CombinedOutput()
+	for _, c := range []string{"shimd", "shim", "shim-init"} {
+		build := exec.Command("go", "build", "-tags", "seccomp", "-o", filepath.Join(dir, c), "../../cmd/"+c)
+		if c == "shim-init" {
+			// PID 1 of every sandbox and the VM guests' init: static, as
+			// `make build` makes it, next to shimd where shimd finds it.
+			build = exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(dir, c), "../../cmd/"+c)
+			build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		}
+		out, err := build.CombinedOutput()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", c, err, out)
 			os.Exit(1)
@@ -85,7 +92,7 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 	c := &cluster{t: t}
 	// Node names are unique per run, so cgroups left by one test never meet
 	// another.
-	prefix := fmt.Sprintf("e%d", time.Now().UnixNano()%1e6)
+	prefix := fmt.Sprintf("%se%d", os.Getenv("SHIM_E2E_PREFIX"), time.Now().UnixNano()%1e6)
 	for i := range n {
 		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
 		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
@@ -161,7 +168,10 @@ func (c *cluster) cleanup() {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
 	for _, d := range c.nodes {
-		killCgroups(d.name) // stale incarnations the table no longer lists
+		// Its VMs' state (their QEMUs go with their cgroups), and stale
+		// incarnations the table no longer lists.
+		_ = os.RemoveAll(filepath.Join("/run/shim", d.name))
+		killCgroups(d.name)
 		if left := removeCgroups(d.name); len(left) > 0 {
 			c.t.Errorf("%s: cgroups left behind: %v", d.name, left)
 		}

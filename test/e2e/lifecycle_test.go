@@ -25,7 +25,9 @@ func TestDrain(t *testing.T) {
 	c := startCluster(t, 3)
 	fifo, beats := beatFiles(t)
 	const n = 12
-	c.must("spawn", "--name", "beat", "--count", fmt.Sprint(n), "--", "/bin/bash", "-c", drainBeatScript, "beat", fifo, beats)
+	// The beats go to a host file: host isolation, as root (the admin's).
+	c.must("spawn", "--name", "beat", "--count", fmt.Sprint(n), "--isolation", "host", "--user", "0", "--",
+		"/bin/bash", "-c", drainBeatScript, "beat", fifo, beats)
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d running", n), func() bool { return countRunning(c.ps()) == n })
 	victim := c.nodes[1]
 	old := map[string]proc{}

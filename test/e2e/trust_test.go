@@ -225,7 +225,7 @@ func TestRogueClients(t *testing.T) {
 	_, err = c.userAPI(addr, revoked).Spawn(ctx, connect.NewRequest(sp))
 	oneLine("API spawn with a revoked token", err, connect.CodeUnauthenticated)
 	cliRefused("spawn with a read token", c.shimAt(addr, "--token", readTok, "spawn", "--", "/bin/true"), "permission denied")
-	cliRefused("operator spawning as root", c.shimAt(addr, "--token", opTok, "spawn", "--", "/bin/true"), "as root")
+	cliRefused("operator spawning as root", c.shimAt(addr, "--token", opTok, "spawn", "--user", "0", "--", "/bin/true"), "(root)")
 	cliRefused("read token making a token", c.shimAt(addr, "--token", readTok, "token", "create", "--role", "admin"), "permission denied")
 	// Plaintext HTTP to the API port.
 	resp, err := http.Post("http://"+addr+"/shim.v1.ShimService/Spawn", "application/json",
