@@ -5350,7 +5350,9 @@ type SnapshotHeader struct {
 	ProcessCount  uint64                 `protobuf:"varint,4,opt,name=process_count,json=processCount,proto3" json:"process_count,omitempty"`
 	Pending       []string               `protobuf:"bytes,5,rep,name=pending,proto3" json:"pending,omitempty"` // FIFO order of processes waiting for room
 	Trust         *Trust                 `protobuf:"bytes,6,opt,name=trust,proto3" json:"trust,omitempty"`
-	Tokens        []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"` // sorted by id
+	Tokens        []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"`                                  // sorted by id
+	Requests      []*RequestRecord       `protobuf:"bytes,8,rep,name=requests,proto3" json:"requests,omitempty"`                              // oldest first (table/requests.go)
+	AppliedIndex  uint64                 `protobuf:"varint,9,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"` // the last log index applied, failed commands included; 0: index
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5432,6 +5434,90 @@ func (x *SnapshotHeader) GetTokens() []*TokenRecord {
 		return x.Tokens
 	}
 	return nil
+}
+
+func (x *SnapshotHeader) GetRequests() []*RequestRecord {
+	if x != nil {
+		return x.Requests
+	}
+	return nil
+}
+
+func (x *SnapshotHeader) GetAppliedIndex() uint64 {
+	if x != nil {
+		return x.AppliedIndex
+	}
+	return 0
+}
+
+// RequestRecord remembers the answer to a client's spawn request, so that a
+// retry with the same request id is answered with it (table/requests.go).
+type RequestRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Ids           []string               `protobuf:"bytes,2,rep,name=ids,proto3" json:"ids,omitempty"`                            // the processes the request created
+	Digest        []byte                 `protobuf:"bytes,3,opt,name=digest,proto3" json:"digest,omitempty"`                      // of its spec and count: a retry must match
+	UnixNano      int64                  `protobuf:"varint,4,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"` // when it was applied (the command's time)
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RequestRecord) Reset() {
+	*x = RequestRecord{}
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RequestRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RequestRecord) ProtoMessage() {}
+
+func (x *RequestRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
+func (*RequestRecord) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
+}
+
+func (x *RequestRecord) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RequestRecord) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *RequestRecord) GetDigest() []byte {
+	if x != nil {
+		return x.Digest
+	}
+	return nil
+}
+
+func (x *RequestRecord) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
 }
 
 var File_shim_v1_shim_proto protoreflect.FileDescriptor
@@ -5788,7 +5874,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\xf2\x01\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\xcb\x02\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x1d\n" +
@@ -5797,7 +5883,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\rprocess_count\x18\x04 \x01(\x04R\fprocessCount\x12\x18\n" +
 	"\apending\x18\x05 \x03(\tR\apending\x12$\n" +
 	"\x05trust\x18\x06 \x01(\v2\x0e.shim.v1.TrustR\x05trust\x12,\n" +
-	"\x06tokens\x18\a \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens*\x83\x01\n" +
+	"\x06tokens\x18\a \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens\x122\n" +
+	"\brequests\x18\b \x03(\v2\x16.shim.v1.RequestRecordR\brequests\x12#\n" +
+	"\rapplied_index\x18\t \x01(\x04R\fappliedIndex\"f\n" +
+	"\rRequestRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x16\n" +
+	"\x06digest\x18\x03 \x01(\fR\x06digest\x12\x1b\n" +
+	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano*\x83\x01\n" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n" +
@@ -5888,7 +5981,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 76)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 77)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -5975,7 +6068,8 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*ApplyRequest)(nil),        // 82: shim.v1.ApplyRequest
 	(*ApplyResponse)(nil),       // 83: shim.v1.ApplyResponse
 	(*SnapshotHeader)(nil),      // 84: shim.v1.SnapshotHeader
-	nil,                         // 85: shim.v1.UsageResponse.UsageEntry
+	(*RequestRecord)(nil),       // 85: shim.v1.RequestRecord
+	nil,                         // 86: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	10, // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -6049,60 +6143,61 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	15, // 68: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	7,  // 69: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
 	36, // 70: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	85, // 71: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	86, // 71: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
 	19, // 72: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
 	21, // 73: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
 	22, // 74: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	16, // 75: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39, // 76: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41, // 77: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43, // 78: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45, // 79: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48, // 80: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56, // 81: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58, // 82: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60, // 83: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62, // 84: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64, // 85: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66, // 86: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51, // 87: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53, // 88: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68, // 89: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72, // 90: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74, // 91: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76, // 92: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78, // 93: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82, // 94: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80, // 95: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70, // 96: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54, // 97: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40, // 98: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42, // 99: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44, // 100: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46, // 101: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50, // 102: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57, // 103: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59, // 104: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61, // 105: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63, // 106: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65, // 107: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67, // 108: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52, // 109: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33, // 110: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69, // 111: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73, // 112: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75, // 113: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77, // 114: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79, // 115: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83, // 116: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81, // 117: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71, // 118: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55, // 119: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	98, // [98:120] is the sub-list for method output_type
-	76, // [76:98] is the sub-list for method input_type
-	76, // [76:76] is the sub-list for extension type_name
-	76, // [76:76] is the sub-list for extension extendee
-	0,  // [0:76] is the sub-list for field type_name
+	85, // 75: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	16, // 76: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39, // 77: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41, // 78: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43, // 79: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45, // 80: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48, // 81: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56, // 82: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58, // 83: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60, // 84: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62, // 85: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64, // 86: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66, // 87: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51, // 88: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53, // 89: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68, // 90: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72, // 91: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74, // 92: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76, // 93: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78, // 94: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82, // 95: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80, // 96: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70, // 97: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54, // 98: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40, // 99: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42, // 100: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44, // 101: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46, // 102: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50, // 103: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57, // 104: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59, // 105: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61, // 106: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63, // 107: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65, // 108: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67, // 109: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52, // 110: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33, // 111: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69, // 112: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73, // 113: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75, // 114: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77, // 115: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79, // 116: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83, // 117: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81, // 118: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71, // 119: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55, // 120: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	99, // [99:121] is the sub-list for method output_type
+	77, // [77:99] is the sub-list for method input_type
+	77, // [77:77] is the sub-list for extension type_name
+	77, // [77:77] is the sub-list for extension extendee
+	0,  // [0:77] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -6134,7 +6229,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   76,
+			NumMessages:   77,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
