@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"math"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/anishathalye/porcupine"
@@ -26,6 +27,11 @@ import (
 // could in principle mix keys from different moments), but catches every
 // stale read the issue found: a process missing after its spawn returned,
 // live after its kill returned, or gone on a member that had listed it.
+//
+// Only a kill stops a process in this model: the test's processes restart
+// always, so that none ends by itself (a kill of a finished process changes
+// nothing, and would look like a lost kill). A read that shows one finished
+// but not killed, or two under one key, is never legal.
 //
 // A spawn or kill whose answer was lost after it may have been sent has an
 // unknown outcome: it is pending until the end of the history, and may or
@@ -50,10 +56,11 @@ const (
 	Live
 	Killed
 	Duplicate // observed only: two processes under one key
+	Ended     // observed only: finished, not killed (the test's processes restart always)
 )
 
 func (s State) String() string {
-	return [...]string{"absent", "live", "killed", "duplicate"}[s]
+	return [...]string{"absent", "live", "killed", "duplicate", "ended unkilled"}[s]
 }
 
 // Outcome is how a spawn or kill ended.
@@ -250,4 +257,28 @@ func (h *History) Operations() []porcupine.Operation {
 // Check checks the history within timeout.
 func (h *History) Check(timeout time.Duration) porcupine.CheckResult {
 	return porcupine.CheckOperationsTimeout(Model.ToModel(), h.Operations(), timeout)
+}
+
+// Explain describes the operations on the first key whose history is not
+// linearizable, in call order, or "" if there is none.
+func (h *History) Explain(timeout time.Duration) string {
+	m := Model.ToModel()
+	for _, part := range Model.Partition(h.Operations()) {
+		if porcupine.CheckOperationsTimeout(m, part, timeout) != porcupine.Illegal {
+			continue
+		}
+		sort.Slice(part, func(i, j int) bool { return part[i].Call < part[j].Call })
+		var b strings.Builder
+		fmt.Fprintf(&b, "key %s:", part[0].Input.(Input).Key)
+		for _, op := range part {
+			ret := "never"
+			if op.Return < math.MaxInt64/2 {
+				ret = time.Duration(op.Return).String()
+			}
+			fmt.Fprintf(&b, "\n  client %d [%s, %s] %s", op.ClientId, time.Duration(op.Call), ret,
+				Model.DescribeOperation(op.Input, op.Output))
+		}
+		return b.String()
+	}
+	return ""
 }
