@@ -88,6 +88,7 @@ type daemon struct {
 
 type cluster struct {
 	t     *testing.T
+	root  string // holds the nodes' data dirs; removed last
 	nodes []*daemon
 	token string
 	httpc *http.Client
@@ -100,9 +101,14 @@ func startCluster(t *testing.T, n int) *cluster {
 	t.Helper()
 	c := &cluster{t: t, apis: map[string]shimv1connect.ShimServiceClient{}}
 	prefix := fmt.Sprintf("truth%d", time.Now().UnixNano()%1e6)
+	root, err := os.MkdirTemp("", prefix+"-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.root = root
 	t.Cleanup(c.cleanup)
 	for i := range n {
-		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), dir: t.TempDir()}
+		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), dir: filepath.Join(root, fmt.Sprint(i+1))}
 		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", freePort(t)}
 		if i > 0 {
 			d.args = append(d.args, "--join", c.nodes[0].api, "--join-token-file", filepath.Join(c.nodes[0].dir, "join.token"))
@@ -135,6 +141,9 @@ func startCluster(t *testing.T, n int) *cluster {
 
 func (c *cluster) start(d *daemon) {
 	c.t.Helper()
+	if err := os.MkdirAll(d.dir, 0o700); err != nil {
+		c.t.Fatal(err)
+	}
 	f, err := os.OpenFile(filepath.Join(d.dir, "shimd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		c.t.Fatal(err)
@@ -290,6 +299,7 @@ func (c *cluster) cleanup() {
 			c.t.Logf("---- %s log (tail) ----\n%s", d.name, s)
 		}
 	}
+	_ = os.RemoveAll(c.root)
 }
 
 // removeCgroups removes a node's cgroup directories in every hierarchy,
