@@ -101,7 +101,7 @@ func (e *env) nextName(tag string) string {
 	return fmt.Sprintf("b%s-%s%d", e.runID, tag, e.seq)
 }
 
-// buildBinaries builds shimd and shim into dir.
+// buildBinaries builds shimd, shim and shim-init into dir.
 func buildBinaries(root, dir string) error {
 	cmd := exec.Command("go", "build", "-tags", "seccomp", "-o", dir+"/", "./cmd/shimd", "./cmd/shim")
 	cmd.Dir = root
@@ -109,6 +109,13 @@ func buildBinaries(root, dir string) error {
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	// The sandbox's init, found next to shimd (as make build puts it).
+	cmd = exec.Command("go", "build", "-trimpath", "-o", dir+"/", "./cmd/shim-init")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build shim-init: %v\n%s", err, out)
 	}
 	return nil
 }
