@@ -3397,7 +3397,7 @@ type Staleness struct {
 	state             protoimpl.MessageState `protogen:"open.v1"`
 	Index             uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`                                                    // the answering member's table index
 	LeaderIndex       uint64                 `protobuf:"varint,2,opt,name=leader_index,json=leaderIndex,proto3" json:"leader_index,omitempty"`                     // the last commit index it heard from the leader
-	LastContactMillis int64                  `protobuf:"varint,3,opt,name=last_contact_millis,json=lastContactMillis,proto3" json:"last_contact_millis,omitempty"` // since it last heard from the leader
+	LastContactMillis int64                  `protobuf:"varint,3,opt,name=last_contact_millis,json=lastContactMillis,proto3" json:"last_contact_millis,omitempty"` // since it last heard from the leader: 0 on the leader, -1 if never
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
