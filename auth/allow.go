@@ -138,9 +138,11 @@ var (
 		ProcHeartbeatStream,
 	)
 	// serverProcs: a server certificate also commits forwarded writes,
-	// and asks nodes for their processes' use and logs.
+	// asks the leader for a read index, and asks nodes for their
+	// processes' use and logs.
 	serverProcs = union(nodeProcs, set(
 		shimv1connect.AgentServiceApplyProcedure,
+		shimv1connect.AgentServiceReadIndexProcedure,
 		shimv1connect.AgentServiceUsageProcedure,
 		shimv1connect.ShimServiceLogsProcedure,
 	))

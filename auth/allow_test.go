@@ -39,13 +39,14 @@ func TestAllow(t *testing.T) {
 		joinRPC = shimv1connect.AgentServiceJoinProcedure
 		leave   = shimv1connect.AgentServiceLeaveProcedure
 		apply   = shimv1connect.AgentServiceApplyProcedure
+		readIdx = shimv1connect.AgentServiceReadIndexProcedure
 		usage   = shimv1connect.AgentServiceUsageProcedure
 		certify = shimv1connect.AgentServiceCertifyProcedure
 		other   = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 	)
 	// Every identity against every procedure: the rows are who may.
 	procs := []string{spawn, kill, resize, drain, list, nodes, logs, ProcEvents, create, tokens, revoke, whoami, future,
-		ProcMetrics, hb, ProcHeartbeatStream, asg, report, joinRPC, leave, apply, usage, certify, other}
+		ProcMetrics, hb, ProcHeartbeatStream, asg, report, joinRPC, leave, apply, readIdx, usage, certify, other}
 	may := map[string][]Identity{
 		spawn:               {admin, operator, passed},
 		kill:                {admin, operator, passed},
@@ -68,6 +69,7 @@ func TestAllow(t *testing.T) {
 		joinRPC:             {server, worker},
 		leave:               {server, worker},
 		apply:               {server},
+		readIdx:             {server},
 		usage:               {server},
 		certify:             {join},
 		other:               {},

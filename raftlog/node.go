@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -23,7 +24,11 @@ type Node struct {
 	raft     *raft.Raft
 	bolt     *raftboltdb.BoltStore // nil in InMemory mode
 	inmem    *inmemEntry           // nil unless InMemory
+	logs     raft.LogStore         // what raft reads its entries from (read.go)
 	hadState bool
+	// office is the term in which this node, leading, last had a Barrier
+	// applied: reads are served only in that term (read.go).
+	office atomic.Uint64
 
 	notifyCh  chan bool // raft -> forwarder
 	leaderCh  chan bool // forwarder -> LeaderChanges
@@ -154,6 +159,7 @@ func Open(cfg Config, fsm FSM) (*Node, error) {
 		return nil, fmt.Errorf("raftlog: open: check existing state: %w", err)
 	}
 	n.hadState = hadState
+	n.logs = logs
 
 	r, err := raft.NewRaft(rc, fsmAdapter{fsm}, logs, stable, snaps, trans)
 	if err != nil {
@@ -355,15 +361,18 @@ func (n *Node) Servers() ([]Server, error) {
 
 // Barrier blocks until every entry committed before the call has been applied
 // to the FSM. Leader only; use it after gaining leadership before serving
-// reads from the FSM.
+// reads from the FSM: ReadIndex answers only once a Barrier has completed in
+// the current term.
 func (n *Node) Barrier(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("barrier: %w", err)
 	}
+	term := n.raft.CurrentTerm()
 	f := n.raft.Barrier(timeoutOf(ctx))
 	if err := wait(ctx, f); err != nil {
 		return fmt.Errorf("barrier: %w", n.mapErr(err))
 	}
+	n.tookOffice(term)
 	return nil
 }
 

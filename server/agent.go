@@ -47,6 +47,8 @@ func onLeader[T any](ctx context.Context, s *Server, attempt time.Duration, loca
 			if err == nil || (!retryable(err) && connect.CodeOf(err) != connect.CodeDeadlineExceeded) {
 				return v, err
 			}
+		} else if id, _ := s.Raft.Leader(); id != "" {
+			return zero, s.leaderUnknown(id)
 		}
 		select {
 		case <-ctx.Done():

@@ -108,7 +108,7 @@ func (s *Server) identify(r *http.Request) caller {
 	if !ok {
 		return caller{err: fmt.Errorf("%w: the Authorization header is not \"Bearer TOKEN\"", auth.ErrUnauthenticated)}
 	}
-	id, err := s.checkToken(raw)
+	id, err := s.checkToken(r.Context(), raw)
 	if err != nil {
 		return caller{err: err}
 	}
@@ -124,8 +124,12 @@ func cutPrefixFold(s, prefix string) (string, bool) {
 
 // checkToken finds the token in the table and checks its secret and expiry,
 // or checks a workload's self token (checkSelfToken). A worker only checks
-// its form (unchecked).
-func (s *Server) checkToken(raw string) (auth.Identity, error) {
+// its form (unchecked). A token this server's table does not hold is looked
+// for again once the table holds everything the leader had committed
+// (read.go): a server that restarted may not have replayed its creation
+// yet. If that cannot be confirmed, the caller is told unavailable rather
+// than unauthenticated.
+func (s *Server) checkToken(ctx context.Context, raw string) (auth.Identity, error) {
 	if auth.IsSelfToken(raw) {
 		return s.checkSelfToken(raw)
 	}
@@ -137,6 +141,12 @@ func (s *Server) checkToken(raw string) (auth.Identity, error) {
 		return auth.Identity{Kind: auth.KindToken, TokenID: tok.ID, Unchecked: true}, nil
 	}
 	rec := s.Table.Token(tok.ID)
+	if rec == nil {
+		if err := s.linearize(ctx); err != nil {
+			return auth.Identity{}, err
+		}
+		rec = s.Table.Token(tok.ID)
+	}
 	if rec == nil || !tok.Matches(rec.Hash) {
 		return auth.Identity{}, fmt.Errorf("%w: token %s is not valid (unknown, revoked, or a wrong secret)", auth.ErrUnauthenticated, tok.ID)
 	}

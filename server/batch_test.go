@@ -66,6 +66,16 @@ func (f *fakeRaft) RemoveServer(context.Context, string) error     { return nil 
 func (f *fakeRaft) Servers() ([]raftlog.Server, error)             { return nil, nil }
 func (f *fakeRaft) Barrier(context.Context) error                  { return nil }
 
+// The fake applies every entry as it commits it.
+func (f *fakeRaft) ReadIndex(context.Context) (uint64, error) { return f.CommitIndex(), nil }
+func (f *fakeRaft) AppliedThrough(uint64) uint64              { return f.CommitIndex() }
+func (f *fakeRaft) LastContact() time.Time                    { return time.Time{} }
+func (f *fakeRaft) CommitIndex() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.index
+}
+
 func testServer(t *testing.T, name string, leader bool) (*Server, *fakeRaft) {
 	t.Helper()
 	tb := table.New()

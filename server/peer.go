@@ -80,14 +80,22 @@ func (s *Server) peer(addr string) *peer {
 	return p
 }
 
-// leaderAPI returns the API address of the current leader, or "".
+// leaderAPI returns the API address of the current leader, or "". The table
+// maps Raft's leader to its node, by name or else by Raft address; a server
+// that has not caught up since it restarted may know neither yet (callers
+// then answer unavailable at once: leaderUnknown).
 func (s *Server) leaderAPI() string {
-	id, _ := s.Raft.Leader()
+	id, raftAddr := s.Raft.Leader()
 	if id == "" {
 		return ""
 	}
 	if n := s.Table.Node(id); n != nil {
 		return n.ApiAddr
+	}
+	for _, n := range s.Table.ServerRecords() {
+		if raftAddr != "" && n.RaftAddr == raftAddr {
+			return n.ApiAddr
+		}
 	}
 	return ""
 }
@@ -133,6 +141,8 @@ func (s *Server) apply(ctx context.Context, cmd *pb.Command) (table.Result, erro
 			if !retryable(err) {
 				return table.Result{}, err
 			}
+		} else if id, _ := s.Raft.Leader(); id != "" {
+			return table.Result{}, s.leaderUnknown(id)
 		}
 		select {
 		case <-ctx.Done():

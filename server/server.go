@@ -1,9 +1,10 @@
 // Package server serves shim's API on one HTTPS port (HTTP/2 and HTTP/1.1):
 // the user-facing ShimService and the node-facing AgentService (Connect, so
 // gRPC, gRPC-Web and JSON over HTTP all work). Servers answer reads from
-// their replica of the table and send writes to the Raft leader; workers hold
-// no table and pass every call to a server. The leader also keeps node
-// leases in memory. Who may call what is decided at the edge (auth.go).
+// their replica of the table once it is as new as the leader's (read.go),
+// and send writes to the Raft leader; workers hold no table and pass every
+// call to a server. The leader also keeps node leases in memory. Who may
+// call what is decided at the edge (auth.go).
 package server
 
 import (
@@ -40,6 +41,11 @@ type Raft interface {
 	RemoveServer(ctx context.Context, id string) error
 	Servers() ([]raftlog.Server, error)
 	Barrier(ctx context.Context) error
+	// Linearizable reads (read.go).
+	ReadIndex(ctx context.Context) (uint64, error)
+	AppliedThrough(fsmIndex uint64) uint64
+	CommitIndex() uint64
+	LastContact() time.Time
 }
 
 // Server implements the API. Fields are dependencies; set them before Start.
@@ -77,6 +83,7 @@ type Server struct {
 	httpc   *http.Client
 
 	batch     batcher     // proposals waiting to be committed together (batch.go)
+	reads     reads       // linearizable reads waiting for a read index (read.go)
 	listCache recordCache // encoded records for List (listcache.go)
 	whoami    whoamiCache // workers: what servers said of tokens (auth.go)
 

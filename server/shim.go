@@ -44,13 +44,21 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	if n > table.MaxSpawnIDs {
 		return nil, invalid("count %d is more than %d", n, table.MaxSpawnIDs)
 	}
+	if m.RequestId != "" {
+		if err := table.ValidateRequestID(m.RequestId); err != nil {
+			return nil, apiError(err)
+		}
+	}
 	ids := make([]string, n)
 	for i := range ids {
 		ids[i] = s.NewID()
 	}
-	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec}}})
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId}}})
 	if err != nil {
 		return nil, err
+	}
+	if len(res.IDs) > 0 {
+		ids = res.IDs // a retried request: the processes its first spawn made
 	}
 	s.Metrics.Placements.Add(float64(len(ids)))
 	if err := s.waitIndex(ctx, res.Index); err != nil {
@@ -127,6 +135,9 @@ func (h *shimAPI) Kill(ctx context.Context, req *connect.Request[pb.KillRequest]
 	if len(req.Msg.Ids) == 0 {
 		return nil, invalid("kill needs at least one process id")
 	}
+	if err := s.linearize(ctx); err != nil {
+		return nil, err
+	}
 	ids, err := s.resolve(req.Msg.Ids)
 	if err != nil {
 		return nil, err
@@ -154,6 +165,9 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 	}
 	m := req.Msg
 	if err := ownOnly(ctx, m.Id); err != nil {
+		return nil, err
+	}
+	if err := s.linearize(ctx); err != nil {
 		return nil, err
 	}
 	ids, err := s.resolve([]string{m.Id})
@@ -267,6 +281,11 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 	if err != nil {
 		return nil, err
 	}
+	if !stale(m.Consistency) {
+		if err := s.linearize(ctx); err != nil {
+			return nil, err
+		}
+	}
 	if m.MinIndex > 0 {
 		wctx, cancel := context.WithTimeout(ctx, waitFor(m.WaitMillis))
 		err := s.waitIndex(wctx, m.MinIndex+1)
@@ -276,6 +295,10 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 		}
 	}
 	index := s.Table.Index()
+	var staleness *pb.Staleness
+	if stale(m.Consistency) {
+		staleness = s.staleness()
+	}
 	var recs []*pb.ProcessRecord
 	if len(m.Ids) > 0 {
 		ids, err := s.resolve(m.Ids)
@@ -294,11 +317,11 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 		if err != nil {
 			return nil, apiError(err)
 		}
-		out := &pb.ListResponse{Index: index}
+		out := &pb.ListResponse{Index: index, Staleness: staleness}
 		out.ProtoReflect().SetUnknown(raw)
 		return connect.NewResponse(out), nil
 	}
-	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index}), nil
+	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index, Staleness: staleness}), nil
 }
 
 // waitFor bounds a blocking query's wait: default 30 s, at most 5 min.
@@ -316,6 +339,12 @@ func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesReques
 			return p.shim.Nodes(ctx, connect.NewRequest(req.Msg))
 		})
 	}
+	var staleness *pb.Staleness
+	if stale(req.Msg.Consistency) {
+		staleness = s.staleness()
+	} else if err := s.linearize(ctx); err != nil {
+		return nil, err
+	}
 	leader, _ := s.Raft.Leader()
 	voters := map[string]bool{}
 	if srv, err := s.Raft.Servers(); err == nil {
@@ -323,7 +352,7 @@ func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesReques
 			voters[v.ID] = v.Voter
 		}
 	}
-	out := &pb.NodesResponse{Index: s.Table.Index()}
+	out := &pb.NodesResponse{Index: s.Table.Index(), Staleness: staleness}
 	var used map[string]*pb.Usage
 	if req.Msg.Usage {
 		used = s.nodeUsage(ctx)
@@ -351,6 +380,9 @@ func (h *shimAPI) Drain(ctx context.Context, req *connect.Request[pb.DrainReques
 		})
 	}
 	name := req.Msg.Node
+	if err := s.linearize(ctx); err != nil {
+		return nil, err
+	}
 	if s.Table.Node(name) == nil {
 		return nil, apiError(fmt.Errorf("%w: %q", table.ErrUnknownNode, name))
 	}
@@ -375,6 +407,9 @@ func (h *shimAPI) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest]
 	}
 	var rec *pb.ProcessRecord
 	if s.Table != nil {
+		if err := s.linearize(ctx); err != nil {
+			return err
+		}
 		ids, err := s.resolve([]string{m.Id})
 		if err != nil {
 			return err

@@ -151,6 +151,9 @@ func (h *shimAPI) ListTokens(ctx context.Context, req *connect.Request[pb.ListTo
 			return p.shim.ListTokens(ctx, connect.NewRequest(req.Msg))
 		})
 	}
+	if err := s.linearize(ctx); err != nil {
+		return nil, err
+	}
 	out := &pb.ListTokensResponse{}
 	for _, r := range s.Table.Tokens() {
 		out.Tokens = append(out.Tokens, withoutHash(r))

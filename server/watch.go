@@ -1,19 +1,17 @@
 package server
 
 import (
-	"io"
 	"sync"
-
-	"github.com/shim-run/shim/raftlog"
-	"github.com/shim-run/shim/table"
 )
 
 // Watcher wakes blocking queries when the table changes: one channel for any
-// change and one per node for changes to that node's assignments.
+// change and one per node for changes to that node's assignments. It also
+// holds the FSM's applied watermark (fsm.go).
 type Watcher struct {
-	mu    sync.Mutex
-	all   chan struct{}
-	nodes map[string]chan struct{}
+	mu      sync.Mutex
+	all     chan struct{}
+	nodes   map[string]chan struct{}
+	applied watermark
 }
 
 // NewWatcher returns a Watcher.
@@ -52,35 +50,4 @@ func (w *Watcher) Node(n string) <-chan struct{} {
 		w.nodes[n] = c
 	}
 	return c
-}
-
-// FSM adapts a table to raftlog.FSM and feeds a Watcher.
-type FSM struct {
-	Table *table.Table
-	Watch *Watcher
-}
-
-// Apply applies one log entry and wakes the watchers of what changed.
-func (f *FSM) Apply(index uint64, data []byte) any {
-	res := f.Table.Apply(index, data)
-	if r, ok := res.(table.Result); ok {
-		f.Watch.Notify(r.Nodes)
-	}
-	return res
-}
-
-// Snapshot captures the table.
-func (f *FSM) Snapshot() (raftlog.Snapshot, error) { return f.Table.Snapshot(), nil }
-
-// Restore replaces the table and wakes every watcher.
-func (f *FSM) Restore(r io.Reader) error {
-	err := f.Table.Restore(r)
-	f.Watch.mu.Lock()
-	nodes := make([]string, 0, len(f.Watch.nodes))
-	for n := range f.Watch.nodes {
-		nodes = append(nodes, n)
-	}
-	f.Watch.mu.Unlock()
-	f.Watch.Notify(nodes)
-	return err
 }

@@ -313,7 +313,11 @@ func (g *gen) spawn() *pb.Command {
 	for g.int(3) == 1 { // never true once the input is used up
 		ids = append(ids, pick(g, append(fzIDs, "BAD")))
 	}
-	return spawnCmd(s, ids...)
+	c := spawnCmd(s, ids...)
+	if g.int(3) == 1 { // a client's request id, sometimes retried
+		c.GetSpawn().RequestId = pick(g, []string{"r1", "r2", "r1", "bad id"})
+	}
+	return c
 }
 
 // report mostly describes a real process from its node, so that reports

@@ -30,6 +30,9 @@ type Snapshot struct {
 	pending []string
 	trust   *pb.Trust
 	tokens  []*pb.TokenRecord
+	// requests, oldest first, and the applied index (requests.go)
+	requests []*pb.RequestRecord
+	applied  uint64
 }
 
 // Snapshot captures the table's state.
@@ -43,6 +46,9 @@ func (t *Table) Snapshot() *Snapshot {
 		pending: slices.Clone(t.pending),
 		trust:   t.trust,
 		tokens:  sortedTokens(t.tokens),
+
+		requests: t.requests.live(),
+		applied:  t.applied,
 	}
 	for _, name := range t.nodeOrder {
 		s.nodes = append(s.nodes, t.nodes[name])
@@ -62,7 +68,7 @@ func (s *Snapshot) Persist(w io.Writer) error {
 	hdr := &pb.SnapshotHeader{
 		Version: snapshotVersion, Index: s.index, Pending: s.pending,
 		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
-		Trust: s.trust, Tokens: s.tokens,
+		Trust: s.trust, Tokens: s.tokens, Requests: s.requests, AppliedIndex: s.applied,
 	}
 	if _, err := protodelim.MarshalTo(bw, hdr); err != nil {
 		return fmt.Errorf("persist header: %w", err)
@@ -97,6 +103,8 @@ func (t *Table) Restore(r io.Reader) error {
 	}
 	nt := New()
 	nt.index = hdr.Index
+	nt.applied = max(hdr.AppliedIndex, hdr.Index)
+	nt.requests.restore(hdr.Requests)
 	for i := uint64(0); i < hdr.NodeCount; i++ {
 		n := &pb.NodeRecord{}
 		if err := opts.UnmarshalFrom(br, n); err != nil {
@@ -152,18 +160,26 @@ func (t *Table) Restore(r io.Reader) error {
 	t.left, t.leftBase, t.changes = map[string]*departures{}, hdr.Index, map[string]*departures{}
 	t.cands, t.candsOK, t.states, t.order = nil, false, nt.states, nt.order
 	t.trust, t.tokens = nt.trust, nt.tokens
+	t.requests, t.applied = nt.requests, nt.applied
 	return nil
 }
 
-// Equal reports whether two tables hold the same records (for tests).
+// Equal reports whether two tables hold the same records and request ids
+// (for tests); their applied indexes may differ.
 func Equal(a, b *Table) bool {
 	sa, sb := a.Snapshot(), b.Snapshot()
-	if sa.index != sb.index || len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
+	if sa.index != sb.index || len(sa.requests) != len(sb.requests) ||
+		len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
 		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) {
 		return false
 	}
 	for i := range sa.tokens {
 		if !proto.Equal(sa.tokens[i], sb.tokens[i]) {
+			return false
+		}
+	}
+	for i := range sa.requests {
+		if !proto.Equal(sa.requests[i], sb.requests[i]) {
 			return false
 		}
 	}

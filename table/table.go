@@ -20,6 +20,7 @@ import (
 type Table struct {
 	mu        sync.RWMutex
 	index     uint64
+	applied   uint64 // the last log index applied, failed commands included
 	procs     map[string]*pb.ProcessRecord
 	nodes     map[string]*pb.NodeRecord
 	nodeOrder []string                       // node names, sorted: placement walks them in this order
@@ -50,6 +51,8 @@ type Table struct {
 	// trust and tokens: the cluster CA and client tokens (trust.go).
 	trust  *pb.Trust
 	tokens map[string]*pb.TokenRecord
+	// requests remembers client request ids (requests.go).
+	requests requests
 	// order holds every process id sorted by creation time, then id: the
 	// order Processes lists them in, kept rather than sorted per call
 	// (derived; a record's creation time never changes).
@@ -121,6 +124,8 @@ func (t *Table) reset() {
 	t.order = nil
 	t.trust = nil
 	t.tokens = map[string]*pb.TokenRecord{}
+	t.requests = newRequests()
+	t.applied = 0
 }
 
 // depart logs that id is no longer assigned to node as of the table index.
@@ -198,6 +203,7 @@ func (t *Table) ApplyCommand(index uint64, cmd *pb.Command) Result {
 	defer t.mu.Unlock()
 	prev := t.index
 	t.index = max(t.index, index)
+	t.applied = max(t.applied, index)
 	tx := &txn{t: t, touched: map[string]bool{}}
 	res := tx.apply(cmd, 0)
 	if res.Err != nil {
@@ -248,7 +254,7 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 	case *pb.Command_RemoveNode:
 		ids, err = x.removeNode(op.RemoveNode.GetName())
 	case *pb.Command_Spawn:
-		ids, err = x.spawn(op.Spawn.GetIds(), op.Spawn.GetSpec())
+		ids, err = x.spawnOnce(op.Spawn)
 	case *pb.Command_Kill:
 		ids, err = x.kill(op.Kill.GetIds(), op.Kill.GetSignal())
 	case *pb.Command_Report:
@@ -1055,6 +1061,14 @@ func (t *Table) Index() uint64 {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	return t.index
+}
+
+// Applied is the log index of the last command applied, whether it
+// succeeded or not (Index rolls back when a command fails).
+func (t *Table) Applied() uint64 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.applied
 }
 
 // Get returns a process record, or nil.

@@ -29,7 +29,10 @@ type app struct {
 
 	addrFlag, tokenFlag, caFlag string
 	timeout                     time.Duration
+	stale                       bool         // reads answer from the member's own copy (stale.go)
 	creds                       *credentials // found on first use (creds.go)
+	// newRequestID makes a spawn's request id (retry.go); tests replace it.
+	newRequestID func() string
 
 	addrs   []string // resolved on first use
 	clients map[string]shimv1connect.ShimServiceClient
@@ -37,7 +40,7 @@ type app struct {
 }
 
 func newApp(out, errOut io.Writer) *app {
-	a := &app{out: out, errOut: errOut, getenv: os.Getenv, now: time.Now}
+	a := &app{out: out, errOut: errOut, getenv: os.Getenv, now: time.Now, newRequestID: newRequestID}
 	a.dial = a.httpDial
 	return a
 }
@@ -141,6 +144,7 @@ func (a *app) rootCmd() *cobra.Command {
 	pf.DurationVar(&a.timeout, "timeout", 10*time.Second, "timeout of each API call (0: none)")
 	pf.StringVar(&a.tokenFlag, "token", "", "API token (default $SHIM_TOKEN, or admin.token in $SHIM_DATA_DIR, default ./shim-data)")
 	pf.StringVar(&a.caFlag, "ca", "", "cluster CA certificate, a PEM `FILE` (default $SHIM_CA, or ca.pem in $SHIM_DATA_DIR)")
+	pf.BoolVar(&a.stale, "stale", false, "ps, nodes, top: answer from the member's own copy of the table, which may be behind (-o json says how far)")
 	root.PersistentPreRunE = func(cmd *cobra.Command, args []string) error {
 		if a.timeout < 0 {
 			return usagef("invalid --timeout %s: negative", a.timeout)

@@ -162,6 +162,7 @@ func runShim(t *testing.T, f *fakeServer, env string, args ...string) (result, [
 		return ""
 	}
 	a.now = func() time.Time { return t0.Add(time.Minute) }
+	a.newRequestID = func() string { return "rid1" }
 	var dialed []string
 	_, h := shimv1connect.NewShimServiceHandler(f)
 	a.dial = func(base string) (shimv1connect.ShimServiceClient, error) {
@@ -237,7 +238,7 @@ func TestSpawn(t *testing.T) {
 		Isolation: pb.Isolation_ISOLATION_CONTAINER, Network: pb.Network_NETWORK_NONE,
 		User: "1000:1000", Rootfs: "images/root",
 		Mounts: []*pb.Mount{{Name: "data", Path: "/data", ReadOnly: true}, {Name: "scratch", Path: "/scratch"}},
-	}}
+	}, RequestId: "rid1"}
 	if !proto.Equal(f.spawnReq, want) {
 		t.Errorf("spawn request\n got %v\nwant %v", f.spawnReq, want)
 	}

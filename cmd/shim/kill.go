@@ -28,7 +28,8 @@ func (a *app) killCmd() *cobra.Command {
 				}
 			}
 			var recs []*pb.ProcessRecord
-			err := a.call(cmd.Context(), func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
+			// Kill is idempotent: retried while answers are lost (retry.go).
+			err := a.callRetry(cmd.Context(), "the kill may or may not have been made", func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 				resp, err := c.Kill(ctx, connect.NewRequest(&pb.KillRequest{Ids: args, Signal: signal}))
 				if err == nil {
 					recs = resp.Msg.GetProcesses()

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
@@ -21,14 +22,20 @@ func (a *app) nodesCmd() *cobra.Command {
 			if err := outputFormat(output, "table", "json"); err != nil {
 				return err
 			}
-			nodes, err := a.nodes(cmd.Context())
+			resp, err := a.nodesResp(cmd.Context())
 			if err != nil {
 				return err
 			}
+			nodes := resp.GetNodes()
 			if output == "json" {
 				views := make([]nodeJSON, 0, len(nodes))
 				for _, n := range nodes {
 					views = append(views, nodeView(n))
+				}
+				if a.stale {
+					return a.writeStaleJSON(a.out, resp.GetStaleness(), "nodes", func(w io.Writer) error {
+						return writeJSON(w, views)
+					})
 				}
 				return writeJSON(a.out, views)
 			}

@@ -19,27 +19,40 @@ import (
 )
 
 func (a *app) list(ctx context.Context, req *pb.ListRequest) ([]*pb.ProcessRecord, error) {
-	var recs []*pb.ProcessRecord
+	resp, err := a.listResp(ctx, req)
+	return resp.GetProcesses(), err
+}
+
+// listResp lists, linearizably unless --stale.
+func (a *app) listResp(ctx context.Context, req *pb.ListRequest) (*pb.ListResponse, error) {
+	req.Consistency = a.consistency()
+	var out *pb.ListResponse
 	err := a.call(ctx, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 		resp, err := c.List(ctx, connect.NewRequest(req))
 		if err == nil {
-			recs = resp.Msg.GetProcesses()
+			out = resp.Msg
 		}
 		return err
 	})
-	return recs, err
+	return out, err
 }
 
 func (a *app) nodes(ctx context.Context) ([]*pb.NodeStatus, error) {
-	var nodes []*pb.NodeStatus
+	resp, err := a.nodesResp(ctx)
+	return resp.GetNodes(), err
+}
+
+// nodesResp lists the nodes, linearizably unless --stale.
+func (a *app) nodesResp(ctx context.Context) (*pb.NodesResponse, error) {
+	var out *pb.NodesResponse
 	err := a.call(ctx, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
-		resp, err := c.Nodes(ctx, connect.NewRequest(&pb.NodesRequest{Usage: true}))
+		resp, err := c.Nodes(ctx, connect.NewRequest(&pb.NodesRequest{Usage: true, Consistency: a.consistency()}))
 		if err == nil {
-			nodes = resp.Msg.GetNodes()
+			out = resp.Msg
 		}
 		return err
 	})
-	return nodes, err
+	return out, err
 }
 
 func (a *app) psCmd() *cobra.Command {
@@ -54,10 +67,16 @@ func (a *app) psCmd() *cobra.Command {
 			if err := outputFormat(output, "table", "json", "wide"); err != nil {
 				return err
 			}
-			recs, err := a.list(cmd.Context(), &pb.ListRequest{Ids: args, All: all || len(args) > 0, Node: node,
+			resp, err := a.listResp(cmd.Context(), &pb.ListRequest{Ids: args, All: all || len(args) > 0, Node: node,
 				Usage: output != "json"})
 			if err != nil {
 				return err
+			}
+			recs := resp.GetProcesses()
+			if output == "json" && a.stale {
+				return a.writeStaleJSON(a.out, resp.GetStaleness(), "processes", func(w io.Writer) error {
+					return writeProcessesJSON(w, recs)
+				})
 			}
 			return a.printProcesses(a.out, recs, output, all)
 		},

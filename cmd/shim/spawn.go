@@ -18,6 +18,7 @@ import (
 
 type spawnOptions struct {
 	name, cpu, mem, pids, restart, node, isolation, network, user, rootfs, dir string
+	requestID                                                                  string
 	count                                                                      int
 	env, mounts                                                                []string
 	wait                                                                       bool
@@ -36,7 +37,13 @@ func (a *app) spawnCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return a.spawn(cmd.Context(), spec, uint32(o.count), o.wait)
+			rid := o.requestID
+			if rid == "" {
+				rid = a.newRequestID()
+			} else if err := table.ValidateRequestID(rid); err != nil {
+				return flagError("request-id", rid, errors.New(strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")))
+			}
+			return a.spawn(cmd.Context(), spec, uint32(o.count), o.wait, rid)
 		},
 	}
 	f := cmd.Flags()
@@ -56,6 +63,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.rootfs, "rootfs", "", "root file system `NAME[/SUB]`: a host path the node declares, or a folder in it (container isolation)")
 	f.StringVar(&o.dir, "dir", "", "working `DIR` in the sandbox: /work (the default), /tmp, a mount, or in one of them")
 	f.StringArrayVar(&o.mounts, "mount", nil, "mount the node's host path NAME at PATH: `NAME:PATH[:ro]` (repeatable; the node declares NAME with shimd --host-path)")
+	f.StringVar(&o.requestID, "request-id", "", "spawn at most once under this `ID` (default: a random one; retries reuse it)")
 	return cmd
 }
 
@@ -122,10 +130,14 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 	return s, nil
 }
 
-func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool) error {
+// spawn asks for the processes, retrying with the same request id while
+// answers are lost (retry.go).
+func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string) error {
 	var recs []*pb.ProcessRecord
-	err := a.call(ctx, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
-		resp, err := c.Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec, Count: count}))
+	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID}
+	what := "retry with --request-id " + requestID + " to spawn at most once"
+	err := a.callRetry(ctx, what, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
+		resp, err := c.Spawn(ctx, connect.NewRequest(req))
 		if err == nil {
 			recs = resp.Msg.GetProcesses()
 		}

@@ -214,15 +214,20 @@ func run(ctx context.Context, o *options) error {
 		"tls", secure, "cpu", table.Cores(capacity.CpuMaxMilli), "mem", table.Bytes(capacity.MemMaxBytes))
 
 	// The agent talks to this node's own API on servers (which forwards to
-	// the leader), and to the servers directly on workers.
+	// the leader), and to the servers directly on workers. A server starts
+	// with the members it joined through too: restarted, its own API
+	// refuses until its table knows the leader again, and the agent must
+	// not wait for that to rejoin.
 	var addrsMu sync.Mutex
 	addrs := []string{apiAdv}
 	if role == pb.NodeRole_NODE_ROLE_WORKER {
 		addrs = join
-	} else if rn.HadState() || len(join) == 0 {
-		addrs = []string{apiAdv}
 	} else {
-		addrs = append([]string{apiAdv}, join...)
+		for _, j := range join {
+			if j != apiAdv {
+				addrs = append(addrs, j)
+			}
+		}
 	}
 	rt, err := newRuntime(o.name, o.initPath, log)
 	if err != nil {

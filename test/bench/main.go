@@ -43,6 +43,7 @@ var rows = []row{
 	{"8", "agent memory overhead", rowAgentMemory},
 	{"9", "resize: CLI to cgroup file", rowResize},
 	{"10", "the cost of trust: TLS and tokens on vs off", rowTrust},
+	{"11", "linearizable vs stale reads through a follower", rowReads},
 }
 
 func main() {

@@ -84,6 +84,7 @@ func TestAgentGone(t *testing.T) {
 		}
 		t.Logf("agent %s on %s: its %d processes running elsewhere after %s", how, victim.name, len(lost), time.Since(start))
 
+		back := time.Now()
 		switch how {
 		case "paused":
 			_ = victim.cmd.Process.Signal(syscall.SIGCONT)
@@ -91,6 +92,14 @@ func TestAgentGone(t *testing.T) {
 			c.start(victim)
 		}
 		c.waitNodesUp(3, 20*time.Second)
+		rejoin := time.Since(back)
+		t.Logf("agent %s on %s: up again %s after it was resumed or restarted", how, victim.name, rejoin.Round(time.Millisecond))
+		// A restarted server's agent rejoins through the members it
+		// joined with while its own table catches up (about half a
+		// second here); 3 s is generous for a loaded machine.
+		if how == "killed" && rejoin > 3*time.Second {
+			t.Fatalf("restarted %s took %s to rejoin, more than 3s", victim.name, rejoin)
+		}
 		waitFor(t, 10*time.Second, victim.name+" holding no stale sandbox", func() bool {
 			for group := range ptLiveGroups(victim.name) {
 				id, _, _ := strings.Cut(group, ".")
