@@ -85,13 +85,13 @@ func (t *Table) hold(node string, rec *pb.ProcessRecord) {
 		t.alloc[node] = a
 		t.candsOK = false
 	}
-	a.add(rec.Spec.GetResources(), 1)
+	a.add(claimOn(rec, node), 1)
 }
 
 func (t *Table) release(node string, rec *pb.ProcessRecord) {
 	delIndex(t.byNode, node, rec.Id)
 	if a := t.alloc[node]; a != nil {
-		a.add(rec.Spec.GetResources(), -1)
+		a.add(claimOn(rec, node), -1)
 		if a.Count == 0 {
 			delete(t.alloc, node)
 			t.candsOK = false
@@ -99,11 +99,14 @@ func (t *Table) release(node string, rec *pb.ProcessRecord) {
 	}
 }
 
-func (a *Alloc) add(r *pb.Resources, sign int64) {
-	a.CPUMin += sign * r.GetCpuMinMilli()
-	a.CPUMax += sign * r.GetCpuMaxMilli()
-	a.MemMin += sign * r.GetMemMinBytes()
-	a.MemMax += sign * r.GetMemMaxBytes()
+func (a *Alloc) add(c claim, sign int64) {
+	a.CPUGrant += sign * c.cpu
+	a.MemGrant += sign * c.mem
+	a.CPUMin += sign * c.bounds.GetCpuMinMilli()
+	a.CPUMax += sign * c.bounds.GetCpuMaxMilli()
+	a.MemMin += sign * c.bounds.GetMemMinBytes()
+	a.MemMax += sign * c.bounds.GetMemMaxBytes()
+	a.MemLimit += sign * c.memLimit
 	a.Count += int(sign)
 }
 

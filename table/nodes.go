@@ -29,9 +29,14 @@ func (x *txn) registerNode(n *pb.NodeRecord) ([]string, error) {
 		i, _ := slices.BinarySearch(t.nodeOrder, n.Name)
 		t.nodeOrder = slices.Insert(t.nodeOrder, i, n.Name)
 		rec.JoinedUnixNano = x.now
+		x.event(EvNodeJoined, nil, n.Name, fmt.Sprintf("%s, cpu %s, memory %s", RoleName(n.Role),
+			Cores(n.Capacity.GetCpuMaxMilli()), Bytes(n.Capacity.GetMemMaxBytes())))
 	} else {
 		rec.JoinedUnixNano = old.JoinedUnixNano
 		rec.Draining = old.Draining
+		if old.State != pb.NodeState_NODE_STATE_UP {
+			x.event(EvNodeUp, nil, n.Name, "rejoined")
+		}
 	}
 	rec.State = pb.NodeState_NODE_STATE_UP
 	rec.UpdatedUnixNano = x.now
@@ -74,6 +79,14 @@ func (x *txn) setNodeState(name string, s pb.NodeState) ([]string, error) {
 	t.nodes[name] = rec
 	t.candsOK = false
 	x.touched[name] = true
+	switch s {
+	case pb.NodeState_NODE_STATE_UP:
+		x.event(EvNodeUp, nil, name, "")
+	case pb.NodeState_NODE_STATE_DOWN:
+		x.event(EvNodeDown, nil, name, "lease expired")
+	default:
+		x.event(EvNodeLeft, nil, name, "")
+	}
 	if s == pb.NodeState_NODE_STATE_UP {
 		return x.placePending(), nil
 	}
@@ -97,8 +110,10 @@ func (x *txn) setDraining(name string, draining bool) ([]string, error) {
 	t.candsOK = false
 	x.touched[name] = true
 	if !draining {
+		x.event(EvNodeUndrained, nil, name, "")
 		return x.placePending(), nil
 	}
+	x.event(EvNodeDrained, nil, name, "")
 	return x.moveOff(name), nil
 }
 
@@ -115,13 +130,14 @@ func (x *txn) moveOff(name string) []string {
 		if old.Node != name || old.MoveTo != "" || old.Stop || old.Spec.GetNode() == name {
 			continue
 		}
-		target, err := t.place(old.Spec)
+		target, err := t.place(old.Spec, moveClaim(old), name)
 		if err != nil {
 			continue
 		}
 		rec := proto.CloneOf(old)
 		rec.MoveTo = target
 		x.put(rec)
+		x.event(EvMoving, old, name, "drain: to "+target)
 		moved = append(moved, id)
 	}
 	return moved
@@ -155,6 +171,7 @@ func (x *txn) removeNode(name string) ([]string, error) {
 	}
 	t.servers = setMember(t.servers, name, false)
 	x.touched[name] = true
+	x.event(EvNodeRemoved, nil, name, "")
 	return x.evacuate(name, "node "+name+" removed"), nil
 }
 
@@ -169,6 +186,7 @@ func (x *txn) evacuate(name, reason string) []string {
 			// It was moving here: the move is off, it stays where it runs.
 			rec.MoveTo = ""
 			x.put(rec)
+			x.event(EvMoveFailed, rec, rec.Node, "move to "+name+" failed: "+reason)
 			continue
 		}
 		x.retire(rec, reason)
@@ -177,6 +195,7 @@ func (x *txn) evacuate(name, reason string) []string {
 			rec.Reason = reason
 			rec.FinishedUnixNano = x.now
 			x.put(rec)
+			x.event(EvKilled, rec, name, reason)
 			continue
 		}
 		rec.Incarnation++
@@ -186,14 +205,22 @@ func (x *txn) evacuate(name, reason string) []string {
 			// starting on the target, so finish the move there.
 			rec.Node, rec.MoveTo, rec.State = rec.MoveTo, "", pb.ProcessState_PROCESS_STATE_STARTING
 			rec.Reason = "moved: " + reason
-		} else if n, err := t.place(rec.Spec); err == nil {
+			land(rec)
+		} else if n, err := t.place(rec.Spec, claimOn(rec, ""), ""); err == nil {
+			rec.Want, rec.WantReason = nil, "" // the growth was for the lost run
 			rec.Node, rec.State = n, pb.ProcessState_PROCESS_STATE_STARTING
 			rec.Reason = "moved: " + reason
 		} else {
 			rec.Node, rec.State = "", pb.ProcessState_PROCESS_STATE_PENDING
 			rec.Reason = "waiting for room: " + err.Error()
+			rec.Want, rec.WantReason = nil, ""
 		}
 		x.put(rec)
+		if rec.Node != "" {
+			x.event(EvMoved, rec, rec.Node, "from "+name+": "+reason)
+		} else {
+			x.event(EvPending, rec, "", rec.Reason)
+		}
 	}
 	return ids
 }
@@ -223,13 +250,14 @@ func (x *txn) placePending() []string {
 	var placed []string
 	for _, id := range slices.Clone(t.pending) {
 		rec := t.procs[id]
-		n, err := t.place(rec.Spec)
+		n, err := t.place(rec.Spec, claimOn(rec, ""), "")
 		if err != nil {
 			continue
 		}
 		rec = proto.CloneOf(rec)
 		rec.Node, rec.State, rec.Reason = n, pb.ProcessState_PROCESS_STATE_STARTING, ""
 		x.put(rec)
+		x.event(EvPlaced, rec, n, "room freed")
 		placed = append(placed, id)
 	}
 	return placed

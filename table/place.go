@@ -9,13 +9,20 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
-// Placement: which node holds a process, and whether a node has room.
+// Placement: which node holds a process, whether a node has room, and
+// (room.go) which processes move away to make room for one that grows.
+//
+// A node's room is its capacity minus the grants of the live processes it
+// holds (claim): never their maxima. A CPU max is a ceiling on a
+// compressible resource, so it does not count; the memory a node's
+// processes may use without asking (fixed processes' maxima, elastic ones'
+// grants) may reach the node's overcommit percentage of its capacity.
 
-// place picks a node for spec: the pinned node if it has room, else the up,
-// undrained node with room and the fewest processes (ties to the most free
-// CPU, then the lowest name).
-func (t *Table) place(spec *pb.ProcessSpec) (string, error) {
-	k, err := t.placeWith(spec, nil)
+// place picks a node for a process with spec that claims c: the pinned node
+// if it has room, else the up, undrained node other than not with room and
+// the fewest processes (ties to the most free CPU, then the lowest name).
+func (t *Table) place(spec *pb.ProcessSpec, c claim, not string) (string, error) {
+	k, err := t.placeWith(spec, c, nil, not)
 	if err != nil {
 		return "", err
 	}
@@ -37,7 +44,7 @@ func (t *Table) candidates() []cand {
 // placeWith is place for one replica of several: extra, if not nil, holds
 // by candidate the reservations not yet in the table. It returns the
 // candidate's position.
-func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
+func (t *Table) placeWith(spec *pb.ProcessSpec, need claim, extra []Alloc, not string) (int, error) {
 	cs := t.candidates()
 	lo, hi := 0, len(cs)
 	if spec.Node != "" {
@@ -56,7 +63,7 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
 	for k := lo; k < hi; k++ {
 		c := &cs[k]
 		n := c.rec
-		if n.State != pb.NodeState_NODE_STATE_UP || (n.Draining && spec.Node == "") {
+		if n.State != pb.NodeState_NODE_STATE_UP || (n.Draining && spec.Node == "") || c.name == not {
 			continue
 		}
 		up++
@@ -67,14 +74,14 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
 		if extra != nil {
 			a.plus(&extra[k])
 		}
-		if err := fits(n, &a, spec.Resources); err != nil {
-			fc, fm := n.Capacity.GetCpuMaxMilli()-a.CPUMin, n.Capacity.GetMemMaxBytes()-a.MemMin
+		if err := fits(n, &a, need); err != nil {
+			fc, fm := n.Capacity.GetCpuMaxMilli()-a.CPUGrant, n.Capacity.GetMemMaxBytes()-a.MemGrant
 			if bestNo < 0 || fc > bestNoFree[0] || (fc == bestNoFree[0] && fm > bestNoFree[1]) {
 				bestNo, bestNoFree, bestNoErr = k, [2]int64{fc, fm}, err
 			}
 			continue
 		}
-		free := n.Capacity.GetCpuMaxMilli() - a.CPUMin
+		free := n.Capacity.GetCpuMaxMilli() - a.CPUGrant
 		if best < 0 || a.Count < bestCount || (a.Count == bestCount && free > bestFree) {
 			best, bestCount, bestFree = k, a.Count, free
 		}
@@ -82,10 +89,12 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
 	if best >= 0 {
 		return best, nil
 	}
-	want := fmt.Sprintf("cpu %s, memory %s", Cores(spec.Resources.GetCpuMinMilli()), Bytes(spec.Resources.GetMemMinBytes()))
+	want := fmt.Sprintf("cpu %s, memory %s", Cores(need.cpu), Bytes(need.mem))
 	switch {
 	case spec.Node != "" && up == 0:
 		return -1, fmt.Errorf("%w: node %s is %s", ErrNoCapacity, spec.Node, NodeStateName(t.nodes[spec.Node].State))
+	case up == 0 && not != "":
+		return -1, fmt.Errorf("%w: no node but %s is up and accepting work", ErrNoCapacity, not)
 	case up == 0:
 		return -1, fmt.Errorf("%w: no node is up and accepting work", ErrNoCapacity)
 	}
@@ -94,6 +103,9 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, extra []Alloc) (int, error) {
 }
 
 func (a *Alloc) plus(e *Alloc) {
+	a.CPUGrant += e.CPUGrant
+	a.MemGrant += e.MemGrant
+	a.MemLimit += e.MemLimit
 	a.CPUMin += e.CPUMin
 	a.CPUMax += e.CPUMax
 	a.MemMin += e.MemMin
@@ -108,27 +120,25 @@ func (t *Table) allocOf(node string) Alloc {
 	return Alloc{}
 }
 
-// fits reports whether r fits on node n that already holds a. Capacity lives
-// in the node's max fields; the sum of maxima may reach capacity times the
-// node's overcommit percentage (0 = unchecked).
+// fits reports whether claim r fits on node n that already holds a.
+// Capacity lives in the node's max fields: the grants must fit it, and the
+// memory the processes may use without asking (Alloc.MemLimit) may reach
+// capacity times the node's overcommit percentage (0 = unchecked).
 //
 // Every quantity is non-negative and may be as large as MaxInt64, so the
 // checks compare a request with what is left (limit - used) rather than
 // adding to what is used, which could overflow.
-func fits(n *pb.NodeRecord, a *Alloc, r *pb.Resources) error {
+func fits(n *pb.NodeRecord, a *Alloc, r claim) error {
 	c := n.GetCapacity()
-	if need := r.GetCpuMinMilli(); need > 0 && !within(need, a.CPUMin, c.GetCpuMaxMilli()) {
-		return fmt.Errorf("cpu min %s > free %s", Cores(need), Cores(max(c.GetCpuMaxMilli()-a.CPUMin, 0)))
+	if need := r.cpu; need > 0 && !within(need, a.CPUGrant, c.GetCpuMaxMilli()) {
+		return fmt.Errorf("cpu %s > free %s", Cores(need), Cores(max(c.GetCpuMaxMilli()-a.CPUGrant, 0)))
 	}
-	if need := r.GetMemMinBytes(); need > 0 && !within(need, a.MemMin, c.GetMemMaxBytes()) {
-		return fmt.Errorf("memory min %s > free %s", Bytes(need), Bytes(max(c.GetMemMaxBytes()-a.MemMin, 0)))
+	if need := r.mem; need > 0 && !within(need, a.MemGrant, c.GetMemMaxBytes()) {
+		return fmt.Errorf("memory %s > free %s", Bytes(need), Bytes(max(c.GetMemMaxBytes()-a.MemGrant, 0)))
 	}
 	if oc := n.GetOvercommitPercent(); oc > 0 {
-		if m := r.GetCpuMaxMilli(); m > 0 && !within(m, a.CPUMax, percent(c.GetCpuMaxMilli(), oc)) {
-			return fmt.Errorf("cpu max would exceed %d%% of capacity", oc)
-		}
-		if m := r.GetMemMaxBytes(); m > 0 && !within(m, a.MemMax, percent(c.GetMemMaxBytes(), oc)) {
-			return fmt.Errorf("memory max would exceed %d%% of capacity", oc)
+		if m := r.memLimit; m > 0 && !within(m, a.MemLimit, percent(c.GetMemMaxBytes(), oc)) {
+			return fmt.Errorf("memory limits would exceed %d%% of capacity", oc)
 		}
 	}
 	return nil

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 
@@ -37,8 +38,9 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 	// nothing.
 	var extra []Alloc // by candidate: the replicas placed so far
 	nodes := make([]string, len(ids))
+	need := claimFor(spec, minGrant(spec.Resources))
 	for i := range ids {
-		k, err := t.placeWith(spec, extra)
+		k, err := t.placeWith(spec, need, extra, "")
 		if err != nil {
 			if len(ids) > 1 {
 				return nil, fmt.Errorf("replica %d of %d: %w", i+1, len(ids), err)
@@ -50,14 +52,16 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 		if extra == nil {
 			extra = make([]Alloc, len(cs))
 		}
-		extra[k].add(spec.Resources, 1)
+		extra[k].add(need, 1)
 	}
 	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller
 	for i, id := range ids {
-		x.put(&pb.ProcessRecord{
+		rec := &pb.ProcessRecord{
 			Id: id, Spec: spec, Node: nodes[i], State: pb.ProcessState_PROCESS_STATE_STARTING,
-			Incarnation: 1, CreatedUnixNano: x.now,
-		})
+			Incarnation: 1, CreatedUnixNano: x.now, Grant: minGrant(spec.Resources),
+		}
+		x.put(rec)
+		x.event(EvPlaced, rec, nodes[i], "")
 	}
 	return ids, nil
 }
@@ -99,6 +103,9 @@ func (x *txn) kill(ids []string, signal int32) ([]string, error) {
 		rec.Stop, rec.StopSignal = true, signal
 		if rec.State == pb.ProcessState_PROCESS_STATE_PENDING {
 			rec.State, rec.Reason, rec.FinishedUnixNano = pb.ProcessState_PROCESS_STATE_KILLED, "killed before placement", x.now
+			x.event(EvKilled, rec, "", rec.Reason)
+		} else {
+			x.event(EvStopping, rec, rec.Node, fmt.Sprintf("signal %d", signal))
 		}
 		x.put(rec)
 		changed = append(changed, id)
@@ -120,6 +127,12 @@ func (x *txn) report(r *pb.Report) []string {
 			x.put(rec)
 			if rec.Node != old.Node {
 				t.handedOff(old.Node, u.Id)
+				x.event(EvMoved, rec, rec.Node, "from "+old.Node)
+				if !sameGrant(GrantOf(rec), GrantOf(old)) {
+					x.event(EvGrown, rec, rec.Node, change(GrantOf(old), GrantOf(rec))+": moved to "+rec.Node+" to grow")
+				}
+			} else {
+				x.event(EvMoveFailed, rec, rec.Node, rec.Reason)
 			}
 			changed = append(changed, u.Id)
 			continue
@@ -164,12 +177,70 @@ func (x *txn) report(r *pb.Report) []string {
 			continue
 		}
 		x.put(rec)
+		x.reportEvent(old, rec)
 		changed = append(changed, u.Id)
 	}
 	if freed {
 		changed = append(changed, x.placePending()...)
 	}
 	return changed
+}
+
+// reportEvent notes the event of a report that changed old into rec.
+func (x *txn) reportEvent(old, rec *pb.ProcessRecord) {
+	switch rec.State {
+	case pb.ProcessState_PROCESS_STATE_RUNNING:
+		if old.State != rec.State || old.Pid != rec.Pid {
+			x.event(EvRunning, rec, rec.Node, fmt.Sprintf("pid %d", rec.Pid))
+		}
+	case pb.ProcessState_PROCESS_STATE_BACKOFF:
+		if old.State != rec.State {
+			x.event(EvBackoff, rec, rec.Node, rec.Reason)
+		}
+	case pb.ProcessState_PROCESS_STATE_EXITED:
+		x.event(EvExited, rec, rec.Node, exitWhy(rec))
+	case pb.ProcessState_PROCESS_STATE_FAILED:
+		x.event(EvFailed, rec, rec.Node, exitWhy(rec))
+	case pb.ProcessState_PROCESS_STATE_KILLED:
+		x.event(EvKilled, rec, rec.Node, exitWhy(rec))
+	}
+}
+
+func exitWhy(rec *pb.ProcessRecord) string {
+	if rec.Reason != "" {
+		return rec.Reason
+	}
+	return fmt.Sprintf("exit code %d", rec.ExitCode)
+}
+
+// FormatBounds formats bounds as "cpu 0.5:1:2, memory 64M:256M, pids 100",
+// leaving out what is unset.
+func FormatBounds(r *pb.Resources) string {
+	var parts []string
+	if r.GetCpuMinMilli() != 0 || r.GetCpuMaxMilli() != 0 || r.GetCpuBurstMilli() != 0 {
+		c := "cpu " + Cores(r.GetCpuMinMilli())
+		if r.GetCpuMaxMilli() != 0 || r.GetCpuBurstMilli() != 0 {
+			c += ":" + Cores(r.GetCpuMaxMilli())
+		}
+		if r.GetCpuBurstMilli() != 0 {
+			c += ":" + Cores(r.GetCpuBurstMilli())
+		}
+		parts = append(parts, c)
+	}
+	if r.GetMemMinBytes() != 0 || r.GetMemMaxBytes() != 0 {
+		m := "memory " + Bytes(r.GetMemMinBytes())
+		if r.GetMemMaxBytes() != 0 {
+			m += ":" + Bytes(r.GetMemMaxBytes())
+		}
+		parts = append(parts, m)
+	}
+	if r.GetPidsMax() != 0 {
+		parts = append(parts, fmt.Sprintf("pids %d", r.GetPidsMax()))
+	}
+	if len(parts) == 0 {
+		return "unbounded"
+	}
+	return strings.Join(parts, ", ")
 }
 
 // reportable reports whether a node may report state s. PENDING and STARTING
@@ -201,6 +272,7 @@ func (x *txn) moveReport(old *pb.ProcessRecord, u *pb.StatusUpdate) *pb.ProcessR
 	rec.Node, rec.Incarnation, rec.State = target, u.Incarnation, pb.ProcessState_PROCESS_STATE_RUNNING
 	rec.Pid, rec.StartTime, rec.StartedUnixNano, rec.Restarts = u.Pid, u.StartTime, at, u.Restarts
 	rec.Reason = "moved from " + old.Node
+	land(rec)
 	return rec
 }
 
@@ -234,10 +306,19 @@ func (x *txn) resize(id string, r *pb.Resources, move bool) ([]string, error) {
 		rec.Spec = &pb.ProcessSpec{}
 	}
 	rec.Spec.Resources = proto.CloneOf(r)
+	rec.Grant = boundGrant(rec.Spec, GrantOf(old), r)
+	if old.Want != nil {
+		w := maxGrant(boundGrant(rec.Spec, old.Want, r), rec.Grant)
+		if !Elastic(rec.Spec) || sameGrant(w, rec.Grant) {
+			rec.Want, rec.WantReason = nil, ""
+		} else {
+			rec.Want = w
+		}
+	}
 	for _, n := range holders(old) {
 		a := t.allocOf(n)
-		a.add(old.Spec.GetResources(), -1)
-		err := fits(t.nodes[n], &a, r)
+		a.add(claimOn(old, n), -1)
+		err := fits(t.nodes[n], &a, claimOn(rec, n))
 		if err == nil {
 			continue
 		}
@@ -254,13 +335,17 @@ func (x *txn) resize(id string, r *pb.Resources, move bool) ([]string, error) {
 		}
 		// Placement never picks this node: it cannot hold r even without
 		// the process's current reservation, let alone with it.
-		target, perr := t.place(rec.Spec)
+		target, perr := t.place(rec.Spec, moveClaim(rec), "")
 		if perr != nil {
 			return nil, fmt.Errorf("node %s cannot hold it (%v), and no node can take it: %w", n, err, perr)
 		}
 		rec.MoveTo = target
 	}
 	x.put(rec)
+	x.event(EvResized, rec, rec.Node, FormatBounds(r))
+	if rec.MoveTo != "" && old.MoveTo == "" {
+		x.event(EvMoving, rec, rec.Node, "resize: to "+rec.MoveTo)
+	}
 	// The process may have shrunk, or be queued and now fit somewhere.
 	changed := []string{id}
 	for _, p := range x.placePending() {

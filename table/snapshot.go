@@ -30,6 +30,8 @@ type Snapshot struct {
 	pending []string
 	trust   *pb.Trust
 	tokens  []*pb.TokenRecord
+	events  []*pb.Event
+	evBase  uint64
 }
 
 // Snapshot captures the table's state.
@@ -43,6 +45,8 @@ func (t *Table) Snapshot() *Snapshot {
 		pending: slices.Clone(t.pending),
 		trust:   t.trust,
 		tokens:  sortedTokens(t.tokens),
+		events:  slices.Clone(t.events),
+		evBase:  t.eventsBase,
 	}
 	for _, name := range t.nodeOrder {
 		s.nodes = append(s.nodes, t.nodes[name])
@@ -62,7 +66,7 @@ func (s *Snapshot) Persist(w io.Writer) error {
 	hdr := &pb.SnapshotHeader{
 		Version: snapshotVersion, Index: s.index, Pending: s.pending,
 		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
-		Trust: s.trust, Tokens: s.tokens,
+		Trust: s.trust, Tokens: s.tokens, Events: s.events, EventsBase: s.evBase,
 	}
 	if _, err := protodelim.MarshalTo(bw, hdr); err != nil {
 		return fmt.Errorf("persist header: %w", err)
@@ -118,6 +122,9 @@ func (t *Table) Restore(r io.Reader) error {
 		nt.procs[p.Id] = p
 		nt.states[p.State]++
 		addIndex(nt.byName, p.Spec.GetName(), p.Id)
+		if live(p) && p.Want != nil {
+			nt.wants[p.Id] = struct{}{}
+		}
 		if live(p) {
 			for _, n := range holders(p) {
 				nt.hold(n, p)
@@ -152,6 +159,7 @@ func (t *Table) Restore(r io.Reader) error {
 	t.left, t.leftBase, t.changes = map[string]*departures{}, hdr.Index, map[string]*departures{}
 	t.cands, t.candsOK, t.states, t.order = nil, false, nt.states, nt.order
 	t.trust, t.tokens = nt.trust, nt.tokens
+	t.wants, t.events, t.eventsBase = nt.wants, hdr.Events, hdr.EventsBase
 	return nil
 }
 
@@ -159,8 +167,14 @@ func (t *Table) Restore(r io.Reader) error {
 func Equal(a, b *Table) bool {
 	sa, sb := a.Snapshot(), b.Snapshot()
 	if sa.index != sb.index || len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
-		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) {
+		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) ||
+		len(sa.events) != len(sb.events) || sa.evBase != sb.evBase {
 		return false
+	}
+	for i := range sa.events {
+		if !proto.Equal(sa.events[i], sb.events[i]) {
+			return false
+		}
 	}
 	for i := range sa.tokens {
 		if !proto.Equal(sa.tokens[i], sb.tokens[i]) {

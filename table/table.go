@@ -51,6 +51,13 @@ type Table struct {
 	// order Processes lists them in, kept rather than sorted per call
 	// (derived; a record's creation time never changes).
 	order []string
+	// wants holds the live processes whose growth waits for room
+	// (ProcessRecord.want; derived, grants.go).
+	wants map[string]struct{}
+	// events is the ring of recent events, oldest first, and eventsBase
+	// the index of the newest event dropped from it (events.go).
+	events     []*pb.Event
+	eventsBase uint64
 }
 
 // cand is one node as placement sees it.
@@ -77,10 +84,16 @@ type departure struct {
 // log reaches is sent its full assignments.
 const maxDepartures = 1024
 
-// Alloc sums the bounds of the live processes on one node.
+// Alloc sums what the live processes on one node hold (see claim).
 type Alloc struct {
-	CPUMin, CPUMax, MemMin, MemMax int64
-	Count                          int
+	CPUGrant, MemGrant int64 // grants: what placement counts against capacity
+	CPUMin, MemMin     int64 // minima
+	CPUMax, MemMax     int64 // maxima (0 = unbounded counts 0)
+	// MemLimit sums the memory the processes may use without asking: the
+	// grants of elastic ones, the maxima of fixed ones (--overcommit
+	// bounds it).
+	MemLimit int64
+	Count    int
 }
 
 // Result is what Apply returns for one command.
@@ -90,6 +103,8 @@ type Result struct {
 	Nodes   []string // nodes whose assignments changed, sorted
 	Err     error
 	Results []Result // one per command of a Batch
+	// Events are the events the command added to the ring (events.go).
+	Events []*pb.Event
 }
 
 // New returns an empty table.
@@ -118,6 +133,8 @@ func (t *Table) reset() {
 	t.order = nil
 	t.trust = nil
 	t.tokens = map[string]*pb.TokenRecord{}
+	t.wants = map[string]struct{}{}
+	t.events, t.eventsBase = nil, 0
 }
 
 // Apply decodes and applies one Raft log entry. It returns a Result (never
@@ -146,6 +163,10 @@ func (t *Table) ApplyCommand(index uint64, cmd *pb.Command) Result {
 		// Every operation checks before it changes anything, so nothing
 		// but the index needs undoing.
 		t.index = prev
+	} else {
+		// Room freed by this command goes to the growths waiting for it.
+		res.IDs = append(res.IDs, tx.grantWants()...)
+		res.Events = tx.publish()
 	}
 	res.Index = t.index
 	for n := range tx.touched {
@@ -161,6 +182,7 @@ type txn struct {
 	t       *Table
 	now     int64
 	touched map[string]bool
+	events  []*pb.Event // to publish if the command succeeds (events.go)
 }
 
 // apply applies one command. A command without a time (now_unix_nano 0)
@@ -172,6 +194,7 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 	x.now = now
 	var ids []string
 	var err error
+	mark := len(x.events)
 	switch op := cmd.GetOp().(type) {
 	case *pb.Command_Batch:
 		var res Result
@@ -199,6 +222,8 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 		ids, err = x.resize(op.Resize.GetId(), op.Resize.GetResources(), op.Resize.GetMove())
 	case *pb.Command_Hold:
 		err = x.hold(op.Hold)
+	case *pb.Command_SetGrant:
+		ids, err = x.setGrant(op.SetGrant)
 	case *pb.Command_Prune:
 		ids = x.prune(op.Prune.GetBeforeUnixNano())
 	case *pb.Command_SetTrust:
@@ -209,6 +234,9 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 		err = x.revokeToken(op.RevokeToken.GetId())
 	default:
 		err = fmt.Errorf("%w: empty command", ErrDecode)
+	}
+	if err != nil {
+		x.events = x.events[:mark] // a failed command changed nothing
 	}
 	return Result{IDs: ids, Err: err}
 }
@@ -242,6 +270,11 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 		t.states[old.State]--
 	}
 	t.states[rec.State]++
+	if live(rec) && rec.Want != nil {
+		t.wants[rec.Id] = struct{}{}
+	} else {
+		delete(t.wants, rec.Id)
+	}
 	if live(rec) {
 		for _, n := range holders(rec) {
 			t.hold(n, rec)

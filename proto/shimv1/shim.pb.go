@@ -3515,6 +3515,7 @@ type NodeStatus struct {
 	Processes     uint32                 `protobuf:"varint,5,opt,name=processes,proto3" json:"processes,omitempty"`
 	Usage         *Usage                 `protobuf:"bytes,6,opt,name=usage,proto3" json:"usage,omitempty"`
 	Voter         bool                   `protobuf:"varint,7,opt,name=voter,proto3" json:"voter,omitempty"`
+	Granted       *Grant                 `protobuf:"bytes,8,opt,name=granted,proto3" json:"granted,omitempty"` // sum of the grants of its processes: what placement counts
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3596,6 +3597,13 @@ func (x *NodeStatus) GetVoter() bool {
 		return x.Voter
 	}
 	return false
+}
+
+func (x *NodeStatus) GetGranted() *Grant {
+	if x != nil {
+		return x.Granted
+	}
+	return nil
 }
 
 type NodesResponse struct {
@@ -5343,14 +5351,19 @@ func (x *ApplyResponse) GetIndex() uint64 {
 // SnapshotHeader starts a table snapshot; it is followed by node_count
 // NodeRecords and process_count ProcessRecords, each length-delimited.
 type SnapshotHeader struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	NodeCount     uint64                 `protobuf:"varint,3,opt,name=node_count,json=nodeCount,proto3" json:"node_count,omitempty"`
-	ProcessCount  uint64                 `protobuf:"varint,4,opt,name=process_count,json=processCount,proto3" json:"process_count,omitempty"`
-	Pending       []string               `protobuf:"bytes,5,rep,name=pending,proto3" json:"pending,omitempty"` // FIFO order of processes waiting for room
-	Trust         *Trust                 `protobuf:"bytes,6,opt,name=trust,proto3" json:"trust,omitempty"`
-	Tokens        []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"` // sorted by id
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Version      uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Index        uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	NodeCount    uint64                 `protobuf:"varint,3,opt,name=node_count,json=nodeCount,proto3" json:"node_count,omitempty"`
+	ProcessCount uint64                 `protobuf:"varint,4,opt,name=process_count,json=processCount,proto3" json:"process_count,omitempty"`
+	Pending      []string               `protobuf:"bytes,5,rep,name=pending,proto3" json:"pending,omitempty"` // FIFO order of processes waiting for room
+	Trust        *Trust                 `protobuf:"bytes,6,opt,name=trust,proto3" json:"trust,omitempty"`
+	Tokens       []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"` // sorted by id
+	// The table's event ring (table/events.go), oldest first, and the index
+	// of the newest event dropped from it (events at or before it are gone).
+	// Numbered apart so that other snapshot fields can take 8 on.
+	Events        []*Event `protobuf:"bytes,20,rep,name=events,proto3" json:"events,omitempty"`
+	EventsBase    uint64   `protobuf:"varint,21,opt,name=events_base,json=eventsBase,proto3" json:"events_base,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5432,6 +5445,20 @@ func (x *SnapshotHeader) GetTokens() []*TokenRecord {
 		return x.Tokens
 	}
 	return nil
+}
+
+func (x *SnapshotHeader) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *SnapshotHeader) GetEventsBase() uint64 {
+	if x != nil {
+		return x.EventsBase
+	}
+	return 0
 }
 
 var File_shim_v1_shim_proto protoreflect.FileDescriptor
@@ -5670,7 +5697,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x13last_contact_millis\x18\x03 \x01(\x03R\x11lastContactMillis\"\\\n" +
 	"\fNodesRequest\x12\x14\n" +
 	"\x05usage\x18\x01 \x01(\bR\x05usage\x126\n" +
-	"\vconsistency\x18\x02 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\x81\x02\n" +
+	"\vconsistency\x18\x02 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\xab\x02\n" +
 	"\n" +
 	"NodeStatus\x12'\n" +
 	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\x12\x16\n" +
@@ -5679,7 +5706,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05limit\x18\x04 \x01(\v2\x12.shim.v1.ResourcesR\x05limit\x12\x1c\n" +
 	"\tprocesses\x18\x05 \x01(\rR\tprocesses\x12$\n" +
 	"\x05usage\x18\x06 \x01(\v2\x0e.shim.v1.UsageR\x05usage\x12\x14\n" +
-	"\x05voter\x18\a \x01(\bR\x05voter\"\x82\x01\n" +
+	"\x05voter\x18\a \x01(\bR\x05voter\x12(\n" +
+	"\agranted\x18\b \x01(\v2\x0e.shim.v1.GrantR\agranted\"\x82\x01\n" +
 	"\rNodesResponse\x12)\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x13.shim.v1.NodeStatusR\x05nodes\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
@@ -5788,7 +5816,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\xf2\x01\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\xbb\x02\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x1d\n" +
@@ -5797,7 +5825,10 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\rprocess_count\x18\x04 \x01(\x04R\fprocessCount\x12\x18\n" +
 	"\apending\x18\x05 \x03(\tR\apending\x12$\n" +
 	"\x05trust\x18\x06 \x01(\v2\x0e.shim.v1.TrustR\x05trust\x12,\n" +
-	"\x06tokens\x18\a \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens*\x83\x01\n" +
+	"\x06tokens\x18\a \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens\x12&\n" +
+	"\x06events\x18\x14 \x03(\v2\x0e.shim.v1.EventR\x06events\x12\x1f\n" +
+	"\vevents_base\x18\x15 \x01(\x04R\n" +
+	"eventsBase*\x83\x01\n" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n" +
@@ -5978,131 +6009,133 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	nil,                         // 85: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
-	10, // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
-	0,  // 1: shim.v1.ProcessSpec.restart:type_name -> shim.v1.RestartPolicy
-	1,  // 2: shim.v1.ProcessSpec.isolation:type_name -> shim.v1.Isolation
-	4,  // 3: shim.v1.ProcessSpec.network:type_name -> shim.v1.Network
-	11, // 4: shim.v1.ProcessSpec.mounts:type_name -> shim.v1.Mount
-	2,  // 5: shim.v1.ProcessSpec.grow:type_name -> shim.v1.Grow
-	3,  // 6: shim.v1.ProcessSpec.on_lost:type_name -> shim.v1.OnLost
-	5,  // 7: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
-	13, // 8: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
-	5,  // 9: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
-	14, // 10: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
-	16, // 11: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
-	12, // 12: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
-	12, // 13: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
-	6,  // 14: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
-	7,  // 15: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	10, // 16: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	18, // 17: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
-	26, // 18: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	27, // 19: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	28, // 20: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	29, // 21: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	31, // 22: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	34, // 23: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	36, // 24: shim.v1.Command.report:type_name -> shim.v1.Report
-	37, // 25: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	20, // 26: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	38, // 27: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	30, // 28: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	32, // 29: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
-	23, // 30: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
-	24, // 31: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
-	25, // 32: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
-	19, // 33: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	8,  // 34: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	21, // 35: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	22, // 36: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	17, // 37: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	7,  // 38: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	13, // 39: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	12, // 40: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
-	5,  // 41: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	35, // 42: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	10, // 43: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	13, // 44: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	15, // 45: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	15, // 46: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	10, // 47: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	15, // 48: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	9,  // 49: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
-	15, // 50: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	47, // 51: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
-	9,  // 52: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
-	17, // 53: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	10, // 54: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	10, // 55: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	16, // 56: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	49, // 57: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	47, // 58: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	12, // 59: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	15, // 60: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	17, // 61: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	8,  // 62: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	22, // 63: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	22, // 64: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	17, // 65: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	6,  // 66: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	7,  // 67: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	15, // 68: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	7,  // 69: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	36, // 70: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	85, // 71: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	19, // 72: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	21, // 73: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	22, // 74: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	16, // 75: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39, // 76: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41, // 77: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43, // 78: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45, // 79: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48, // 80: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56, // 81: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58, // 82: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60, // 83: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62, // 84: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64, // 85: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66, // 86: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51, // 87: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53, // 88: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68, // 89: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72, // 90: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74, // 91: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76, // 92: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78, // 93: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82, // 94: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80, // 95: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70, // 96: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54, // 97: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40, // 98: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42, // 99: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44, // 100: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46, // 101: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50, // 102: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57, // 103: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59, // 104: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61, // 105: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63, // 106: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65, // 107: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67, // 108: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52, // 109: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33, // 110: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69, // 111: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73, // 112: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75, // 113: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77, // 114: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79, // 115: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83, // 116: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81, // 117: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71, // 118: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55, // 119: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	98, // [98:120] is the sub-list for method output_type
-	76, // [76:98] is the sub-list for method input_type
-	76, // [76:76] is the sub-list for extension type_name
-	76, // [76:76] is the sub-list for extension extendee
-	0,  // [0:76] is the sub-list for field type_name
+	10,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
+	0,   // 1: shim.v1.ProcessSpec.restart:type_name -> shim.v1.RestartPolicy
+	1,   // 2: shim.v1.ProcessSpec.isolation:type_name -> shim.v1.Isolation
+	4,   // 3: shim.v1.ProcessSpec.network:type_name -> shim.v1.Network
+	11,  // 4: shim.v1.ProcessSpec.mounts:type_name -> shim.v1.Mount
+	2,   // 5: shim.v1.ProcessSpec.grow:type_name -> shim.v1.Grow
+	3,   // 6: shim.v1.ProcessSpec.on_lost:type_name -> shim.v1.OnLost
+	5,   // 7: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
+	13,  // 8: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
+	5,   // 9: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
+	14,  // 10: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
+	16,  // 11: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
+	12,  // 12: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
+	12,  // 13: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
+	6,   // 14: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
+	7,   // 15: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
+	10,  // 16: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	18,  // 17: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
+	26,  // 18: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	27,  // 19: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	28,  // 20: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	29,  // 21: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	31,  // 22: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	34,  // 23: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	36,  // 24: shim.v1.Command.report:type_name -> shim.v1.Report
+	37,  // 25: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	20,  // 26: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	38,  // 27: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	30,  // 28: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	32,  // 29: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	23,  // 30: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	24,  // 31: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	25,  // 32: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	19,  // 33: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	8,   // 34: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	21,  // 35: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	22,  // 36: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	17,  // 37: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	7,   // 38: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	13,  // 39: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	12,  // 40: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	5,   // 41: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	35,  // 42: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	10,  // 43: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	13,  // 44: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	15,  // 45: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	15,  // 46: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 47: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	15,  // 48: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	9,   // 49: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	15,  // 50: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	47,  // 51: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	9,   // 52: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 53: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	10,  // 54: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	10,  // 55: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	16,  // 56: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	12,  // 57: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	49,  // 58: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	47,  // 59: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	12,  // 60: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	15,  // 61: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	17,  // 62: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	8,   // 63: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	22,  // 64: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	22,  // 65: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	17,  // 66: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	6,   // 67: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	7,   // 68: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	15,  // 69: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	7,   // 70: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	36,  // 71: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	85,  // 72: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	19,  // 73: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	21,  // 74: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	22,  // 75: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	33,  // 76: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	16,  // 77: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39,  // 78: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41,  // 79: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43,  // 80: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45,  // 81: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48,  // 82: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56,  // 83: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58,  // 84: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60,  // 85: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62,  // 86: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64,  // 87: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66,  // 88: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51,  // 89: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53,  // 90: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68,  // 91: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72,  // 92: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74,  // 93: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76,  // 94: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78,  // 95: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82,  // 96: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80,  // 97: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70,  // 98: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54,  // 99: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40,  // 100: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42,  // 101: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44,  // 102: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46,  // 103: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50,  // 104: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57,  // 105: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59,  // 106: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61,  // 107: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63,  // 108: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65,  // 109: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67,  // 110: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52,  // 111: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33,  // 112: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69,  // 113: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73,  // 114: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75,  // 115: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77,  // 116: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79,  // 117: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83,  // 118: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81,  // 119: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71,  // 120: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55,  // 121: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	100, // [100:122] is the sub-list for method output_type
+	78,  // [78:100] is the sub-list for method input_type
+	78,  // [78:78] is the sub-list for extension type_name
+	78,  // [78:78] is the sub-list for extension extendee
+	0,   // [0:78] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
