@@ -234,8 +234,29 @@ func (x *txn) setGrant(c *pb.SetGrant) ([]string, error) {
 	if old.MoveTo != "" {
 		return nil, fmt.Errorf("%w: %v, and it is moving to %s: ask again once it has moved", ErrNoCapacity, short, old.MoveTo)
 	}
-	rec.Grant, rec.Want = now, want
+	// What the node holds is granted now, the rest waits for room.
+	part := t.partial(old, old.Node, now, want)
+	rec.Grant, rec.Want = part, want
+	if !sameGrant(part, now) {
+		x.event(EvGrown, old, old.Node, joinWhy(change(cur, part)+" of "+change(cur, want)+" asked", why))
+	}
 	return x.makeRoom(old, rec, joinWhy(change(cur, want), why))
+}
+
+// partial returns the biggest grant from base up to want, resource by
+// resource, that node holds besides what rec holds there now.
+func (t *Table) partial(rec *pb.ProcessRecord, node string, base, want *pb.Grant) *pb.Grant {
+	n := t.nodes[node]
+	a := t.allocOf(node)
+	a.add(claimOn(rec, node), -1)
+	c := n.GetCapacity()
+	cpuFree := c.GetCpuMaxMilli() - a.CPUGrant
+	memFree := c.GetMemMaxBytes() - a.MemGrant
+	if oc := n.GetOvercommitPercent(); oc > 0 && Elastic(rec.Spec) {
+		memFree = min(memFree, percent(c.GetMemMaxBytes(), oc)-a.MemLimit)
+	}
+	return &pb.Grant{CpuMilli: min(max(cpuFree, base.GetCpuMilli()), want.GetCpuMilli()),
+		MemBytes: min(max(memFree, base.GetMemBytes()), want.GetMemBytes())}
 }
 
 // withinBounds checks grant g against rec's bounds.
@@ -273,8 +294,8 @@ func joinWhy(a, b string) string {
 	return a + ": " + b
 }
 
-// grantWants grants the growths waiting for room that their nodes now hold,
-// oldest id first, and returns their ids. It runs after every command that
+// grantWants grants the growths waiting for room, as far as their nodes
+// now hold them (the rest waits on), by id, and returns their ids. It runs after every command that
 // succeeds: the room may come from a move's commit, an exit, a kill, a
 // shrink or a bigger node. A grower moving to get its growth gets it when
 // the move commits.
@@ -289,15 +310,21 @@ func (x *txn) grantWants() []string {
 		if old.MoveTo != "" || old.Node == "" {
 			continue
 		}
-		rec := proto.CloneOf(old)
-		land(rec)
-		a := t.allocOf(old.Node)
-		a.add(claimOn(old, old.Node), -1)
-		if fits(t.nodes[old.Node], &a, claimOn(rec, old.Node)) != nil {
+		cur := GrantOf(old)
+		part := t.partial(old, old.Node, cur, old.Want)
+		if sameGrant(part, cur) {
 			continue
 		}
+		rec := proto.CloneOf(old)
+		rec.Grant = part
+		what := change(cur, part) + ": room made"
+		if sameGrant(part, old.Want) {
+			rec.Want, rec.WantReason = nil, ""
+		} else {
+			what = change(cur, part) + " of " + change(cur, old.Want) + " asked: room made"
+		}
 		x.put(rec)
-		x.event(EvGrown, old, old.Node, change(GrantOf(old), rec.Grant)+": room made")
+		x.event(EvGrown, old, old.Node, what)
 		out = append(out, id)
 	}
 	return out

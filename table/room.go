@@ -107,6 +107,10 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 	for i := range rest {
 		rest[i] = max(short[i]-coming[i], 0)
 	}
+	restText := shortText(rest)
+	if moving > 0 {
+		restText += fmt.Sprintf(" beyond what %d process%s moving off will free", moving, plural(moving, "es"))
+	}
 	if rest == (vec{}) {
 		return x.wait(rec, why, fmt.Sprintf("waiting for room: %d process%s moving off %s", moving, plural(moving, "es"), node))
 	}
@@ -120,9 +124,14 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 	budget := RoomMoves - recent
 	if budget <= 0 {
 		return x.wait(rec, why, fmt.Sprintf("no room on %s (short %s), and %d moves to make room started in the last %v, the most allowed",
-			node, shortText(rest), recent, RoomWindow))
+			node, restText, recent, RoomWindow))
 	}
 	movers, skipped := t.movers(old, node, nowT)
+	if limit[2] == 0 {
+		for i := range movers {
+			movers[i].frees[2] = 0 // no overcommit bound to free room under
+		}
+	}
 	plan := t.planRoom(movers, rest, budget, node)
 	if plan == nil {
 		if old.Spec.GetGrow() == pb.Grow_GROW_MOVE && old.Spec.GetNode() == "" && old.State == pb.ProcessState_PROCESS_STATE_RUNNING &&
@@ -130,16 +139,32 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 			target, err := t.place(old.Spec, moveClaim(rec), node)
 			if err == nil {
 				rec.MoveTo, rec.MovedUnixNano = target, nowT
-				rec.WantReason = fmt.Sprintf("moving to %s to grow: no room on %s (short %s) and nothing else can move", target, node, shortText(rest))
+				rec.WantReason = fmt.Sprintf("moving to %s to grow: no room on %s (short %s) and nothing else can move", target, node, restText)
 				x.put(rec)
 				x.event(EvMoving, old, node, joinWhy(why, rec.WantReason))
 				return []string{old.Id}, nil
 			}
 			skipped = append(skipped, "itself: "+err.Error())
 		}
-		reason := fmt.Sprintf("no room on %s (short %s), and moving others cannot free it", node, shortText(rest))
-		if len(skipped) > 0 {
-			reason += ": " + strings.Join(skipped, "; ")
+		var parts []string
+		if len(movers) > 0 {
+			var sum vec
+			var names []string
+			for _, m := range movers {
+				for i := range sum {
+					sum[i] = satAdd(sum[i], m.frees[i])
+				}
+				names = append(names, m.rec.Id)
+			}
+			if len(names) > 3 {
+				names = append(names[:3], fmt.Sprintf("%d more", len(names)-3))
+			}
+			parts = append(parts, fmt.Sprintf("%s may move, freeing %s", strings.Join(names, ", "), shortText(sum)))
+		}
+		parts = append(parts, skipped...)
+		reason := fmt.Sprintf("no room on %s (short %s), and moving others cannot free it", node, restText)
+		if len(parts) > 0 {
+			reason += ": " + strings.Join(parts, "; ")
 		}
 		return x.wait(rec, why, reason)
 	}
