@@ -105,6 +105,7 @@ var (
 		shimv1connect.ShimServiceKillProcedure,
 		shimv1connect.ShimServiceResizeProcedure,
 		shimv1connect.ShimServiceDrainProcedure,
+		shimv1connect.ShimServiceSetGrantProcedure,
 	))
 	// joinProcs: a join token only has its node's certificate signed.
 	joinProcs = set(
@@ -119,6 +120,7 @@ var (
 		shimv1connect.AgentServiceAssignmentsProcedure,
 		shimv1connect.AgentServiceReportProcedure,
 		shimv1connect.ShimServiceWhoamiProcedure,
+		shimv1connect.ShimServiceSetGrantProcedure, // its own processes' grants (the handler checks)
 		ProcHeartbeatStream,
 	)
 	// serverProcs: a server certificate also commits forwarded writes,

@@ -88,23 +88,20 @@ func (x *txn) publish() []*pb.Event {
 
 // Events returns the events after index since whose type is one of types
 // (a type ending in "." matches every type it starts; none: all), oldest
-// first, at most limit of them (0: no limit), and the ring's base: the
-// index of the newest event dropped from it. Events at or before the base
-// are gone: a since below it (but 0, "from the oldest kept") misses some.
-// The events are shared: do not modify them.
-func (t *Table) Events(since uint64, types []string, limit int) (evs []*pb.Event, base uint64) {
+// first; the ring's base, the index of the newest event dropped from it;
+// and the table's index: every event up to it was in the ring. Events at
+// or before the base are gone: a since below it (but 0, "from the oldest
+// kept") misses some. The events are shared: do not modify them.
+func (t *Table) Events(since uint64, types []string) (evs []*pb.Event, base, index uint64) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	i, _ := slices.BinarySearchFunc(t.events, since+1, func(e *pb.Event, idx uint64) int { return cmpUint(e.Index, idx) })
 	for _, e := range t.events[i:] {
-		if limit > 0 && len(evs) >= limit {
-			break
-		}
 		if MatchType(e.Type, types) {
 			evs = append(evs, e)
 		}
 	}
-	return evs, t.eventsBase
+	return evs, t.eventsBase, t.index
 }
 
 // EventsBase returns the index of the newest event dropped from the ring.

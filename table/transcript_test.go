@@ -158,7 +158,7 @@ func (h *harness) run(line string) (string, error) {
 				return "", fmt.Errorf("usage: events [since=N] [type=T]...")
 			}
 		}
-		evs, base := h.a.Events(since, types, 0)
+		evs, base, _ := h.a.Events(since, types)
 		lines := []string{fmt.Sprintf("base=%d", base)}
 		for _, e := range evs {
 			l := fmt.Sprintf("%d %s %s", e.Index, clockTime(e.UnixNano), e.Type)

@@ -3671,6 +3671,7 @@ type SetGrantRequest struct {
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Grant         *Grant                 `protobuf:"bytes,2,opt,name=grant,proto3" json:"grant,omitempty"` // zero fields keep their value
 	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Incarnation   uint64                 `protobuf:"varint,4,opt,name=incarnation,proto3" json:"incarnation,omitempty"` // refuse if the process runs another; 0 = any
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3724,6 +3725,13 @@ func (x *SetGrantRequest) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *SetGrantRequest) GetIncarnation() uint64 {
+	if x != nil {
+		return x.Incarnation
+	}
+	return 0
 }
 
 type SetGrantResponse struct {
@@ -5711,11 +5719,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\rNodesResponse\x12)\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x13.shim.v1.NodeStatusR\x05nodes\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
-	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"_\n" +
+	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"\x81\x01\n" +
 	"\x0fSetGrantRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12$\n" +
 	"\x05grant\x18\x02 \x01(\v2\x0e.shim.v1.GrantR\x05grant\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"D\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12 \n" +
+	"\vincarnation\x18\x04 \x01(\x04R\vincarnation\"D\n" +
 	"\x10SetGrantResponse\x120\n" +
 	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"S\n" +
 	"\rEventsRequest\x12\x14\n" +
