@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shim-run/shim/grow"
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -52,6 +53,13 @@ type Agent struct {
 	// for the guard: a separate process that fences the node when the agent
 	// cannot (package guard). After a clean stop it is the held lease's.
 	Deadline func(until time.Time)
+	// Shim returns a client of the user API at addr, for the growth loop's
+	// SetGrant (grow.go); nil: no growth loop (limits still follow grants).
+	Shim func(addr string) shimv1connect.ShimServiceClient
+	// GrowPolicy decides growth (zero: grow.DefaultPolicy); GrowInterval
+	// is how often the loop samples (default 100 ms).
+	GrowPolicy   grow.Policy
+	GrowInterval time.Duration
 
 	mu       sync.Mutex
 	procs    map[string]*local
@@ -72,8 +80,9 @@ type Agent struct {
 	kick       chan struct{}
 	reports    *reporter
 	startSem   chan struct{}
-	states     *stateLog // what a restarted agent adopts
-	book       addrBook  // the servers besides Addrs, and the one that answered last
+	states     *stateLog          // what a restarted agent adopts
+	book       addrBook           // the servers besides Addrs, and the one that answered last
+	growths    map[string]*growth // the growth loop's state, by process (grow.go)
 }
 
 func (a *Agent) init() {
@@ -95,6 +104,10 @@ func (a *Agent) init() {
 	if a.StopGrace <= 0 {
 		a.StopGrace = 5 * time.Second
 	}
+	if a.GrowInterval <= 0 {
+		a.GrowInterval = 100 * time.Millisecond
+	}
+	a.growths = map[string]*growth{}
 	a.procs = map[string]*local{}
 	a.kick = make(chan struct{}, 1)
 	a.reports = newReporter(a.sendReport, a.Clock, a.Log)
@@ -128,7 +141,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.lease.stop()
 	}()
 	var wg sync.WaitGroup
-	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample} {
+	loops := []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample}
+	if a.Shim != nil {
+		loops = append(loops, a.growLoop)
+	}
+	for _, f := range loops {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx) }()
 	}

@@ -19,7 +19,8 @@ type local struct {
 	inc         uint64
 	rec         *pb.ProcessRecord
 	proc        Proc
-	applied     *pb.Resources
+	applied     *pb.Resources // the bounds its limits derive from
+	limits      *pb.Resources // the limits in force (elastic: its grant's, grow.go); nil unknown
 	restarts    uint32
 	consecutive int
 	startedAt   time.Time

@@ -63,10 +63,11 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	}
 	a.mu.Unlock()
 	spec := rec.Spec
+	limits := a.startLimits(rec) // an elastic process's follow its grant (grow.go)
 	begin := a.Clock.Now()
 	p, err := a.Runtime.Start(Spec{
 		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Env: a.env(rec), Dir: spec.Dir,
-		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
+		LogPath: LogPath(a.DataDir, rec.Id), Resources: limits, Isolation: spec.Isolation,
 		Network: spec.Network, User: spec.User, Rootfs: spec.Rootfs,
 	})
 	a.mu.Lock()
@@ -92,7 +93,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		}
 		return
 	}
-	l.proc, l.applied, l.starting, l.startedAt = p, spec.Resources, false, a.Clock.Now()
+	l.proc, l.applied, l.limits, l.starting, l.startedAt = p, spec.Resources, limits, false, a.Clock.Now()
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)

@@ -43,6 +43,7 @@ type options struct {
 	reserveCPU, reserveMem, cpuCap, memCap             string
 	overcommit                                         uint32
 	simulate                                           int
+	grow                                               growOptions // grow.go
 }
 
 func newCommand() *cobra.Command {
@@ -76,9 +77,10 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
 	f.StringVar(&o.cpuCap, "cpu", "", "CPU cores this node offers (default: detected)")
 	f.StringVar(&o.memCap, "mem", "", "memory this node offers (default: detected)")
-	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of capacity the sum of process maxima may reach (0 = unchecked)")
+	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of memory capacity that the memory limits of the processes (fixed ones' maxima, elastic ones' grants) may reach (0 = unchecked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
+	addGrowFlags(f, &o.grow)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	cmd.AddCommand(guardCommand())
 	return cmd
@@ -98,6 +100,9 @@ func run(ctx context.Context, o *options) error {
 	}
 	if o.lease < 100*time.Millisecond {
 		return fmt.Errorf("--lease %s is too short (at least 100ms)", o.lease)
+	}
+	if _, err := o.grow.policy(); err != nil {
+		return err
 	}
 	capacity, err := detectCapacity(o)
 	if err != nil {
@@ -268,6 +273,9 @@ func run(ctx context.Context, o *options) error {
 		Resume:   resumeLease(deadline, max(o.lease, o.hold)),
 		Log:      log,
 		Metrics:  m,
+	}
+	if err := o.grow.wire(ag, shimClient(httpc, secure)); err != nil {
+		return err
 	}
 	if err := startGuard(o.dataDir, o.name, log); err != nil {
 		return err
