@@ -21,6 +21,7 @@ type spawnOptions struct {
 	count                                                                      int
 	env                                                                        []string
 	wait                                                                       bool
+	grow                                                                       growFlags // grow.go
 }
 
 func (a *app) spawnCmd() *cobra.Command {
@@ -55,6 +56,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.user, "user", "", "run as `UID[:GID]`")
 	f.StringVar(&o.rootfs, "rootfs", "", "root file system `DIR` on the node (container isolation)")
 	f.StringVar(&o.dir, "dir", "", "working `DIR` on the node")
+	o.grow.add(f)
 	return cmd
 }
 
@@ -107,6 +109,9 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 		if s.User, err = parseUser(o.user); err != nil {
 			return nil, flagError("user", o.user, err)
 		}
+	}
+	if err := o.grow.apply(flags, s); err != nil {
+		return nil, err
 	}
 	if err := table.ValidateSpec(s); err != nil {
 		return nil, &usageError{strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")}
