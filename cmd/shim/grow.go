@@ -152,7 +152,9 @@ type grantJSON struct {
 	Mem int64   `json:"mem"` // bytes
 }
 
-func grantView(g *pb.Grant) grantJSON { return grantJSON{CPU: cores(g.GetCpuMilli()), Mem: g.GetMemBytes()} }
+func grantView(g *pb.Grant) grantJSON {
+	return grantJSON{CPU: cores(g.GetCpuMilli()), Mem: g.GetMemBytes()}
+}
 
 func (w *jsonWriter) grant(k string, g *grantJSON) {
 	w.key(k)
