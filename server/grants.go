@@ -54,7 +54,7 @@ func (h *shimAPI) SetGrant(ctx context.Context, req *connect.Request[pb.SetGrant
 
 // granter checks that id may set rec's grant, and says who asks: a node
 // only for the processes it runs (a server certificate, which commits
-// anything anyway, for any), a user token for any process.
+// anything anyway, for any), a user token for any process, nobody else.
 func granter(id auth.Identity, rec *pb.ProcessRecord) (string, error) {
 	switch id.Kind {
 	case auth.KindNode:
@@ -65,6 +65,10 @@ func granter(id auth.Identity, rec *pb.ProcessRecord) (string, error) {
 		return "node " + id.Node, nil
 	case auth.KindToken:
 		return "token " + id.TokenID, nil
+	case auth.KindSelf:
+		return "user", nil // trust is off
 	}
-	return "user", nil
+	// Any other identity (a workload's own token) must be let through here
+	// explicitly, for its own process only.
+	return "", authError(fmt.Errorf("%w: %s may not set grants", auth.ErrPermissionDenied, id))
 }

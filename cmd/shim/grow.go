@@ -302,5 +302,5 @@ func eventView(e *pb.Event) eventJSON {
 // eventLine is one event as text: INDEX TIME TYPE ID NODE REASON.
 func eventLine(e *pb.Event) string {
 	t := time.Unix(0, e.UnixNano).UTC().Format("2006-01-02T15:04:05.000Z")
-	return fmt.Sprintf("%d %s %s %s %s %s", e.Index, t, e.Type, dash(e.Id), dash(e.Node), cell(e.Reason))
+	return strings.TrimSpace(fmt.Sprintf("%d %s %s %s %s %s", e.Index, t, e.Type, dash(e.Id), dash(e.Node), cell(e.Reason)))
 }
