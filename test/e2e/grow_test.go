@@ -431,7 +431,9 @@ func TestEvents(t *testing.T) {
 			"process.moved@" + moved.Node, "process.running@" + moved.Node}},
 		{"b", func(e event) bool { return e.ID == b }, []string{"process.placed@" + n1, "process.running@" + n1,
 			"process.stopping@" + n1, "process.killed@" + n1}},
-		{"the nodes", func(e event) bool { return strings.HasPrefix(e.Type, "node.") && e.Type != "node.joined" && e.Type != "node.up" },
+		{"the nodes", func(e event) bool {
+			return strings.HasPrefix(e.Type, "node.") && e.Type != "node.joined" && e.Type != "node.up"
+		},
 			[]string{"node.drained@" + n1, "node.drained@" + n2, "node.undrained@" + n1, "node.undrained@" + n2, "node.down@" + n3}},
 	} {
 		if got := want.pick; !slices.Equal(seq(got), want.seq) {
