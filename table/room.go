@@ -46,9 +46,11 @@ import (
 // MoveGap is how long a process moved to make room stays where it went.
 const MoveGap = time.Minute
 
-// RoomMoves moves to make room may start in any RoomWindow, cluster-wide.
+// RoomMoves moves to make room may start in any RoomWindow, cluster-wide:
+// one a second on average, and a burst of a few dozen for a node that
+// fills up at once.
 const (
-	RoomMoves  = 10
+	RoomMoves  = 30
 	RoomWindow = 30 * time.Second
 )
 

@@ -43,6 +43,10 @@ var rows = []row{
 	{"8", "agent memory overhead", rowAgentMemory},
 	{"9", "resize: CLI to cgroup file", rowResize},
 	{"10", "the cost of trust: TLS and tokens on vs off", rowTrust},
+	{"11a", "growth with room on the node", rowGrowSameNode}, // rows_grow.go
+	{"11b", "growth when others must move", rowGrowMove},
+	{"11c", "slack over a varying load", rowGrowSlack},
+	{"11d", "OOM kills during a 100 MiB/s ramp", rowGrowOOM},
 }
 
 func main() {
