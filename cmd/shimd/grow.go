@@ -34,6 +34,14 @@ const (
 	defaultCPUShrinkAfter = 30 * time.Second
 )
 
+// memShrinkBelow: memory shrinks once the working set stays below 70% of
+// the grant (grow's default is 60%), down to its peak at 85%. Over a load
+// wandering between 100 and 300 MiB every 10 min this takes the mean slack
+// from about 24% to 20% (a simulation of the policy; bench row 11c
+// measures it), at the cost of a shrink more often: one at most every
+// shrink delay, and never below what the peak needs.
+const memShrinkBelow = 0.7
+
 func addGrowFlags(f *pflag.FlagSet, o *growOptions) {
 	f.DurationVar(&o.interval, "grow-interval", 100*time.Millisecond,
 		"how often the growth loop samples each elastic process's pressure (10ms-10s)")
@@ -49,7 +57,7 @@ func (o *growOptions) policy() (grow.Policy, error) {
 		return grow.Policy{}, fmt.Errorf("--grow-interval %s: use 10ms to 10s", o.interval)
 	}
 	p := grow.DefaultPolicy()
-	p.MemShrinkAfter, p.CPUShrinkAfter = o.memShrinkAfter, o.cpuShrinkAfter
+	p.MemShrinkAfter, p.CPUShrinkAfter, p.MemShrinkBelow = o.memShrinkAfter, o.cpuShrinkAfter, memShrinkBelow
 	if err := p.Validate(); err != nil {
 		return grow.Policy{}, fmt.Errorf("--grow-*-shrink-after: %w", err)
 	}
