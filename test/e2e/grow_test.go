@@ -350,6 +350,8 @@ func TestGrowMakesRoom(t *testing.T) {
 		}
 	}
 	// Every move to make room is an event with its reason.
+	t.Logf("growth events:\n%s", c.must("events", "--type", "process.grown", "--type", "process.waiting",
+		"--type", "process.room", "--type", "process.moved"))
 	var room int
 	for _, l := range strings.Split(c.must("events", "--type", "process.room"), "\n") {
 		if strings.Contains(l, "to make room for "+grower) {
