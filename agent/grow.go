@@ -163,33 +163,34 @@ func (a *Agent) grantLocked(l *local) *pb.Grant {
 	return gr
 }
 
-// applyGrantsLocked brings every elastic process's limits in line with its
-// grant. reconcileLocked calls it after each change to the assignments.
+// applyGrantsLocked brings every elastic process's limits (and every VM's
+// size) in line with its grant. reconcileLocked calls it after each change
+// to the assignments.
 func (a *Agent) applyGrantsLocked() {
 	for _, l := range a.procs {
-		if l.proc != nil && !l.winding() && elastic(l.rec) && l.rec.Incarnation == l.inc {
+		if l.proc != nil && !l.winding() && followsGrant(l) && l.rec.Incarnation == l.inc {
 			a.applyGrantLocked(l)
 		}
 	}
 }
 
+// followsGrant reports whether l's limits follow its grant: it is elastic,
+// or a VM (whose size is its grant).
+func followsGrant(l *local) bool {
+	_, vm := l.proc.(GrantResizer)
+	return elastic(l.rec) || vm
+}
+
 // applyGrantLocked applies l's grant as limits, if they differ from those
-// in force, and reports whether it did.
+// in force, and reports whether it did. A VM's grant is its size.
 func (a *Agent) applyGrantLocked(l *local) bool {
 	gr := a.grantLocked(l)
+	if r, ok := l.proc.(GrantResizer); ok {
+		return a.resizeVMLocked(l, r, gr)
+	}
 	want := a.limitsOf(l.rec, gr)
 	if l.limits != nil && sameLimits(l.limits, want) {
 		return false
-	}
-	if r, ok := l.proc.(GrantResizer); ok {
-		// A VM's resize takes seconds when it shrinks: not under the lock.
-		l.limits = want
-		go func() {
-			if err := r.ResizeGrant(gr.MemBytes, gr.CpuMilli); err != nil {
-				a.Log.Warn("grant: resize failed", "id", l.id, "err", err)
-			}
-		}()
-		return true
 	}
 	if err := l.proc.Resize(want); err != nil {
 		a.Log.Warn("grant: applying limits failed", "id", l.id, "err", err)
@@ -199,6 +200,48 @@ func (a *Agent) applyGrantLocked(l *local) bool {
 	a.Log.Debug("limits follow the grant", "id", l.id, "cpu", table.Cores(gr.CpuMilli), "mem", table.Bytes(gr.MemBytes),
 		"mem_limit", table.Bytes(want.MemMaxBytes), "cpu_quota", table.Cores(want.CpuMaxMilli))
 	return true
+}
+
+// startedLocked notes what a run just started holds: a VM boots at its
+// grant.
+func (a *Agent) startedLocked(l *local, rec *pb.ProcessRecord) {
+	if _, ok := l.proc.(GrantResizer); ok {
+		l.vmGrant = table.GrantOf(rec)
+	}
+}
+
+// resizeVMLocked resizes a VM to grant gr if it changed since the last
+// one: a run just started or adopted booted at its grant. A zero part
+// keeps what the VM has. The resize runs outside the lock (a shrink waits
+// for the guest, up to seconds), one at a time per VM.
+func (a *Agent) resizeVMLocked(l *local, r GrantResizer, gr *pb.Grant) bool {
+	if l.vmGrant == nil {
+		l.vmGrant = gr
+		return false
+	}
+	if sameGrant(l.vmGrant, gr) {
+		return false
+	}
+	mem, cpu := gr.MemBytes, gr.CpuMilli
+	if mem == 0 {
+		mem = l.vmGrant.MemBytes
+	}
+	if cpu == 0 {
+		cpu = l.vmGrant.CpuMilli
+	}
+	l.vmGrant = gr
+	go func() {
+		l.vmMu.Lock()
+		defer l.vmMu.Unlock()
+		if err := r.ResizeGrant(mem, cpu); err != nil {
+			a.Log.Warn("grant: resizing the VM failed", "id", l.id, "err", err)
+		}
+	}()
+	return true
+}
+
+func sameGrant(a, b *pb.Grant) bool {
+	return a.GetCpuMilli() == b.GetCpuMilli() && a.GetMemBytes() == b.GetMemBytes()
 }
 
 func sameLimits(a, b *pb.Resources) bool {
@@ -233,7 +276,7 @@ func (a *Agent) growing() []*growth {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, l := range a.procs {
-		if l.proc == nil || l.winding() || !elastic(l.rec) || l.rec.Incarnation != l.inc {
+		if l.proc == nil || l.winding() || !followsGrant(l) || l.rec.Incarnation != l.inc {
 			continue
 		}
 		if g := a.growths[l.id]; g == nil || g.l != l {
@@ -403,13 +446,31 @@ func (a *Agent) syncStateLocked(g *growth, now time.Time) {
 	}
 }
 
+// Want asks for a grant for incarnation inc of process id on behalf of
+// the process itself: a VM's guest that wants more (memBytes, cpuMilli; 0
+// keeps that part). It goes through SetGrant as the growth loop's requests
+// do, and the answer is applied as they are (ResizeGrant for a VM). A
+// runtime that hears its guests itself calls it; a Proc that is a Wanter
+// is wired to it by the agent.
+func (a *Agent) Want(id string, inc uint64, memBytes, cpuMilli int64) {
+	a.mu.Lock()
+	l := a.procs[id]
+	a.mu.Unlock()
+	if l != nil && l.inc == inc {
+		a.guestWants(l, memBytes, cpuMilli)
+	}
+}
+
 // guestWants asks for the grant a VM's guest wants.
 func (a *Agent) guestWants(l *local, memBytes, cpuMilli int64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.procs[l.id] != l || l.proc == nil || l.winding() {
+		return
+	}
 	g := a.growths[l.id]
 	if g == nil || g.l != l || g.done {
-		return
+		g = a.growthLocked(l)
 	}
 	cur := a.grantLocked(l)
 	to := &pb.Grant{CpuMilli: cur.CpuMilli, MemBytes: cur.MemBytes}

@@ -243,3 +243,68 @@ func TestShrinkLowersLimitsFirst(t *testing.T) {
 		return rt.last().MemMaxBytes == want.MemMaxBytes
 	})
 }
+
+// vmRuntime starts fake VMs: their grant is their size, and their guest
+// asks for more itself.
+type vmRuntime struct {
+	SimRuntime
+	mu      sync.Mutex
+	resizes [][2]int64 // mem, cpu
+	want    func(mem, cpu int64)
+}
+
+type fakeVM struct {
+	Proc
+	rt *vmRuntime
+}
+
+func (r *vmRuntime) Start(s Spec) (Proc, error) {
+	p, err := r.SimRuntime.Start(s)
+	return &fakeVM{Proc: p, rt: r}, err
+}
+
+func (v *fakeVM) ResizeGrant(mem, cpu int64) error {
+	v.rt.mu.Lock()
+	defer v.rt.mu.Unlock()
+	v.rt.resizes = append(v.rt.resizes, [2]int64{mem, cpu})
+	return nil
+}
+
+func (v *fakeVM) OnWant(f func(mem, cpu int64)) {
+	v.rt.mu.Lock()
+	defer v.rt.mu.Unlock()
+	v.rt.want = f
+}
+
+// A VM's guest asks for more: the node asks the table (SetGrant), and the
+// grant it gets becomes the VM's size (VM.Resize), not cgroup limits.
+func TestVMWantsThroughSetGrant(t *testing.T) {
+	cp, rt, gr := newFakeCP(), &vmRuntime{}, &growRuntime{}
+	rec := assignment("v", 1, pb.ProcessState_PROCESS_STATE_STARTING)
+	rec.Spec.Isolation = pb.Isolation_ISOLATION_VM
+	rec.Spec.Resources = &pb.Resources{CpuMinMilli: 1000, CpuMaxMilli: 2000, MemMinBytes: 256 << 20, MemMaxBytes: 1 << 30}
+	rec.Grant = &pb.Grant{CpuMilli: 1000, MemBytes: 256 << 20}
+	fg := &fakeGrants{rt: gr, cap: 1 << 40, rec: rec}
+	cp.set(1, rec)
+	startAgent(t, cp, rt, func(a *Agent) {
+		a.Shim = func(string) shimv1connect.ShimServiceClient { return fg }
+		a.GrowInterval = 10 * time.Millisecond
+	})
+	waitUntil(t, 5*time.Second, "the guest's OnWant wired", func() bool {
+		rt.mu.Lock()
+		defer rt.mu.Unlock()
+		return rt.want != nil
+	})
+	rt.mu.Lock()
+	want := rt.want
+	rt.mu.Unlock()
+	want(640<<20, 0)
+	waitUntil(t, 5*time.Second, "the VM resized to its new grant", func() bool {
+		rt.mu.Lock()
+		defer rt.mu.Unlock()
+		return len(rt.resizes) > 0 && rt.resizes[len(rt.resizes)-1] == [2]int64{640 << 20, 1000}
+	})
+	if fg.count() != 1 {
+		t.Fatalf("%d SetGrant calls, want 1", fg.count())
+	}
+}

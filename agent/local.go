@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"sync"
 	"time"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
@@ -21,6 +22,8 @@ type local struct {
 	proc        Proc
 	applied     *pb.Resources // the bounds its limits derive from
 	limits      *pb.Resources // the limits in force (elastic: its grant's, grow.go); nil unknown
+	vmGrant     *pb.Grant     // a VM's grant in force (grow.go)
+	vmMu        sync.Mutex    // one VM resize at a time
 	restarts    uint32
 	consecutive int
 	startedAt   time.Time

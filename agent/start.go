@@ -94,6 +94,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		return
 	}
 	l.proc, l.applied, l.limits, l.starting, l.startedAt = p, spec.Resources, limits, false, a.Clock.Now()
+	a.startedLocked(l, rec) // grow.go
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)
