@@ -214,7 +214,7 @@ func (x *txn) setGrant(c *pb.SetGrant) ([]string, error) {
 		return []string{old.Id}, nil
 	}
 	// A growth: what shrinks is granted at once, the rest if it fits.
-	now := &pb.Grant{CpuMilli: min(want.CpuMilli, cur.CpuMilli), MemBytes: min(want.MemBytes, cur.MemBytes)}
+	base := &pb.Grant{CpuMilli: min(want.CpuMilli, cur.CpuMilli), MemBytes: min(want.MemBytes, cur.MemBytes)}
 	grown := proto.CloneOf(rec)
 	grown.Grant, grown.Want, grown.WantReason = want, nil, ""
 	var short error
@@ -235,9 +235,9 @@ func (x *txn) setGrant(c *pb.SetGrant) ([]string, error) {
 		return nil, fmt.Errorf("%w: %v, and it is moving to %s: ask again once it has moved", ErrNoCapacity, short, old.MoveTo)
 	}
 	// What the node holds is granted now, the rest waits for room.
-	part := t.partial(old, old.Node, now, want)
+	part := t.partial(old, old.Node, base, want)
 	rec.Grant, rec.Want = part, want
-	if !sameGrant(part, now) {
+	if !sameGrant(part, base) {
 		x.event(EvGrown, old, old.Node, joinWhy(change(cur, part)+" of "+change(cur, want)+" asked", why))
 	}
 	return x.makeRoom(old, rec, joinWhy(change(cur, want), why))
@@ -295,10 +295,10 @@ func joinWhy(a, b string) string {
 }
 
 // grantWants grants the growths waiting for room, as far as their nodes
-// now hold them (the rest waits on), by id, and returns their ids. It runs after every command that
-// succeeds: the room may come from a move's commit, an exit, a kill, a
-// shrink or a bigger node. A grower moving to get its growth gets it when
-// the move commits.
+// now hold them (the rest waits on), in id order, and returns their ids.
+// It runs after every command that succeeds: the room may come from a
+// move's commit, an exit, a kill, a shrink or a bigger node. A grower
+// moving to get its growth gets it when the move commits.
 func (x *txn) grantWants() []string {
 	t := x.t
 	if len(t.wants) == 0 {

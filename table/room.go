@@ -116,10 +116,10 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 	if rest == (vec{}) {
 		return x.wait(rec, why, fmt.Sprintf("waiting for room: %d process%s moving off %s", moving, plural(moving, "es"), node))
 	}
-	nowT := x.now
+	now := x.now
 	recent := 0
 	for _, p := range t.procs {
-		if p.MovedUnixNano != 0 && nowT-p.MovedUnixNano < int64(RoomWindow) {
+		if p.MovedUnixNano != 0 && now-p.MovedUnixNano < int64(RoomWindow) {
 			recent++
 		}
 	}
@@ -128,7 +128,7 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 		return x.wait(rec, why, fmt.Sprintf("no room on %s (short %s), and %d moves to make room started in the last %v, the most allowed",
 			node, restText, recent, RoomWindow))
 	}
-	movers, skipped := t.movers(old, node, nowT)
+	movers, skipped := t.movers(old, node, now)
 	if limit[2] == 0 {
 		for i := range movers {
 			movers[i].frees[2] = 0 // no overcommit bound to free room under
@@ -137,10 +137,10 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 	plan := t.planRoom(movers, rest, budget, node)
 	if plan == nil {
 		if old.Spec.GetGrow() == pb.Grow_GROW_MOVE && old.Spec.GetNode() == "" && old.State == pb.ProcessState_PROCESS_STATE_RUNNING &&
-			!movedRecently(old, nowT) {
+			!movedRecently(old, now) {
 			target, err := t.place(old.Spec, moveClaim(rec), node)
 			if err == nil {
-				rec.MoveTo, rec.MovedUnixNano = target, nowT
+				rec.MoveTo, rec.MovedUnixNano = target, now
 				rec.WantReason = fmt.Sprintf("moving to %s to grow: no room on %s (short %s) and nothing else can move", target, node, restText)
 				x.put(rec)
 				x.event(EvMoving, old, node, joinWhy(why, rec.WantReason))
@@ -180,7 +180,7 @@ func (x *txn) makeRoom(old, rec *pb.ProcessRecord, why string) ([]string, error)
 	x.event(EvWaiting, old, node, joinWhy(why, rec.WantReason))
 	for _, m := range plan {
 		v := proto.CloneOf(m.rec)
-		v.MoveTo, v.MovedUnixNano = m.to, nowT
+		v.MoveTo, v.MovedUnixNano = m.to, now
 		x.put(v)
 		x.event(EvRoom, m.rec, node, fmt.Sprintf("moving to %s to make room for %s (%s)", m.to, old.Id, why))
 		ids = append(ids, v.Id)
