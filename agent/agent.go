@@ -83,6 +83,7 @@ type Agent struct {
 	states     *stateLog          // what a restarted agent adopts
 	book       addrBook           // the servers besides Addrs, and the one that answered last
 	growths    map[string]*growth // the growth loop's state, by process (grow.go)
+	growClose  []PressureReader   // readers of ended growths, for the loop to close
 }
 
 func (a *Agent) init() {

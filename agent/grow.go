@@ -261,9 +261,11 @@ func (a *Agent) growLoop(ctx context.Context) {
 				a.dropGrowthLocked(g)
 			}
 			a.mu.Unlock()
+			a.closeDropped()
 			return
 		case <-a.Clock.After(a.GrowInterval):
 		}
+		a.closeDropped()
 		for _, g := range a.growing() {
 			a.sampleGrowth(ctx, rt, g)
 		}
@@ -315,15 +317,27 @@ func (a *Agent) growthLocked(l *local) *growth {
 	return g
 }
 
+// dropGrowthLocked ends g. Its reader is closed by the loop (closeDropped),
+// the only goroutine that reads it, so never while a Read is under way.
 func (a *Agent) dropGrowthLocked(g *growth) {
 	g.done = true
 	if a.growths[g.id] == g {
 		delete(a.growths, g.id)
 	}
 	if g.r != nil {
-		r := g.r
+		a.growClose = append(a.growClose, g.r)
 		g.r = nil
-		go func() { _ = r.Close() }() // the loop may be reading it: it sees done next
+	}
+}
+
+// closeDropped closes the readers of the growths ended since its last call.
+func (a *Agent) closeDropped() {
+	a.mu.Lock()
+	rs := a.growClose
+	a.growClose = nil
+	a.mu.Unlock()
+	for _, r := range rs {
+		_ = r.Close()
 	}
 }
 
