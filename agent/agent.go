@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shim-run/shim/grow"
 	"github.com/shim-run/shim/metrics"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -50,15 +51,20 @@ type Agent struct {
 	Resume time.Time
 	// HostPaths are the host folders this node offers to sandboxes, by
 	// name; CA is the cluster's CA certificate (PEM) workloads get, nil
-	// with trust off; SelfResize, if set, asks the cluster for a resize
-	// with a workload's self token (Want). See sandbox.go.
-	HostPaths  map[string]HostPath
-	CA         []byte
-	SelfResize func(ctx context.Context, token string, req *pb.ResizeRequest) error
+	// with trust off. See sandbox.go.
+	HostPaths map[string]HostPath
+	CA        []byte
 	// Deadline, if set, is told every new deadline of the node's lease,
 	// for the guard: a separate process that fences the node when the agent
 	// cannot (package guard). After a clean stop it is the held lease's.
 	Deadline func(until time.Time)
+	// Shim returns a client of the user API at addr, for the growth loop's
+	// SetGrant (grow.go); nil: no growth loop (limits still follow grants).
+	Shim func(addr string) shimv1connect.ShimServiceClient
+	// GrowPolicy decides growth (zero: grow.DefaultPolicy); GrowInterval
+	// is how often the loop samples (default 100 ms).
+	GrowPolicy   grow.Policy
+	GrowInterval time.Duration
 
 	mu       sync.Mutex
 	procs    map[string]*local
@@ -82,7 +88,9 @@ type Agent struct {
 	states     *stateLog // what a restarted agent adopts
 	book       addrBook  // the servers besides Addrs, and the one that answered last
 	tokensMu   sync.Mutex
-	tokens     map[string]string // self tokens by process id, from the assignments
+	tokens     map[string]string  // self tokens by process id, from the assignments
+	growths    map[string]*growth // the growth loop's state, by process (grow.go)
+	growClose  []PressureReader   // readers of ended growths, for the loop to close
 }
 
 func (a *Agent) init() {
@@ -104,6 +112,10 @@ func (a *Agent) init() {
 	if a.StopGrace <= 0 {
 		a.StopGrace = 5 * time.Second
 	}
+	if a.GrowInterval <= 0 {
+		a.GrowInterval = 100 * time.Millisecond
+	}
+	a.growths = map[string]*growth{}
 	a.procs = map[string]*local{}
 	a.kick = make(chan struct{}, 1)
 	a.reports = newReporter(a.sendReport, a.Clock, a.Log)
@@ -137,7 +149,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.lease.stop()
 	}()
 	var wg sync.WaitGroup
-	for _, f := range []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample, a.sweepWork} {
+	loops := []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample, a.sweepWork}
+	if a.Shim != nil {
+		loops = append(loops, a.growLoop)
+	}
+	for _, f := range loops {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx) }()
 	}

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"sync"
 	"time"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
@@ -19,7 +20,10 @@ type local struct {
 	inc         uint64
 	rec         *pb.ProcessRecord
 	proc        Proc
-	applied     *pb.Resources
+	applied     *pb.Resources // the bounds its limits derive from
+	limits      *pb.Resources // the limits in force (elastic: its grant's, grow.go); nil unknown
+	vmGrant     *pb.Grant     // a VM's grant in force (grow.go)
+	vmMu        sync.Mutex    // one VM resize at a time
 	restarts    uint32
 	consecutive int
 	startedAt   time.Time

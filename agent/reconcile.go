@@ -13,6 +13,7 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/restart"
+	"github.com/shim-run/shim/table"
 )
 
 // The node's assignments. watch long-polls them from the servers and merges
@@ -138,6 +139,12 @@ func (a *Agent) effective(recs []*pb.ProcessRecord) []*pb.ProcessRecord {
 			r = proto.CloneOf(r)
 			r.Node, r.MoveTo, r.Incarnation = a.Node.Name, "", r.Incarnation+1
 			r.State, r.Pid, r.Restarts = pb.ProcessState_PROCESS_STATE_STARTING, 0, 0
+			if w := r.Want; w != nil {
+				// This node holds the growth it moves here for.
+				g := table.GrantOf(r)
+				r.Grant = &pb.Grant{CpuMilli: max(g.CpuMilli, w.CpuMilli), MemBytes: max(g.MemBytes, w.MemBytes)}
+				r.Want, r.WantReason = nil, ""
+			}
 		}
 		out[i] = r
 	}
@@ -202,12 +209,13 @@ func (a *Agent) reconcileLocked() {
 			if l.proc == nil {
 				continue // starting: start applies the new bounds when it is up
 			}
-			if err := l.proc.Resize(act.Record.Spec.GetResources()); err != nil {
+			l.rec = act.Record
+			limits := a.limitsOf(act.Record, a.grantLocked(l)) // elastic: its grant's (grow.go)
+			if err := l.proc.Resize(limits); err != nil {
 				a.Log.Warn("resize failed", "id", l.id, "err", err)
 				continue
 			}
-			l.applied = act.Record.Spec.GetResources()
-			l.rec = act.Record
+			l.applied, l.limits = act.Record.Spec.GetResources(), limits
 			a.saveState(l)
 			a.Log.Info("resized in place", "id", l.id, "pid", l.proc.PID())
 		case restart.Start:
@@ -225,6 +233,7 @@ func (a *Agent) reconcileLocked() {
 			a.exitedLocked(l, exit)
 		}
 	}
+	a.applyGrantsLocked() // new grants: limits follow (grow.go)
 }
 
 // stopLocked sends l's process sig (SIGTERM when 0), and SIGKILL once the

@@ -14,6 +14,7 @@ type Spec struct {
 	Dir         string
 	LogPath     string // stdout and stderr, appended
 	Resources   *pb.Resources
+	Grant       *pb.Grant // the grant it starts at: a VM's size (its Resources are its ceiling)
 	Isolation   pb.Isolation
 	Network     pb.Network
 	User        string

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/table"
 )
 
 // Starting and ending runs. A start reserves the entry under the lock and
@@ -63,10 +64,12 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	}
 	a.mu.Unlock()
 	spec := rec.Spec
+	limits := a.startLimits(rec) // an elastic process's follow its grant (grow.go)
 	begin := a.Clock.Now()
 	rs, err := a.runSpec(rec)
 	var p Proc
 	if err == nil {
+		rs.Resources, rs.Grant = limits, table.GrantOf(rec)
 		p, err = a.Runtime.Start(rs)
 	}
 	a.mu.Lock()
@@ -92,7 +95,8 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		}
 		return
 	}
-	l.proc, l.applied, l.starting, l.startedAt = p, spec.Resources, false, a.Clock.Now()
+	l.proc, l.applied, l.limits, l.starting, l.startedAt = p, spec.Resources, limits, false, a.Clock.Now()
+	a.startedLocked(l, rec) // grow.go
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)

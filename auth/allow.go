@@ -114,6 +114,7 @@ var (
 		shimv1connect.ShimServiceKillProcedure,
 		shimv1connect.ShimServiceResizeProcedure,
 		shimv1connect.ShimServiceDrainProcedure,
+		shimv1connect.ShimServiceSetGrantProcedure,
 	))
 	// selfProcs: a workload's self token reads its own record and changes
 	// its own bounds and grant (the handlers check the id: OwnProcess).
@@ -135,6 +136,7 @@ var (
 		shimv1connect.AgentServiceAssignmentsProcedure,
 		shimv1connect.AgentServiceReportProcedure,
 		shimv1connect.ShimServiceWhoamiProcedure,
+		shimv1connect.ShimServiceSetGrantProcedure, // its own processes' grants (the handler checks)
 		ProcHeartbeatStream,
 	)
 	// serverProcs: a server certificate also commits forwarded writes,

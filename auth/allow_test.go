@@ -32,6 +32,7 @@ func TestAllow(t *testing.T) {
 		tokens  = shimv1connect.ShimServiceListTokensProcedure
 		revoke  = shimv1connect.ShimServiceRevokeTokenProcedure
 		whoami  = shimv1connect.ShimServiceWhoamiProcedure
+		grant   = shimv1connect.ShimServiceSetGrantProcedure
 		future  = "/shim.v1.ShimService/SomethingNew"
 		hb      = shimv1connect.AgentServiceHeartbeatProcedure
 		asg     = shimv1connect.AgentServiceAssignmentsProcedure
@@ -45,7 +46,7 @@ func TestAllow(t *testing.T) {
 		other   = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 	)
 	// Every identity against every procedure: the rows are who may.
-	procs := []string{spawn, kill, resize, drain, list, nodes, logs, ProcEvents, create, tokens, revoke, whoami, future,
+	procs := []string{spawn, kill, resize, drain, list, nodes, logs, ProcEvents, create, tokens, revoke, whoami, grant, future,
 		ProcMetrics, hb, ProcHeartbeatStream, asg, report, joinRPC, leave, apply, readIdx, usage, certify, other}
 	may := map[string][]Identity{
 		spawn:               {admin, operator, passed},
@@ -60,6 +61,7 @@ func TestAllow(t *testing.T) {
 		tokens:              {admin, passed},
 		revoke:              {admin, passed},
 		whoami:              {admin, operator, read, join, passed, server, worker},
+		grant:               {admin, operator, passed, server, worker},
 		future:              {admin, passed},
 		ProcMetrics:         {admin, operator, read},
 		hb:                  {server, worker},

@@ -22,6 +22,13 @@ type Metrics struct {
 	Fenced          prometheus.Counter
 	Heartbeats      prometheus.Counter
 	BatchSize       prometheus.Histogram
+	// Growth: on servers, the grant changes and moves to make room their
+	// replica applied; on nodes, what their growth loop asked and how long
+	// a growth took to come into force.
+	Grants       *prometheus.CounterVec
+	RoomMoves    prometheus.Counter
+	GrowRequests *prometheus.CounterVec
+	GrowLatency  prometheus.Histogram
 }
 
 // New registers shim's series on reg (a new registry if nil).
@@ -53,9 +60,17 @@ func New(reg *prometheus.Registry) *Metrics {
 			Help: "Lease renewals this server granted as leader."}),
 		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_raft_batch_commands",
 			Help: "Commands the leader committed together in one Raft entry.", Buckets: prometheus.ExponentialBuckets(1, 2, 11)}),
+		Grants: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shim_grants_total",
+			Help: "Grant changes this server's table applied, by change: grown, shrunk, waiting (for room), cancelled."}, []string{"change"}),
+		RoomMoves: prometheus.NewCounter(prometheus.CounterOpts{Name: "shim_room_moves_total",
+			Help: "Moves to make room for a growth that this server's table applied."}),
+		GrowRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shim_grow_requests_total",
+			Help: "Grant changes this node's growth loop asked for, by resource (cpu, memory) and action (grow, shrink)."}, []string{"resource", "action"}),
+		GrowLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shim_grow_seconds",
+			Help: "Time from this node's decision to grow to the new limit being in force.", Buckets: buckets}),
 	}
 	reg.MustRegister(m.ApplyLatency, m.Placements, m.LeaseExpiries, m.ProcessStarts, m.ProcessFailures,
-		m.StartLatency, m.RestartLatency, m.Fenced, m.Heartbeats, m.BatchSize)
+		m.StartLatency, m.RestartLatency, m.Fenced, m.Heartbeats, m.BatchSize, m.Grants, m.RoomMoves, m.GrowRequests, m.GrowLatency)
 	return m
 }
 

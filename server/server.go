@@ -158,5 +158,6 @@ func (s *Server) Run(ctx context.Context) {
 		<-ctx.Done()
 		return
 	}
+	go s.countEvents(ctx) // events.go
 	s.runLeases(ctx)
 }

@@ -365,6 +365,7 @@ func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesReques
 			Voter:     voters[v.Node.Name],
 			Processes: uint32(a.Count),
 			Reserved:  &pb.Resources{CpuMinMilli: a.CPUMin, MemMinBytes: a.MemMin},
+			Granted:   &pb.Grant{CpuMilli: a.CPUGrant, MemBytes: a.MemGrant},
 			Limit:     &pb.Resources{CpuMaxMilli: a.CPUMax, MemMaxBytes: a.MemMax},
 			Usage:     used[v.Node.Name],
 		})

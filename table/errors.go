@@ -11,4 +11,5 @@ var (
 	ErrUnknownNode = errors.New("unknown node")
 	ErrTransition  = errors.New("invalid state transition")
 	ErrDecode      = errors.New("cannot decode command")
+	ErrStale       = errors.New("stale incarnation")
 )

@@ -195,7 +195,8 @@ func (g *gen) step(t *testing.T) {
 			t.Fatalf("step %d: failed command changed the table: %v", g.index, res.Err)
 		}
 		if !errors.Is(res.Err, ErrInvalid) && !errors.Is(res.Err, ErrNotFound) && !errors.Is(res.Err, ErrExists) &&
-			!errors.Is(res.Err, ErrNoCapacity) && !errors.Is(res.Err, ErrUnknownNode) && !errors.Is(res.Err, ErrDecode) {
+			!errors.Is(res.Err, ErrNoCapacity) && !errors.Is(res.Err, ErrUnknownNode) && !errors.Is(res.Err, ErrDecode) &&
+			!errors.Is(res.Err, ErrStale) {
 			t.Fatalf("step %d: error %v wraps no sentinel", g.index, res.Err)
 		}
 	}
@@ -260,6 +261,19 @@ func (g *gen) command(op, depth int) *pb.Command {
 	case 7, 8:
 		return g.report()
 	case 9:
+		if g.int(2) == 0 {
+			// A grant: mostly within small bounds, so that growths make
+			// room, move growers and wait.
+			sg := &pb.SetGrant{Id: pick(g, fzIDs), Grant: &pb.Grant{CpuMilli: pick(g, fzCPU[:5]), MemBytes: pick(g, fzMem)},
+				By: "node"}
+			switch g.int(6) {
+			case 0:
+				sg.Incarnation = uint64(g.int(3))
+			case 1:
+				sg.Grant = nil
+			}
+			return &pb.Command{Op: &pb.Command_SetGrant{SetGrant: sg}}
+		}
 		r := &pb.Resources{CpuMinMilli: pick(g, fzCPU), MemMinBytes: pick(g, fzMem)}
 		if g.int(2) == 0 {
 			r.CpuMaxMilli = pick(g, fzCPU)
@@ -308,6 +322,14 @@ func (g *gen) spawn() *pb.Command {
 	}
 	if g.int(4) == 0 {
 		s.Node = pick(g, append(fzNodes, "n9", "bad/pin"))
+	}
+	if g.int(2) == 0 {
+		s.Grow = pick(g, []pb.Grow{pb.Grow_GROW_ON, pb.Grow_GROW_MOVE, 7})
+		if s.Resources != nil && g.int(4) != 0 {
+			s.Resources.MemMaxBytes, s.Resources.CpuMaxMilli = pick(g, fzMem[1:]), pick(g, fzCPU[1:])
+		}
+		p := int32(pick(g, []int{0, 100, 500, 1000, -1}))
+		s.Priority = &p
 	}
 	ids := []string{pick(g, fzIDs)}
 	for g.int(3) == 1 { // never true once the input is used up

@@ -294,10 +294,34 @@ func checkInvariants(t *Table) error {
 					a = &Alloc{}
 					alloc[h] = a
 				}
-				a.add(r.Spec.GetResources(), 1)
+				a.add(claimOn(r, h), 1)
+			}
+			if err := withinBounds(r, GrantOf(r)); err != nil {
+				return fmt.Errorf("%s: %v", id, err)
+			}
+			if w := r.Want; w != nil {
+				g := GrantOf(r)
+				if w.CpuMilli < g.CpuMilli || w.MemBytes < g.MemBytes || sameGrant(w, g) {
+					return fmt.Errorf("%s wants %s, not above its grant %s", id, FormatGrant(w), FormatGrant(g))
+				}
+				if _, ok := t.wants[id]; !ok {
+					return fmt.Errorf("%s wants a growth, the wants index does not hold it", id)
+				}
+			} else if _, ok := t.wants[id]; ok {
+				return fmt.Errorf("the wants index holds %s, which wants nothing", id)
 			}
 		case r.State == pb.ProcessState_PROCESS_STATE_UNSPECIFIED || r.State > killed:
 			return fmt.Errorf("%s has state %d", id, r.State)
+		}
+	}
+	for id := range t.wants {
+		if r := t.procs[id]; r == nil || !live(r) || r.Want == nil {
+			return fmt.Errorf("the wants index holds %s", id)
+		}
+	}
+	for i, e := range t.events {
+		if e.Index <= t.eventsBase || i > 0 && e.Index < t.events[i-1].Index || e.Index > t.index {
+			return fmt.Errorf("event %d (index %d) out of order (base %d, table %d)", i, e.Index, t.eventsBase, t.index)
 		}
 	}
 	got := slices.Clone(t.pending)
@@ -340,7 +364,7 @@ func sameIndex(what string, got, want map[string]map[string]struct{}) error {
 func checkFits(t *Table) error {
 	for _, v := range t.Nodes() {
 		c := v.Node.GetCapacity()
-		if v.Alloc.CPUMin < 0 || v.Alloc.CPUMin > c.GetCpuMaxMilli() || v.Alloc.MemMin < 0 || v.Alloc.MemMin > c.GetMemMaxBytes() {
+		if v.Alloc.CPUGrant < 0 || v.Alloc.CPUGrant > c.GetCpuMaxMilli() || v.Alloc.MemGrant < 0 || v.Alloc.MemGrant > c.GetMemMaxBytes() {
 			return fmt.Errorf("node %s holds %+v, capacity %v", v.Node.Name, v.Alloc, c)
 		}
 	}

@@ -30,6 +30,8 @@ type Snapshot struct {
 	pending []string
 	trust   *pb.Trust
 	tokens  []*pb.TokenRecord
+	events  []*pb.Event
+	evBase  uint64
 	// requests, oldest first, and the applied index (requests.go)
 	requests []*pb.RequestRecord
 	applied  uint64
@@ -46,6 +48,8 @@ func (t *Table) Snapshot() *Snapshot {
 		pending: slices.Clone(t.pending),
 		trust:   t.trust,
 		tokens:  sortedTokens(t.tokens),
+		events:  slices.Clone(t.events),
+		evBase:  t.eventsBase,
 
 		requests: t.requests.live(),
 		applied:  t.applied,
@@ -69,6 +73,7 @@ func (s *Snapshot) Persist(w io.Writer) error {
 		Version: snapshotVersion, Index: s.index, Pending: s.pending,
 		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
 		Trust: s.trust, Tokens: s.tokens, Requests: s.requests, AppliedIndex: s.applied,
+		Events: s.events, EventsBase: s.evBase,
 	}
 	if _, err := protodelim.MarshalTo(bw, hdr); err != nil {
 		return fmt.Errorf("persist header: %w", err)
@@ -126,6 +131,9 @@ func (t *Table) Restore(r io.Reader) error {
 		nt.procs[p.Id] = p
 		nt.states[p.State]++
 		addIndex(nt.byName, p.Spec.GetName(), p.Id)
+		if live(p) && p.Want != nil {
+			nt.wants[p.Id] = struct{}{}
+		}
 		if live(p) {
 			for _, n := range holders(p) {
 				nt.hold(n, p)
@@ -161,17 +169,24 @@ func (t *Table) Restore(r io.Reader) error {
 	t.cands, t.candsOK, t.states, t.order = nil, false, nt.states, nt.order
 	t.trust, t.tokens = nt.trust, nt.tokens
 	t.requests, t.applied = nt.requests, nt.applied
+	t.wants, t.events, t.eventsBase = nt.wants, hdr.Events, hdr.EventsBase
 	return nil
 }
 
-// Equal reports whether two tables hold the same records and request ids
+// Equal reports whether two tables hold the same records, events and request ids
 // (for tests); their applied indexes may differ.
 func Equal(a, b *Table) bool {
 	sa, sb := a.Snapshot(), b.Snapshot()
 	if sa.index != sb.index || len(sa.requests) != len(sb.requests) ||
 		len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
-		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) {
+		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) ||
+		len(sa.events) != len(sb.events) || sa.evBase != sb.evBase {
 		return false
+	}
+	for i := range sa.events {
+		if !proto.Equal(sa.events[i], sb.events[i]) {
+			return false
+		}
 	}
 	for i := range sa.tokens {
 		if !proto.Equal(sa.tokens[i], sb.tokens[i]) {

@@ -96,7 +96,7 @@ func TestSpawnNoCapacityNamesMostFreeNode(t *testing.T) {
 	x.ok(spawnCmd(pinned(spec(1500), "n1"), "a"))
 	x.ok(spawnCmd(pinned(spec(3500), "n3"), "b"))
 	err := x.fail(spawnCmd(spec(2000), "c"), ErrNoCapacity)
-	want := "no node has room for cpu 2, memory 0: the most free is cpu 1, memory 4G on n2 (3 nodes up): cpu min 2 > free 1"
+	want := "no node has room for cpu 2, memory 0: the most free is cpu 1, memory 4G on n2 (3 nodes up): cpu 2 > free 1"
 	if err.Error() != want {
 		t.Errorf("error %q\nwant  %q", err, want)
 	}
@@ -572,12 +572,21 @@ func TestResizeRespectsOvercommit(t *testing.T) {
 	n.GetRegisterNode().Node.OvercommitPercent = 150
 	x.ok(n)
 	s := spec(100)
-	s.Resources.CpuMaxMilli = 2000
+	s.Resources.MemMaxBytes = 2 * gib
 	x.ok(spawnCmd(s, "a"))
-	x.fail(spawnCmd(s, "b"), ErrNoCapacity) // 4 cores of max > 3
-	x.fail(resizeCmd("a", &pb.Resources{CpuMinMilli: 100, CpuMaxMilli: 3100}), ErrNoCapacity)
-	x.ok(resizeCmd("a", &pb.Resources{CpuMinMilli: 100, CpuMaxMilli: 1000}))
+	x.fail(spawnCmd(s, "b"), ErrNoCapacity) // 4 GiB of memory max > 3
+	x.fail(resizeCmd("a", &pb.Resources{CpuMinMilli: 100, MemMaxBytes: 3*gib + 1}), ErrNoCapacity)
+	x.ok(resizeCmd("a", &pb.Resources{CpuMinMilli: 100, MemMaxBytes: gib / 2}))
 	x.ok(spawnCmd(s, "b"))
+	// CPU maxima do not count: a CPU max is a ceiling on a compressible
+	// resource.
+	c := spec(100)
+	c.Resources.CpuMaxMilli = 2000
+	x.ok(spawnCmd(c, "c", "d", "e"))
+	// An elastic process counts its grant, not its max.
+	g := spec(100)
+	g.Resources.MemMinBytes, g.Resources.MemMaxBytes, g.Grow = 64<<20, 2*gib, pb.Grow_GROW_ON
+	x.ok(spawnCmd(g, "g"))
 }
 
 // Shrinking a process makes room; the queue must not wait for some other
@@ -832,7 +841,7 @@ func TestHugeRequestsDoNotOverflow(t *testing.T) {
 		{CpuMinMilli: math.MaxInt64},
 		{CpuMinMilli: math.MaxInt64 - 499},
 		{MemMinBytes: math.MaxInt64},
-		{CpuMaxMilli: math.MaxInt64},
+		{MemMaxBytes: math.MaxInt64},
 	} {
 		s := spec(0)
 		s.Resources = r
@@ -845,12 +854,12 @@ func TestHugeRequestsDoNotOverflow(t *testing.T) {
 	big.GetRegisterNode().Node.OvercommitPercent = math.MaxUint32
 	x.ok(big)
 	s := spec(0)
-	s.Resources = &pb.Resources{CpuMaxMilli: math.MaxInt64 - 1, MemMaxBytes: 1}
+	s.Resources = &pb.Resources{MemMaxBytes: math.MaxInt64 - 1}
 	x.ok(spawnCmd(pinned(s, "big"), "h1"))
-	s.Resources.CpuMaxMilli = 1
+	s.Resources.MemMaxBytes = 1
 	x.ok(spawnCmd(pinned(s, "big"), "h2"))
 	x.fail(spawnCmd(pinned(s, "big"), "h3"), ErrNoCapacity)
-	if v := x.tb.Nodes()[0]; v.Alloc.CPUMax != math.MaxInt64 {
+	if v := x.tb.Nodes()[0]; v.Alloc.MemLimit != math.MaxInt64 {
 		t.Fatalf("big alloc %+v", v.Alloc)
 	}
 	if err := checkFits(x.tb); err != nil {

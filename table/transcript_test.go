@@ -22,12 +22,16 @@ package table
 //	drain|undrain NAME
 //	remove NAME
 //	spawn ID... [name=N] [cpu=C] [cpumax=C] [burst=C] [mem=B] [memmax=B]
-//	      [pids=N] [node=PIN] [restart=always|on-failure|never] [env=K=V] -- ARGV...
+//	      [pids=N] [node=PIN] [restart=always|on-failure|never] [env=K=V]
+//	      [grow=on|move] [prio=N] -- ARGV...
 //	kill ID... [sig=N]
 //	report NODE ID inc=N STATE [pid=N] [exit=N] [restarts=N] [reason=WORD] [at=T]
 //	resize ID [move] [cpu=C] [cpumax=C] [burst=C] [mem=B] [memmax=B]
 //	prune before=T
+//	grant ID [cpu=C] [mem=B] [inc=N] [by=WHO]   set a grant (SetGrant)
+//	tick T             advance the clock by T seconds (no command)
 //	ps                 every process, oldest first, then the pending queue
+//	events [since=N] [type=T]...   the event ring
 //	nodes              every node with its allocation
 //	show ID            one record in full, with its history
 //	assign NODE        a node's assignments and their index
@@ -128,6 +132,48 @@ func (h *harness) run(line string) (string, error) {
 		return h.ps(), nil
 	case "nodes":
 		return h.nodes(), nil
+	case "tick":
+		if len(args) != 1 {
+			return "", fmt.Errorf("usage: tick SECONDS")
+		}
+		n, err := strconv.ParseInt(args[0], 10, 64)
+		if err != nil {
+			return "", err
+		}
+		h.clock += n
+		return fmt.Sprintf("t%d", h.clock), nil
+	case "events":
+		var since uint64
+		var types []string
+		for _, a := range args {
+			if v, ok := strings.CutPrefix(a, "since="); ok {
+				n, err := strconv.ParseUint(v, 10, 64)
+				if err != nil {
+					return "", err
+				}
+				since = n
+			} else if v, ok := strings.CutPrefix(a, "type="); ok {
+				types = append(types, v)
+			} else {
+				return "", fmt.Errorf("usage: events [since=N] [type=T]...")
+			}
+		}
+		evs, base, _ := h.a.Events(since, types)
+		lines := []string{fmt.Sprintf("base=%d", base)}
+		for _, e := range evs {
+			l := fmt.Sprintf("%d %s %s", e.Index, clockTime(e.UnixNano), e.Type)
+			if e.Id != "" {
+				l += " " + e.Id
+			}
+			if e.Node != "" {
+				l += " @" + e.Node
+			}
+			if e.Reason != "" {
+				l += fmt.Sprintf(" %q", e.Reason)
+			}
+			lines = append(lines, l)
+		}
+		return strings.Join(lines, "\n"), nil
 	case "show":
 		if len(args) != 1 {
 			return "", fmt.Errorf("usage: show ID")
@@ -228,6 +274,12 @@ func psLine(r *pb.ProcessRecord) string {
 	if r.MoveTo != "" {
 		s += " moveto=" + r.MoveTo
 	}
+	if g := GrantOf(r); Elastic(r.Spec) || !sameGrant(g, minGrant(r.Spec.GetResources())) {
+		s += " grant=" + Cores(g.CpuMilli) + "/" + Bytes(g.MemBytes)
+	}
+	if w := r.Want; w != nil {
+		s += " want=" + Cores(w.CpuMilli) + "/" + Bytes(w.MemBytes)
+	}
 	if r.Stop {
 		s += fmt.Sprintf(" stop=%d", r.StopSignal)
 	}
@@ -245,10 +297,10 @@ func (h *harness) nodes() string {
 		if n.Draining {
 			s += " draining"
 		}
-		s += fmt.Sprintf(" cpu=%s/%s mem=%s/%s procs=%d", Cores(a.CPUMin), Cores(n.Capacity.GetCpuMaxMilli()),
-			Bytes(a.MemMin), Bytes(n.Capacity.GetMemMaxBytes()), a.Count)
+		s += fmt.Sprintf(" cpu=%s/%s mem=%s/%s procs=%d", Cores(a.CPUGrant), Cores(n.Capacity.GetCpuMaxMilli()),
+			Bytes(a.MemGrant), Bytes(n.Capacity.GetMemMaxBytes()), a.Count)
 		if n.OvercommitPercent > 0 {
-			s += fmt.Sprintf(" oc=%d%% cpumax=%s memmax=%s", n.OvercommitPercent, Cores(a.CPUMax), Bytes(a.MemMax))
+			s += fmt.Sprintf(" oc=%d%% memlimits=%s", n.OvercommitPercent, Bytes(a.MemLimit))
 		}
 		lines = append(lines, s)
 	}
@@ -289,7 +341,19 @@ func showRecord(r *pb.ProcessRecord) string {
 			}
 		}
 	}
+	if s.Grow != pb.Grow_GROW_OFF {
+		fmt.Fprintf(&b, " grow=%s", strings.ToLower(strings.TrimPrefix(s.Grow.String(), "GROW_")))
+	}
+	if s.Priority != nil {
+		fmt.Fprintf(&b, " prio=%d", *s.Priority)
+	}
 	fmt.Fprintf(&b, " -- %s", strings.Join(s.Command, " "))
+	if r.WantReason != "" {
+		fmt.Fprintf(&b, "\n  want: %q", r.WantReason)
+	}
+	if r.MovedUnixNano != 0 {
+		fmt.Fprintf(&b, "\n  moved to make room: %s", clockTime(r.MovedUnixNano))
+	}
 	for _, i := range r.History {
 		fmt.Fprintf(&b, "\n  history: inc=%d %s %s pid=%d exit=%d %s..%s reason=%q", i.Incarnation, i.Node,
 			StateName(i.State), i.Pid, i.ExitCode, clockTime(i.StartedUnixNano), clockTime(i.EndedUnixNano), i.Reason)
@@ -396,6 +460,33 @@ func parseCommand(verb string, args []string) (*pb.Command, error) {
 			return resizeMoveCmd(args[0], r), nil
 		}
 		return resizeCmd(args[0], r), nil
+	case "grant":
+		if err := need(1); err != nil {
+			return nil, err
+		}
+		g := &pb.SetGrant{Id: args[0], Grant: &pb.Grant{}}
+		for _, kv := range args[1:] {
+			k, v, _ := strings.Cut(kv, "=")
+			var err error
+			switch k {
+			case "cpu":
+				g.Grant.CpuMilli, err = parseCores(v)
+			case "mem":
+				g.Grant.MemBytes, err = parseBytes(v)
+			case "inc":
+				g.Incarnation, err = strconv.ParseUint(v, 10, 64)
+			case "by":
+				g.By = v
+			case "reason":
+				g.Reason = v
+			default:
+				err = fmt.Errorf("unknown grant option %q", kv)
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		return &pb.Command{Op: &pb.Command_SetGrant{SetGrant: g}}, nil
 	case "prune":
 		if err := need(1); err != nil {
 			return nil, err
@@ -433,6 +524,19 @@ func parseSpawn(args []string) (*pb.Command, error) {
 			s.Node = v
 		case "env":
 			s.Env = append(s.Env, v)
+		case "grow":
+			g, ok := map[string]pb.Grow{"off": pb.Grow_GROW_OFF, "on": pb.Grow_GROW_ON, "move": pb.Grow_GROW_MOVE}[v]
+			if !ok {
+				return nil, fmt.Errorf("unknown grow mode %q", v)
+			}
+			s.Grow = g
+		case "prio":
+			n, err := strconv.ParseInt(v, 10, 32)
+			if err != nil {
+				return nil, err
+			}
+			p := int32(n)
+			s.Priority = &p
 		case "restart":
 			p, ok := map[string]pb.RestartPolicy{"always": pb.RestartPolicy_RESTART_POLICY_ALWAYS,
 				"on-failure": pb.RestartPolicy_RESTART_POLICY_ON_FAILURE, "never": pb.RestartPolicy_RESTART_POLICY_NEVER}[v]

@@ -52,6 +52,9 @@ func ValidateSpec(s *pb.ProcessSpec) error {
 	if err := validateSandbox(s); err != nil {
 		return err
 	}
+	if err := validateGrow(s); err != nil {
+		return err
+	}
 	return ValidateResources(s.Resources)
 }
 
@@ -287,4 +290,18 @@ func Bytes(b int64) string {
 	s := fmt.Sprintf("%.1f", v)
 	s = strings.TrimSuffix(s, ".0")
 	return s + string(suffixes[i])
+}
+
+// validateGrow checks a spec's grow mode and priority.
+func validateGrow(s *pb.ProcessSpec) error {
+	if _, ok := pb.Grow_name[int32(s.Grow)]; !ok {
+		return fmt.Errorf("%w: unknown grow mode %d", ErrInvalid, s.Grow)
+	}
+	if s.Grow != pb.Grow_GROW_OFF && s.Resources.GetCpuMaxMilli() == 0 && s.Resources.GetMemMaxBytes() == 0 {
+		return fmt.Errorf("%w: grow needs a cpu or memory max to grow to", ErrInvalid)
+	}
+	if p := Priority(s); p < 0 || p > MaxPriority {
+		return fmt.Errorf("%w: priority %d is outside 0-%d", ErrInvalid, p, MaxPriority)
+	}
+	return nil
 }

@@ -154,6 +154,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.AddCommand(
 		a.spawnCmd(), a.psCmd(), a.killCmd(), a.nodesCmd(), a.logsCmd(),
 		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.tokenCmd(), a.versionCmd(),
+		a.grantCmd(), a.eventsCmd(), // grow.go
 	)
 	return root
 }

@@ -44,6 +44,9 @@ type fakeServer struct {
 	lastToken string
 	tokens    []*pb.TokenRecord
 	revoked   string
+	// growth (grow_test.go)
+	grantReq  *pb.SetGrantRequest
+	eventsReq *pb.EventsRequest
 }
 
 func notFound(ref string) error {

@@ -200,6 +200,11 @@ func appendProcessJSON(b []byte, v *processJSON) []byte {
 	w.int("mem_max", r.MemMax)
 	w.int("pids", r.Pids)
 	w.close('}')
+	w.str("grow", v.Grow)
+	w.int("priority", int64(v.Priority))
+	w.grant("grant", &v.Grant)
+	w.grant("want", v.Want)
+	w.str("want_reason", v.WantReason)
 	w.key("usage")
 	if u := v.Usage; u == nil {
 		w.b = append(w.b, "null"...)

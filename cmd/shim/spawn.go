@@ -22,6 +22,7 @@ type spawnOptions struct {
 	count                                                                      int
 	env, mounts                                                                []string
 	wait                                                                       bool
+	grow                                                                       growFlags // grow.go
 }
 
 func (a *app) spawnCmd() *cobra.Command {
@@ -64,6 +65,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.dir, "dir", "", "working `DIR` in the sandbox: /work (the default), /tmp, a mount, or in one of them")
 	f.StringArrayVar(&o.mounts, "mount", nil, "mount the node's host path NAME at PATH: `NAME:PATH[:ro]` (repeatable; the node declares NAME with shimd --host-path)")
 	f.StringVar(&o.requestID, "request-id", "", "spawn at most once under this `ID` (default: a random one; retries reuse it)")
+	o.grow.add(f)
 	return cmd
 }
 
@@ -123,6 +125,9 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 		if s.User, err = parseUser(o.user); err != nil {
 			return nil, flagError("user", o.user, err)
 		}
+	}
+	if err := o.grow.apply(flags, s); err != nil {
+		return nil, err
 	}
 	if err := table.ValidateSpec(s); err != nil {
 		return nil, &usageError{strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")}

@@ -64,6 +64,11 @@ type processJSON struct {
 	Network     string            `json:"network"`
 	Pinned      string            `json:"pinned_node"`
 	Resources   resourcesJSON     `json:"resources"`
+	Grow        string            `json:"grow"`
+	Priority    int32             `json:"priority"`
+	Grant       grantJSON         `json:"grant"`
+	Want        *grantJSON        `json:"want"`
+	WantReason  string            `json:"want_reason"`
 	Usage       *usageJSON        `json:"usage"`
 	Stop        bool              `json:"stop"`
 	Created     *string           `json:"created"`
@@ -96,6 +101,8 @@ type nodeJSON struct {
 	Raft        string         `json:"raft"`
 	Capacity    amountJSON     `json:"capacity"`
 	Reserved    amountJSON     `json:"reserved"`
+	Granted     amountJSON     `json:"granted"`
+	Free        amountJSON     `json:"free"`
 	Limit       amountJSON     `json:"limit"`
 	Overcommit  uint32         `json:"overcommit_percent"`
 	Processes   uint32         `json:"processes"`
@@ -171,6 +178,12 @@ func processView(r *pb.ProcessRecord) processJSON {
 		Created: stamp(r.GetCreatedUnixNano()), Started: stamp(r.GetStartedUnixNano()),
 		Finished: stamp(r.GetFinishedUnixNano()), Updated: stamp(r.GetUpdatedUnixNano()),
 		History: []incarnationJSON{}, ModifyIndex: r.GetModifyIndex(),
+		Grow: growName(s.GetGrow()), Priority: table.Priority(s), Grant: grantView(table.GrantOf(r)),
+		WantReason: r.GetWantReason(),
+	}
+	if w := r.GetWant(); w != nil {
+		g := grantView(w)
+		v.Want = &g
 	}
 	if u := r.GetUsage(); u != nil {
 		v.Usage = &usageJSON{CPU: cores(u.GetCpuMilli()), CPUSeconds: float64(u.GetCpuUsageNanos()) / 1e9, Mem: u.GetMemoryBytes(),
@@ -204,8 +217,11 @@ func nodeView(s *pb.NodeStatus) nodeJSON {
 		Name: n.GetName(), Role: roleName(n.GetRole()), State: table.NodeStateName(n.GetState()),
 		Draining: n.GetDraining(), Leader: s.GetLeader(), Voter: s.GetVoter(),
 		API: n.GetApiAddr(), Raft: n.GetRaftAddr(),
-		Capacity:   amountJSON{CPU: cores(capCPU(c)), Mem: capMem(c), Pids: c.GetPidsMax()},
-		Reserved:   amountJSON{CPU: cores(res.GetCpuMinMilli()), Mem: res.GetMemMinBytes()},
+		Capacity: amountJSON{CPU: cores(capCPU(c)), Mem: capMem(c), Pids: c.GetPidsMax()},
+		Reserved: amountJSON{CPU: cores(res.GetCpuMinMilli()), Mem: res.GetMemMinBytes()},
+		Granted:  amountJSON{CPU: cores(s.GetGranted().GetCpuMilli()), Mem: s.GetGranted().GetMemBytes()},
+		Free: amountJSON{CPU: cores(max(capCPU(c)-s.GetGranted().GetCpuMilli(), 0)),
+			Mem: max(capMem(c)-s.GetGranted().GetMemBytes(), 0)},
 		Limit:      amountJSON{CPU: cores(lim.GetCpuMaxMilli()), Mem: lim.GetMemMaxBytes()},
 		Overcommit: n.GetOvercommitPercent(), Processes: s.GetProcesses(),
 		Joined: stamp(n.GetJoinedUnixNano()), Updated: stamp(n.GetUpdatedUnixNano()),
@@ -383,7 +399,7 @@ func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	head := "ID\tNAME\tNODE\tSTATE\tPID\tINC\tRESTARTS\tEXIT\tAGE"
 	if wide {
-		head += "\tISOLATION\tCPU(MIN/MAX/BURST)\tMEM(MIN/MAX)\tPIDS\tCPU%\tMEMUSED\tGUESTMEM\tREASON"
+		head += "\tISOLATION\tCPU(MIN/MAX/BURST)\tMEM(MIN/MAX)\tPIDS\tGRANT(CPU/MEM)\tCPU%\tMEMUSED\tGUESTMEM\tREASON"
 	} else {
 		head += "\tCPU%\tMEM"
 	}
@@ -398,8 +414,12 @@ func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool
 		cmd := cell(commandLine(s.GetCommand()))
 		if wide {
 			cpu, mem := usageText(r)
+			reason := r.GetReason()
+			if w := r.GetWantReason(); w != "" {
+				reason = "growth waits: " + w
+			}
 			row = append(row, isolationName(s.GetIsolation()), cpuBounds(s.GetResources()), memBounds(s.GetResources()),
-				orDash(s.GetResources().GetPidsMax(), itoa), cpu, mem, guestMemText(r), dash(cell(r.GetReason())), cmd)
+				orDash(s.GetResources().GetPidsMax(), itoa), grantText(r), cpu, mem, guestMemText(r), dash(cell(reason)), cmd)
 		} else {
 			cpu, mem := usageText(r)
 			row = append(row, cpu, mem, truncate(cmd, 40))
@@ -426,7 +446,7 @@ func historyRow(h *pb.Incarnation, wide bool, now time.Time) []string {
 	}
 	why := "(" + dash(cell(h.GetReason())) + ")"
 	if wide {
-		return append(row, "", "", "", "", "", "", "", why, "")
+		return append(row, "", "", "", "", "", "", "", "", why, "")
 	}
 	return append(row, "", "", why)
 }
@@ -443,9 +463,9 @@ func nodeStateText(n *pb.NodeRecord) string {
 // writeNodeTable prints the `shim nodes` table.
 func writeNodeTable(w io.Writer, nodes []*pb.NodeStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(used/res/cap)\tMEM(used/res/cap)\tPROCS\tVMS\tHOSTPATHS")
+	fmt.Fprintln(tw, "NAME\tROLE\tSTATE\tLEADER\tAPI\tCPU(used/granted/free/cap)\tMEM(used/granted/free/cap)\tPROCS\tVMS\tHOSTPATHS")
 	for _, s := range nodes {
-		n, c, res, u := s.GetNode(), s.GetNode().GetCapacity(), s.GetReserved(), s.GetUsage()
+		n, c, g, u := s.GetNode(), s.GetNode().GetCapacity(), s.GetGranted(), s.GetUsage()
 		cpuUsed, memUsed := "-", "-"
 		if u != nil {
 			cpuUsed, memUsed = table.Cores(u.GetCpuMilli()), table.Bytes(int64(u.GetMemoryBytes()))
@@ -454,11 +474,11 @@ func writeNodeTable(w io.Writer, nodes []*pb.NodeStatus) error {
 		if n.GetVmUnavailable() != "" {
 			vms = "no" // why: shim nodes -o json
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s/%s\t%s/%s/%s\t%d\t%s\t%s\n",
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s\t%s/%s/%s/%s\t%s/%s/%s/%s\t%d\t%s\t%s\n",
 			n.GetName(), roleName(n.GetRole()), nodeStateText(n), s.GetLeader(), dash(n.GetApiAddr()),
-			cpuUsed, table.Cores(res.GetCpuMinMilli()), table.Cores(capCPU(c)),
-			memUsed, table.Bytes(res.GetMemMinBytes()), table.Bytes(capMem(c)), s.GetProcesses(),
-			vms, dash(strings.Join(hostPathsText(n), ",")))
+			cpuUsed, table.Cores(g.GetCpuMilli()), table.Cores(max(capCPU(c)-g.GetCpuMilli(), 0)), table.Cores(capCPU(c)),
+			memUsed, table.Bytes(g.GetMemBytes()), table.Bytes(max(capMem(c)-g.GetMemBytes(), 0)), table.Bytes(capMem(c)),
+			s.GetProcesses(), vms, dash(strings.Join(hostPathsText(n), ",")))
 	}
 	return tw.Flush()
 }

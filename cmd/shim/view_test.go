@@ -90,6 +90,7 @@ func TestNodeView(t *testing.T) {
 			Capacity: &pb.Resources{CpuMaxMilli: 4000, MemMaxBytes: 8 << 30}},
 		Leader: false, Voter: false, Processes: 3,
 		Reserved: &pb.Resources{CpuMinMilli: 1500, MemMinBytes: 1 << 30},
+		Granted:  &pb.Grant{CpuMilli: 1500, MemBytes: 1536 << 20},
 	}
 	m := decode(t, nodeView(s)).(map[string]any)
 	for k, v := range map[string]any{"name": "n1", "role": "worker", "state": "up", "draining": true,
@@ -104,13 +105,19 @@ func TestNodeView(t *testing.T) {
 	if r := m["reserved"].(map[string]any); r["cpu"] != 1.5 || r["mem"] != float64(1<<30) {
 		t.Errorf("reserved = %v", r)
 	}
+	if g := m["granted"].(map[string]any); g["cpu"] != 1.5 || g["mem"] != float64(1536<<20) {
+		t.Errorf("granted = %v", g)
+	}
+	if f := m["free"].(map[string]any); f["cpu"] != 2.5 || f["mem"] != float64(8<<30-1536<<20) {
+		t.Errorf("free = %v", f)
+	}
 
 	var buf bytes.Buffer
 	if err := writeNodeTable(&buf, []*pb.NodeStatus{s}); err != nil {
 		t.Fatal(err)
 	}
-	want := "NAME  ROLE    STATE        LEADER  API            CPU(used/res/cap)  MEM(used/res/cap)  PROCS  VMS  HOSTPATHS\n" +
-		"n1    worker  up,draining  false   10.0.0.1:7070  -/1.5/4            -/1G/8G            3      yes  -\n"
+	want := "NAME  ROLE    STATE        LEADER  API            CPU(used/granted/free/cap)  MEM(used/granted/free/cap)  PROCS  VMS  HOSTPATHS\n" +
+		"n1    worker  up,draining  false   10.0.0.1:7070  -/1.5/2.5/4                 -/1.5G/6.5G/8G              3      yes  -\n"
 	if buf.String() != want {
 		t.Errorf("node table:\n%s\nwant:\n%s", buf.String(), want)
 	}
@@ -120,7 +127,7 @@ func TestNodeView(t *testing.T) {
 	if err := writeNodeTable(&buf, []*pb.NodeStatus{s}); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(buf.String(), "0.25/1.5/4") || !strings.Contains(buf.String(), "512M/1G/8G") {
+	if !strings.Contains(buf.String(), "0.25/1.5/2.5/4") || !strings.Contains(buf.String(), "512M/1.5G/6.5G/8G") {
 		t.Errorf("node table with usage:\n%s", buf.String())
 	}
 	// With host paths, and no QEMU.

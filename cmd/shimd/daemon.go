@@ -45,6 +45,7 @@ type options struct {
 	simulate                                           int
 	initPath                                           string
 	hostPaths                                          []string
+	grow                                               growOptions // grow.go
 }
 
 func newCommand() *cobra.Command {
@@ -78,11 +79,12 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
 	f.StringVar(&o.cpuCap, "cpu", "", "CPU cores this node offers (default: detected)")
 	f.StringVar(&o.memCap, "mem", "", "memory this node offers (default: detected)")
-	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of capacity the sum of process maxima may reach (0 = unchecked)")
+	f.Uint32Var(&o.overcommit, "overcommit", 200, "percent of memory capacity that the memory limits of the processes (fixed ones' maxima, elastic ones' grants) may reach (0 = unchecked)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&o.initPath, "init", "", "shim-init, PID 1 of every sandbox and VM (default: next to shimd, then in PATH)")
 	f.StringArrayVar(&o.hostPaths, "host-path", nil, "a host folder this node offers to sandboxes, `NAME=DIR[:ro]` (repeatable; spawn --mount NAME:PATH uses it)")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
+	addGrowFlags(f, &o.grow)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	cmd.AddCommand(guardCommand())
 	return cmd
@@ -102,6 +104,9 @@ func run(ctx context.Context, o *options) error {
 	}
 	if o.lease < 100*time.Millisecond {
 		return fmt.Errorf("--lease %s is too short (at least 100ms)", o.lease)
+	}
+	if _, err := o.grow.policy(); err != nil {
+		return err
 	}
 	capacity, err := detectCapacity(o)
 	if err != nil {
@@ -277,17 +282,19 @@ func run(ctx context.Context, o *options) error {
 				addrsMu.Unlock()
 			}
 		},
-		Runtime:    rt,
-		HostPaths:  hostPaths,
-		CA:         caPEM(creds),
-		SelfResize: selfResize(apiAdv, creds),
-		DataDir:    o.dataDir,
-		Lease:      o.lease,
-		Hold:       o.hold,
-		Deadline:   deadline.SetTime,
-		Resume:     resumeLease(deadline, max(o.lease, o.hold)),
-		Log:        log,
-		Metrics:    m,
+		Runtime:   rt,
+		HostPaths: hostPaths,
+		CA:        caPEM(creds),
+		DataDir:   o.dataDir,
+		Lease:     o.lease,
+		Hold:      o.hold,
+		Deadline:  deadline.SetTime,
+		Resume:    resumeLease(deadline, max(o.lease, o.hold)),
+		Log:       log,
+		Metrics:   m,
+	}
+	if err := o.grow.wire(ag, shimClient(httpc, secure)); err != nil {
+		return err
 	}
 	if err := startGuard(o.dataDir, o.name, log); err != nil {
 		return err

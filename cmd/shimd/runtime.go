@@ -216,11 +216,14 @@ func vmUser(u string) (user string, uid, gid int, err error) {
 	return u, int(a), int(b), nil
 }
 
-// vmGrant is the grant a VM runs at until grants exist: its minimum (0:
-// exec/vm's default), so its memory boots at the minimum and its vCPUs
-// are ceil(CPU minimum).
-func vmGrant(r *pb.Resources) (memBytes, cpuMilli int64) {
-	return r.GetMemMinBytes(), r.GetCpuMinMilli()
+// vmGrant is the grant a VM boots at: the one its spec starts at (the
+// table's), else its minimum; 0 is exec/vm's default. Its memory boots at
+// the grant's and its vCPUs are ceil(CPU grant).
+func vmGrant(s agent.Spec) (memBytes, cpuMilli int64) {
+	if g := s.Grant; g != nil {
+		return g.GetMemBytes(), g.GetCpuMilli()
+	}
+	return s.Resources.GetMemMinBytes(), s.Resources.GetCpuMinMilli()
 }
 
 func (e *execRuntime) startVM(s agent.Spec) (agent.Proc, error) {
@@ -248,7 +251,7 @@ func (e *execRuntime) startVM(s agent.Spec) (agent.Proc, error) {
 		return nil, err
 	}
 	f.Close()
-	mem, cpu := vmGrant(s.Resources)
+	mem, cpu := vmGrant(s)
 	v, err := e.vm.Start(vm.Spec{
 		ID: s.ID, Incarnation: s.Incarnation, Argv: s.Argv, Env: s.Env, Dir: s.WorkDir,
 		Stdout: s.LogPath, Stderr: s.LogPath, User: user, Resources: resources(s.Resources),
@@ -348,9 +351,11 @@ func agentExit(x exec.Exit) agent.Exit {
 	return agent.Exit{Code: x.Code, Signal: x.Signal, OOMKilled: x.OOMKilled, Reason: x.Reason}
 }
 
-// vmProc adapts *vm.VM to agent.Proc. A resize moves the VM's grant to the
-// new minimum (hot-plugging memory and vCPUs), within the ceiling fixed at
-// boot; the server refuses raising that.
+// vmProc adapts *vm.VM to agent.Proc and agent.GrantResizer: a VM's size
+// is its grant, which the agent applies with ResizeGrant (hot-plugging
+// memory and vCPUs) within the ceiling fixed at boot (the server refuses
+// raising that). New bounds change nothing in a running VM by themselves:
+// the grant they bring does.
 type vmProc struct{ v *vm.VM }
 
 func (p vmProc) PID() int                        { return p.v.PID() }
@@ -359,17 +364,22 @@ func (p vmProc) Signal(sig syscall.Signal) error { return p.v.Signal(sig) }
 func (p vmProc) Kill() error                     { return p.v.Kill() }
 func (p vmProc) Done() <-chan struct{}           { return p.v.Done() }
 func (p vmProc) Exit() agent.Exit                { return agentExit(p.v.Exit()) }
-func (p vmProc) Resize(r *pb.Resources) error {
-	mem, cpu := vmGrant(r)
-	st, err := p.v.Stats()
-	if err != nil {
-		return err
-	}
-	if mem == 0 {
-		mem = st.GrantMem // no minimum: the size it booted at
-	}
-	if cpu == 0 {
-		cpu = st.GrantCPU
+func (p vmProc) Resize(*pb.Resources) error      { return nil }
+
+// ResizeGrant moves the VM to a grant; a part that is 0 (a process with no
+// minimum and no grant for it) keeps the size the VM has.
+func (p vmProc) ResizeGrant(mem, cpu int64) error {
+	if mem == 0 || cpu == 0 {
+		st, err := p.v.Stats()
+		if err != nil {
+			return err
+		}
+		if mem == 0 {
+			mem = st.GrantMem
+		}
+		if cpu == 0 {
+			cpu = st.GrantCPU
+		}
 	}
 	return p.v.Resize(mem, cpu)
 }

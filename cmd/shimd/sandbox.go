@@ -1,28 +1,22 @@
 package main
 
 import (
-	"context"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 
-	"connectrpc.com/connect"
-
 	"github.com/shim-run/shim/agent"
 	"github.com/shim-run/shim/auth"
 	pb "github.com/shim-run/shim/proto/shimv1"
-	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
-	"github.com/shim-run/shim/server"
 	"github.com/shim-run/shim/table"
 )
 
 // What this node offers its sandboxes: host paths (--host-path), shim-init
 // (--init), VMs (if QEMU and a guest kernel are here), and the way back to
-// the cluster a workload gets (the CA, a client for its self requests).
+// the cluster a workload gets (the CA).
 
 // parseHostPaths reads --host-path NAME=DIR[:ro] flags: a name as a
 // process's (letters, digits, '.', '_', '-'), an absolute directory that
@@ -80,25 +74,4 @@ func caPEM(creds *auth.Credentials) []byte {
 		return nil
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: creds.CA.Raw})
-}
-
-// selfResize asks this node's own API for a resize with a workload's self
-// token, as the workload itself would (agent.Want).
-func selfResize(api string, creds *auth.Credentials) func(context.Context, string, *pb.ResizeRequest) error {
-	if creds == nil {
-		return nil
-	}
-	c := shimv1connect.NewShimServiceClient(server.NewHTTPClient(creds.TLS(auth.APIClient)), server.URL(api, true))
-	return func(ctx context.Context, token string, req *pb.ResizeRequest) error {
-		r := connect.NewRequest(req)
-		r.Header().Set("Authorization", "Bearer "+token)
-		_, err := c.Resize(ctx, r)
-		if err != nil {
-			var ce *connect.Error
-			if errors.As(err, &ce) {
-				return errors.New(ce.Message())
-			}
-		}
-		return err
-	}
 }

@@ -3523,6 +3523,7 @@ type NodeStatus struct {
 	Processes     uint32                 `protobuf:"varint,5,opt,name=processes,proto3" json:"processes,omitempty"`
 	Usage         *Usage                 `protobuf:"bytes,6,opt,name=usage,proto3" json:"usage,omitempty"`
 	Voter         bool                   `protobuf:"varint,7,opt,name=voter,proto3" json:"voter,omitempty"`
+	Granted       *Grant                 `protobuf:"bytes,8,opt,name=granted,proto3" json:"granted,omitempty"` // sum of the grants of its processes: what placement counts
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3606,6 +3607,13 @@ func (x *NodeStatus) GetVoter() bool {
 	return false
 }
 
+func (x *NodeStatus) GetGranted() *Grant {
+	if x != nil {
+		return x.Granted
+	}
+	return nil
+}
+
 type NodesResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Nodes         []*NodeStatus          `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
@@ -3671,6 +3679,7 @@ type SetGrantRequest struct {
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	Grant         *Grant                 `protobuf:"bytes,2,opt,name=grant,proto3" json:"grant,omitempty"` // zero fields keep their value
 	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Incarnation   uint64                 `protobuf:"varint,4,opt,name=incarnation,proto3" json:"incarnation,omitempty"` // refuse if the process runs another; 0 = any
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3724,6 +3733,13 @@ func (x *SetGrantRequest) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *SetGrantRequest) GetIncarnation() uint64 {
+	if x != nil {
+		return x.Incarnation
+	}
+	return 0
 }
 
 type SetGrantResponse struct {
@@ -5361,16 +5377,21 @@ func (x *ApplyResponse) GetIndex() uint64 {
 // SnapshotHeader starts a table snapshot; it is followed by node_count
 // NodeRecords and process_count ProcessRecords, each length-delimited.
 type SnapshotHeader struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	NodeCount     uint64                 `protobuf:"varint,3,opt,name=node_count,json=nodeCount,proto3" json:"node_count,omitempty"`
-	ProcessCount  uint64                 `protobuf:"varint,4,opt,name=process_count,json=processCount,proto3" json:"process_count,omitempty"`
-	Pending       []string               `protobuf:"bytes,5,rep,name=pending,proto3" json:"pending,omitempty"` // FIFO order of processes waiting for room
-	Trust         *Trust                 `protobuf:"bytes,6,opt,name=trust,proto3" json:"trust,omitempty"`
-	Tokens        []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"`                                  // sorted by id
-	Requests      []*RequestRecord       `protobuf:"bytes,8,rep,name=requests,proto3" json:"requests,omitempty"`                              // oldest first (table/requests.go)
-	AppliedIndex  uint64                 `protobuf:"varint,9,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"` // the last log index applied, failed commands included; 0: index
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Version      uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Index        uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	NodeCount    uint64                 `protobuf:"varint,3,opt,name=node_count,json=nodeCount,proto3" json:"node_count,omitempty"`
+	ProcessCount uint64                 `protobuf:"varint,4,opt,name=process_count,json=processCount,proto3" json:"process_count,omitempty"`
+	Pending      []string               `protobuf:"bytes,5,rep,name=pending,proto3" json:"pending,omitempty"` // FIFO order of processes waiting for room
+	Trust        *Trust                 `protobuf:"bytes,6,opt,name=trust,proto3" json:"trust,omitempty"`
+	Tokens       []*TokenRecord         `protobuf:"bytes,7,rep,name=tokens,proto3" json:"tokens,omitempty"`                                  // sorted by id
+	Requests     []*RequestRecord       `protobuf:"bytes,8,rep,name=requests,proto3" json:"requests,omitempty"`                              // oldest first (table/requests.go)
+	AppliedIndex uint64                 `protobuf:"varint,9,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"` // the last log index applied, failed commands included; 0: index
+	// The table's event ring (table/events.go), oldest first, and the index
+	// of the newest event dropped from it (events at or before it are gone).
+	// Numbered apart so that other snapshot fields can take 10 to 19.
+	Events        []*Event `protobuf:"bytes,20,rep,name=events,proto3" json:"events,omitempty"`
+	EventsBase    uint64   `protobuf:"varint,21,opt,name=events_base,json=eventsBase,proto3" json:"events_base,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5464,6 +5485,20 @@ func (x *SnapshotHeader) GetRequests() []*RequestRecord {
 func (x *SnapshotHeader) GetAppliedIndex() uint64 {
 	if x != nil {
 		return x.AppliedIndex
+	}
+	return 0
+}
+
+func (x *SnapshotHeader) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *SnapshotHeader) GetEventsBase() uint64 {
+	if x != nil {
+		return x.EventsBase
 	}
 	return 0
 }
@@ -5775,7 +5810,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x13last_contact_millis\x18\x03 \x01(\x03R\x11lastContactMillis\"\\\n" +
 	"\fNodesRequest\x12\x14\n" +
 	"\x05usage\x18\x01 \x01(\bR\x05usage\x126\n" +
-	"\vconsistency\x18\x02 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\x81\x02\n" +
+	"\vconsistency\x18\x02 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\xab\x02\n" +
 	"\n" +
 	"NodeStatus\x12'\n" +
 	"\x04node\x18\x01 \x01(\v2\x13.shim.v1.NodeRecordR\x04node\x12\x16\n" +
@@ -5784,15 +5819,17 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05limit\x18\x04 \x01(\v2\x12.shim.v1.ResourcesR\x05limit\x12\x1c\n" +
 	"\tprocesses\x18\x05 \x01(\rR\tprocesses\x12$\n" +
 	"\x05usage\x18\x06 \x01(\v2\x0e.shim.v1.UsageR\x05usage\x12\x14\n" +
-	"\x05voter\x18\a \x01(\bR\x05voter\"\x82\x01\n" +
+	"\x05voter\x18\a \x01(\bR\x05voter\x12(\n" +
+	"\agranted\x18\b \x01(\v2\x0e.shim.v1.GrantR\agranted\"\x82\x01\n" +
 	"\rNodesResponse\x12)\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x13.shim.v1.NodeStatusR\x05nodes\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
-	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"_\n" +
+	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"\x81\x01\n" +
 	"\x0fSetGrantRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12$\n" +
 	"\x05grant\x18\x02 \x01(\v2\x0e.shim.v1.GrantR\x05grant\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"D\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12 \n" +
+	"\vincarnation\x18\x04 \x01(\x04R\vincarnation\"D\n" +
 	"\x10SetGrantResponse\x120\n" +
 	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"S\n" +
 	"\rEventsRequest\x12\x14\n" +
@@ -5898,7 +5935,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\xcb\x02\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x94\x03\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x1d\n" +
@@ -5909,7 +5946,10 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05trust\x18\x06 \x01(\v2\x0e.shim.v1.TrustR\x05trust\x12,\n" +
 	"\x06tokens\x18\a \x03(\v2\x14.shim.v1.TokenRecordR\x06tokens\x122\n" +
 	"\brequests\x18\b \x03(\v2\x16.shim.v1.RequestRecordR\brequests\x12#\n" +
-	"\rapplied_index\x18\t \x01(\x04R\fappliedIndex\"f\n" +
+	"\rapplied_index\x18\t \x01(\x04R\fappliedIndex\x12&\n" +
+	"\x06events\x18\x14 \x03(\v2\x0e.shim.v1.EventR\x06events\x12\x1f\n" +
+	"\vevents_base\x18\x15 \x01(\x04R\n" +
+	"eventsBase\"f\n" +
 	"\rRequestRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x16\n" +
@@ -6154,76 +6194,78 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	10,  // 54: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
 	10,  // 55: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
 	16,  // 56: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	49,  // 57: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	47,  // 58: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	12,  // 59: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	15,  // 60: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	17,  // 61: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	8,   // 62: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	22,  // 63: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	22,  // 64: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	17,  // 65: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	6,   // 66: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	7,   // 67: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	15,  // 68: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	7,   // 69: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	86,  // 70: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
-	36,  // 71: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	87,  // 72: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	19,  // 73: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	21,  // 74: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	22,  // 75: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	85,  // 76: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	16,  // 77: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39,  // 78: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41,  // 79: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43,  // 80: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45,  // 81: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48,  // 82: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56,  // 83: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58,  // 84: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60,  // 85: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62,  // 86: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64,  // 87: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66,  // 88: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51,  // 89: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53,  // 90: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68,  // 91: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72,  // 92: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74,  // 93: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76,  // 94: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78,  // 95: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82,  // 96: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80,  // 97: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70,  // 98: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54,  // 99: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40,  // 100: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42,  // 101: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44,  // 102: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46,  // 103: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50,  // 104: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57,  // 105: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59,  // 106: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61,  // 107: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63,  // 108: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65,  // 109: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67,  // 110: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52,  // 111: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33,  // 112: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69,  // 113: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73,  // 114: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75,  // 115: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77,  // 116: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79,  // 117: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83,  // 118: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81,  // 119: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71,  // 120: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55,  // 121: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	100, // [100:122] is the sub-list for method output_type
-	78,  // [78:100] is the sub-list for method input_type
-	78,  // [78:78] is the sub-list for extension type_name
-	78,  // [78:78] is the sub-list for extension extendee
-	0,   // [0:78] is the sub-list for field type_name
+	12,  // 57: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	49,  // 58: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	47,  // 59: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	12,  // 60: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	15,  // 61: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	17,  // 62: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	8,   // 63: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	22,  // 64: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	22,  // 65: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	17,  // 66: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	6,   // 67: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	7,   // 68: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	15,  // 69: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	7,   // 70: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	86,  // 71: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	36,  // 72: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	87,  // 73: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	19,  // 74: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	21,  // 75: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	22,  // 76: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	85,  // 77: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	33,  // 78: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	16,  // 79: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39,  // 80: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41,  // 81: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43,  // 82: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45,  // 83: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48,  // 84: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56,  // 85: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58,  // 86: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60,  // 87: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62,  // 88: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64,  // 89: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66,  // 90: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51,  // 91: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53,  // 92: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68,  // 93: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72,  // 94: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74,  // 95: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76,  // 96: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78,  // 97: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82,  // 98: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80,  // 99: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70,  // 100: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54,  // 101: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40,  // 102: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42,  // 103: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44,  // 104: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46,  // 105: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50,  // 106: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57,  // 107: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59,  // 108: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61,  // 109: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63,  // 110: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65,  // 111: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67,  // 112: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52,  // 113: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33,  // 114: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69,  // 115: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73,  // 116: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75,  // 117: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77,  // 118: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79,  // 119: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83,  // 120: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81,  // 121: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71,  // 122: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55,  // 123: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	102, // [102:124] is the sub-list for method output_type
+	80,  // [80:102] is the sub-list for method input_type
+	80,  // [80:80] is the sub-list for extension type_name
+	80,  // [80:80] is the sub-list for extension extendee
+	0,   // [0:80] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }

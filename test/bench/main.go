@@ -44,6 +44,10 @@ var rows = []row{
 	{"9", "resize: CLI to cgroup file", rowResize},
 	{"10", "the cost of trust: TLS and tokens on vs off", rowTrust},
 	{"11", "linearizable vs stale reads through a follower", rowReads},
+	{"12a", "growth with room on the node", rowGrowSameNode}, // rows_grow.go
+	{"12b", "growth when others must move", rowGrowMove},
+	{"12c", "slack over a varying load", rowGrowSlack},
+	{"12d", "OOM kills during a 100 MiB/s ramp", rowGrowOOM},
 }
 
 func main() {

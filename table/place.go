@@ -1,0 +1,178 @@
+package table
+
+import (
+	"fmt"
+	"math"
+	"math/bits"
+	"slices"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// Placement: which node holds a process, whether a node has room, and
+// (room.go) which processes move away to make room for one that grows.
+//
+// A node's room is its capacity minus the grants of the live processes it
+// holds (claim): never their maxima. A CPU max is a ceiling on a
+// compressible resource, so it does not count; the memory a node's
+// processes may use without asking (fixed processes' maxima, elastic ones'
+// grants) may reach the node's overcommit percentage of its capacity.
+
+// place picks a node for a process with spec that claims c: the pinned node
+// if it has room, else the up, undrained node other than not with room and
+// the fewest processes (ties to the most free CPU, then the lowest name).
+func (t *Table) place(spec *pb.ProcessSpec, c claim, not string) (string, error) {
+	k, err := t.placeWith(spec, c, nil, not)
+	if err != nil {
+		return "", err
+	}
+	return t.candidates()[k].name, nil
+}
+
+// candidates returns the placement cache, rebuilt if it is stale.
+func (t *Table) candidates() []cand {
+	if !t.candsOK {
+		t.cands = t.cands[:0]
+		for _, name := range t.nodeOrder {
+			t.cands = append(t.cands, cand{name: name, rec: t.nodes[name], alloc: t.alloc[name]})
+		}
+		t.candsOK = true
+	}
+	return t.cands
+}
+
+// placeWith is place for one replica of several: extra, if not nil, holds
+// by candidate the reservations not yet in the table. It returns the
+// candidate's position.
+func (t *Table) placeWith(spec *pb.ProcessSpec, need claim, extra []Alloc, not string) (int, error) {
+	cs := t.candidates()
+	lo, hi := 0, len(cs)
+	if spec.Node != "" {
+		// Pinned: only that node is looked at, draining or not.
+		i, ok := slices.BinarySearch(t.nodeOrder, spec.Node)
+		if !ok {
+			return -1, fmt.Errorf("%w: %q", ErrUnknownNode, spec.Node)
+		}
+		lo, hi = i, i+1
+	}
+	best, bestCount, bestFree := -1, 0, int64(0)
+	bestNo := -1
+	var bestNoFree [2]int64
+	var bestNoErr, offerErr error // offerErr: the first node that lacks what spec needs (Offers)
+	up := 0
+	for k := lo; k < hi; k++ {
+		c := &cs[k]
+		n := c.rec
+		if n.State != pb.NodeState_NODE_STATE_UP || (n.Draining && spec.Node == "") || c.name == not {
+			continue
+		}
+		if err := Offers(n, spec); err != nil {
+			if offerErr == nil {
+				offerErr = err
+			}
+			continue
+		}
+		up++
+		var a Alloc
+		if c.alloc != nil {
+			a = *c.alloc
+		}
+		if extra != nil {
+			a.plus(&extra[k])
+		}
+		if err := fits(n, &a, need); err != nil {
+			fc, fm := n.Capacity.GetCpuMaxMilli()-a.CPUGrant, n.Capacity.GetMemMaxBytes()-a.MemGrant
+			if bestNo < 0 || fc > bestNoFree[0] || (fc == bestNoFree[0] && fm > bestNoFree[1]) {
+				bestNo, bestNoFree, bestNoErr = k, [2]int64{fc, fm}, err
+			}
+			continue
+		}
+		free := n.Capacity.GetCpuMaxMilli() - a.CPUGrant
+		if best < 0 || a.Count < bestCount || (a.Count == bestCount && free > bestFree) {
+			best, bestCount, bestFree = k, a.Count, free
+		}
+	}
+	if best >= 0 {
+		return best, nil
+	}
+	want := fmt.Sprintf("cpu %s, memory %s", Cores(need.cpu), Bytes(need.mem))
+	switch {
+	case up == 0 && offerErr != nil && spec.Node != "":
+		return -1, fmt.Errorf("%w: %v", ErrNoCapacity, offerErr)
+	case up == 0 && offerErr != nil:
+		return -1, fmt.Errorf("%w: no up node offers what it needs (%v)", ErrNoCapacity, offerErr)
+	case spec.Node != "" && up == 0:
+		return -1, fmt.Errorf("%w: node %s is %s", ErrNoCapacity, spec.Node, NodeStateName(t.nodes[spec.Node].State))
+	case up == 0 && not != "":
+		return -1, fmt.Errorf("%w: no node but %s is up and accepting work", ErrNoCapacity, not)
+	case up == 0:
+		return -1, fmt.Errorf("%w: no node is up and accepting work", ErrNoCapacity)
+	}
+	return -1, fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up): %v",
+		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), cs[bestNo].name, up, bestNoErr)
+}
+
+func (a *Alloc) plus(e *Alloc) {
+	a.CPUGrant += e.CPUGrant
+	a.MemGrant += e.MemGrant
+	a.MemLimit += e.MemLimit
+	a.CPUMin += e.CPUMin
+	a.CPUMax += e.CPUMax
+	a.MemMin += e.MemMin
+	a.MemMax += e.MemMax
+	a.Count += e.Count
+}
+
+func (t *Table) allocOf(node string) Alloc {
+	if p := t.alloc[node]; p != nil {
+		return *p
+	}
+	return Alloc{}
+}
+
+// fits reports whether claim r fits on node n that already holds a.
+// Capacity lives in the node's max fields: the grants must fit it, and the
+// memory the processes may use without asking (Alloc.MemLimit) may reach
+// capacity times the node's overcommit percentage (0 = unchecked).
+//
+// Every quantity is non-negative and may be as large as MaxInt64, so the
+// checks compare a request with what is left (limit - used) rather than
+// adding to what is used, which could overflow.
+func fits(n *pb.NodeRecord, a *Alloc, r claim) error {
+	c := n.GetCapacity()
+	if need := r.cpu; need > 0 && !within(need, a.CPUGrant, c.GetCpuMaxMilli()) {
+		return fmt.Errorf("cpu %s > free %s", Cores(need), Cores(max(c.GetCpuMaxMilli()-a.CPUGrant, 0)))
+	}
+	if need := r.mem; need > 0 && !within(need, a.MemGrant, c.GetMemMaxBytes()) {
+		return fmt.Errorf("memory %s > free %s", Bytes(need), Bytes(max(c.GetMemMaxBytes()-a.MemGrant, 0)))
+	}
+	if oc := n.GetOvercommitPercent(); oc > 0 {
+		if m := r.memLimit; m > 0 && !within(m, a.MemLimit, percent(c.GetMemMaxBytes(), oc)) {
+			return fmt.Errorf("memory limits would exceed %d%% of capacity", oc)
+		}
+	}
+	return nil
+}
+
+// within reports whether used+need <= limit, without overflow. A negative
+// used means the sum already wrapped (sums of maxima are not checked while a
+// node has no overcommit limit): nothing more fits.
+func within(need, used, limit int64) bool {
+	return used >= 0 && limit >= used && need <= limit-used
+}
+
+// percent returns v*p/100 for v >= 0, saturating at MaxInt64.
+func percent(v int64, p uint32) int64 {
+	if v <= 0 {
+		return 0
+	}
+	hi, lo := bits.Mul64(uint64(v), uint64(p))
+	if hi >= 100 {
+		return math.MaxInt64
+	}
+	q, _ := bits.Div64(hi, lo, 100)
+	if q > math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return int64(q)
+}

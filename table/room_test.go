@@ -1,0 +1,57 @@
+package table
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+)
+
+// Moves to make room are rate-limited cluster-wide: RoomMoves in any
+// RoomWindow, counted from the records, so that every replica agrees.
+func TestRoomMovesRateLimited(t *testing.T) {
+	x := newTester(t)
+	x.ok(nodeCmd("a", 100*core, (RoomMoves+6)*gib)) // full with the fillers and g
+	var ids []string
+	for i := range RoomMoves + 5 {
+		ids = append(ids, fmt.Sprintf("f%02d", i))
+	}
+	s := spec(0)
+	s.Resources.MemMinBytes, s.Resources.MemMaxBytes = gib, gib
+	x.ok(spawnCmd(s, ids...))
+	for _, id := range ids {
+		x.ok(reportCmd("a", upd(id, 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	}
+	g := pinned(spec(0), "a")
+	g.Resources.MemMinBytes, g.Resources.MemMaxBytes, g.Grow = gib, 64*gib, pb.Grow_GROW_ON
+	x.ok(spawnCmd(g, "g"))
+	x.ok(reportCmd("a", upd("g", 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	x.ok(nodeCmd("b", 100*core, 64*gib))
+	// a is full: every gigabyte more moves a filler, until the rate stops
+	// it. The commands come 100 ms apart.
+	moved := 0
+	now := x.now
+	at := func(c *pb.Command) *pb.Command {
+		now += second / 10
+		c.NowUnixNano = now
+		return c
+	}
+	for i := 1; ; i++ {
+		res := x.ok(at(&pb.Command{Op: &pb.Command_SetGrant{SetGrant: &pb.SetGrant{Id: "g",
+			Grant: &pb.Grant{MemBytes: int64(1+i) * gib}}}}))
+		if len(res.IDs) == 1 {
+			if r := x.get("g"); !strings.Contains(r.WantReason, "the most allowed") {
+				t.Fatalf("after %d moves the growth waits for %q", moved, r.WantReason)
+			}
+			break
+		}
+		moved += len(res.IDs) - 1
+		for _, id := range res.IDs[1:] {
+			x.ok(at(reportCmd("b", upd(id, 2, pb.ProcessState_PROCESS_STATE_RUNNING))))
+		}
+	}
+	if moved != RoomMoves {
+		t.Fatalf("%d moves before the limit, want %d", moved, RoomMoves)
+	}
+}
