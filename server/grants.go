@@ -29,6 +29,12 @@ func (h *shimAPI) SetGrant(ctx context.Context, req *connect.Request[pb.SetGrant
 	if m.Grant == nil || (m.Grant.CpuMilli == 0 && m.Grant.MemBytes == 0) {
 		return nil, invalid("set grant of %q needs a cpu or memory grant", m.Id)
 	}
+	if err := ownOnly(ctx, m.Id); err != nil {
+		return nil, err
+	}
+	if err := s.linearize(ctx); err != nil {
+		return nil, err
+	}
 	ids, err := s.resolve([]string{m.Id})
 	if err != nil {
 		return nil, err
@@ -54,7 +60,8 @@ func (h *shimAPI) SetGrant(ctx context.Context, req *connect.Request[pb.SetGrant
 
 // granter checks that id may set rec's grant, and says who asks: a node
 // only for the processes it runs (a server certificate, which commits
-// anything anyway, for any), a user token for any process, nobody else.
+// anything anyway, for any), a workload only for itself, a user token for
+// any process, nobody else.
 func granter(id auth.Identity, rec *pb.ProcessRecord) (string, error) {
 	switch id.Kind {
 	case auth.KindNode:
@@ -65,10 +72,13 @@ func granter(id auth.Identity, rec *pb.ProcessRecord) (string, error) {
 		return "node " + id.Node, nil
 	case auth.KindToken:
 		return "token " + id.TokenID, nil
+	case auth.KindWorkload:
+		if err := auth.OwnProcess(id, rec.Id); err != nil {
+			return "", authError(err)
+		}
+		return "self", nil
 	case auth.KindSelf:
 		return "user", nil // trust is off
 	}
-	// Any other identity (a workload's own token) must be let through here
-	// explicitly, for its own process only.
 	return "", authError(fmt.Errorf("%w: %s may not set grants", auth.ErrPermissionDenied, id))
 }

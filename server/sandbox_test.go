@@ -22,9 +22,10 @@ func (c *cluster) selfToken(id string, inc uint64) string {
 	return auth.NewSelfToken(auth.SelfSecret(key), "test", id, inc).String()
 }
 
-// TestSelfTokens: a workload's token reads its own record and moves its
-// own minimum within its maximum, on any server, while its incarnation
-// lives; it does nothing else, and nothing to another process.
+// TestSelfTokens: a workload's token reads its own record, moves its own
+// minimum within its maximum and sets its own grant, on any server, while
+// its incarnation lives; it does nothing else, and nothing to another
+// process.
 func TestSelfTokens(t *testing.T) {
 	c := trustCluster(t)
 	ctx := context.Background()
@@ -82,6 +83,10 @@ func TestSelfTokens(t *testing.T) {
 		wantCode(t, "self raising its minimum past its maximum", err, connect.CodeInvalidArgument)
 		_, err = self.Resize(ctx, connect.NewRequest(&pb.ResizeRequest{Id: a.Id, Move: true, Resources: &pb.Resources{MemMinBytes: 2 << 20}}))
 		wantCode(t, "self moving", err, connect.CodePermissionDenied)
+		_, err = self.SetGrant(ctx, connect.NewRequest(&pb.SetGrantRequest{Id: b.Id, Grant: &pb.Grant{MemBytes: 48 << 20}}))
+		wantCode(t, "self setting another process's grant", err, connect.CodePermissionDenied)
+		_, err = self.SetGrant(ctx, connect.NewRequest(&pb.SetGrantRequest{Id: a.Id, Grant: &pb.Grant{MemBytes: 128 << 20}}))
+		wantCode(t, "self granting itself past its maximum", err, connect.CodeInvalidArgument)
 	}
 	if after := c.userState(); after != before {
 		t.Errorf("refused calls changed the table:\n%s\n%s", before, after)
@@ -93,6 +98,13 @@ func TestSelfTokens(t *testing.T) {
 	}
 	if got := r.Msg.Process.Spec.Resources; got.MemMinBytes != 32<<20 || got.CpuMinMilli != 400 || got.MemMaxBytes != 64<<20 {
 		t.Errorf("after self resize: %v", got)
+	}
+	g, err := c.userClient(2, tok).SetGrant(ctx, connect.NewRequest(&pb.SetGrantRequest{Id: a.Id, Grant: &pb.Grant{MemBytes: 48 << 20}}))
+	if err != nil {
+		t.Fatalf("self grant within bounds: %v", err)
+	}
+	if got := g.Msg.Process.Grant; got.GetMemBytes() != 48<<20 || got.GetCpuMilli() != 400 {
+		t.Errorf("after self grant: %v", got)
 	}
 
 	// Forged, of another incarnation, or of a process that ended: refused.
