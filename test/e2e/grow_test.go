@@ -102,7 +102,7 @@ func (c *cluster) addNode(extra ...string) *daemon {
 	c.t.Helper()
 	i := len(c.nodes)
 	base, _ := growBase.Load(c)
-	name := fmt.Sprintf("growint-%d-%d", os.Getpid()%100000, i+1)
+	name := fmt.Sprintf("%sgrowint-%d-%d", os.Getenv("SHIM_E2E_PREFIX"), os.Getpid()%100000, i+1)
 	d := &daemon{name: name, api: freePort(c.t), raft: freePort(c.t), dir: filepath.Join(base.(string), name)}
 	d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
 	if i > 0 {
@@ -122,7 +122,7 @@ var growBase sync.Map
 
 func (c *cluster) nodeDir(i int) string {
 	base, _ := growBase.Load(c)
-	return filepath.Join(base.(string), fmt.Sprintf("growint-%d-%d", os.Getpid()%100000, i+1))
+	return filepath.Join(base.(string), fmt.Sprintf("%sgrowint-%d-%d", os.Getenv("SHIM_E2E_PREFIX"), os.Getpid()%100000, i+1))
 }
 
 // ramp is a workload that touches step MiB every 100 ms up to total MiB,
@@ -485,8 +485,9 @@ func TestEvents(t *testing.T) {
 }
 
 // TestGrowSelfRequest: a workload grows its own grant with its self token
-// (examples/grow-self.sh, before a 600 MiB allocation), and the same token
-// can neither grow nor resize a neighbour.
+// ($SHIM_TOKEN, through $SHIM_ADDR with $SHIM_CA: examples/grow-self.sh,
+// before a 600 MiB allocation), and the same token can neither grow nor
+// resize a neighbour.
 func TestGrowSelfRequest(t *testing.T) {
 	c := startGrowNodes(t, 1)
 	neighbour := c.spawn("--grow", "--mem", "32M:256M", "--", "/bin/sleep", "100000")
@@ -494,7 +495,7 @@ func TestGrowSelfRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	probe := `[ -n "$SHIM_TOKEN" ] || { echo "no self token"; exec sleep 100000; }
+	probe := `[ -n "$SHIM_TOKEN" ] && [ -n "$SHIM_ADDR" ] && [ -r "$SHIM_CA" ] || { echo "no self token"; exec sleep 100000; }
 code() { curl -s -o /dev/null -w '%{http_code}' --cacert "$SHIM_CA" -H "Authorization: Bearer $SHIM_TOKEN" \
   -H 'Content-Type: application/json' -d "$2" "https://$SHIM_ADDR/shim.v1.ShimService/$1"; }
 echo "neighbour-grant $(code SetGrant "{\"id\":\"$NEIGHBOUR\",\"grant\":{\"memBytes\":\"134217728\"}}")"
@@ -509,7 +510,7 @@ echo "neighbour-resize $(code Resize "{\"id\":\"$NEIGHBOUR\",\"resources\":{\"me
 		return strings.Contains(log, "loaded") || strings.Contains(log, "no self token")
 	}, 200*time.Millisecond, func() string { return log })
 	if strings.Contains(log, "no self token") {
-		t.Skip("workloads have no self token ($SHIM_TOKEN) on this build")
+		t.Fatalf("the workload has no $SHIM_TOKEN, $SHIM_ADDR or readable $SHIM_CA:\n%s", log)
 	}
 	for _, want := range []string{"neighbour-grant 403", "neighbour-resize 403"} {
 		if !strings.Contains(log, want) {
@@ -522,5 +523,13 @@ echo "neighbour-resize $(code Resize "{\"id\":\"$NEIGHBOUR\",\"resources\":{\"me
 	}
 	if n := c.growGet(neighbour); n.Grant.Mem != 32<<20 {
 		t.Errorf("the neighbour's grant changed: %+v", n)
+	}
+	// The grant came from its own request, not only from its node's loop.
+	var self bool
+	for _, e := range c.events("--type", "process.grown") {
+		self = self || (e.ID == id && strings.Contains(e.Reason, "640M") && strings.Contains(e.Reason, "asked by self"))
+	}
+	if !self {
+		t.Errorf("no process.grown event to 640M asked by the workload itself: %+v", c.events("--type", "process.grown"))
 	}
 }
