@@ -115,3 +115,31 @@ func TestVMResizeAndFence(t *testing.T) {
 		t.Errorf("QEMU %d still runs after the fence", p.PID)
 	}
 }
+
+// TestVMGuestGrows: a VM's guest that allocates past its grant asks its
+// node for more; the node asks the table (SetGrant, as the node) and the
+// VM grows to what it is granted: same QEMU, no OOM kill, and the grant
+// and its event say so.
+func TestVMGuestGrows(t *testing.T) {
+	c := startNode(t)
+	needVMs(t, c)
+	args := append([]string{"--isolation", "vm", "--restart", "never", "--cpu", "1:1", "--mem", "256M:1G"}, ramp(20, 600, 600)...)
+	id := c.spawn(args...)
+	p := c.waitRunning(id)
+	var log string
+	waitFor(t, 90*time.Second, "the guest to hold 600 MiB", func() bool {
+		log = c.shim("logs", id).stdout
+		return strings.Contains(log, "held")
+	}, 250*time.Millisecond, func() string { return log + " " + c.shim("ps", "-o", "wide", id).stdout })
+	g := c.growGet(id)
+	if g.PID != p.PID || g.State != "running" || g.Grant.Mem < 600<<20 || g.Grant.Mem > 1<<30 {
+		t.Errorf("after the guest's requests: %+v, want the same QEMU running with a grant of 600M to 1G", g)
+	}
+	var asked bool
+	for _, e := range c.events("--type", "process.grown") {
+		asked = asked || (e.ID == id && strings.Contains(e.Reason, "the guest asks") && strings.Contains(e.Reason, "asked by node"))
+	}
+	if !asked {
+		t.Errorf("no process.grown event from the guest's request: %+v", c.events("--type", "process.grown"))
+	}
+}
