@@ -55,3 +55,33 @@ func TestRoomMovesRateLimited(t *testing.T) {
 		t.Fatalf("%d moves before the limit, want %d", moved, RoomMoves)
 	}
 }
+
+// Moves to make room go only to nodes that offer what the mover needs
+// (Offers): its host paths, VMs. With no such node the growth waits.
+func TestRoomMovesWhereOffered(t *testing.T) {
+	x := newTester(t)
+	x.ok(hostPathNode("a", "", &pb.HostPath{Name: "data"})) // 4G
+	f := spec(0)
+	f.Resources.MemMinBytes, f.Resources.MemMaxBytes = 3*gib, 3*gib
+	f.Mounts = []*pb.Mount{{Name: "data", Path: "/data"}}
+	x.ok(spawnCmd(f, "f"))
+	x.ok(reportCmd("a", upd("f", 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	g := pinned(spec(0), "a")
+	g.Resources.MemMinBytes, g.Resources.MemMaxBytes, g.Grow = gib/2, 4*gib, pb.Grow_GROW_ON
+	x.ok(spawnCmd(g, "g"))
+	x.ok(reportCmd("a", upd("g", 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	x.ok(hostPathNode("b", "")) // room, but no data
+	grow := &pb.Command{Op: &pb.Command_SetGrant{SetGrant: &pb.SetGrant{Id: "g", Grant: &pb.Grant{MemBytes: 2 * gib}}}}
+	x.ok(grow)
+	if r := x.get("f"); r.MoveTo != "" {
+		t.Fatalf("f moves to %s, which does not offer data", r.MoveTo)
+	}
+	if r := x.get("g"); r.Want == nil || r.WantReason == "" {
+		t.Fatalf("g's growth does not wait: grant %v, want %v (%q)", r.Grant, r.Want, r.WantReason)
+	}
+	x.ok(hostPathNode("c", "", &pb.HostPath{Name: "data"}))
+	x.ok(grow)
+	if r := x.get("f"); r.MoveTo != "c" {
+		t.Fatalf("f moves to %q, want c, the node that offers data", r.MoveTo)
+	}
+}
