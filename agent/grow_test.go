@@ -251,6 +251,7 @@ type vmRuntime struct {
 	mu      sync.Mutex
 	resizes [][2]int64 // mem, cpu
 	want    func(mem, cpu int64)
+	started []Spec
 }
 
 type fakeVM struct {
@@ -259,6 +260,9 @@ type fakeVM struct {
 }
 
 func (r *vmRuntime) Start(s Spec) (Proc, error) {
+	r.mu.Lock()
+	r.started = append(r.started, s)
+	r.mu.Unlock()
 	p, err := r.SimRuntime.Start(s)
 	return &fakeVM{Proc: p, rt: r}, err
 }
@@ -281,9 +285,9 @@ func (v *fakeVM) OnWant(f func(mem, cpu int64)) {
 func TestVMWantsThroughSetGrant(t *testing.T) {
 	cp, rt, gr := newFakeCP(), &vmRuntime{}, &growRuntime{}
 	rec := assignment("v", 1, pb.ProcessState_PROCESS_STATE_STARTING)
-	rec.Spec.Isolation = pb.Isolation_ISOLATION_VM
+	rec.Spec.Isolation, rec.Spec.Grow = pb.Isolation_ISOLATION_VM, pb.Grow_GROW_ON
 	rec.Spec.Resources = &pb.Resources{CpuMinMilli: 1000, CpuMaxMilli: 2000, MemMinBytes: 256 << 20, MemMaxBytes: 1 << 30}
-	rec.Grant = &pb.Grant{CpuMilli: 1000, MemBytes: 256 << 20}
+	rec.Grant = &pb.Grant{CpuMilli: 1000, MemBytes: 384 << 20}
 	fg := &fakeGrants{rt: gr, cap: 1 << 40, rec: rec}
 	cp.set(1, rec)
 	startAgent(t, cp, rt, func(a *Agent) {
@@ -296,8 +300,13 @@ func TestVMWantsThroughSetGrant(t *testing.T) {
 		return rt.want != nil
 	})
 	rt.mu.Lock()
-	want := rt.want
+	want, started := rt.want, rt.started
 	rt.mu.Unlock()
+	// It booted at its grant, with its bounds as its ceiling.
+	if len(started) != 1 || started[0].Grant.GetMemBytes() != 384<<20 || started[0].Grant.GetCpuMilli() != 1000 ||
+		started[0].Resources.GetMemMaxBytes() != 1<<30 || started[0].Resources.GetCpuMaxMilli() != 2000 {
+		t.Fatalf("started %+v, want the grant 1 core, 384M within the bounds", started)
+	}
 	want(640<<20, 0)
 	waitUntil(t, 5*time.Second, "the VM resized to its new grant", func() bool {
 		rt.mu.Lock()
