@@ -119,6 +119,11 @@ func run(ctx context.Context, o *options) error {
 	if o.initPath, err = absInit(o.initPath); err != nil {
 		return err
 	}
+	// Absolute from here on: sandboxes mount folders below it (work
+	// folders), and the guard runs from another directory.
+	if o.dataDir, err = filepath.Abs(o.dataDir); err != nil {
+		return fmt.Errorf("--data-dir: %w", err)
+	}
 	if err := os.MkdirAll(o.dataDir, 0o755); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
