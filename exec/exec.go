@@ -57,7 +57,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -262,7 +261,7 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 	if len(s.Argv) == 0 || s.Argv[0] == "" {
 		return nil, fmt.Errorf("start %s: empty Argv: %w", name, ErrInvalid)
 	}
-	uid, gid, err := parseUser(s.User)
+	uid, gid, err := ParseUser(s.User, nobody)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
@@ -370,7 +369,7 @@ func (r *Runtime) Start(s Spec) (*Process, error) {
 	}
 	p := &Process{name: name, pid: pid, child: true, group: g, status: status, done: make(chan struct{})}
 	// The child is ours and unreaped, so its /proc entry is there.
-	_, p.start, _ = procStat(pid)
+	_, p.start, _ = ProcStat(pid)
 	p.pidfd = os.NewFile(uintptr(pidfd), "pidfd")
 	go p.wait()
 	return p, nil
@@ -451,22 +450,8 @@ func loopbackUp() error {
 	return nil
 }
 
-// parseUser parses "UID[:GID]"; "" is nobody (65534:65534).
-func parseUser(u string) (uid, gid uint32, err error) {
-	if u == "" {
-		return 65534, 65534, nil
-	}
-	us, gs, hasG := strings.Cut(u, ":")
-	uid64, err := strconv.ParseUint(us, 10, 32)
-	gid64 := uid64
-	if err == nil && hasG {
-		gid64, err = strconv.ParseUint(gs, 10, 32)
-	}
-	if err != nil || uid64 == 1<<32-1 || gid64 == 1<<32-1 {
-		return 0, 0, fmt.Errorf("user %q: want UID[:GID] (numbers): %w", u, ErrInvalid)
-	}
-	return uint32(uid64), uint32(gid64), nil
-}
+// nobody is the user a workload runs as when its spec names none.
+var nobody = [2]uint32{65534, 65534}
 
 // Adopt takes charge of a workload started by an earlier agent: incarnation
 // inc of id, running as pid with the given start time (Process.StartTime).
@@ -481,47 +466,16 @@ func (r *Runtime) Adopt(id string, inc uint64, pid int, startTime uint64) (*Proc
 		return nil, fmt.Errorf("adopt: %w", err)
 	}
 	name := GroupName(id, inc)
-	if pid <= 0 {
-		return nil, fmt.Errorf("adopt %s: pid %d: %w", name, pid, ErrGone)
-	}
-	// Open the pidfd first and check the start time after: if the check
-	// passes, the pidfd cannot refer to an earlier holder of the pid.
-	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
-	if errors.Is(err, unix.ESRCH) {
-		return nil, fmt.Errorf("adopt %s: pid %d: %w", name, pid, ErrGone)
-	}
+	pidfd, g, err := Claim(r.Cgroups, name, pid, startTime)
 	if err != nil {
-		return nil, fmt.Errorf("adopt %s: pidfd_open %d: %w", name, pid, err)
-	}
-	fail := func(err error) (*Process, error) {
-		unix.Close(fd)
 		return nil, fmt.Errorf("adopt %s: %w", name, err)
 	}
-	state, start, err := procStat(pid)
-	switch {
-	case errors.Is(err, fs.ErrNotExist) || state == 'Z' || state == 'X':
-		return fail(fmt.Errorf("pid %d: %w", pid, ErrGone))
-	case err != nil:
-		return fail(err)
-	case start != startTime:
-		return fail(fmt.Errorf("pid %d started at %d, not %d (pid reused): %w", pid, start, startTime, ErrGone))
-	}
-	g, err := r.Cgroups.Open(name)
-	if err != nil {
-		return fail(err)
-	}
-	pids, err := g.Procs()
-	if err != nil {
-		return fail(err)
-	}
-	if !slices.Contains(pids, pid) {
-		return fail(fmt.Errorf("pid %d is not in cgroup %s: %w", pid, name, ErrGone))
-	}
+	start := startTime
 	p := &Process{name: name, pid: pid, start: start, group: g, done: make(chan struct{})}
 	if u, err := g.Stats(); err == nil {
 		p.oom = u.OOMKills
 	}
-	p.pidfd = os.NewFile(uintptr(fd), "pidfd")
+	p.pidfd = pidfd
 	go p.wait()
 	return p, nil
 }
@@ -571,7 +525,7 @@ func (r *Runtime) Existing() ([]Existing, error) {
 		e := Existing{ID: id, Incarnation: inc, Group: name, PIDs: pids}
 		for _, pid := range pids {
 			if nsInit(pid) {
-				if state, start, err := procStat(pid); err == nil && state != 'Z' {
+				if state, start, err := ProcStat(pid); err == nil && state != 'Z' {
 					e.PID, e.StartTime = pid, start
 				}
 				break
@@ -914,24 +868,6 @@ func logTree(dir string) (int, error) {
 		logTrees.Store(dir, t)
 	}
 	return fd, nil
-}
-
-// procStat returns the state (field 3) and start time (field 22) of pid.
-func procStat(pid int) (state byte, start uint64, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	f := strings.Fields(string(b[i+1:])) // f[0] is field 3
-	if len(f) < 20 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	start, err = strconv.ParseUint(f[19], 10, 64)
-	return f[0][0], start, err
 }
 
 // nsInit reports whether pid is PID 1 of a pid namespace below ours.

@@ -293,7 +293,7 @@ func TestLimitsResizeKill(t *testing.T) {
 		t.Fatalf("Resize: %v", err)
 	}
 	check(r2)
-	if _, s, err := procStat(pid); err != nil || s != start {
+	if _, s, err := ProcStat(pid); err != nil || s != start {
 		t.Fatalf("after resize pid %d start %d (%v), want the same process", pid, s, err)
 	}
 	u, err := p.Stats()
@@ -519,7 +519,7 @@ func TestAdoptAfterAgentRestart(t *testing.T) {
 }
 
 func mustStart(t *testing.T, pid int) uint64 {
-	_, s, err := procStat(pid)
+	_, s, err := ProcStat(pid)
 	if err != nil {
 		t.Fatal(err)
 	}

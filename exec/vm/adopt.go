@@ -5,11 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 
 	"github.com/shim-run/shim/cgroup"
 	"github.com/shim-run/shim/exec"
-	"golang.org/x/sys/unix"
 )
 
 // Adopt takes charge of a VM started by an earlier runtime (a new Runtime
@@ -38,39 +36,13 @@ func (r *Runtime) Adopt(id string, inc uint64, pid int, startTime uint64) (*VM, 
 	if pid <= 0 || pid != m.PID {
 		return nil, fmt.Errorf("adopt vm %s: pid %d is not its QEMU (%d): %w", name, pid, m.PID, ErrGone)
 	}
-	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
-	if errors.Is(err, unix.ESRCH) {
-		return nil, fmt.Errorf("adopt vm %s: pid %d: %w", name, pid, ErrGone)
-	}
+	pidfd, g, err := exec.Claim(r.Cgroups, name, pid, startTime)
 	if err != nil {
-		return nil, fmt.Errorf("adopt vm %s: pidfd_open %d: %w", name, pid, err)
-	}
-	fail := func(err error) (*VM, error) {
-		unix.Close(fd)
 		return nil, fmt.Errorf("adopt vm %s: %w", name, err)
 	}
-	state, start, err := procStat(pid)
-	switch {
-	case errors.Is(err, os.ErrNotExist) || state == 'Z' || state == 'X':
-		return fail(fmt.Errorf("pid %d: %w", pid, ErrGone))
-	case err != nil:
-		return fail(err)
-	case start != startTime:
-		return fail(fmt.Errorf("pid %d started at %d, not %d (pid reused): %w", pid, start, startTime, ErrGone))
-	}
-	g, err := r.Cgroups.Open(name)
-	if err != nil {
-		return fail(err)
-	}
-	pids, err := g.Procs()
-	if err != nil {
-		return fail(err)
-	}
-	if !slices.Contains(pids, pid) {
-		return fail(fmt.Errorf("pid %d is not in cgroup %s: %w", pid, name, ErrGone))
-	}
+	start := startTime
 	v := &VM{rt: r, name: name, dir: dir, pid: pid, start: start, accel: m.Accel, res: m.Resources,
-		margin: [2]int64{m.MemMargin, m.CPUMargin}, group: g, pidfd: os.NewFile(uintptr(fd), "pidfd"),
+		margin: [2]int64{m.MemMargin, m.CPUMargin}, group: g, pidfd: pidfd,
 		done: make(chan struct{}), wantc: make(chan [2]int64, 1), plan: m.Plan, statc: make(chan struct{})}
 	if u, err := g.Stats(); err == nil {
 		v.oom = u.OOMKills
@@ -114,7 +86,7 @@ func (r *Runtime) Existing() ([]Existing, error) {
 			out = append(out, x) // a start that did not finish: a leftover
 			continue
 		}
-		if state, start, err := procStat(m.PID); err == nil && state != 'Z' && state != 'X' && start == m.StartTime {
+		if state, start, err := exec.ProcStat(m.PID); err == nil && state != 'Z' && state != 'X' && start == m.StartTime {
 			x.PID, x.StartTime = m.PID, start
 		}
 		out = append(out, x)

@@ -84,14 +84,12 @@
 package vm
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -293,7 +291,7 @@ func (r *Runtime) Start(s Spec) (*VM, error) {
 	if len(s.Argv) == 0 {
 		return fail(fmt.Errorf("empty Argv: %w", ErrInvalid))
 	}
-	uid, gid, err := parseUser(s.User)
+	uid, gid, err := exec.ParseUser(s.User, [2]uint32{}) // root in its own guest
 	if err != nil {
 		return fail(err)
 	}
@@ -452,7 +450,7 @@ func (r *Runtime) launch(s Spec, name, dir string, p plan, bf bootFiles, qemuBin
 	v := &VM{rt: r, name: name, dir: dir, pid: pid, child: true, accel: accel, res: s.Resources,
 		margin: [2]int64{memMargin, cpuMargin}, group: g, pidfd: os.NewFile(uintptr(pidfd), "pidfd"),
 		done: make(chan struct{}), wantc: make(chan [2]int64, 1), plan: p, statc: make(chan struct{})}
-	_, v.start, _ = procStat(pid)
+	_, v.start, _ = exec.ProcStat(pid)
 	v.qmp, err = dialQMP(filepath.Join(dir, fileQMP), startTimeout, nil)
 	if err != nil {
 		_ = g.Kill()
@@ -548,23 +546,6 @@ func validID(id string) error {
 	return nil
 }
 
-// parseUser parses "UID[:GID]" (GID defaults to UID); "" is root.
-func parseUser(u string) (uid, gid uint32, err error) {
-	if u == "" {
-		return 0, 0, nil
-	}
-	us, gs, hasG := strings.Cut(u, ":")
-	a, err := strconv.ParseUint(us, 10, 32)
-	b := a
-	if err == nil && hasG {
-		b, err = strconv.ParseUint(gs, 10, 32)
-	}
-	if err != nil || a == 1<<32-1 || b == 1<<32-1 {
-		return 0, 0, fmt.Errorf("user %q: want UID[:GID] (numbers): %w", u, ErrInvalid)
-	}
-	return uint32(a), uint32(b), nil
-}
-
 // lookPath checks that file can be executed, like execvp after chdir(dir),
 // with PATH from env or the guest init's default.
 func lookPath(file string, env []string, dir string) error {
@@ -605,22 +586,4 @@ func lookPath(file string, env []string, dir string) error {
 		}
 	}
 	return fmt.Errorf("exec: %q: %w", file, ErrNotFound)
-}
-
-// procStat returns the state (field 3) and start time (field 22) of pid.
-func procStat(pid int) (state byte, start uint64, err error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return 0, 0, fmt.Errorf("/proc/%d/stat: malformed", pid)
-	}
-	start, err = strconv.ParseUint(f[19], 10, 64)
-	return f[0][0], start, err
 }

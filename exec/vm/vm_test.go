@@ -335,7 +335,7 @@ func TestResize(t *testing.T) {
 	if v.PID() != pid {
 		t.Errorf("PID changed: %d -> %d", pid, v.PID())
 	}
-	if _, s, err := procStat(pid); err != nil || s != st {
+	if _, s, err := exec.ProcStat(pid); err != nil || s != st {
 		t.Errorf("QEMU %d is not the same process (start %d, want %d, err %v)", pid, s, st, err)
 	}
 
