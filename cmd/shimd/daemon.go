@@ -239,7 +239,11 @@ func run(ctx context.Context, o *options) error {
 			}
 		}
 	}
-	rt, err := newRuntime(o.name, o.initPath, log)
+	cluster, err := clusterID(creds, o.dataDir)
+	if err != nil {
+		return err
+	}
+	rt, err := newRuntime(cluster, o.name, o.initPath, log)
 	if err != nil {
 		return err
 	}
@@ -301,7 +305,7 @@ func run(ctx context.Context, o *options) error {
 	if err := o.grow.wire(ag, shimClient(httpc, secure)); err != nil {
 		return err
 	}
-	if err := startGuard(o.dataDir, o.name, log); err != nil {
+	if err := startGuard(o.dataDir, cluster, o.name, log); err != nil {
 		return err
 	}
 	if role == pb.NodeRole_NODE_ROLE_SERVER && !rn.HadState() && len(join) > 0 {
@@ -433,6 +437,11 @@ func lockDataDir(dir string) (func(), error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("data dir %s is in use by another shimd", dir)
+	}
+	// The guard never kills the pid written here (guard.Protector).
+	if err := os.WriteFile(filepath.Join(dir, guard.PIDFileName), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data dir: %w", err)
 	}
 	return func() { f.Close() }, nil
 }
