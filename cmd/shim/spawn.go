@@ -236,10 +236,19 @@ func (a *app) waitStarted(ctx context.Context, recs []*pb.ProcessRecord) error {
 		err := a.callTimeout(ctx, left+2*time.Second, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 			req := &pb.ListRequest{Ids: ids, All: true, MinIndex: index, WaitMillis: left.Milliseconds()}
 			r, err := c.List(ctx, connect.NewRequest(req))
-			if err == nil {
-				resp = r.Msg
+			if err != nil {
+				return err
 			}
-			return err
+			resp = r.Msg
+			for tok := r.Msg.GetNextPageToken(); tok != ""; { // the rest of the pages, without waiting
+				more, err := c.List(ctx, connect.NewRequest(&pb.ListRequest{Ids: ids, All: true, PageToken: tok}))
+				if err != nil {
+					return err
+				}
+				resp.Processes = append(resp.Processes, more.Msg.GetProcesses()...)
+				tok = more.Msg.GetNextPageToken()
+			}
+			return nil
 		})
 		if err != nil {
 			return err

@@ -3249,14 +3249,19 @@ func (x *ResizeResponse) GetProcess() *ProcessRecord {
 }
 
 type ListRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
-	All           bool                   `protobuf:"varint,2,opt,name=all,proto3" json:"all,omitempty"`                                 // include terminal processes
-	Node          string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`                                // only this node
-	MinIndex      uint64                 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`       // blocking query: wait until the table index exceeds this
-	WaitMillis    int64                  `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"` // blocking query: for at most this long
-	Usage         bool                   `protobuf:"varint,6,opt,name=usage,proto3" json:"usage,omitempty"`                             // ask the owning nodes for current CPU and memory use
-	Consistency   Consistency            `protobuf:"varint,7,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Ids         []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	All         bool                   `protobuf:"varint,2,opt,name=all,proto3" json:"all,omitempty"`                                 // include terminal processes
+	Node        string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`                                // only this node
+	MinIndex    uint64                 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`       // blocking query: wait until the table index exceeds this
+	WaitMillis  int64                  `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"` // blocking query: for at most this long
+	Usage       bool                   `protobuf:"varint,6,opt,name=usage,proto3" json:"usage,omitempty"`                             // ask the owning nodes for current CPU and memory use
+	Consistency Consistency            `protobuf:"varint,7,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
+	// Paging: at most page_size records (0 = the server's default, 1000; at
+	// most 10,000), and at most 4 MiB of them, whichever comes first. Pass
+	// the answer's next_page_token to get the next page.
+	PageSize      int32  `protobuf:"varint,8,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,9,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3340,11 +3345,26 @@ func (x *ListRequest) GetConsistency() Consistency {
 	return Consistency_CONSISTENCY_UNSPECIFIED
 }
 
+func (x *ListRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Processes     []*ProcessRecord       `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
 	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	Staleness     *Staleness             `protobuf:"bytes,3,opt,name=staleness,proto3" json:"staleness,omitempty"` // stale reads only
+	Staleness     *Staleness             `protobuf:"bytes,3,opt,name=staleness,proto3" json:"staleness,omitempty"`                                // stale reads only
+	NextPageToken string                 `protobuf:"bytes,4,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"` // "" on the last page
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3398,6 +3418,13 @@ func (x *ListResponse) GetStaleness() *Staleness {
 		return x.Staleness
 	}
 	return nil
+}
+
+func (x *ListResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // Staleness says how far behind a stale read's member may have been.
@@ -5790,7 +5817,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04move\x18\x04 \x01(\bR\x04move\x12\x14\n" +
 	"\x05clear\x18\x05 \x03(\tR\x05clear\"B\n" +
 	"\x0eResizeResponse\x120\n" +
-	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\xd1\x01\n" +
+	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\x8d\x02\n" +
 	"\vListRequest\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x10\n" +
 	"\x03all\x18\x02 \x01(\bR\x03all\x12\x12\n" +
@@ -5799,11 +5826,15 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vwait_millis\x18\x05 \x01(\x03R\n" +
 	"waitMillis\x12\x14\n" +
 	"\x05usage\x18\x06 \x01(\bR\x05usage\x126\n" +
-	"\vconsistency\x18\a \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\x8c\x01\n" +
+	"\vconsistency\x18\a \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\x12\x1b\n" +
+	"\tpage_size\x18\b \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\t \x01(\tR\tpageToken\"\xb4\x01\n" +
 	"\fListResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
-	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"t\n" +
+	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\x12&\n" +
+	"\x0fnext_page_token\x18\x04 \x01(\tR\rnextPageToken\"t\n" +
 	"\tStaleness\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12!\n" +
 	"\fleader_index\x18\x02 \x01(\x04R\vleaderIndex\x12.\n" +

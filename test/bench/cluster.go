@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -569,6 +570,17 @@ func (c *cluster) list(ctx context.Context, req *pb.ListRequest) (*pb.ListRespon
 		if err != nil {
 			return nil, err
 		}
+		for tok := r.Msg.NextPageToken; tok != ""; { // every page; only the first waits
+			next := proto.Clone(req).(*pb.ListRequest)
+			next.PageToken, next.MinIndex, next.WaitMillis = tok, 0, 0
+			more, err := cl.List(ctx, connect.NewRequest(next))
+			if err != nil {
+				return nil, err
+			}
+			r.Msg.Processes = append(r.Msg.Processes, more.Msg.Processes...)
+			tok = more.Msg.NextPageToken
+		}
+		r.Msg.NextPageToken = ""
 		return r.Msg, nil
 	})
 }

@@ -126,7 +126,7 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 	for range psRuns {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		t0 := time.Now()
-		_, err := c.api(ld.api).List(ctx, connect.NewRequest(&pb.ListRequest{}))
+		_, err := c.list(ctx, &pb.ListRequest{}) // every page
 		d := time.Since(t0)
 		cancel()
 		if err != nil {

@@ -431,9 +431,18 @@ func withToken(tok string) connect.ClientOption {
 // answered).
 func (c *cluster) list(addrs []string) ([]*pb.ProcessRecord, time.Time) {
 	for _, a := range addrs {
-		r, err := c.api(a).List(context.Background(), connect.NewRequest(&pb.ListRequest{}))
-		if err == nil {
-			return r.Msg.Processes, time.Now()
+		var out []*pb.ProcessRecord
+		req := &pb.ListRequest{}
+		for {
+			r, err := c.api(a).List(context.Background(), connect.NewRequest(req))
+			if err != nil {
+				out = nil
+				break
+			}
+			out = append(out, r.Msg.Processes...)
+			if req.PageToken = r.Msg.NextPageToken; req.PageToken == "" {
+				return out, time.Now()
+			}
 		}
 	}
 	return nil, time.Time{}
