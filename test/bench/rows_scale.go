@@ -14,7 +14,6 @@ import (
 	"strings"
 	"time"
 
-
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/table"
 )
