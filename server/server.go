@@ -71,6 +71,11 @@ type Server struct {
 	Auth *auth.Credentials
 	// MetricsOpen serves /metrics without a token.
 	MetricsOpen bool
+	// Retain is how long an ended process stays in the table (default
+	// DefaultRetain), RetainMax how many ended ones it keeps at most
+	// (default DefaultRetainMax; negative: no cap). prune.go.
+	Retain    time.Duration
+	RetainMax int
 	// BodyTimeout is how long a request's body may take to arrive
 	// (default DefaultBodyTimeout; bounded.go).
 	BodyTimeout time.Duration
@@ -163,5 +168,6 @@ func (s *Server) Run(ctx context.Context) {
 		return
 	}
 	go s.countEvents(ctx) // events.go
+	go s.runPrune(ctx)    // prune.go
 	s.runLeases(ctx)
 }

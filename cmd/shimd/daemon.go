@@ -46,6 +46,8 @@ type options struct {
 	initPath                                           string
 	hostPaths                                          []string
 	grow                                               growOptions // grow.go
+	retain                                             time.Duration
+	retainMax                                          int
 }
 
 func newCommand() *cobra.Command {
@@ -74,6 +76,8 @@ func newCommand() *cobra.Command {
 	f.BoolVar(&o.insecure, "insecure", false, "no TLS and no tokens: anyone who reaches a port owns every host (benchmarks only)")
 	_ = f.MarkHidden("insecure")
 	f.DurationVar(&o.lease, "lease", time.Second, "node lease: a node that cannot renew it for this long is fenced and replaced")
+	f.DurationVar(&o.retain, "retain", server.DefaultRetain, "how long an ended process stays in the table (shim ps -a) before the leader prunes it")
+	f.IntVar(&o.retainMax, "retain-max", server.DefaultRetainMax, "the most ended processes the table keeps (oldest pruned first); -1: no cap")
 	f.DurationVar(&o.hold, "shutdown-hold", 30*time.Second, "after a clean stop, how long the cluster waits for this shimd to return before moving its processes")
 	f.StringVar(&o.reserveCPU, "reserve-cpu", "0", "CPU cores kept back for the system")
 	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
@@ -104,6 +108,12 @@ func run(ctx context.Context, o *options) error {
 	}
 	if o.lease < 100*time.Millisecond {
 		return fmt.Errorf("--lease %s is too short (at least 100ms)", o.lease)
+	}
+	if o.retain < time.Second {
+		return fmt.Errorf("--retain %s is too short (at least 1s)", o.retain)
+	}
+	if o.retainMax == 0 || o.retainMax < -1 {
+		return fmt.Errorf("--retain-max %d: use a positive count, or -1 for no cap", o.retainMax)
 	}
 	if _, err := o.grow.policy(); err != nil {
 		return err
@@ -166,7 +176,7 @@ func run(ctx context.Context, o *options) error {
 	secure := creds != nil
 	m := metrics.New(nil)
 	srv := &server.Server{Name: o.name, Lease: o.lease, LogDir: filepath.Join(o.dataDir, "logs"), Log: log, Metrics: m,
-		Auth: creds, MetricsOpen: o.metricsOpen}
+		Auth: creds, MetricsOpen: o.metricsOpen, Retain: o.retain, RetainMax: o.retainMax}
 	var rn *raftlog.Node
 	if role == pb.NodeRole_NODE_ROLE_SERVER {
 		t := table.New()
