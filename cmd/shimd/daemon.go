@@ -48,6 +48,8 @@ type options struct {
 	grow                                               growOptions // grow.go
 	retain                                             time.Duration
 	retainMax                                          int
+	snapInterval                                       time.Duration
+	snapThreshold                                      uint64
 }
 
 func newCommand() *cobra.Command {
@@ -78,6 +80,10 @@ func newCommand() *cobra.Command {
 	f.DurationVar(&o.lease, "lease", time.Second, "node lease: a node that cannot renew it for this long is fenced and replaced")
 	f.DurationVar(&o.retain, "retain", server.DefaultRetain, "how long an ended process stays in the table (shim ps -a) before the leader prunes it")
 	f.IntVar(&o.retainMax, "retain-max", server.DefaultRetainMax, "the most ended processes the table keeps (oldest pruned first); -1: no cap")
+	f.DurationVar(&o.snapInterval, "snapshot-interval", 0, "how often Raft checks whether to snapshot (default 30s; tests)")
+	f.Uint64Var(&o.snapThreshold, "snapshot-threshold", 0, "log entries since the last snapshot that make Raft take one (default 8192; tests)")
+	_ = f.MarkHidden("snapshot-interval")
+	_ = f.MarkHidden("snapshot-threshold")
 	f.DurationVar(&o.hold, "shutdown-hold", 30*time.Second, "after a clean stop, how long the cluster waits for this shimd to return before moving its processes")
 	f.StringVar(&o.reserveCPU, "reserve-cpu", "0", "CPU cores kept back for the system")
 	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
@@ -193,6 +199,7 @@ func run(ctx context.Context, o *options) error {
 			// deposed leader steps down after 200 ms without a quorum.
 			HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond,
 			LeaderLeaseTimeout: 200 * time.Millisecond,
+			SnapshotInterval:   o.snapInterval, SnapshotThreshold: o.snapThreshold,
 		}
 		if secure {
 			rc.ServerTLS, rc.ClientTLS = creds.TLS(auth.RaftServer), creds.TLS(auth.RaftClient)
