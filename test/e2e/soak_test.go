@@ -85,7 +85,7 @@ func TestSoakBoundedHistory(t *testing.T) {
 		})
 		return rssBytes(t, lead.cmd.Process.Pid), snap
 	}
-	run(5) // warm-up
+	run(15) // warm-up: 3,000 processes fill the event ring (4,096) and the heap
 	rss0, snap0 := settled("after the warm-up")
 	run(rounds)
 	rss1, snap1 := settled("after the soak")
