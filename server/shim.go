@@ -56,7 +56,7 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	for i := range ids {
 		ids[i] = s.NewID()
 	}
-	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId}}})
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId, Force: m.Force}}})
 	if err != nil {
 		return nil, err
 	}

@@ -2383,6 +2383,7 @@ type Spawn struct {
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"` // one process per id, all with the same spec
 	Spec          *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
 	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // the client's: a retry with the same id gets the first answer
+	Force         bool                   `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`                         // pinned to a drained node: place it there anyway
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2436,6 +2437,13 @@ func (x *Spawn) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
+}
+
+func (x *Spawn) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 // SetGrant changes a process's grant (within its bounds); see table/grants.go.
@@ -2926,6 +2934,7 @@ type SpawnRequest struct {
 	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
 	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
 	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
+	Force         bool                   `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`                         // a pinned spawn (spec.node) goes to its node even if it is drained
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2986,6 +2995,13 @@ func (x *SpawnRequest) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
+}
+
+func (x *SpawnRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type SpawnResponse struct {
@@ -5754,12 +5770,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"B\n" +
 	"\x04Hold\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
-	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"b\n" +
+	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"x\n" +
 	"\x05Spawn\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x03 \x01(\tR\trequestId\"\x8a\x01\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\x12\x14\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\"\x8a\x01\n" +
 	"\bSetGrant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12$\n" +
@@ -5796,13 +5813,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
 	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x81\x01\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x97\x01\n" +
 	"\fSpawnRequest\x12(\n" +
 	"\x04spec\x18\x01 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x12\n" +
 	"\x04wait\x18\x03 \x01(\bR\x04wait\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x04 \x01(\tR\trequestId\"E\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\x12\x14\n" +
+	"\x05force\x18\x05 \x01(\bR\x05force\"E\n" +
 	"\rSpawnResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"7\n" +
 	"\vKillRequest\x12\x10\n" +
