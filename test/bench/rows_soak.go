@@ -66,6 +66,7 @@ func rowSoak(e *env) []Result {
 	}
 	// settled waits for every ended process to be pruned and a snapshot
 	// to follow, then reads the leader's RSS (KiB) and snapshot (bytes).
+	var heap []float64 // the leader's Go heap in use (MiB) at each settled point
 	settled := func() (float64, float64, error) {
 		deadline := time.Now().Add(time.Minute)
 		for {
@@ -92,6 +93,9 @@ func rowSoak(e *env) []Result {
 		for {
 			size, at := newestSnapshot(lead.dir)
 			if at.After(before) {
+				if m, err := e.scrape(lead); err == nil {
+					heap = append(heap, m["go_memstats_heap_inuse_bytes"]/(1<<20))
+				}
 				rss, err := rssKiB(lead.pid())
 				return rss, float64(size), err
 			}
@@ -122,6 +126,8 @@ func rowSoak(e *env) []Result {
 		{Row: "13", What: "soak: leader RSS after/before", Unit: "%", Sample: []float64{100 * rss1 / rss0}, Goal: goal, Check: within,
 			Note: fmt.Sprintf("%d processes in %s after a %d warm-up; RSS %.1f → %.1f MiB; --retain 2s --retain-max 1000",
 				total, took.Round(time.Second), warm, rss0/1024, rss1/1024)},
+		{Row: "13c", What: "soak: leader Go heap in use after/before (no goal: what RSS holds on to)", Unit: "%", Sample: ratio(heap),
+			Note: fmt.Sprintf("heap in use %s MiB", heapNote(heap))},
 		{Row: "13b", What: "soak: leader snapshot after/before", Unit: "%", Sample: []float64{100 * snap1 / snap0}, Goal: goal, Check: within,
 			Note: fmt.Sprintf("snapshot %.0f → %.0f KiB", snap0/1024, snap1/1024)},
 	}
@@ -148,4 +154,18 @@ func newestSnapshot(dir string) (int64, time.Time) {
 		}
 	}
 	return size, at
+}
+
+func ratio(h []float64) []float64 {
+	if len(h) != 2 || h[0] == 0 {
+		return nil
+	}
+	return []float64{100 * h[1] / h[0]}
+}
+
+func heapNote(h []float64) string {
+	if len(h) != 2 {
+		return "not scraped"
+	}
+	return fmt.Sprintf("%.1f → %.1f", h[0], h[1])
 }
