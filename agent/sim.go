@@ -10,13 +10,17 @@ import (
 )
 
 // SimRuntime pretends to run processes: each "process" lives until it is
-// signalled. It lets one machine host thousands of simulated workers that use
+// signalled, except one whose command is SimExit, which exits 0 at once:
+// short-lived work for soak tests. It lets one machine host thousands of simulated workers that use
 // the same API, lease and report paths as real ones.
 type SimRuntime struct {
 	pids atomic.Int64
 	mu   sync.Mutex
 	live map[*simProc]bool
 }
+
+// SimExit is the command of a simulated process that exits 0 at once.
+const SimExit = "sim:exit"
 
 var errSimAdopt = errors.New("simulated processes do not survive the agent")
 
@@ -29,6 +33,9 @@ func (r *SimRuntime) Start(s Spec) (Proc, error) {
 	}
 	r.live[p] = true
 	r.mu.Unlock()
+	if len(s.Argv) > 0 && s.Argv[0] == SimExit {
+		p.once.Do(func() { p.exit = Exit{}; p.end() })
+	}
 	return p, nil
 }
 
@@ -68,12 +75,16 @@ func (p *simProc) StartTime() uint64 { return 1 }
 func (p *simProc) Signal(sig syscall.Signal) error {
 	p.once.Do(func() {
 		p.exit = Exit{Code: -1, Signal: sig.String()}
-		close(p.done)
-		p.rt.mu.Lock()
-		delete(p.rt.live, p)
-		p.rt.mu.Unlock()
+		p.end()
 	})
 	return nil
+}
+
+func (p *simProc) end() {
+	close(p.done)
+	p.rt.mu.Lock()
+	delete(p.rt.live, p)
+	p.rt.mu.Unlock()
 }
 func (p *simProc) Kill() error                  { return p.Signal(syscall.SIGKILL) }
 func (p *simProc) Done() <-chan struct{}        { return p.done }

@@ -190,7 +190,7 @@ func raftConfig(cfg Config, logger hclog.Logger) *raft.Config {
 	rc.CommitTimeout = commitTimeout
 	rc.MaxAppendEntries = maxAppendEntries
 	rc.TrailingLogs = trailingLogs
-	rc.SnapshotInterval = snapshotInterval
+	rc.SnapshotInterval = durOr(cfg.SnapshotInterval, snapshotInterval)
 
 	rc.HeartbeatTimeout = durOr(cfg.HeartbeatTimeout, defaultHeartbeatTimeout)
 	rc.ElectionTimeout = cfg.ElectionTimeout

@@ -57,6 +57,7 @@ type Config struct {
 	ElectionTimeout    time.Duration // default 500ms (at least HeartbeatTimeout)
 	LeaderLeaseTimeout time.Duration // default 250ms (at most HeartbeatTimeout)
 	SnapshotThreshold  uint64        // default 8192 entries since the last snapshot
+	SnapshotInterval   time.Duration // how often to check the threshold; default 30 s
 
 	Logger io.Writer // raft log output (hclog, level INFO); default os.Stderr
 

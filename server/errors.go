@@ -34,7 +34,7 @@ func apiError(err error) error {
 		code = connect.CodeAlreadyExists
 	case errors.Is(err, table.ErrNoCapacity):
 		code = connect.CodeResourceExhausted
-	case errors.Is(err, table.ErrTransition), errors.Is(err, table.ErrStale):
+	case errors.Is(err, table.ErrTransition), errors.Is(err, table.ErrStale), errors.Is(err, table.ErrDrained):
 		code = connect.CodeFailedPrecondition
 	case errors.Is(err, raftlog.ErrNotLeader), errors.Is(err, ErrNoLeader):
 		code = connect.CodeUnavailable

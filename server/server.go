@@ -71,6 +71,14 @@ type Server struct {
 	Auth *auth.Credentials
 	// MetricsOpen serves /metrics without a token.
 	MetricsOpen bool
+	// Retain is how long an ended process stays in the table (default
+	// DefaultRetain), RetainMax how many ended ones it keeps at most
+	// (default DefaultRetainMax; negative: no cap). prune.go.
+	Retain    time.Duration
+	RetainMax int
+	// BodyTimeout is how long a request's body may take to arrive
+	// (default DefaultBodyTimeout; bounded.go).
+	BodyTimeout time.Duration
 	// ProbeRaft checks, before a server joins as a voter, that its Raft
 	// address answers as that server. Default (nil): a TLS dial with this
 	// node's certificate (trust.go), or nothing with trust off.
@@ -138,6 +146,7 @@ func (s *Server) Handler() http.Handler {
 	// query's answer cost more CPU than anything else the agent did.
 	opts := []connect.HandlerOption{connect.WithReadMaxBytes(MaxRequestBytes), connect.WithCompression("gzip", nil, nil),
 		connect.WithInterceptors(authInterceptor{})}
+	opts = append(opts, jsonCodecs()...) // bounded.go
 	mux := http.NewServeMux()
 	mux.Handle(shimv1connect.NewShimServiceHandler(&shimAPI{s: s}, opts...))
 	mux.Handle(shimv1connect.NewAgentServiceHandler(&agentAPI{s: s}, opts...))
@@ -146,7 +155,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	return http.MaxBytesHandler(s.authenticate(mux), MaxRequestBytes+4096)
+	return s.bounded(http.MaxBytesHandler(s.authenticate(mux), MaxRequestBytes+4096))
 }
 
 // Run runs the leader duties (lease checks) until ctx ends, then closes the
@@ -159,5 +168,6 @@ func (s *Server) Run(ctx context.Context) {
 		return
 	}
 	go s.countEvents(ctx) // events.go
+	go s.runPrune(ctx)    // prune.go
 	s.runLeases(ctx)
 }

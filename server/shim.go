@@ -44,6 +44,9 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	if n > table.MaxSpawnIDs {
 		return nil, invalid("count %d is more than %d", n, table.MaxSpawnIDs)
 	}
+	if err := checkSpawnSize(m.Spec, n); err != nil {
+		return nil, err
+	}
 	if m.RequestId != "" {
 		if err := table.ValidateRequestID(m.RequestId); err != nil {
 			return nil, apiError(err)
@@ -53,7 +56,7 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	for i := range ids {
 		ids[i] = s.NewID()
 	}
-	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId}}})
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId, Force: m.Force}}})
 	if err != nil {
 		return nil, err
 	}
@@ -309,6 +312,10 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 	} else {
 		recs = s.Table.Processes(m.All, m.Node)
 	}
+	recs, next, err := page(recs, m.PageToken, m.PageSize)
+	if err != nil {
+		return nil, invalid("%v", err)
+	}
 	if m.Usage {
 		recs = s.usage(ctx, recs, false)
 	} else if len(m.Ids) == 0 && m.Node == "" && binaryCodec(req.Header().Get("Content-Type")) {
@@ -317,19 +324,24 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 		if err != nil {
 			return nil, apiError(err)
 		}
-		out := &pb.ListResponse{Index: index, Staleness: staleness}
+		out := &pb.ListResponse{Index: index, Staleness: staleness, NextPageToken: next}
 		out.ProtoReflect().SetUnknown(raw)
 		return connect.NewResponse(out), nil
 	}
-	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index, Staleness: staleness}), nil
+	return connect.NewResponse(&pb.ListResponse{Processes: recs, Index: index, Staleness: staleness, NextPageToken: next}), nil
 }
 
-// waitFor bounds a blocking query's wait: default 30 s, at most 5 min.
+// MaxWait is the longest a blocking query waits.
+const MaxWait = 5 * time.Minute
+
+// waitFor bounds a blocking query's wait: default 30 s, at most MaxWait
+// (clamped before it is multiplied, so a huge wait_millis cannot overflow
+// into a wait that ends at once).
 func waitFor(ms int64) time.Duration {
 	if ms <= 0 {
 		return 30 * time.Second
 	}
-	return min(time.Duration(ms)*time.Millisecond, 5*time.Minute)
+	return time.Duration(min(ms, MaxWait.Milliseconds())) * time.Millisecond
 }
 
 func (h *shimAPI) Nodes(ctx context.Context, req *connect.Request[pb.NodesRequest]) (*resp[pb.NodesResponse], error) {

@@ -12,4 +12,5 @@ var (
 	ErrTransition  = errors.New("invalid state transition")
 	ErrDecode      = errors.New("cannot decode command")
 	ErrStale       = errors.New("stale incarnation")
+	ErrDrained     = errors.New("node is drained")
 )

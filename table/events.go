@@ -73,9 +73,10 @@ func (x *txn) publish() []*pb.Event {
 		e.Index = t.index
 	}
 	if len(t.events)+len(evs) > MaxEvents && len(t.events) > 0 {
-		// Drop a quarter of the ring at once (amortized O(1) per event),
-		// and never part of an index.
-		drop := min(max(len(t.events)+len(evs)-MaxEvents, MaxEvents/4), len(t.events))
+		// Drop a sixteenth of the ring at once (amortized O(1) per
+		// event; a full ring's size, and so a snapshot's, then varies by
+		// 6 %, not 25 %), and never part of an index.
+		drop := min(max(len(t.events)+len(evs)-MaxEvents, MaxEvents/16), len(t.events))
 		for drop < len(t.events) && t.events[drop].Index == t.events[drop-1].Index {
 			drop++
 		}

@@ -196,7 +196,7 @@ func (g *gen) step(t *testing.T) {
 		}
 		if !errors.Is(res.Err, ErrInvalid) && !errors.Is(res.Err, ErrNotFound) && !errors.Is(res.Err, ErrExists) &&
 			!errors.Is(res.Err, ErrNoCapacity) && !errors.Is(res.Err, ErrUnknownNode) && !errors.Is(res.Err, ErrDecode) &&
-			!errors.Is(res.Err, ErrStale) {
+			!errors.Is(res.Err, ErrStale) && !errors.Is(res.Err, ErrDrained) {
 			t.Fatalf("step %d: error %v wraps no sentinel", g.index, res.Err)
 		}
 	}

@@ -65,16 +65,22 @@ func (t *Table) logChange(node, id string) {
 	d.log = append(d.log, departure{id: id, index: t.index})
 }
 
-// holders are the nodes a live record reserves room on: its node, and during
-// a make-before-break move also the node it moves to.
+// holders are the nodes a live record reserves room on: its node, during a
+// make-before-break move also the node it moves to, and while an older
+// incarnation may still run on a cut-off node (on-lost keep) that node,
+// which is so sent the record and learns when to stop its copy (lost.go).
 func holders(rec *pb.ProcessRecord) []string {
-	switch {
-	case rec.Node == "":
-		return nil
-	case rec.MoveTo != "":
-		return []string{rec.Node, rec.MoveTo}
+	var out []string
+	if rec.Node != "" {
+		out = append(out, rec.Node)
+		if rec.MoveTo != "" {
+			out = append(out, rec.MoveTo)
+		}
 	}
-	return []string{rec.Node}
+	if c := rec.CutOff.GetNode(); c != "" && c != rec.Node && c != rec.MoveTo {
+		out = append(out, c)
+	}
+	return out
 }
 
 func (t *Table) hold(node string, rec *pb.ProcessRecord) {

@@ -182,6 +182,15 @@ func (x *txn) evacuate(name, reason string) []string {
 	ids := sortedKeys(t.byNode[name])
 	for _, id := range ids {
 		rec := proto.CloneOf(t.procs[id])
+		if rec.Node != name && rec.MoveTo != name {
+			// Its cut-off copy's node (lost.go), lost already; removed,
+			// it will never say the copy stopped.
+			if t.nodes[name] == nil {
+				x.retireCutOff(rec, pb.ProcessState_PROCESS_STATE_KILLED, reason)
+				x.put(rec)
+			}
+			continue
+		}
 		if rec.Node != name {
 			// It was moving here: the move is off, it stays where it runs.
 			rec.MoveTo = ""
@@ -189,7 +198,11 @@ func (x *txn) evacuate(name, reason string) []string {
 			x.event(EvMoveFailed, rec, rec.Node, "move to "+name+" failed: "+reason)
 			continue
 		}
-		x.retire(rec, reason)
+		if keepOnLost(rec) {
+			x.cutOff(rec, reason) // lost.go: it may run on there
+		} else {
+			x.retire(rec, reason)
+		}
 		if rec.Stop {
 			rec.State = pb.ProcessState_PROCESS_STATE_KILLED
 			rec.Reason = reason

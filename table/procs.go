@@ -137,6 +137,10 @@ func (x *txn) report(r *pb.Report) []string {
 			changed = append(changed, u.Id)
 			continue
 		}
+		if old != nil && x.cutOffEnded(old, r.GetNode(), u) { // lost.go
+			changed = append(changed, u.Id)
+			continue
+		}
 		// Reports about an incarnation the table has moved elsewhere are
 		// stale; the node learns from its assignments to stop that copy. A
 		// queued process has no node, so nothing may report on it.

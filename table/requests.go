@@ -75,7 +75,7 @@ func spawnDigest(spec *pb.ProcessSpec, count int) []byte {
 func (x *txn) spawnOnce(s *pb.Spawn) ([]string, error) {
 	rid := s.GetRequestId()
 	if rid == "" {
-		return x.spawn(s.GetIds(), s.GetSpec())
+		return x.spawnPinned(s)
 	}
 	if err := ValidateRequestID(rid); err != nil {
 		return nil, err
@@ -88,7 +88,7 @@ func (x *txn) spawnOnce(s *pb.Spawn) ([]string, error) {
 		}
 		return slices.Clone(r.Ids), nil
 	}
-	ids, err := x.spawn(s.GetIds(), s.GetSpec())
+	ids, err := x.spawnPinned(s)
 	if err != nil {
 		return nil, err
 	}

@@ -507,7 +507,12 @@ func parseCommand(verb string, args []string) (*pb.Command, error) {
 func parseSpawn(args []string) (*pb.Command, error) {
 	s := &pb.ProcessSpec{Resources: &pb.Resources{}}
 	var ids []string
+	force := false
 	for i, a := range args {
+		if a == "force" {
+			force = true
+			continue
+		}
 		if a == "--" {
 			s.Command = args[i+1:]
 			break
@@ -550,7 +555,9 @@ func parseSpawn(args []string) (*pb.Command, error) {
 			}
 		}
 	}
-	return spawnCmd(s, ids...), nil
+	cmd := spawnCmd(s, ids...)
+	cmd.GetSpawn().Force = force
+	return cmd, nil
 }
 
 func setResource(r *pb.Resources, kv string) error {

@@ -12,15 +12,40 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/table"
 )
 
+// list lists every page.
 func (a *app) list(ctx context.Context, req *pb.ListRequest) ([]*pb.ProcessRecord, error) {
-	resp, err := a.listResp(ctx, req)
-	return resp.GetProcesses(), err
+	var out []*pb.ProcessRecord
+	err := a.listPages(ctx, req, func(resp *pb.ListResponse) error {
+		out = append(out, resp.GetProcesses()...)
+		return nil
+	})
+	return out, err
+}
+
+// listPages lists page after page (List answers in pages), handing each to
+// fn as it comes. Only the first page waits (a blocking query).
+func (a *app) listPages(ctx context.Context, req *pb.ListRequest, fn func(*pb.ListResponse) error) error {
+	req = proto.Clone(req).(*pb.ListRequest)
+	for {
+		resp, err := a.listResp(ctx, req)
+		if err != nil {
+			return err
+		}
+		if err := fn(resp); err != nil {
+			return err
+		}
+		if resp.GetNextPageToken() == "" {
+			return nil
+		}
+		req.PageToken, req.MinIndex, req.WaitMillis = resp.GetNextPageToken(), 0, 0
+	}
 }
 
 // listResp lists, linearizably unless --stale.
@@ -67,18 +92,39 @@ func (a *app) psCmd() *cobra.Command {
 			if err := outputFormat(output, "table", "json", "wide"); err != nil {
 				return err
 			}
-			resp, err := a.listResp(cmd.Context(), &pb.ListRequest{Ids: args, All: all || len(args) > 0, Node: node,
-				Usage: output != "json"})
-			if err != nil {
-				return err
-			}
-			recs := resp.GetProcesses()
+			req := &pb.ListRequest{Ids: args, All: all || len(args) > 0, Node: node, Usage: output != "json"}
 			if output == "json" && a.stale {
-				return a.writeStaleJSON(a.out, resp.GetStaleness(), "processes", func(w io.Writer) error {
+				var recs []*pb.ProcessRecord
+				var st *pb.Staleness
+				err := a.listPages(cmd.Context(), req, func(resp *pb.ListResponse) error {
+					if st == nil {
+						st = resp.GetStaleness()
+					}
+					recs = append(recs, resp.GetProcesses()...)
+					return nil
+				})
+				if err != nil {
+					return err
+				}
+				return a.writeStaleJSON(a.out, st, "processes", func(w io.Writer) error {
 					return writeProcessesJSON(w, recs)
 				})
 			}
-			return a.printProcesses(a.out, recs, output, all)
+			// Page by page, as the pages come: a table per page (one
+			// header), or one JSON array.
+			first := true
+			err := a.listPages(cmd.Context(), req, func(resp *pb.ListResponse) error {
+				recs := resp.GetProcesses()
+				defer func() { first = false }()
+				if output == "json" {
+					return writeProcessesJSONPage(a.out, recs, first, resp.GetNextPageToken() == "")
+				}
+				if len(recs) == 0 && !first {
+					return nil
+				}
+				return writeProcessTablePage(a.out, recs, output == "wide", all, a.now(), first)
+			})
+			return err
 		},
 	}
 	cmd.Flags().BoolVarP(&all, "all", "a", false, "include finished processes")

@@ -18,10 +18,10 @@ import (
 
 type spawnOptions struct {
 	name, cpu, mem, pids, restart, node, isolation, network, user, rootfs, dir string
-	requestID                                                                  string
+	requestID, onLost                                                          string
 	count                                                                      int
 	env, mounts                                                                []string
-	wait                                                                       bool
+	wait, force                                                                bool
 	grow                                                                       growFlags // grow.go
 }
 
@@ -44,7 +44,7 @@ func (a *app) spawnCmd() *cobra.Command {
 			} else if err := table.ValidateRequestID(rid); err != nil {
 				return flagError("request-id", rid, errors.New(strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")))
 			}
-			return a.spawn(cmd.Context(), spec, uint32(o.count), o.wait, rid)
+			return a.spawn(cmd.Context(), spec, uint32(o.count), o.wait, rid, o.force)
 		},
 	}
 	f := cmd.Flags()
@@ -56,6 +56,8 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.restart, "restart", "", "restart `POLICY`: always, on-failure (default) or never")
 	f.StringArrayVarP(&o.env, "env", "e", nil, "environment variable `K=V` (repeatable)")
 	f.StringVar(&o.node, "node", "", "run on `NODE`")
+	f.BoolVar(&o.force, "force", false, "with --node: run there even if the node is drained")
+	f.StringVar(&o.onLost, "on-lost", "", "when its node is cut off: `fence` (default: stop it, it never runs twice) or keep (keep it running until the replacement runs)")
 	f.IntVar(&o.count, "count", 1, "number of replicas `N`")
 	f.BoolVar(&o.wait, "wait", false, "wait until the process is running (up to --timeout); fail if it does not start")
 	f.StringVar(&o.isolation, "isolation", "", "isolation `MODE`: process (default), container, vm, or host (admin: no sandbox)")
@@ -104,6 +106,14 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 			return nil, flagError("restart", o.restart, err)
 		}
 	}
+	if set("on-lost") {
+		if s.OnLost, err = parseOnLost(o.onLost); err != nil {
+			return nil, flagError("on-lost", o.onLost, err)
+		}
+	}
+	if set("force") && o.node == "" {
+		return nil, usagef("--force needs --node (it places a pinned process on a drained node)")
+	}
 	if set("isolation") {
 		if s.Isolation, err = parseIsolation(o.isolation); err != nil {
 			return nil, flagError("isolation", o.isolation, err)
@@ -137,9 +147,9 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 
 // spawn asks for the processes, retrying with the same request id while
 // answers are lost (retry.go).
-func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string) error {
+func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string, force bool) error {
 	var recs []*pb.ProcessRecord
-	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID}
+	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID, Force: force}
 	what := "retry with --request-id " + requestID + " to spawn at most once"
 	err := a.callRetry(ctx, what, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 		resp, err := c.Spawn(ctx, connect.NewRequest(req))
@@ -236,10 +246,19 @@ func (a *app) waitStarted(ctx context.Context, recs []*pb.ProcessRecord) error {
 		err := a.callTimeout(ctx, left+2*time.Second, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 			req := &pb.ListRequest{Ids: ids, All: true, MinIndex: index, WaitMillis: left.Milliseconds()}
 			r, err := c.List(ctx, connect.NewRequest(req))
-			if err == nil {
-				resp = r.Msg
+			if err != nil {
+				return err
 			}
-			return err
+			resp = r.Msg
+			for tok := r.Msg.GetNextPageToken(); tok != ""; { // the rest of the pages, without waiting
+				more, err := c.List(ctx, connect.NewRequest(&pb.ListRequest{Ids: ids, All: true, PageToken: tok}))
+				if err != nil {
+					return err
+				}
+				resp.Processes = append(resp.Processes, more.Msg.GetProcesses()...)
+				tok = more.Msg.GetNextPageToken()
+			}
+			return nil
 		})
 		if err != nil {
 			return err

@@ -312,3 +312,14 @@ func parseInterval(s string) (time.Duration, error) {
 	}
 	return d, nil
 }
+
+// parseOnLost parses what a cut-off node does with a process.
+func parseOnLost(s string) (pb.OnLost, error) {
+	switch strings.ToLower(s) {
+	case "fence":
+		return pb.OnLost_ON_LOST_FENCE, nil
+	case "keep":
+		return pb.OnLost_ON_LOST_KEEP, nil
+	}
+	return 0, errors.New("use fence or keep")
+}

@@ -287,6 +287,33 @@ func writeProcessesJSON(w io.Writer, recs []*pb.ProcessRecord) error {
 	return bw.Flush()
 }
 
+// writeProcessesJSONPage writes one page of a JSON array of processes:
+// the opening bracket with the first page, the closing one with the last.
+func writeProcessesJSONPage(w io.Writer, recs []*pb.ProcessRecord, first, last bool) error {
+	bw := bufio.NewWriterSize(w, 256<<10)
+	var b []byte
+	if first {
+		bw.WriteString("[")
+	}
+	for i, r := range recs {
+		if !first || i > 0 {
+			bw.WriteString(",")
+		}
+		v := processView(r)
+		b = append(b[:0], '\n', ' ', ' ')
+		b = appendProcessJSON(b, &v)
+		bw.Write(b)
+	}
+	if last {
+		if first && len(recs) == 0 {
+			bw.WriteString("]\n")
+		} else {
+			bw.WriteString("\n]\n")
+		}
+	}
+	return bw.Flush()
+}
+
 // ---- Tables.
 
 // capCPU and capMem read a node's capacity from a node's capacity: the detected
@@ -396,6 +423,12 @@ func guestMemText(r *pb.ProcessRecord) string {
 // incarnation (moved off a lost node, fenced, or moved by a drain), with why
 // it ended in place of the command.
 func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool, now time.Time) error {
+	return writeProcessTablePage(w, recs, wide, history, now, true)
+}
+
+// writeProcessTablePage writes one page of the process table, with the
+// header if first.
+func writeProcessTablePage(w io.Writer, recs []*pb.ProcessRecord, wide, history bool, now time.Time, first bool) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	head := "ID\tNAME\tNODE\tSTATE\tPID\tINC\tRESTARTS\tEXIT\tAGE"
 	if wide {
@@ -403,7 +436,9 @@ func writeProcessTable(w io.Writer, recs []*pb.ProcessRecord, wide, history bool
 	} else {
 		head += "\tCPU%\tMEM"
 	}
-	fmt.Fprintln(tw, head+"\tCOMMAND")
+	if first {
+		fmt.Fprintln(tw, head+"\tCOMMAND")
+	}
 	for _, r := range recs {
 		s := r.GetSpec()
 		row := []string{

@@ -46,6 +46,10 @@ type options struct {
 	initPath                                           string
 	hostPaths                                          []string
 	grow                                               growOptions // grow.go
+	retain                                             time.Duration
+	retainMax                                          int
+	snapInterval                                       time.Duration
+	snapThreshold                                      uint64
 }
 
 func newCommand() *cobra.Command {
@@ -74,6 +78,12 @@ func newCommand() *cobra.Command {
 	f.BoolVar(&o.insecure, "insecure", false, "no TLS and no tokens: anyone who reaches a port owns every host (benchmarks only)")
 	_ = f.MarkHidden("insecure")
 	f.DurationVar(&o.lease, "lease", time.Second, "node lease: a node that cannot renew it for this long is fenced and replaced")
+	f.DurationVar(&o.retain, "retain", server.DefaultRetain, "how long an ended process stays in the table (shim ps -a) before the leader prunes it")
+	f.IntVar(&o.retainMax, "retain-max", server.DefaultRetainMax, "the most ended processes the table keeps (oldest pruned first); -1: no cap")
+	f.DurationVar(&o.snapInterval, "snapshot-interval", 0, "how often Raft checks whether to snapshot (default 30s; tests)")
+	f.Uint64Var(&o.snapThreshold, "snapshot-threshold", 0, "log entries since the last snapshot that make Raft take one (default 8192; tests)")
+	_ = f.MarkHidden("snapshot-interval")
+	_ = f.MarkHidden("snapshot-threshold")
 	f.DurationVar(&o.hold, "shutdown-hold", 30*time.Second, "after a clean stop, how long the cluster waits for this shimd to return before moving its processes")
 	f.StringVar(&o.reserveCPU, "reserve-cpu", "0", "CPU cores kept back for the system")
 	f.StringVar(&o.reserveMem, "reserve-mem", "256M", "memory kept back for the system")
@@ -104,6 +114,12 @@ func run(ctx context.Context, o *options) error {
 	}
 	if o.lease < 100*time.Millisecond {
 		return fmt.Errorf("--lease %s is too short (at least 100ms)", o.lease)
+	}
+	if o.retain < time.Second {
+		return fmt.Errorf("--retain %s is too short (at least 1s)", o.retain)
+	}
+	if o.retainMax == 0 || o.retainMax < -1 {
+		return fmt.Errorf("--retain-max %d: use a positive count, or -1 for no cap", o.retainMax)
 	}
 	if _, err := o.grow.policy(); err != nil {
 		return err
@@ -166,7 +182,7 @@ func run(ctx context.Context, o *options) error {
 	secure := creds != nil
 	m := metrics.New(nil)
 	srv := &server.Server{Name: o.name, Lease: o.lease, LogDir: filepath.Join(o.dataDir, "logs"), Log: log, Metrics: m,
-		Auth: creds, MetricsOpen: o.metricsOpen}
+		Auth: creds, MetricsOpen: o.metricsOpen, Retain: o.retain, RetainMax: o.retainMax}
 	var rn *raftlog.Node
 	if role == pb.NodeRole_NODE_ROLE_SERVER {
 		t := table.New()
@@ -183,6 +199,7 @@ func run(ctx context.Context, o *options) error {
 			// deposed leader steps down after 200 ms without a quorum.
 			HeartbeatTimeout: 200 * time.Millisecond, ElectionTimeout: 200 * time.Millisecond,
 			LeaderLeaseTimeout: 200 * time.Millisecond,
+			SnapshotInterval:   o.snapInterval, SnapshotThreshold: o.snapThreshold,
 		}
 		if secure {
 			rc.ServerTLS, rc.ClientTLS = creds.TLS(auth.RaftServer), creds.TLS(auth.RaftClient)
@@ -239,7 +256,11 @@ func run(ctx context.Context, o *options) error {
 			}
 		}
 	}
-	rt, err := newRuntime(o.name, o.initPath, log)
+	cluster, err := clusterID(creds, o.dataDir)
+	if err != nil {
+		return err
+	}
+	rt, err := newRuntime(cluster, o.name, o.initPath, log)
 	if err != nil {
 		return err
 	}
@@ -301,7 +322,7 @@ func run(ctx context.Context, o *options) error {
 	if err := o.grow.wire(ag, shimClient(httpc, secure)); err != nil {
 		return err
 	}
-	if err := startGuard(o.dataDir, o.name, log); err != nil {
+	if err := startGuard(o.dataDir, cluster, o.name, log); err != nil {
 		return err
 	}
 	if role == pb.NodeRole_NODE_ROLE_SERVER && !rn.HadState() && len(join) > 0 {
@@ -433,6 +454,11 @@ func lockDataDir(dir string) (func(), error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("data dir %s is in use by another shimd", dir)
+	}
+	// The guard never kills the pid written here (guard.Protector).
+	if err := os.WriteFile(filepath.Join(dir, guard.PIDFileName), []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data dir: %w", err)
 	}
 	return func() { f.Close() }, nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -27,7 +28,7 @@ const guardPIDFile = "guard.pid"
 // switch (package guard). shimd starts it; it outlives shimd, and kills the
 // node's sandboxes if shimd's lease runs out while shimd is dead or paused.
 func guardCommand() *cobra.Command {
-	var name, dataDir string
+	var name, dataDir, cluster string
 	cmd := &cobra.Command{
 		Use:    "guard",
 		Short:  "the node's dead-man switch (started by shimd)",
@@ -40,10 +41,14 @@ func guardCommand() *cobra.Command {
 				return err
 			}
 			defer f.Close()
-			rt, err := newRuntime(name, "", log)
+			if cluster == "" {
+				return errors.New("guard: --cluster is required")
+			}
+			rt, err := newRuntime(cluster, name, "", log)
 			if err != nil {
 				return err
 			}
+			rt.protect = guard.NewProtector(filepath.Join(dataDir, guard.PIDFileName))
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			log.Info("guard started", "data", dataDir)
@@ -57,13 +62,15 @@ func guardCommand() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&name, "name", "", "node name")
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "shimd's data dir")
+	cmd.Flags().StringVar(&cluster, "cluster", "", "the cluster's ID (names the cgroup root with --name)")
 	return cmd
 }
 
-// startGuard makes sure a guard runs for dataDir: the one in guard.pid if it
-// is alive, else a new one, detached in its own session. Call it with the
-// data dir locked and its lease file created.
-func startGuard(dataDir, name string, log *slog.Logger) error {
+// startGuard makes sure a guard runs for dataDir and cluster: the one in
+// guard.pid if it is alive, else a new one, detached in its own session (a
+// guard of dataDir for another cluster root, from an older shimd, is
+// stopped). Call it with the data dir locked and its lease file created.
+func startGuard(dataDir, cluster, name string, log *slog.Logger) error {
 	dir, err := filepath.Abs(dataDir)
 	if err != nil {
 		return fmt.Errorf("guard: %w", err)
@@ -71,8 +78,12 @@ func startGuard(dataDir, name string, log *slog.Logger) error {
 	pidPath := filepath.Join(dir, guardPIDFile)
 	if b, err := os.ReadFile(pidPath); err == nil {
 		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && isGuard(pid, dir) {
-			log.Info("guard already running", "pid", pid)
-			return nil
+			if isGuard(pid, cluster) {
+				log.Info("guard already running", "pid", pid)
+				return nil
+			}
+			log.Info("stopping the guard of an older cgroup root", "pid", pid)
+			_ = syscall.Kill(pid, syscall.SIGTERM)
 		}
 	}
 	exe, err := os.Executable()
@@ -84,7 +95,7 @@ func startGuard(dataDir, name string, log *slog.Logger) error {
 		return fmt.Errorf("guard: %w", err)
 	}
 	defer out.Close()
-	cmd := osexec.Command(exe, "guard", "--name", name, "--data-dir", dir)
+	cmd := osexec.Command(exe, "guard", "--name", name, "--data-dir", dir, "--cluster", cluster)
 	cmd.Stdout, cmd.Stderr, cmd.Dir = out, out, "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // not stopped or killed with shimd's session
 	if err := cmd.Start(); err != nil {
@@ -111,14 +122,15 @@ func resumeLease(f *guard.File, longest time.Duration) time.Time {
 	return time.Now().Add(left)
 }
 
-// isGuard reports whether pid is a live guard of dir.
-func isGuard(pid int, dir string) bool {
+// isGuard reports whether pid is a live guard with arg (its data dir, its
+// cluster) among its arguments.
+func isGuard(pid int, arg string) bool {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
 		return false
 	}
 	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
-	if len(args) < 2 || args[1] != "guard" || !slices.Contains(args, dir) {
+	if len(args) < 2 || args[1] != "guard" || !slices.Contains(args, arg) {
 		return false
 	}
 	st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
@@ -130,8 +142,11 @@ func isGuard(pid int, dir string) bool {
 }
 
 // fence is the guard's kill: SIGKILL to every process in every sandbox of
-// the node, at once, as KillAll sends it, and the sandboxes that had any, for
-// the guard's record (a restarted agent reports their processes as fenced).
+// the node (of this cluster: the root says so), at once, as KillAll sends
+// it, and the sandboxes that had any, for the guard's record (a restarted
+// agent reports their processes as fenced). Never a shimd or a guard
+// (guard.Protector): a shimd thread may sit in a sandbox while it starts a
+// process.
 func (e *execRuntime) fence() ([]guard.Sandbox, error) {
 	names, err := e.cg.List()
 	if err != nil {
@@ -146,7 +161,10 @@ func (e *execRuntime) fence() ([]guard.Sandbox, error) {
 		pids, _ := g.Procs()
 		hit := false
 		for _, pid := range pids {
-			if pid != os.Getpid() && syscall.Kill(pid, syscall.SIGKILL) == nil {
+			if pid == os.Getpid() || (e.protect != nil && e.protect.Protected(pid)) {
+				continue
+			}
+			if syscall.Kill(pid, syscall.SIGKILL) == nil {
 				hit = true
 			}
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/shim-run/shim/cgroup"
 	"github.com/shim-run/shim/exec"
 	"github.com/shim-run/shim/exec/vm"
+	"github.com/shim-run/shim/guard"
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
@@ -31,6 +32,8 @@ type execRuntime struct {
 	// noVM is why this node cannot run VMs (vm's Check, one line); "" if
 	// it can.
 	noVM string
+	// protect, in the guard, says whom fence must not kill.
+	protect *guard.Protector
 	// onWant is told when a VM's guest asks for more (agent.Want).
 	onWant func(id string, inc uint64, memBytes, cpuMilli int64)
 }
@@ -38,19 +41,19 @@ type execRuntime struct {
 // vmStateDir holds a node's VM state directories (one per VM: QMP and
 // control sockets, console log, vm.json); vmCacheDir the boot files all
 // nodes of the host share.
-func vmStateDir(node string) string { return filepath.Join("/run/shim", node, "vm") }
+func vmStateDir(cluster, node string) string { return filepath.Join("/run/shim", cluster, node, "vm") }
 
 const vmCacheDir = "/run/shim/vm-cache"
 
-// newRuntime is the node's runtime; init is shim-init ("" = next to the
-// running executable, then in PATH).
-func newRuntime(node, init string, log *slog.Logger) (*execRuntime, error) {
-	m, err := cgroup.NewManager("shim/" + node)
+// newRuntime is the runtime of node in cluster; init is shim-init ("" = next
+// to the running executable, then in PATH).
+func newRuntime(cluster, node, init string, log *slog.Logger) (*execRuntime, error) {
+	m, err := cgroup.NewManager(cgroupRoot(cluster, node))
 	if err != nil {
 		return nil, fmt.Errorf("cgroups: %w", err)
 	}
 	e := &execRuntime{rt: &exec.Runtime{Cgroups: m, Init: init}, cg: m, log: log}
-	vr := &vm.Runtime{Cgroups: m, Init: init, StateDir: vmStateDir(node), CacheDir: vmCacheDir}
+	vr := &vm.Runtime{Cgroups: m, Init: init, StateDir: vmStateDir(cluster, node), CacheDir: vmCacheDir}
 	if vr.Init == "" {
 		if p, err := e.initPath(); err == nil {
 			vr.Init = p

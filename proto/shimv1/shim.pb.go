@@ -1037,8 +1037,12 @@ type ProcessRecord struct {
 	Want             *Grant                 `protobuf:"bytes,22,opt,name=want,proto3" json:"want,omitempty"`                                           // a growth asked for and not granted yet (waiting for room)
 	WantReason       string                 `protobuf:"bytes,23,opt,name=want_reason,json=wantReason,proto3" json:"want_reason,omitempty"`             // why the growth waits
 	MovedUnixNano    int64                  `protobuf:"varint,24,opt,name=moved_unix_nano,json=movedUnixNano,proto3" json:"moved_unix_nano,omitempty"` // when it last moved to make room (moves are rate-limited)
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// on-lost keep: the incarnation left running on a node that was cut off
+	// (its state unknown), until that node reports it stopped; the node
+	// stops it once the newer incarnation runs.
+	CutOff        *Incarnation `protobuf:"bytes,25,opt,name=cut_off,json=cutOff,proto3" json:"cut_off,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ProcessRecord) Reset() {
@@ -1237,6 +1241,13 @@ func (x *ProcessRecord) GetMovedUnixNano() int64 {
 		return x.MovedUnixNano
 	}
 	return 0
+}
+
+func (x *ProcessRecord) GetCutOff() *Incarnation {
+	if x != nil {
+		return x.CutOff
+	}
+	return nil
 }
 
 // Usage is measured from cgroup stats.
@@ -2383,6 +2394,7 @@ type Spawn struct {
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"` // one process per id, all with the same spec
 	Spec          *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
 	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // the client's: a retry with the same id gets the first answer
+	Force         bool                   `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`                         // pinned to a drained node: place it there anyway
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2436,6 +2448,13 @@ func (x *Spawn) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
+}
+
+func (x *Spawn) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 // SetGrant changes a process's grant (within its bounds); see table/grants.go.
@@ -2926,6 +2945,7 @@ type SpawnRequest struct {
 	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
 	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
 	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
+	Force         bool                   `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`                         // a pinned spawn (spec.node) goes to its node even if it is drained
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2986,6 +3006,13 @@ func (x *SpawnRequest) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
+}
+
+func (x *SpawnRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
 }
 
 type SpawnResponse struct {
@@ -3249,14 +3276,19 @@ func (x *ResizeResponse) GetProcess() *ProcessRecord {
 }
 
 type ListRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
-	All           bool                   `protobuf:"varint,2,opt,name=all,proto3" json:"all,omitempty"`                                 // include terminal processes
-	Node          string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`                                // only this node
-	MinIndex      uint64                 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`       // blocking query: wait until the table index exceeds this
-	WaitMillis    int64                  `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"` // blocking query: for at most this long
-	Usage         bool                   `protobuf:"varint,6,opt,name=usage,proto3" json:"usage,omitempty"`                             // ask the owning nodes for current CPU and memory use
-	Consistency   Consistency            `protobuf:"varint,7,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Ids         []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	All         bool                   `protobuf:"varint,2,opt,name=all,proto3" json:"all,omitempty"`                                 // include terminal processes
+	Node        string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`                                // only this node
+	MinIndex    uint64                 `protobuf:"varint,4,opt,name=min_index,json=minIndex,proto3" json:"min_index,omitempty"`       // blocking query: wait until the table index exceeds this
+	WaitMillis  int64                  `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"` // blocking query: for at most this long
+	Usage       bool                   `protobuf:"varint,6,opt,name=usage,proto3" json:"usage,omitempty"`                             // ask the owning nodes for current CPU and memory use
+	Consistency Consistency            `protobuf:"varint,7,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
+	// Paging: at most page_size records (0 = the server's default, 1000; at
+	// most 10,000), and at most 4 MiB of them, whichever comes first. Pass
+	// the answer's next_page_token to get the next page.
+	PageSize      int32  `protobuf:"varint,8,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,9,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3340,11 +3372,26 @@ func (x *ListRequest) GetConsistency() Consistency {
 	return Consistency_CONSISTENCY_UNSPECIFIED
 }
 
+func (x *ListRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
 type ListResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Processes     []*ProcessRecord       `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
 	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	Staleness     *Staleness             `protobuf:"bytes,3,opt,name=staleness,proto3" json:"staleness,omitempty"` // stale reads only
+	Staleness     *Staleness             `protobuf:"bytes,3,opt,name=staleness,proto3" json:"staleness,omitempty"`                                // stale reads only
+	NextPageToken string                 `protobuf:"bytes,4,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"` // "" on the last page
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3398,6 +3445,13 @@ func (x *ListResponse) GetStaleness() *Staleness {
 		return x.Staleness
 	}
 	return nil
+}
+
+func (x *ListResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 // Staleness says how far behind a stale read's member may have been.
@@ -5618,7 +5672,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n" +
 	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x12&\n" +
-	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xba\x06\n" +
+	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xe9\x06\n" +
 	"\rProcessRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x12\n" +
@@ -5647,7 +5701,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04want\x18\x16 \x01(\v2\x0e.shim.v1.GrantR\x04want\x12\x1f\n" +
 	"\vwant_reason\x18\x17 \x01(\tR\n" +
 	"wantReason\x12&\n" +
-	"\x0fmoved_unix_nano\x18\x18 \x01(\x03R\rmovedUnixNano\"\xa2\x01\n" +
+	"\x0fmoved_unix_nano\x18\x18 \x01(\x03R\rmovedUnixNano\x12-\n" +
+	"\acut_off\x18\x19 \x01(\v2\x14.shim.v1.IncarnationR\x06cutOff\"\xa2\x01\n" +
 	"\x05Usage\x12&\n" +
 	"\x0fcpu_usage_nanos\x18\x01 \x01(\x04R\rcpuUsageNanos\x12!\n" +
 	"\fmemory_bytes\x18\x02 \x01(\x04R\vmemoryBytes\x12\x1b\n" +
@@ -5727,12 +5782,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"B\n" +
 	"\x04Hold\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
-	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"b\n" +
+	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"x\n" +
 	"\x05Spawn\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x03 \x01(\tR\trequestId\"\x8a\x01\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\x12\x14\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\"\x8a\x01\n" +
 	"\bSetGrant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12$\n" +
@@ -5769,13 +5825,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
 	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x81\x01\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x97\x01\n" +
 	"\fSpawnRequest\x12(\n" +
 	"\x04spec\x18\x01 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x12\n" +
 	"\x04wait\x18\x03 \x01(\bR\x04wait\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x04 \x01(\tR\trequestId\"E\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\x12\x14\n" +
+	"\x05force\x18\x05 \x01(\bR\x05force\"E\n" +
 	"\rSpawnResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"7\n" +
 	"\vKillRequest\x12\x10\n" +
@@ -5790,7 +5847,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04move\x18\x04 \x01(\bR\x04move\x12\x14\n" +
 	"\x05clear\x18\x05 \x03(\tR\x05clear\"B\n" +
 	"\x0eResizeResponse\x120\n" +
-	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\xd1\x01\n" +
+	"\aprocess\x18\x01 \x01(\v2\x16.shim.v1.ProcessRecordR\aprocess\"\x8d\x02\n" +
 	"\vListRequest\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x10\n" +
 	"\x03all\x18\x02 \x01(\bR\x03all\x12\x12\n" +
@@ -5799,11 +5856,15 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vwait_millis\x18\x05 \x01(\x03R\n" +
 	"waitMillis\x12\x14\n" +
 	"\x05usage\x18\x06 \x01(\bR\x05usage\x126\n" +
-	"\vconsistency\x18\a \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\x8c\x01\n" +
+	"\vconsistency\x18\a \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\x12\x1b\n" +
+	"\tpage_size\x18\b \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\t \x01(\tR\tpageToken\"\xb4\x01\n" +
 	"\fListResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x120\n" +
-	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\"t\n" +
+	"\tstaleness\x18\x03 \x01(\v2\x12.shim.v1.StalenessR\tstaleness\x12&\n" +
+	"\x0fnext_page_token\x18\x04 \x01(\tR\rnextPageToken\"t\n" +
 	"\tStaleness\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12!\n" +
 	"\fleader_index\x18\x02 \x01(\x04R\vleaderIndex\x12.\n" +
@@ -6151,121 +6212,122 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	16,  // 11: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
 	12,  // 12: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
 	12,  // 13: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
-	6,   // 14: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
-	7,   // 15: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	10,  // 16: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	18,  // 17: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
-	26,  // 18: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	27,  // 19: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	28,  // 20: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	29,  // 21: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	31,  // 22: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	34,  // 23: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	36,  // 24: shim.v1.Command.report:type_name -> shim.v1.Report
-	37,  // 25: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	20,  // 26: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	38,  // 27: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	30,  // 28: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	32,  // 29: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
-	23,  // 30: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
-	24,  // 31: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
-	25,  // 32: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
-	19,  // 33: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	8,   // 34: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	21,  // 35: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	22,  // 36: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	17,  // 37: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	7,   // 38: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	13,  // 39: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	12,  // 40: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
-	5,   // 41: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	35,  // 42: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	10,  // 43: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	13,  // 44: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	15,  // 45: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	15,  // 46: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	10,  // 47: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	15,  // 48: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	9,   // 49: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
-	15,  // 50: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	47,  // 51: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
-	9,   // 52: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
-	17,  // 53: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	10,  // 54: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	10,  // 55: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	16,  // 56: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	12,  // 57: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
-	49,  // 58: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	47,  // 59: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	12,  // 60: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	15,  // 61: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	17,  // 62: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	8,   // 63: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	22,  // 64: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	22,  // 65: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	17,  // 66: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	6,   // 67: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	7,   // 68: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	15,  // 69: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	7,   // 70: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	86,  // 71: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
-	36,  // 72: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	87,  // 73: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	19,  // 74: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	21,  // 75: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	22,  // 76: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	85,  // 77: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	33,  // 78: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	16,  // 79: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39,  // 80: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41,  // 81: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43,  // 82: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45,  // 83: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48,  // 84: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56,  // 85: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58,  // 86: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60,  // 87: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62,  // 88: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64,  // 89: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66,  // 90: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51,  // 91: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53,  // 92: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68,  // 93: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72,  // 94: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74,  // 95: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76,  // 96: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78,  // 97: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82,  // 98: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80,  // 99: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70,  // 100: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54,  // 101: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40,  // 102: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42,  // 103: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44,  // 104: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46,  // 105: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50,  // 106: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57,  // 107: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59,  // 108: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61,  // 109: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63,  // 110: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65,  // 111: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67,  // 112: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52,  // 113: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33,  // 114: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69,  // 115: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73,  // 116: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75,  // 117: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77,  // 118: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79,  // 119: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83,  // 120: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81,  // 121: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71,  // 122: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55,  // 123: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	102, // [102:124] is the sub-list for method output_type
-	80,  // [80:102] is the sub-list for method input_type
-	80,  // [80:80] is the sub-list for extension type_name
-	80,  // [80:80] is the sub-list for extension extendee
-	0,   // [0:80] is the sub-list for field type_name
+	14,  // 14: shim.v1.ProcessRecord.cut_off:type_name -> shim.v1.Incarnation
+	6,   // 15: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
+	7,   // 16: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
+	10,  // 17: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	18,  // 18: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
+	26,  // 19: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	27,  // 20: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	28,  // 21: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	29,  // 22: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	31,  // 23: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	34,  // 24: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	36,  // 25: shim.v1.Command.report:type_name -> shim.v1.Report
+	37,  // 26: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	20,  // 27: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	38,  // 28: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	30,  // 29: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	32,  // 30: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	23,  // 31: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	24,  // 32: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	25,  // 33: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	19,  // 34: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	8,   // 35: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	21,  // 36: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	22,  // 37: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	17,  // 38: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	7,   // 39: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	13,  // 40: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	12,  // 41: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	5,   // 42: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	35,  // 43: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	10,  // 44: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	13,  // 45: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	15,  // 46: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	15,  // 47: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 48: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	15,  // 49: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	9,   // 50: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	15,  // 51: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	47,  // 52: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	9,   // 53: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 54: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	10,  // 55: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	10,  // 56: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	16,  // 57: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	12,  // 58: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	49,  // 59: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	47,  // 60: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	12,  // 61: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	15,  // 62: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	17,  // 63: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	8,   // 64: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	22,  // 65: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	22,  // 66: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	17,  // 67: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	6,   // 68: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	7,   // 69: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	15,  // 70: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	7,   // 71: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	86,  // 72: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	36,  // 73: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	87,  // 74: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	19,  // 75: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	21,  // 76: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	22,  // 77: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	85,  // 78: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	33,  // 79: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	16,  // 80: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39,  // 81: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41,  // 82: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43,  // 83: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45,  // 84: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48,  // 85: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56,  // 86: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58,  // 87: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60,  // 88: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62,  // 89: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64,  // 90: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66,  // 91: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51,  // 92: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53,  // 93: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68,  // 94: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72,  // 95: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74,  // 96: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76,  // 97: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78,  // 98: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82,  // 99: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80,  // 100: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70,  // 101: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54,  // 102: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40,  // 103: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42,  // 104: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44,  // 105: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46,  // 106: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50,  // 107: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57,  // 108: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59,  // 109: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61,  // 110: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63,  // 111: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65,  // 112: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67,  // 113: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52,  // 114: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33,  // 115: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69,  // 116: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73,  // 117: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75,  // 118: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77,  // 119: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79,  // 120: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83,  // 121: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81,  // 122: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71,  // 123: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55,  // 124: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	103, // [103:125] is the sub-list for method output_type
+	81,  // [81:103] is the sub-list for method input_type
+	81,  // [81:81] is the sub-list for extension type_name
+	81,  // [81:81] is the sub-list for extension extendee
+	0,   // [0:81] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }

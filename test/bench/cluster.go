@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
@@ -569,6 +570,17 @@ func (c *cluster) list(ctx context.Context, req *pb.ListRequest) (*pb.ListRespon
 		if err != nil {
 			return nil, err
 		}
+		for tok := r.Msg.NextPageToken; tok != ""; { // every page; only the first waits
+			next := proto.Clone(req).(*pb.ListRequest)
+			next.PageToken, next.MinIndex, next.WaitMillis = tok, 0, 0
+			more, err := cl.List(ctx, connect.NewRequest(next))
+			if err != nil {
+				return nil, err
+			}
+			r.Msg.Processes = append(r.Msg.Processes, more.Msg.Processes...)
+			tok = more.Msg.NextPageToken
+		}
+		r.Msg.NextPageToken = ""
 		return r.Msg, nil
 	})
 }
@@ -873,14 +885,17 @@ func cpuSeconds(pid int) float64 {
 // cgroupRoots lists where a node's groups live in every hierarchy.
 func cgroupRoots(node string) []string {
 	if cgroupMode() == "v2" {
-		return []string{filepath.Join("/sys/fs/cgroup/shim", node)}
+		out, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/shim", "*", node)) // shim/<cluster>/<node>
+		return out
 	}
 	ents, _ := os.ReadDir("/sys/fs/cgroup")
 	var out []string
 	for _, e := range ents {
-		p := filepath.Join("/sys/fs/cgroup", e.Name(), "shim", node)
-		if fi, err := os.Stat(p); err == nil && fi.IsDir() {
-			out = append(out, p)
+		ps, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", e.Name(), "shim", "*", node))
+		for _, p := range ps {
+			if fi, err := os.Stat(p); err == nil && fi.IsDir() {
+				out = append(out, p)
+			}
 		}
 	}
 	return out
@@ -888,23 +903,25 @@ func cgroupRoots(node string) []string {
 
 // nodePids lists every pid in a node's process cgroups.
 func nodePids(node string) []int {
-	root := filepath.Join("/sys/fs/cgroup/pids/shim", node)
+	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", "*", node))
 	if cgroupMode() == "v2" {
-		root = filepath.Join("/sys/fs/cgroup/shim", node)
+		roots, _ = filepath.Glob(filepath.Join("/sys/fs/cgroup/shim", "*", node))
 	}
 	var pids []int
-	_ = filepath.WalkDir(root, func(p string, de os.DirEntry, err error) error {
-		if err != nil || de.IsDir() || de.Name() != "cgroup.procs" {
-			return nil
-		}
-		b, _ := os.ReadFile(p)
-		for _, f := range strings.Fields(string(b)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, pid)
+	for _, root := range roots {
+		_ = filepath.WalkDir(root, func(p string, de os.DirEntry, err error) error {
+			if err != nil || de.IsDir() || de.Name() != "cgroup.procs" {
+				return nil
 			}
-		}
-		return nil
-	})
+			b, _ := os.ReadFile(p)
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					pids = append(pids, pid)
+				}
+			}
+			return nil
+		})
+	}
 	return pids
 }
 
@@ -941,7 +958,8 @@ func sweepCgroups(node string) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		_ = syscall.Rmdir(filepath.Dir(root)) // shim/, once no node uses it
+		_ = syscall.Rmdir(filepath.Dir(root))               // shim/<cluster>/, once no node uses it
+		_ = syscall.Rmdir(filepath.Dir(filepath.Dir(root))) // shim/
 	}
 }
 

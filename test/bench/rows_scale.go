@@ -14,8 +14,6 @@ import (
 	"strings"
 	"time"
 
-	"connectrpc.com/connect"
-
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/table"
 )
@@ -126,7 +124,7 @@ func scaleCluster(e *env, c *cluster, nodes, procs, psRuns int) []Result {
 	for range psRuns {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		t0 := time.Now()
-		_, err := c.api(ld.api).List(ctx, connect.NewRequest(&pb.ListRequest{}))
+		_, err := c.list(ctx, &pb.ListRequest{}) // every page
 		d := time.Since(t0)
 		cancel()
 		if err != nil {

@@ -41,7 +41,10 @@ func killCgroups(node string) {
 // could not remove within 5 s. shimd removes a group when its process ends
 // and the guard a gone node's groups, but a test that kills both leaves them.
 func removeCgroups(node string) []string {
-	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "shim", node))
+	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "shim", "*", node)) // shim/<cluster>/<node>
+	if v2s, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "shim", "*", node)); len(v2s) > 0 {
+		roots = append(roots, v2s...)
+	}
 	if v2 := filepath.Join("/sys/fs/cgroup", "shim", node); fileExists(v2) {
 		roots = append(roots, v2)
 	}
@@ -68,7 +71,8 @@ func removeCgroups(node string) []string {
 				time.Sleep(10 * time.Millisecond)
 			}
 		}
-		_ = syscall.Rmdir(filepath.Dir(root)) // shim/, if no other node uses it
+		_ = syscall.Rmdir(filepath.Dir(root))               // shim/<cluster>/, if no other node uses it
+		_ = syscall.Rmdir(filepath.Dir(filepath.Dir(root))) // shim/ // shim/, if no other node uses it
 	}
 	return left
 }

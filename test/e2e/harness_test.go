@@ -89,10 +89,15 @@ type cluster struct {
 // startCluster starts n servers on loopback; the first bootstraps.
 func startCluster(t *testing.T, n int, extra ...string) *cluster {
 	t.Helper()
-	c := &cluster{t: t}
 	// Node names are unique per run, so cgroups left by one test never meet
 	// another.
-	prefix := fmt.Sprintf("%se%d", os.Getenv("SHIM_E2E_PREFIX"), time.Now().UnixNano()%1e6)
+	return startClusterNamed(t, fmt.Sprintf("%se%d", os.Getenv("SHIM_E2E_PREFIX"), time.Now().UnixNano()%1e6), n, extra...)
+}
+
+// startClusterNamed starts n servers named prefix-1 … prefix-n.
+func startClusterNamed(t *testing.T, prefix string, n int, extra ...string) *cluster {
+	t.Helper()
+	c := &cluster{t: t}
 	for i := range n {
 		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
 		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
@@ -170,7 +175,11 @@ func (c *cluster) cleanup() {
 	for _, d := range c.nodes {
 		// Its VMs' state (their QEMUs go with their cgroups), and stale
 		// incarnations the table no longer lists.
-		_ = os.RemoveAll(filepath.Join("/run/shim", d.name))
+		vmDirs, _ := filepath.Glob(filepath.Join("/run/shim", "*", d.name)) // /run/shim/<cluster>/<node>
+		for _, v := range vmDirs {
+			_ = os.RemoveAll(v)
+			_ = os.Remove(filepath.Dir(v))
+		}
 		killCgroups(d.name)
 		if left := removeCgroups(d.name); len(left) > 0 {
 			c.t.Errorf("%s: cgroups left behind: %v", d.name, left)
@@ -422,9 +431,18 @@ func withToken(tok string) connect.ClientOption {
 // answered).
 func (c *cluster) list(addrs []string) ([]*pb.ProcessRecord, time.Time) {
 	for _, a := range addrs {
-		r, err := c.api(a).List(context.Background(), connect.NewRequest(&pb.ListRequest{}))
-		if err == nil {
-			return r.Msg.Processes, time.Now()
+		var out []*pb.ProcessRecord
+		req := &pb.ListRequest{}
+		for {
+			r, err := c.api(a).List(context.Background(), connect.NewRequest(req))
+			if err != nil {
+				out = nil
+				break
+			}
+			out = append(out, r.Msg.Processes...)
+			if req.PageToken = r.Msg.NextPageToken; req.PageToken == "" {
+				return out, time.Now()
+			}
 		}
 	}
 	return nil, time.Time{}

@@ -665,7 +665,7 @@ func ptLiveGroups(node string) map[string][]int {
 // ptGroups maps every workload cgroup of node, empty or not, to its PIDs.
 func ptGroups(node string) map[string][]int {
 	out := map[string][]int{}
-	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", node, "*", "cgroup.procs"))
+	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", "*", node, "*", "cgroup.procs"))
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -684,7 +684,7 @@ func ptGroups(node string) map[string][]int {
 
 // ptThaw thaws node's freezer cgroups.
 func ptThaw(node string) {
-	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/freezer/shim", node, "*", "freezer.state"))
+	files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/freezer/shim", "*", node, "*", "freezer.state"))
 	for _, f := range files {
 		_ = os.WriteFile(f, []byte("THAWED"), 0o644)
 	}

@@ -274,7 +274,7 @@ func (c *cluster) cleanup() {
 		}
 	}
 	for _, d := range c.nodes {
-		files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", d.name, "*", "cgroup.procs"))
+		files, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/pids/shim", "*", d.name, "*", "cgroup.procs"))
 		for _, f := range files {
 			b, _ := os.ReadFile(f)
 			for _, s := range strings.Fields(string(b)) {
@@ -305,7 +305,10 @@ func (c *cluster) cleanup() {
 // removeCgroups removes a node's cgroup directories in every hierarchy,
 // deepest first, and returns those it could not remove within 5 s.
 func removeCgroups(node string) []string {
-	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "shim", node))
+	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", "shim", "*", node)) // shim/<cluster>/<node>
+	if v2s, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "shim", "*", node)); len(v2s) > 0 {
+		roots = append(roots, v2s...)
+	}
 	if v2 := filepath.Join("/sys/fs/cgroup", "shim", node); exists(v2) {
 		roots = append(roots, v2)
 	}
@@ -332,7 +335,8 @@ func removeCgroups(node string) []string {
 				time.Sleep(10 * time.Millisecond)
 			}
 		}
-		_ = syscall.Rmdir(filepath.Dir(root))
+		_ = syscall.Rmdir(filepath.Dir(root))               // shim/<cluster>/, if no other node uses it
+		_ = syscall.Rmdir(filepath.Dir(filepath.Dir(root))) // shim/
 	}
 	return left
 }
