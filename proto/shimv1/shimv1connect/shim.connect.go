@@ -64,6 +64,12 @@ const (
 	ShimServiceSetGrantProcedure = "/shim.v1.ShimService/SetGrant"
 	// ShimServiceEventsProcedure is the fully-qualified name of the ShimService's Events RPC.
 	ShimServiceEventsProcedure = "/shim.v1.ShimService/Events"
+	// ShimServiceScaleProcedure is the fully-qualified name of the ShimService's Scale RPC.
+	ShimServiceScaleProcedure = "/shim.v1.ShimService/Scale"
+	// ShimServiceEndpointsProcedure is the fully-qualified name of the ShimService's Endpoints RPC.
+	ShimServiceEndpointsProcedure = "/shim.v1.ShimService/Endpoints"
+	// ShimServiceServicesProcedure is the fully-qualified name of the ShimService's Services RPC.
+	ShimServiceServicesProcedure = "/shim.v1.ShimService/Services"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -100,6 +106,9 @@ type ShimServiceClient interface {
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
 	Events(context.Context, *connect.Request[shimv1.EventsRequest]) (*connect.ServerStreamForClient[shimv1.Event], error)
+	Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error)
+	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
+	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -191,6 +200,24 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Events")),
 			connect.WithClientOptions(opts...),
 		),
+		scale: connect.NewClient[shimv1.ScaleRequest, shimv1.ScaleResponse](
+			httpClient,
+			baseURL+ShimServiceScaleProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Scale")),
+			connect.WithClientOptions(opts...),
+		),
+		endpoints: connect.NewClient[shimv1.EndpointsRequest, shimv1.EndpointsResponse](
+			httpClient,
+			baseURL+ShimServiceEndpointsProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Endpoints")),
+			connect.WithClientOptions(opts...),
+		),
+		services: connect.NewClient[shimv1.ServicesRequest, shimv1.ServicesResponse](
+			httpClient,
+			baseURL+ShimServiceServicesProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Services")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -209,6 +236,9 @@ type shimServiceClient struct {
 	whoami      *connect.Client[shimv1.WhoamiRequest, shimv1.WhoamiResponse]
 	setGrant    *connect.Client[shimv1.SetGrantRequest, shimv1.SetGrantResponse]
 	events      *connect.Client[shimv1.EventsRequest, shimv1.Event]
+	scale       *connect.Client[shimv1.ScaleRequest, shimv1.ScaleResponse]
+	endpoints   *connect.Client[shimv1.EndpointsRequest, shimv1.EndpointsResponse]
+	services    *connect.Client[shimv1.ServicesRequest, shimv1.ServicesResponse]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -276,6 +306,21 @@ func (c *shimServiceClient) Events(ctx context.Context, req *connect.Request[shi
 	return c.events.CallServerStream(ctx, req)
 }
 
+// Scale calls shim.v1.ShimService.Scale.
+func (c *shimServiceClient) Scale(ctx context.Context, req *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error) {
+	return c.scale.CallUnary(ctx, req)
+}
+
+// Endpoints calls shim.v1.ShimService.Endpoints.
+func (c *shimServiceClient) Endpoints(ctx context.Context, req *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error) {
+	return c.endpoints.CallUnary(ctx, req)
+}
+
+// Services calls shim.v1.ShimService.Services.
+func (c *shimServiceClient) Services(ctx context.Context, req *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error) {
+	return c.services.CallUnary(ctx, req)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -291,6 +336,9 @@ type ShimServiceHandler interface {
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
 	Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error
+	Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error)
+	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
+	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -378,6 +426,24 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Events")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceScaleHandler := connect.NewUnaryHandler(
+		ShimServiceScaleProcedure,
+		svc.Scale,
+		connect.WithSchema(shimServiceMethods.ByName("Scale")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceEndpointsHandler := connect.NewUnaryHandler(
+		ShimServiceEndpointsProcedure,
+		svc.Endpoints,
+		connect.WithSchema(shimServiceMethods.ByName("Endpoints")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceServicesHandler := connect.NewUnaryHandler(
+		ShimServiceServicesProcedure,
+		svc.Services,
+		connect.WithSchema(shimServiceMethods.ByName("Services")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -406,6 +472,12 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceSetGrantHandler.ServeHTTP(w, r)
 		case ShimServiceEventsProcedure:
 			shimServiceEventsHandler.ServeHTTP(w, r)
+		case ShimServiceScaleProcedure:
+			shimServiceScaleHandler.ServeHTTP(w, r)
+		case ShimServiceEndpointsProcedure:
+			shimServiceEndpointsHandler.ServeHTTP(w, r)
+		case ShimServiceServicesProcedure:
+			shimServiceServicesHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -465,6 +537,18 @@ func (UnimplementedShimServiceHandler) SetGrant(context.Context, *connect.Reques
 
 func (UnimplementedShimServiceHandler) Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Events is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Scale is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Endpoints is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Services is not implemented"))
 }
 
 // AgentServiceClient is a client for the shim.v1.AgentService service.
