@@ -384,6 +384,7 @@ func (x *txn) resize(id string, r *pb.Resources, move bool) ([]string, error) {
 		rec.MoveTo = target
 	}
 	x.put(rec)
+	x.serviceResized(rec)
 	x.event(EvResized, rec, rec.Node, FormatBounds(r))
 	if rec.MoveTo != "" && old.MoveTo == "" {
 		x.event(EvMoving, rec, rec.Node, "resize: to "+rec.MoveTo)

@@ -191,7 +191,7 @@ func (x *txn) scale(c *pb.Scale) ([]string, error) {
 		for _, r := range cur[n:] {
 			stop = append(stop, r.Id)
 		}
-		changed = x.stop(stop, 0)
+		changed = x.stop(stop, 15)
 	} else if len(cur) < int(n) {
 		used := map[uint32]bool{}
 		for _, r := range cur {
@@ -230,7 +230,7 @@ func (x *txn) removeService(s *pb.ServiceRecord, why string) []string {
 	for _, r := range x.t.replicas(s.Name, true) {
 		ids = append(ids, r.Id)
 	}
-	changed := x.stop(ids, 0)
+	changed := x.stop(ids, 15)
 	delete(x.t.services, s.Name)
 	x.event(EvServiceRemoved, nil, "", s.Name+": "+why)
 	return changed
@@ -500,4 +500,17 @@ func portNames(s *pb.ProcessSpec) string {
 	}
 	slices.Sort(names)
 	return strings.Join(names, ", ")
+}
+
+// serviceResized gives a resized replica's bounds to its service, for the
+// replicas it makes next.
+func (x *txn) serviceResized(rec *pb.ProcessRecord) {
+	old := x.t.services[rec.Service]
+	if rec.Service == "" || old == nil {
+		return
+	}
+	svc := proto.CloneOf(old)
+	svc.Spec = proto.CloneOf(svc.Spec)
+	svc.Spec.Resources = proto.CloneOf(rec.Spec.GetResources())
+	x.putService(svc)
 }
