@@ -22,7 +22,9 @@ type spawnOptions struct {
 	count                                                                      int
 	env, mounts                                                                []string
 	wait                                                                       bool
-	grow                                                                       growFlags // grow.go
+	grow                                                                       growFlags    // grow.go
+	svc                                                                        serviceFlags // services.go
+	service                                                                    bool         // --name with --count: a service
 }
 
 func (a *app) spawnCmd() *cobra.Command {
@@ -44,7 +46,8 @@ func (a *app) spawnCmd() *cobra.Command {
 			} else if err := table.ValidateRequestID(rid); err != nil {
 				return flagError("request-id", rid, errors.New(strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")))
 			}
-			return a.spawn(cmd.Context(), spec, uint32(o.count), o.wait, rid)
+			o.service = o.name != "" && cmd.Flags().Changed("count")
+			return a.spawnReq(cmd.Context(), &pb.SpawnRequest{Spec: spec, Count: uint32(o.count), RequestId: rid, Service: o.service}, o.wait)
 		},
 	}
 	f := cmd.Flags()
@@ -66,6 +69,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringArrayVar(&o.mounts, "mount", nil, "mount the node's host path NAME at PATH: `NAME:PATH[:ro]` (repeatable; the node declares NAME with shimd --host-path)")
 	f.StringVar(&o.requestID, "request-id", "", "spawn at most once under this `ID` (default: a random one; retries reuse it)")
 	o.grow.add(f)
+	o.svc.add(f)
 	return cmd
 }
 
@@ -129,6 +133,9 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 	if err := o.grow.apply(flags, s); err != nil {
 		return nil, err
 	}
+	if err := o.svc.apply(flags, s); err != nil {
+		return nil, err
+	}
 	if err := table.ValidateSpec(s); err != nil {
 		return nil, &usageError{strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")}
 	}
@@ -138,9 +145,12 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 // spawn asks for the processes, retrying with the same request id while
 // answers are lost (retry.go).
 func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string) error {
+	return a.spawnReq(ctx, &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID}, wait)
+}
+
+func (a *app) spawnReq(ctx context.Context, req *pb.SpawnRequest, wait bool) error {
 	var recs []*pb.ProcessRecord
-	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID}
-	what := "retry with --request-id " + requestID + " to spawn at most once"
+	what := "retry with --request-id " + req.RequestId + " to spawn at most once"
 	err := a.callRetry(ctx, what, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 		resp, err := c.Spawn(ctx, connect.NewRequest(req))
 		if err == nil {
