@@ -45,7 +45,8 @@ type options struct {
 	simulate                                           int
 	initPath                                           string
 	hostPaths                                          []string
-	grow                                               growOptions // grow.go
+	grow                                               growOptions    // grow.go
+	services                                           serviceOptions // services.go
 }
 
 func newCommand() *cobra.Command {
@@ -85,6 +86,7 @@ func newCommand() *cobra.Command {
 	f.StringArrayVar(&o.hostPaths, "host-path", nil, "a host folder this node offers to sandboxes, `NAME=DIR[:ro]` (repeatable; spawn --mount NAME:PATH uses it)")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
 	addGrowFlags(f, &o.grow)
+	addServiceFlags(f, &o.services)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	cmd.AddCommand(guardCommand())
 	return cmd
@@ -113,6 +115,10 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 	hostPaths, hostPathRecs, err := parseHostPaths(o.hostPaths)
+	if err != nil {
+		return err
+	}
+	portMin, portMax, err := parsePortRange(o.services.portRange)
 	if err != nil {
 		return err
 	}
@@ -259,7 +265,8 @@ func run(ctx context.Context, o *options) error {
 	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
 		Node: &pb.NodeRecord{Name: o.name, Role: role, ApiAddr: apiAdv, RaftAddr: raftAdv,
-			Capacity: capacity, OvercommitPercent: o.overcommit, HostPaths: hostPathRecs, VmUnavailable: rt.noVM},
+			Capacity: capacity, OvercommitPercent: o.overcommit, HostPaths: hostPathRecs, VmUnavailable: rt.noVM,
+			PortMin: portMin, PortMax: portMax},
 		Addrs: func() []string {
 			addrsMu.Lock()
 			defer addrsMu.Unlock()
@@ -313,6 +320,8 @@ func run(ctx context.Context, o *options) error {
 
 	srv.UsageOf = ag.Usage
 	rt.onWant = ag.Want
+	stopDNS := startDNS(o.services, srv.Table, ag.Addrs, shimClient(httpc, secure), log) // services.go
+	defer stopDNS()
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); srv.Run(ctx) }()
