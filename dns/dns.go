@@ -34,9 +34,9 @@ type Server struct {
 	Addr   string
 	Source Source
 
-	mu   sync.Mutex
-	udp  *mdns.Server
-	tcp  *mdns.Server
+	mu  sync.Mutex
+	udp *mdns.Server
+	tcp *mdns.Server
 }
 
 // Start listens on Addr (UDP and TCP) and serves in the background. It

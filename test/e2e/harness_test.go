@@ -76,6 +76,7 @@ func freePort(t *testing.T) string {
 // daemon is one shimd process.
 type daemon struct {
 	name, api, raft, dir string
+	dns                  string // its DNS server's address (--dns), if given one
 	args                 []string
 	cmd                  *exec.Cmd
 	log                  *os.File
@@ -94,8 +95,8 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 	// another.
 	prefix := fmt.Sprintf("%se%d", os.Getenv("SHIM_E2E_PREFIX"), time.Now().UnixNano()%1e6)
 	for i := range n {
-		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
-		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
+		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir(), dns: freePort(t)}
+		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft, "--dns", d.dns}
 		if i > 0 {
 			d.args = append(d.args, c.joinArgs()...)
 		}

@@ -1,0 +1,213 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/shim-run/shim/test/report"
+)
+
+type endpoint struct {
+	ID      string            `json:"id"`
+	Node    string            `json:"node"`
+	Address string            `json:"address"`
+	Replica uint32            `json:"replica"`
+	Ports   map[string]uint32 `json:"ports"`
+}
+
+func (c *cluster) endpoints(name string) []endpoint {
+	c.t.Helper()
+	r := c.shim("endpoints", name, "-o", "json")
+	if r.code != 0 {
+		return nil
+	}
+	var out []endpoint
+	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil {
+		c.t.Fatalf("endpoints json: %v\n%s", err, r.stdout)
+	}
+	return out
+}
+
+// srv asks the DNS server at addr for _port._tcp.name.shim. and returns
+// "node:port" per answer, sorted ("" and the error if it did not answer).
+func srv(addr, port, name string) ([]string, error) {
+	m := new(mdns.Msg)
+	m.SetQuestion("_"+port+"._tcp."+name+".shim.", mdns.TypeSRV)
+	r, _, err := (&mdns.Client{Timeout: 2 * time.Second}).Exchange(m, addr)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, rr := range r.Answer {
+		s := rr.(*mdns.SRV)
+		out = append(out, fmt.Sprintf("%s:%d", strings.TrimSuffix(s.Target, ".node.shim."), s.Port))
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+func epKeys(eps []endpoint, port string) []string {
+	var out []string
+	for _, e := range eps {
+		out = append(out, fmt.Sprintf("%s:%d", strings.ToLower(e.Node), e.Ports[port]))
+	}
+	sort.Strings(out)
+	return out
+}
+
+func distinct(eps []endpoint) int {
+	seen := map[string]bool{}
+	for _, e := range eps {
+		seen[e.Node] = true
+	}
+	return len(seen)
+}
+
+// replicas returns the live replicas of name as ps -o json shows them.
+func (c *cluster) liveReplicas(name string) []proc {
+	var out []proc
+	for _, p := range c.ps() {
+		if p.Name == name && p.State == "running" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// TestServices runs three replicas of python3's http.server on their
+// SHIM_PORT_HTTP with an http check: endpoints and each shimd's DNS list
+// them, each answers 200, logs come prefixed per replica; scale 5 then 2;
+// kill -9 of a node brings three healthy replicas back elsewhere; bad input
+// is refused with one line.
+func TestServices(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 3)
+	c.must("spawn", "--name", "web", "--count", "3", "--port", "http", "--check", "http:http:/",
+		"--check-interval", "200ms", "--", "/bin/sh", "-c", "exec python3 -m http.server --bind 127.0.0.1 $SHIM_PORT_HTTP")
+	var eps []endpoint
+	waitFor(t, 60*time.Second, "3 healthy endpoints on 3 nodes", func() bool {
+		eps = c.endpoints("web")
+		return len(eps) == 3 && distinct(eps) == 3
+	}, func() string { return fmt.Sprint(eps) }, 200*time.Millisecond)
+	want := epKeys(eps, "HTTP")
+	for _, d := range c.nodes {
+		got, err := srv(d.dns, "http", "web")
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("SRV from %s: %v (%v), want %v", d.name, got, err, want)
+		}
+	}
+	for _, e := range eps {
+		resp, err := http.Get(fmt.Sprintf("http://%s:%d/", e.Address, e.Ports["HTTP"]))
+		if err != nil {
+			t.Fatalf("replica %d: %v", e.Replica, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("replica %d: %s", e.Replica, resp.Status)
+		}
+	}
+	// ps shows the replicas healthy; logs of the service, prefixed.
+	if out := c.must("ps", "web"); strings.Count(out, "running,healthy") != 3 || !strings.Contains(out, "web[2]") {
+		t.Errorf("ps web:\n%s", out)
+	}
+	waitFor(t, 20*time.Second, "every replica's request log in logs web", func() bool {
+		out := c.shim("logs", "web").stdout
+		for i := range 3 {
+			if !strings.Contains(out, fmt.Sprintf("web.%d| ", i)) || !strings.Contains(out, "GET / ") {
+				return false
+			}
+		}
+		return true
+	})
+
+	// Scale to 5, then 2: spread over the nodes.
+	c.must("scale", "web", "5")
+	waitFor(t, 60*time.Second, "5 healthy replicas", func() bool { eps = c.endpoints("web"); return len(eps) == 5 },
+		func() string { return fmt.Sprint(eps) }, 200*time.Millisecond)
+	if distinct(eps) != 3 {
+		t.Errorf("5 replicas on %d nodes: %v", distinct(eps), eps)
+	}
+	c.must("scale", "web", "2")
+	waitFor(t, 30*time.Second, "2 running replicas", func() bool { return len(c.liveReplicas("web")) == 2 })
+	eps = c.endpoints("web")
+	if len(eps) != 2 || distinct(eps) != 2 {
+		t.Fatalf("after scale 2: %v", eps)
+	}
+	c.must("scale", "web", "3")
+	waitFor(t, 60*time.Second, "3 healthy endpoints on 3 nodes again", func() bool {
+		eps = c.endpoints("web")
+		return len(eps) == 3 && distinct(eps) == 3
+	}, 200*time.Millisecond)
+
+	// Bad input: one line, non-zero exit, nothing changed.
+	before := len(c.ps("-a"))
+	for _, bad := range [][]string{
+		{"scale", "nope", "2"},
+		{"scale", "web", "-1"},
+		{"spawn", "--name", "x", "--port", "http", "--check", "http:admin:/", "--", "sleep", "1"},
+	} {
+		r := c.shim(bad...)
+		if r.code == 0 || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+			t.Errorf("shim %v: exit %d, stderr %q: want one line and a failure", bad, r.code, r.stderr)
+		}
+	}
+	c.must("spawn", "--name", "fixed", "--count", "3", "--port", "a:29999", "--", "sleep", "1000")
+	before = len(c.ps("-a"))
+	if r := c.shim("spawn", "--port", "b:29999", "--", "sleep", "1"); r.code == 0 || !strings.Contains(r.stderr, "29999") {
+		t.Errorf("a port taken on every node: exit %d, %q", r.code, r.stderr)
+	}
+	if n := len(c.ps("-a")); n != before {
+		t.Errorf("refused spawn changed the table: %d processes, then %d", before, n)
+	}
+	c.must("kill", "fixed")
+
+	// Kill -9 the node of replica 0: three healthy replicas again, none
+	// on the dead node, in endpoints and in every live shimd's DNS.
+	var dead *daemon
+	for _, d := range c.nodes[1:] {
+		for _, e := range eps {
+			if e.Node == d.name {
+				dead = d
+			}
+		}
+	}
+	killedAt := time.Now()
+	c.killNode(dead)
+	live := slices.DeleteFunc(slices.Clone(c.nodes), func(d *daemon) bool { return d == dead })
+	healthy := func() bool {
+		eps = c.endpoints("web")
+		if len(eps) != 3 {
+			return false
+		}
+		for _, e := range eps {
+			if e.Node == dead.name {
+				return false
+			}
+		}
+		return true
+	}
+	waitFor(t, 30*time.Second, "3 healthy replicas off the dead node", healthy, func() string { return fmt.Sprint(eps) }, 100*time.Millisecond)
+	took := time.Since(killedAt)
+	want = epKeys(eps, "HTTP")
+	for _, d := range live {
+		waitFor(t, 5*time.Second, "DNS of "+d.name+" in step", func() bool {
+			got, err := srv(d.dns, "http", "web")
+			return err == nil && slices.Equal(got, want)
+		})
+	}
+	report.Keep(t, "services", fmt.Sprintf("TestServices: kill -9 of a node with a replica → 3 healthy replicas again (endpoints) after %s (bound 30 s; goal 3 s)", took.Round(time.Millisecond)))
+
+	// kill web stops every replica and forgets the service.
+	c.must("kill", "web")
+	if r := c.shim("endpoints", "web"); r.code == 0 {
+		t.Errorf("endpoints of a killed service: %q", r.stdout)
+	}
+}
