@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	mdns "github.com/miekg/dns"
 
@@ -29,10 +30,13 @@ const TTL = 0
 // of that name exists at all.
 type Source func(name string) (eps []*pb.Endpoint, known bool)
 
-// Server is a DNS server on one address, UDP and TCP.
+// Server is a DNS server on one address, UDP and TCP. Source may be set
+// after Start with SetSource; until then every name is unknown.
 type Server struct {
 	Addr   string
 	Source Source
+
+	src  atomic.Pointer[Source]
 
 	mu  sync.Mutex
 	udp *mdns.Server
@@ -50,6 +54,9 @@ func (s *Server) Start() error {
 	if err != nil {
 		pc.Close()
 		return err
+	}
+	if s.Source != nil {
+		s.SetSource(s.Source)
 	}
 	h := mdns.HandlerFunc(s.serve)
 	s.mu.Lock()
@@ -73,8 +80,17 @@ func (s *Server) Close() {
 	}
 }
 
+// SetSource sets where the server's answers come from.
+func (s *Server) SetSource(src Source) { s.src.Store(&src) }
+
+func none(string) ([]*pb.Endpoint, bool) { return nil, false }
+
 func (s *Server) serve(w mdns.ResponseWriter, req *mdns.Msg) {
-	m := Answer(req, s.Source)
+	src := Source(none)
+	if p := s.src.Load(); p != nil {
+		src = *p
+	}
+	m := Answer(req, src)
 	_ = w.WriteMsg(m)
 }
 

@@ -206,6 +206,10 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return fmt.Errorf("api: %w", err)
 	}
+	dnsSrv := listenDNS(o.services, log) // services.go
+	if dnsSrv != nil {
+		defer dnsSrv.Close()
+	}
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
 	if boot != nil {
 		// Tokens must be good before anyone may use them.
@@ -320,8 +324,7 @@ func run(ctx context.Context, o *options) error {
 
 	srv.UsageOf = ag.Usage
 	rt.onWant = ag.Want
-	stopDNS := startDNS(o.services, srv.Table, ag.Addrs, shimClient(httpc, secure), log) // services.go
-	defer stopDNS()
+	serveDNS(dnsSrv, srv.Table, ag.Addrs, shimClient(httpc, secure)) // services.go
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); srv.Run(ctx) }()

@@ -47,12 +47,27 @@ func parsePortRange(v string) (uint32, uint32, error) {
 	return uint32(lo), uint32(hi), nil
 }
 
-// startDNS starts this node's DNS server, answering from t on a server,
-// or from the servers on a worker (t nil). A busy address is logged, not
-// fatal: the node runs without DNS.
-func startDNS(o serviceOptions, t *table.Table, addrs func() []string, client func(string) shimv1connect.ShimServiceClient, log *slog.Logger) func() {
+// listenDNS starts this node's DNS server early, before other sockets of
+// this process take ephemeral ports; it knows no names until serveDNS. A
+// busy address is logged, not fatal: the node runs without DNS (nil).
+func listenDNS(o serviceOptions, log *slog.Logger) *dns.Server {
 	if o.dns == "off" || o.dns == "" {
-		return func() {}
+		return nil
+	}
+	s := &dns.Server{Addr: o.dns}
+	if err := s.Start(); err != nil {
+		log.Warn("dns: cannot listen; this node answers no DNS", "addr", o.dns, "err", err)
+		return nil
+	}
+	log.Info("dns started", "addr", s.Addr)
+	return s
+}
+
+// serveDNS makes s answer from t on a server, or from the servers on a
+// worker (t nil).
+func serveDNS(s *dns.Server, t *table.Table, addrs func() []string, client func(string) shimv1connect.ShimServiceClient) {
+	if s == nil {
+		return
 	}
 	var src dns.Source
 	if t != nil {
@@ -65,13 +80,7 @@ func startDNS(o serviceOptions, t *table.Table, addrs func() []string, client fu
 	} else {
 		src = (&remoteEndpoints{addrs: addrs, client: client, cache: map[string]*cached{}}).lookup
 	}
-	s := &dns.Server{Addr: o.dns, Source: src}
-	if err := s.Start(); err != nil {
-		log.Warn("dns: cannot listen; this node answers no DNS", "addr", o.dns, "err", err)
-		return func() {}
-	}
-	log.Info("dns started", "addr", s.Addr)
-	return s.Close
+	s.SetSource(src)
 }
 
 // remoteEndpoints answers a worker's DNS from the servers (stale reads),

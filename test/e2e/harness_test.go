@@ -96,7 +96,9 @@ func startCluster(t *testing.T, n int, extra ...string) *cluster {
 	prefix := fmt.Sprintf("%se%d", os.Getenv("SHIM_E2E_PREFIX"), time.Now().UnixNano()%1e6)
 	for i := range n {
 		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir(), dns: freePort(t)}
-		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft, "--dns", d.dns}
+		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft, "--dns", d.dns,
+			// The nodes share one host's ports: a range each.
+			"--port-range", fmt.Sprintf("%d-%d", 21000+1000*i, 21999+1000*i)}
 		if i > 0 {
 			d.args = append(d.args, c.joinArgs()...)
 		}

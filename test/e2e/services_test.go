@@ -203,6 +203,7 @@ func TestServices(t *testing.T) {
 			return err == nil && slices.Equal(got, want)
 		})
 	}
+	t.Logf("node death → 3 healthy replicas again after %s", took)
 	report.Keep(t, "services", fmt.Sprintf("TestServices: kill -9 of a node with a replica → 3 healthy replicas again (endpoints) after %s (bound 30 s; goal 3 s)", took.Round(time.Millisecond)))
 
 	// kill web stops every replica and forgets the service.
