@@ -36,7 +36,7 @@ type Server struct {
 	Addr   string
 	Source Source
 
-	src  atomic.Pointer[Source]
+	src atomic.Pointer[Source]
 
 	mu  sync.Mutex
 	udp *mdns.Server
