@@ -71,12 +71,7 @@ func serveDNS(s *dns.Server, t *table.Table, addrs func() []string, client func(
 	}
 	var src dns.Source
 	if t != nil {
-		src = func(name string) ([]*pb.Endpoint, bool) {
-			if t.Service(name) == nil {
-				return nil, false
-			}
-			return server.Endpoints(t, name), true
-		}
+		src = (&localEndpoints{t: t, cache: map[string]*cached{}}).lookup
 	} else {
 		src = (&remoteEndpoints{addrs: addrs, client: client, cache: map[string]*cached{}}).lookup
 	}
@@ -96,6 +91,36 @@ type cached struct {
 	eps   []*pb.Endpoint
 	known bool
 	at    time.Time
+	index uint64 // localEndpoints: the table index it was read at
+}
+
+// localEndpoints answers a server's DNS from its table, each name's
+// answer kept until the table changes.
+type localEndpoints struct {
+	t     *table.Table
+	mu    sync.Mutex
+	cache map[string]*cached
+}
+
+func (l *localEndpoints) lookup(name string) ([]*pb.Endpoint, bool) {
+	idx := l.t.Index()
+	l.mu.Lock()
+	c := l.cache[name]
+	l.mu.Unlock()
+	if c != nil && c.index == idx {
+		return c.eps, c.known
+	}
+	c = &cached{index: idx}
+	if l.t.Service(name) != nil {
+		c.eps, c.known = server.Endpoints(l.t, name), true
+	}
+	l.mu.Lock()
+	if len(l.cache) > 4096 {
+		l.cache = map[string]*cached{}
+	}
+	l.cache[name] = c
+	l.mu.Unlock()
+	return c.eps, c.known
 }
 
 const remoteTTL = 250 * time.Millisecond
