@@ -28,6 +28,7 @@ const (
 	EvServiceScaled  = "service.scaled"   // its desired count changed (reason: from→to)
 	EvServiceRemoved = "service.removed"  // forgotten: killed, or its last replica stopped
 	EvReplaced       = "process.replaced" // a replica ended and was placed again (reason: why)
+	EvServiceUpdated = "service.updated"  // its spec changed (a rolling update began or rolled back)
 )
 
 // Replacement throttle: a replica that ends after running less than
@@ -513,4 +514,42 @@ func (x *txn) serviceResized(rec *pb.ProcessRecord) {
 	svc.Spec = proto.CloneOf(svc.Spec)
 	svc.Spec.Resources = proto.CloneOf(rec.Spec.GetResources())
 	x.putService(svc)
+}
+
+// updateService sets the spec a service's new replicas get.
+func (x *txn) updateService(c *pb.UpdateService) error {
+	old := x.t.services[c.GetName()]
+	if old == nil {
+		return fmt.Errorf("%w: no service %q", ErrNotFound, c.GetName())
+	}
+	spec := c.GetSpec()
+	if err := ValidateSpec(spec); err != nil {
+		return err
+	}
+	if spec.GetName() != old.Name {
+		return fmt.Errorf("%w: service %s cannot be renamed %q", ErrInvalid, old.Name, spec.GetName())
+	}
+	svc := proto.CloneOf(old)
+	svc.Spec, svc.Reason = proto.CloneOf(spec), ""
+	x.putService(svc)
+	x.event(EvServiceUpdated, nil, "", old.Name)
+	return nil
+}
+
+// addReplicas spawns replicas with the given indexes and the service's
+// spec, beyond its count (a rolling update's new copies).
+func (x *txn) addReplicas(c *pb.AddReplicas) ([]string, error) {
+	svc := x.t.services[c.GetName()]
+	if svc == nil {
+		return nil, fmt.Errorf("%w: no service %q", ErrNotFound, c.GetName())
+	}
+	if len(c.GetIds()) != len(c.GetReplicas()) {
+		return nil, fmt.Errorf("%w: %d ids for %d replicas", ErrInvalid, len(c.GetIds()), len(c.GetReplicas()))
+	}
+	for _, r := range c.GetReplicas() {
+		if r >= MaxSpawnIDs {
+			return nil, fmt.Errorf("%w: replica index %d", ErrInvalid, r)
+		}
+	}
+	return x.spawnReplicas(c.GetIds(), svc.Spec, svc.Name, c.GetReplicas())
 }

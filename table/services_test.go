@@ -270,3 +270,27 @@ func TestServiceSnapshotRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestServiceUpdateAndAddReplicas(t *testing.T) {
+	x := threeNodes(t)
+	x.ok(serviceCmd(named(spec(100), "web"), "w0", "w1"))
+	ns := named(spec(100), "web")
+	ns.Command = []string{"/bin/sleep", "20"}
+	x.fail(&pb.Command{Op: &pb.Command_UpdateService{UpdateService: &pb.UpdateService{Name: "nope", Spec: ns}}}, ErrNotFound)
+	x.fail(&pb.Command{Op: &pb.Command_UpdateService{UpdateService: &pb.UpdateService{Name: "web", Spec: named(spec(100), "other")}}}, ErrInvalid)
+	x.ok(&pb.Command{Op: &pb.Command_UpdateService{UpdateService: &pb.UpdateService{Name: "web", Spec: ns}}})
+	x.ok(&pb.Command{Op: &pb.Command_AddReplicas{AddReplicas: &pb.AddReplicas{Name: "web", Ids: []string{"n0"}, Replicas: []uint32{0}}}})
+	n0 := x.get("n0")
+	if n0.Replica != 0 || n0.Service != "web" || n0.Spec.Command[1] != "20" {
+		t.Fatalf("new replica %v", n0)
+	}
+	if n0.Node == x.get("w0").Node {
+		t.Errorf("new copy of replica 0 on its old copy's node while others had room")
+	}
+	// The old copy stops: the count stays.
+	x.ok(killCmd("w0"))
+	if s := x.tb.Service("web"); s.Count != 2 {
+		t.Fatalf("count %d after the old copy stopped", s.Count)
+	}
+	x.fail(&pb.Command{Op: &pb.Command_AddReplicas{AddReplicas: &pb.AddReplicas{Name: "web", Ids: []string{"a", "b"}, Replicas: []uint32{0}}}}, ErrInvalid)
+}

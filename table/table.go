@@ -237,6 +237,10 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 		ids, err = x.spawnOnce(op.Spawn)
 	case *pb.Command_Scale:
 		ids, err = x.scale(op.Scale)
+	case *pb.Command_UpdateService:
+		err = x.updateService(op.UpdateService)
+	case *pb.Command_AddReplicas:
+		ids, err = x.addReplicas(op.AddReplicas)
 	case *pb.Command_Kill:
 		ids, err = x.kill(op.Kill.GetIds(), op.Kill.GetSignal())
 	case *pb.Command_Report:

@@ -1905,6 +1905,8 @@ type Command struct {
 	//	*Command_AddToken
 	//	*Command_RevokeToken
 	//	*Command_Scale
+	//	*Command_UpdateService
+	//	*Command_AddReplicas
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2098,6 +2100,24 @@ func (x *Command) GetScale() *Scale {
 	return nil
 }
 
+func (x *Command) GetUpdateService() *UpdateService {
+	if x != nil {
+		if x, ok := x.Op.(*Command_UpdateService); ok {
+			return x.UpdateService
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetAddReplicas() *AddReplicas {
+	if x != nil {
+		if x, ok := x.Op.(*Command_AddReplicas); ok {
+			return x.AddReplicas
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -2169,6 +2189,14 @@ type Command_Scale struct {
 	Scale *Scale `protobuf:"bytes,40,opt,name=scale,proto3,oneof"`
 }
 
+type Command_UpdateService struct {
+	UpdateService *UpdateService `protobuf:"bytes,41,opt,name=update_service,json=updateService,proto3,oneof"`
+}
+
+type Command_AddReplicas struct {
+	AddReplicas *AddReplicas `protobuf:"bytes,42,opt,name=add_replicas,json=addReplicas,proto3,oneof"`
+}
+
 func (*Command_RegisterNode) isCommand_Op() {}
 
 func (*Command_SetNodeState) isCommand_Op() {}
@@ -2200,6 +2228,10 @@ func (*Command_AddToken) isCommand_Op() {}
 func (*Command_RevokeToken) isCommand_Op() {}
 
 func (*Command_Scale) isCommand_Op() {}
+
+func (*Command_UpdateService) isCommand_Op() {}
+
+func (*Command_AddReplicas) isCommand_Op() {}
 
 type Batch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2924,6 +2956,122 @@ func (x *Scale) GetRemove() bool {
 	return false
 }
 
+// UpdateService sets the spec a service's new replicas get (a rolling
+// update, server/update.go, then replaces the replicas one batch at a time).
+type UpdateService struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Spec          *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateService) Reset() {
+	*x = UpdateService{}
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateService) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateService) ProtoMessage() {}
+
+func (x *UpdateService) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateService.ProtoReflect.Descriptor instead.
+func (*UpdateService) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *UpdateService) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateService) GetSpec() *ProcessSpec {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
+// AddReplicas spawns replicas of a service with the given indexes, beyond
+// its count: a rolling update's new copies, before the old ones stop.
+type AddReplicas struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Ids           []string               `protobuf:"bytes,2,rep,name=ids,proto3" json:"ids,omitempty"`
+	Replicas      []uint32               `protobuf:"varint,3,rep,packed,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddReplicas) Reset() {
+	*x = AddReplicas{}
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddReplicas) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddReplicas) ProtoMessage() {}
+
+func (x *AddReplicas) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddReplicas.ProtoReflect.Descriptor instead.
+func (*AddReplicas) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *AddReplicas) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AddReplicas) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *AddReplicas) GetReplicas() []uint32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
 // SetGrant changes a process's grant (within its bounds); see table/grants.go.
 type SetGrant struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2938,7 +3086,7 @@ type SetGrant struct {
 
 func (x *SetGrant) Reset() {
 	*x = SetGrant{}
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2950,7 +3098,7 @@ func (x *SetGrant) String() string {
 func (*SetGrant) ProtoMessage() {}
 
 func (x *SetGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2963,7 +3111,7 @@ func (x *SetGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrant.ProtoReflect.Descriptor instead.
 func (*SetGrant) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SetGrant) GetId() string {
@@ -3016,7 +3164,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3028,7 +3176,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3041,7 +3189,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Event) GetIndex() uint64 {
@@ -3096,7 +3244,7 @@ type Kill struct {
 
 func (x *Kill) Reset() {
 	*x = Kill{}
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3108,7 +3256,7 @@ func (x *Kill) String() string {
 func (*Kill) ProtoMessage() {}
 
 func (x *Kill) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3121,7 +3269,7 @@ func (x *Kill) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Kill.ProtoReflect.Descriptor instead.
 func (*Kill) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Kill) GetIds() []string {
@@ -3157,7 +3305,7 @@ type StatusUpdate struct {
 
 func (x *StatusUpdate) Reset() {
 	*x = StatusUpdate{}
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3169,7 +3317,7 @@ func (x *StatusUpdate) String() string {
 func (*StatusUpdate) ProtoMessage() {}
 
 func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3182,7 +3330,7 @@ func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusUpdate.ProtoReflect.Descriptor instead.
 func (*StatusUpdate) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StatusUpdate) GetId() string {
@@ -3265,7 +3413,7 @@ type Report struct {
 
 func (x *Report) Reset() {
 	*x = Report{}
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3277,7 +3425,7 @@ func (x *Report) String() string {
 func (*Report) ProtoMessage() {}
 
 func (x *Report) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3290,7 +3438,7 @@ func (x *Report) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Report.ProtoReflect.Descriptor instead.
 func (*Report) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Report) GetNode() string {
@@ -3320,7 +3468,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3332,7 +3480,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3345,7 +3493,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Resize) GetId() string {
@@ -3379,7 +3527,7 @@ type Prune struct {
 
 func (x *Prune) Reset() {
 	*x = Prune{}
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3391,7 +3539,7 @@ func (x *Prune) String() string {
 func (*Prune) ProtoMessage() {}
 
 func (x *Prune) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3404,7 +3552,7 @@ func (x *Prune) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Prune.ProtoReflect.Descriptor instead.
 func (*Prune) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Prune) GetBeforeUnixNano() int64 {
@@ -3429,7 +3577,7 @@ type SpawnRequest struct {
 
 func (x *SpawnRequest) Reset() {
 	*x = SpawnRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3441,7 +3589,7 @@ func (x *SpawnRequest) String() string {
 func (*SpawnRequest) ProtoMessage() {}
 
 func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3454,7 +3602,7 @@ func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnRequest.ProtoReflect.Descriptor instead.
 func (*SpawnRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SpawnRequest) GetSpec() *ProcessSpec {
@@ -3515,7 +3663,7 @@ type SpawnResponse struct {
 
 func (x *SpawnResponse) Reset() {
 	*x = SpawnResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3527,7 +3675,7 @@ func (x *SpawnResponse) String() string {
 func (*SpawnResponse) ProtoMessage() {}
 
 func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3540,7 +3688,7 @@ func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnResponse.ProtoReflect.Descriptor instead.
 func (*SpawnResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SpawnResponse) GetProcesses() []*ProcessRecord {
@@ -3560,7 +3708,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3572,7 +3720,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3585,7 +3733,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *KillRequest) GetIds() []string {
@@ -3611,7 +3759,7 @@ type KillResponse struct {
 
 func (x *KillResponse) Reset() {
 	*x = KillResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3623,7 +3771,7 @@ func (x *KillResponse) String() string {
 func (*KillResponse) ProtoMessage() {}
 
 func (x *KillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3636,7 +3784,7 @@ func (x *KillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillResponse.ProtoReflect.Descriptor instead.
 func (*KillResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *KillResponse) GetProcesses() []*ProcessRecord {
@@ -3659,7 +3807,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3671,7 +3819,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3684,7 +3832,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ResizeRequest) GetId() string {
@@ -3731,7 +3879,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3743,7 +3891,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3756,7 +3904,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ResizeResponse) GetProcess() *ProcessRecord {
@@ -3781,7 +3929,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3793,7 +3941,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3806,7 +3954,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListRequest) GetIds() []string {
@@ -3869,7 +4017,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3881,7 +4029,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3894,7 +4042,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ListResponse) GetProcesses() []*ProcessRecord {
@@ -3930,7 +4078,7 @@ type Staleness struct {
 
 func (x *Staleness) Reset() {
 	*x = Staleness{}
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3942,7 +4090,7 @@ func (x *Staleness) String() string {
 func (*Staleness) ProtoMessage() {}
 
 func (x *Staleness) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3955,7 +4103,7 @@ func (x *Staleness) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Staleness.ProtoReflect.Descriptor instead.
 func (*Staleness) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Staleness) GetIndex() uint64 {
@@ -3990,7 +4138,7 @@ type NodesRequest struct {
 
 func (x *NodesRequest) Reset() {
 	*x = NodesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4002,7 +4150,7 @@ func (x *NodesRequest) String() string {
 func (*NodesRequest) ProtoMessage() {}
 
 func (x *NodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4015,7 +4163,7 @@ func (x *NodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
 func (*NodesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *NodesRequest) GetUsage() bool {
@@ -4048,7 +4196,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4060,7 +4208,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4073,7 +4221,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *NodeStatus) GetNode() *NodeRecord {
@@ -4143,7 +4291,7 @@ type NodesResponse struct {
 
 func (x *NodesResponse) Reset() {
 	*x = NodesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4155,7 +4303,7 @@ func (x *NodesResponse) String() string {
 func (*NodesResponse) ProtoMessage() {}
 
 func (x *NodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4168,7 +4316,7 @@ func (x *NodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesResponse.ProtoReflect.Descriptor instead.
 func (*NodesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *NodesResponse) GetNodes() []*NodeStatus {
@@ -4204,7 +4352,7 @@ type SetGrantRequest struct {
 
 func (x *SetGrantRequest) Reset() {
 	*x = SetGrantRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4216,7 +4364,7 @@ func (x *SetGrantRequest) String() string {
 func (*SetGrantRequest) ProtoMessage() {}
 
 func (x *SetGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4229,7 +4377,7 @@ func (x *SetGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrantRequest.ProtoReflect.Descriptor instead.
 func (*SetGrantRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SetGrantRequest) GetId() string {
@@ -4269,7 +4417,7 @@ type SetGrantResponse struct {
 
 func (x *SetGrantResponse) Reset() {
 	*x = SetGrantResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4281,7 +4429,7 @@ func (x *SetGrantResponse) String() string {
 func (*SetGrantResponse) ProtoMessage() {}
 
 func (x *SetGrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4294,7 +4442,7 @@ func (x *SetGrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrantResponse.ProtoReflect.Descriptor instead.
 func (*SetGrantResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SetGrantResponse) GetProcess() *ProcessRecord {
@@ -4315,7 +4463,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4327,7 +4475,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4340,7 +4488,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *EventsRequest) GetSince() uint64 {
@@ -4372,7 +4520,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4384,7 +4532,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4397,7 +4545,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
 }
 
 type ReadIndexResponse struct {
@@ -4409,7 +4557,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4421,7 +4569,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4434,7 +4582,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -4455,7 +4603,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4467,7 +4615,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4480,7 +4628,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *LogsRequest) GetId() string {
@@ -4513,7 +4661,7 @@ type LogsChunk struct {
 
 func (x *LogsChunk) Reset() {
 	*x = LogsChunk{}
-	mi := &file_shim_v1_shim_proto_msgTypes[51]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4525,7 +4673,7 @@ func (x *LogsChunk) String() string {
 func (*LogsChunk) ProtoMessage() {}
 
 func (x *LogsChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[51]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4538,7 +4686,7 @@ func (x *LogsChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsChunk.ProtoReflect.Descriptor instead.
 func (*LogsChunk) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *LogsChunk) GetData() []byte {
@@ -4558,7 +4706,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[52]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4570,7 +4718,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[52]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4583,7 +4731,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *DrainRequest) GetNode() string {
@@ -4609,7 +4757,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[53]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4621,7 +4769,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[53]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4634,7 +4782,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *DrainResponse) GetNode() *NodeRecord {
@@ -4655,7 +4803,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[54]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4667,7 +4815,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[54]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4680,7 +4828,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *CreateTokenRequest) GetRole() TokenRole {
@@ -4714,7 +4862,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[55]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4726,7 +4874,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[55]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4739,7 +4887,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -4764,7 +4912,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[56]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4776,7 +4924,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[56]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4789,7 +4937,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
 }
 
 type ListTokensResponse struct {
@@ -4801,7 +4949,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[57]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4813,7 +4961,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[57]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4826,7 +4974,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenRecord {
@@ -4845,7 +4993,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[58]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4857,7 +5005,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[58]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4870,7 +5018,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -4888,7 +5036,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[59]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4900,7 +5048,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[59]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4913,7 +5061,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
 }
 
 // WhoamiResponse is how the answering server sees the caller. Workers use
@@ -4926,7 +5074,7 @@ type WhoamiRequest struct {
 
 func (x *WhoamiRequest) Reset() {
 	*x = WhoamiRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[60]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4938,7 +5086,7 @@ func (x *WhoamiRequest) String() string {
 func (*WhoamiRequest) ProtoMessage() {}
 
 func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[60]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4951,7 +5099,7 @@ func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoamiRequest.ProtoReflect.Descriptor instead.
 func (*WhoamiRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
 }
 
 type WhoamiResponse struct {
@@ -4966,7 +5114,7 @@ type WhoamiResponse struct {
 
 func (x *WhoamiResponse) Reset() {
 	*x = WhoamiResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[61]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4978,7 +5126,7 @@ func (x *WhoamiResponse) String() string {
 func (*WhoamiResponse) ProtoMessage() {}
 
 func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[61]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4991,7 +5139,7 @@ func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoamiResponse.ProtoReflect.Descriptor instead.
 func (*WhoamiResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *WhoamiResponse) GetKind() string {
@@ -5031,7 +5179,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[62]
+	mi := &file_shim_v1_shim_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5043,7 +5191,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[62]
+	mi := &file_shim_v1_shim_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5056,7 +5204,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *JoinRequest) GetNode() *NodeRecord {
@@ -5075,7 +5223,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[63]
+	mi := &file_shim_v1_shim_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5087,7 +5235,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[63]
+	mi := &file_shim_v1_shim_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5100,7 +5248,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *JoinResponse) GetServers() []string {
@@ -5123,7 +5271,7 @@ type CertifyRequest struct {
 
 func (x *CertifyRequest) Reset() {
 	*x = CertifyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[64]
+	mi := &file_shim_v1_shim_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5135,7 +5283,7 @@ func (x *CertifyRequest) String() string {
 func (*CertifyRequest) ProtoMessage() {}
 
 func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[64]
+	mi := &file_shim_v1_shim_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5148,7 +5296,7 @@ func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifyRequest.ProtoReflect.Descriptor instead.
 func (*CertifyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{64}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *CertifyRequest) GetCsr() []byte {
@@ -5176,7 +5324,7 @@ type CertifyResponse struct {
 
 func (x *CertifyResponse) Reset() {
 	*x = CertifyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[65]
+	mi := &file_shim_v1_shim_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5188,7 +5336,7 @@ func (x *CertifyResponse) String() string {
 func (*CertifyResponse) ProtoMessage() {}
 
 func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[65]
+	mi := &file_shim_v1_shim_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5201,7 +5349,7 @@ func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifyResponse.ProtoReflect.Descriptor instead.
 func (*CertifyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{65}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *CertifyResponse) GetCert() []byte {
@@ -5234,7 +5382,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[66]
+	mi := &file_shim_v1_shim_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5246,7 +5394,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[66]
+	mi := &file_shim_v1_shim_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5259,7 +5407,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{66}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *LeaveRequest) GetName() string {
@@ -5277,7 +5425,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[67]
+	mi := &file_shim_v1_shim_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5289,7 +5437,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[67]
+	mi := &file_shim_v1_shim_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5302,7 +5450,7 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{67}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{69}
 }
 
 type HeartbeatRequest struct {
@@ -5315,7 +5463,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[68]
+	mi := &file_shim_v1_shim_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5327,7 +5475,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[68]
+	mi := &file_shim_v1_shim_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5340,7 +5488,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{68}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *HeartbeatRequest) GetNode() string {
@@ -5374,7 +5522,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[69]
+	mi := &file_shim_v1_shim_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5386,7 +5534,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[69]
+	mi := &file_shim_v1_shim_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5399,7 +5547,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{69}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *HeartbeatResponse) GetLeaseMillis() int64 {
@@ -5457,7 +5605,7 @@ type AssignmentsRequest struct {
 
 func (x *AssignmentsRequest) Reset() {
 	*x = AssignmentsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[70]
+	mi := &file_shim_v1_shim_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5469,7 +5617,7 @@ func (x *AssignmentsRequest) String() string {
 func (*AssignmentsRequest) ProtoMessage() {}
 
 func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[70]
+	mi := &file_shim_v1_shim_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5482,7 +5630,7 @@ func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*AssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{70}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *AssignmentsRequest) GetNode() string {
@@ -5535,7 +5683,7 @@ type AssignmentsResponse struct {
 
 func (x *AssignmentsResponse) Reset() {
 	*x = AssignmentsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[71]
+	mi := &file_shim_v1_shim_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5547,7 +5695,7 @@ func (x *AssignmentsResponse) String() string {
 func (*AssignmentsResponse) ProtoMessage() {}
 
 func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[71]
+	mi := &file_shim_v1_shim_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5560,7 +5708,7 @@ func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*AssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{71}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *AssignmentsResponse) GetProcesses() []*ProcessRecord {
@@ -5628,7 +5776,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[72]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5640,7 +5788,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[72]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5653,7 +5801,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{72}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ReportRequest) GetReport() *Report {
@@ -5671,7 +5819,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[73]
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5683,7 +5831,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[73]
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5696,7 +5844,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{73}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
 }
 
 // ids empty = all; fresh reads the cgroups now instead of the last sample.
@@ -5710,7 +5858,7 @@ type UsageRequest struct {
 
 func (x *UsageRequest) Reset() {
 	*x = UsageRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[74]
+	mi := &file_shim_v1_shim_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5722,7 +5870,7 @@ func (x *UsageRequest) String() string {
 func (*UsageRequest) ProtoMessage() {}
 
 func (x *UsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[74]
+	mi := &file_shim_v1_shim_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5735,7 +5883,7 @@ func (x *UsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRequest.ProtoReflect.Descriptor instead.
 func (*UsageRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *UsageRequest) GetIds() []string {
@@ -5761,7 +5909,7 @@ type UsageResponse struct {
 
 func (x *UsageResponse) Reset() {
 	*x = UsageResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	mi := &file_shim_v1_shim_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5773,7 +5921,7 @@ func (x *UsageResponse) String() string {
 func (*UsageResponse) ProtoMessage() {}
 
 func (x *UsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	mi := &file_shim_v1_shim_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5786,7 +5934,7 @@ func (x *UsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageResponse.ProtoReflect.Descriptor instead.
 func (*UsageResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *UsageResponse) GetUsage() map[string]*Usage {
@@ -5805,7 +5953,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[76]
+	mi := &file_shim_v1_shim_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5817,7 +5965,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[76]
+	mi := &file_shim_v1_shim_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5830,7 +5978,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{76}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *ApplyRequest) GetCommand() *Command {
@@ -5850,7 +5998,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[77]
+	mi := &file_shim_v1_shim_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5862,7 +6010,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[77]
+	mi := &file_shim_v1_shim_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5875,7 +6023,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{77}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ApplyResponse) GetIds() []string {
@@ -5892,6 +6040,144 @@ func (x *ApplyResponse) GetIndex() uint64 {
 	return 0
 }
 
+// UpdateRequest is a rolling update of a service: new replicas with the new
+// spec, parallel at a time, each healthy before an old one stops.
+type UpdateRequest struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	Name                 string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Command              []string               `protobuf:"bytes,2,rep,name=command,proto3" json:"command,omitempty"`                                                          // empty: keep
+	Env                  []string               `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty"`                                                                  // K=V: set (added to, or replacing, the spec's)
+	Resources            *Resources             `protobuf:"bytes,4,opt,name=resources,proto3" json:"resources,omitempty"`                                                      // fields left at zero keep their value
+	Parallel             uint32                 `protobuf:"varint,5,opt,name=parallel,proto3" json:"parallel,omitempty"`                                                       // 0 = 1
+	HealthyTimeoutMillis int64                  `protobuf:"varint,6,opt,name=healthy_timeout_millis,json=healthyTimeoutMillis,proto3" json:"healthy_timeout_millis,omitempty"` // a new replica not healthy by then fails the update (0 = 60 s)
+	MinHealthyMillis     int64                  `protobuf:"varint,7,opt,name=min_healthy_millis,json=minHealthyMillis,proto3" json:"min_healthy_millis,omitempty"`             // without a check: running this long counts as healthy (0 = 2 s)
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *UpdateRequest) Reset() {
+	*x = UpdateRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateRequest) ProtoMessage() {}
+
+func (x *UpdateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateRequest.ProtoReflect.Descriptor instead.
+func (*UpdateRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *UpdateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetCommand() []string {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetEnv() []string {
+	if x != nil {
+		return x.Env
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetResources() *Resources {
+	if x != nil {
+		return x.Resources
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetParallel() uint32 {
+	if x != nil {
+		return x.Parallel
+	}
+	return 0
+}
+
+func (x *UpdateRequest) GetHealthyTimeoutMillis() int64 {
+	if x != nil {
+		return x.HealthyTimeoutMillis
+	}
+	return 0
+}
+
+func (x *UpdateRequest) GetMinHealthyMillis() int64 {
+	if x != nil {
+		return x.MinHealthyMillis
+	}
+	return 0
+}
+
+type UpdateProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Message       string                 `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateProgress) Reset() {
+	*x = UpdateProgress{}
+	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateProgress) ProtoMessage() {}
+
+func (x *UpdateProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateProgress.ProtoReflect.Descriptor instead.
+func (*UpdateProgress) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *UpdateProgress) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 type ScaleRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -5902,7 +6188,7 @@ type ScaleRequest struct {
 
 func (x *ScaleRequest) Reset() {
 	*x = ScaleRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[78]
+	mi := &file_shim_v1_shim_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5914,7 +6200,7 @@ func (x *ScaleRequest) String() string {
 func (*ScaleRequest) ProtoMessage() {}
 
 func (x *ScaleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[78]
+	mi := &file_shim_v1_shim_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5927,7 +6213,7 @@ func (x *ScaleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScaleRequest.ProtoReflect.Descriptor instead.
 func (*ScaleRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{78}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *ScaleRequest) GetName() string {
@@ -5954,7 +6240,7 @@ type ScaleResponse struct {
 
 func (x *ScaleResponse) Reset() {
 	*x = ScaleResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[79]
+	mi := &file_shim_v1_shim_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5966,7 +6252,7 @@ func (x *ScaleResponse) String() string {
 func (*ScaleResponse) ProtoMessage() {}
 
 func (x *ScaleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[79]
+	mi := &file_shim_v1_shim_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5979,7 +6265,7 @@ func (x *ScaleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScaleResponse.ProtoReflect.Descriptor instead.
 func (*ScaleResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{79}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *ScaleResponse) GetService() *ServiceRecord {
@@ -6006,7 +6292,7 @@ type EndpointsRequest struct {
 
 func (x *EndpointsRequest) Reset() {
 	*x = EndpointsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	mi := &file_shim_v1_shim_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6018,7 +6304,7 @@ func (x *EndpointsRequest) String() string {
 func (*EndpointsRequest) ProtoMessage() {}
 
 func (x *EndpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	mi := &file_shim_v1_shim_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6031,7 +6317,7 @@ func (x *EndpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointsRequest.ProtoReflect.Descriptor instead.
 func (*EndpointsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{80}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *EndpointsRequest) GetName() string {
@@ -6062,7 +6348,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	mi := &file_shim_v1_shim_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6074,7 +6360,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	mi := &file_shim_v1_shim_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6087,7 +6373,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{81}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *Endpoint) GetId() string {
@@ -6135,7 +6421,7 @@ type EndpointsResponse struct {
 
 func (x *EndpointsResponse) Reset() {
 	*x = EndpointsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	mi := &file_shim_v1_shim_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6147,7 +6433,7 @@ func (x *EndpointsResponse) String() string {
 func (*EndpointsResponse) ProtoMessage() {}
 
 func (x *EndpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	mi := &file_shim_v1_shim_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6160,7 +6446,7 @@ func (x *EndpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointsResponse.ProtoReflect.Descriptor instead.
 func (*EndpointsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{82}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *EndpointsResponse) GetEndpoints() []*Endpoint {
@@ -6186,7 +6472,7 @@ type ServicesRequest struct {
 
 func (x *ServicesRequest) Reset() {
 	*x = ServicesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	mi := &file_shim_v1_shim_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6198,7 +6484,7 @@ func (x *ServicesRequest) String() string {
 func (*ServicesRequest) ProtoMessage() {}
 
 func (x *ServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	mi := &file_shim_v1_shim_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6211,7 +6497,7 @@ func (x *ServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicesRequest.ProtoReflect.Descriptor instead.
 func (*ServicesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{83}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ServicesRequest) GetConsistency() Consistency {
@@ -6230,7 +6516,7 @@ type ServicesResponse struct {
 
 func (x *ServicesResponse) Reset() {
 	*x = ServicesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[84]
+	mi := &file_shim_v1_shim_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6242,7 +6528,7 @@ func (x *ServicesResponse) String() string {
 func (*ServicesResponse) ProtoMessage() {}
 
 func (x *ServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[84]
+	mi := &file_shim_v1_shim_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6255,7 +6541,7 @@ func (x *ServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicesResponse.ProtoReflect.Descriptor instead.
 func (*ServicesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{84}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *ServicesResponse) GetServices() []*ServiceRecord {
@@ -6290,7 +6576,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[85]
+	mi := &file_shim_v1_shim_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6302,7 +6588,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[85]
+	mi := &file_shim_v1_shim_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6315,7 +6601,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{85}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -6416,7 +6702,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[86]
+	mi := &file_shim_v1_shim_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6428,7 +6714,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[86]
+	mi := &file_shim_v1_shim_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6441,7 +6727,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{86}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *RequestRecord) GetId() string {
@@ -6605,7 +6891,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\bport_max\x18\x1f \x01(\rR\aportMax\";\n" +
 	"\bHostPath\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
-	"\tread_only\x18\x02 \x01(\bR\breadOnly\"\xb4\x06\n" +
+	"\tread_only\x18\x02 \x01(\bR\breadOnly\"\xb0\a\n" +
 	"\aCommand\x12\"\n" +
 	"\rnow_unix_nano\x18\x01 \x01(\x03R\vnowUnixNano\x12<\n" +
 	"\rregister_node\x18\n" +
@@ -6625,7 +6911,9 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tset_trust\x18\x1e \x01(\v2\x11.shim.v1.SetTrustH\x00R\bsetTrust\x120\n" +
 	"\tadd_token\x18\x1f \x01(\v2\x11.shim.v1.AddTokenH\x00R\baddToken\x129\n" +
 	"\frevoke_token\x18  \x01(\v2\x14.shim.v1.RevokeTokenH\x00R\vrevokeToken\x12&\n" +
-	"\x05scale\x18( \x01(\v2\x0e.shim.v1.ScaleH\x00R\x05scaleB\x04\n" +
+	"\x05scale\x18( \x01(\v2\x0e.shim.v1.ScaleH\x00R\x05scale\x12?\n" +
+	"\x0eupdate_service\x18) \x01(\v2\x16.shim.v1.UpdateServiceH\x00R\rupdateService\x129\n" +
+	"\fadd_replicas\x18* \x01(\v2\x14.shim.v1.AddReplicasH\x00R\vaddReplicasB\x04\n" +
 	"\x02op\"5\n" +
 	"\x05Batch\x12,\n" +
 	"\bcommands\x18\x01 \x03(\v2\x10.shim.v1.CommandR\bcommands\"V\n" +
@@ -6673,7 +6961,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x10\n" +
 	"\x03ids\x18\x03 \x03(\tR\x03ids\x12\x16\n" +
-	"\x06remove\x18\x04 \x01(\bR\x06remove\"\x8a\x01\n" +
+	"\x06remove\x18\x04 \x01(\bR\x06remove\"M\n" +
+	"\rUpdateService\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
+	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\"O\n" +
+	"\vAddReplicas\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x1a\n" +
+	"\breplicas\x18\x03 \x03(\rR\breplicas\"\x8a\x01\n" +
 	"\bSetGrant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12$\n" +
@@ -6880,7 +7175,17 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"8\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x81\x02\n" +
+	"\rUpdateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
+	"\x03env\x18\x03 \x03(\tR\x03env\x120\n" +
+	"\tresources\x18\x04 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x1a\n" +
+	"\bparallel\x18\x05 \x01(\rR\bparallel\x124\n" +
+	"\x16healthy_timeout_millis\x18\x06 \x01(\x03R\x14healthyTimeoutMillis\x12,\n" +
+	"\x12min_healthy_millis\x18\a \x01(\x03R\x10minHealthyMillis\"*\n" +
+	"\x0eUpdateProgress\x12\x18\n" +
+	"\amessage\x18\x01 \x01(\tR\amessage\"8\n" +
 	"\fScaleRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x05R\x05count\"w\n" +
@@ -6981,7 +7286,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vConsistency\x12\x1b\n" +
 	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18CONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n" +
-	"\x11CONSISTENCY_STALE\x10\x022\xd6\a\n" +
+	"\x11CONSISTENCY_STALE\x10\x022\x93\b\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -6999,7 +7304,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x06Events\x12\x16.shim.v1.EventsRequest\x1a\x0e.shim.v1.Event0\x01\x126\n" +
 	"\x05Scale\x12\x15.shim.v1.ScaleRequest\x1a\x16.shim.v1.ScaleResponse\x12B\n" +
 	"\tEndpoints\x12\x19.shim.v1.EndpointsRequest\x1a\x1a.shim.v1.EndpointsResponse\x12?\n" +
-	"\bServices\x12\x18.shim.v1.ServicesRequest\x1a\x19.shim.v1.ServicesResponse2\xb6\x04\n" +
+	"\bServices\x12\x18.shim.v1.ServicesRequest\x1a\x19.shim.v1.ServicesResponse\x12;\n" +
+	"\x06Update\x12\x16.shim.v1.UpdateRequest\x1a\x17.shim.v1.UpdateProgress0\x012\xb6\x04\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -7024,7 +7330,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 91)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 95)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -7063,71 +7369,75 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*Hold)(nil),                // 34: shim.v1.Hold
 	(*Spawn)(nil),               // 35: shim.v1.Spawn
 	(*Scale)(nil),               // 36: shim.v1.Scale
-	(*SetGrant)(nil),            // 37: shim.v1.SetGrant
-	(*Event)(nil),               // 38: shim.v1.Event
-	(*Kill)(nil),                // 39: shim.v1.Kill
-	(*StatusUpdate)(nil),        // 40: shim.v1.StatusUpdate
-	(*Report)(nil),              // 41: shim.v1.Report
-	(*Resize)(nil),              // 42: shim.v1.Resize
-	(*Prune)(nil),               // 43: shim.v1.Prune
-	(*SpawnRequest)(nil),        // 44: shim.v1.SpawnRequest
-	(*SpawnResponse)(nil),       // 45: shim.v1.SpawnResponse
-	(*KillRequest)(nil),         // 46: shim.v1.KillRequest
-	(*KillResponse)(nil),        // 47: shim.v1.KillResponse
-	(*ResizeRequest)(nil),       // 48: shim.v1.ResizeRequest
-	(*ResizeResponse)(nil),      // 49: shim.v1.ResizeResponse
-	(*ListRequest)(nil),         // 50: shim.v1.ListRequest
-	(*ListResponse)(nil),        // 51: shim.v1.ListResponse
-	(*Staleness)(nil),           // 52: shim.v1.Staleness
-	(*NodesRequest)(nil),        // 53: shim.v1.NodesRequest
-	(*NodeStatus)(nil),          // 54: shim.v1.NodeStatus
-	(*NodesResponse)(nil),       // 55: shim.v1.NodesResponse
-	(*SetGrantRequest)(nil),     // 56: shim.v1.SetGrantRequest
-	(*SetGrantResponse)(nil),    // 57: shim.v1.SetGrantResponse
-	(*EventsRequest)(nil),       // 58: shim.v1.EventsRequest
-	(*ReadIndexRequest)(nil),    // 59: shim.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),   // 60: shim.v1.ReadIndexResponse
-	(*LogsRequest)(nil),         // 61: shim.v1.LogsRequest
-	(*LogsChunk)(nil),           // 62: shim.v1.LogsChunk
-	(*DrainRequest)(nil),        // 63: shim.v1.DrainRequest
-	(*DrainResponse)(nil),       // 64: shim.v1.DrainResponse
-	(*CreateTokenRequest)(nil),  // 65: shim.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil), // 66: shim.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),   // 67: shim.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),  // 68: shim.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),  // 69: shim.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil), // 70: shim.v1.RevokeTokenResponse
-	(*WhoamiRequest)(nil),       // 71: shim.v1.WhoamiRequest
-	(*WhoamiResponse)(nil),      // 72: shim.v1.WhoamiResponse
-	(*JoinRequest)(nil),         // 73: shim.v1.JoinRequest
-	(*JoinResponse)(nil),        // 74: shim.v1.JoinResponse
-	(*CertifyRequest)(nil),      // 75: shim.v1.CertifyRequest
-	(*CertifyResponse)(nil),     // 76: shim.v1.CertifyResponse
-	(*LeaveRequest)(nil),        // 77: shim.v1.LeaveRequest
-	(*LeaveResponse)(nil),       // 78: shim.v1.LeaveResponse
-	(*HeartbeatRequest)(nil),    // 79: shim.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),   // 80: shim.v1.HeartbeatResponse
-	(*AssignmentsRequest)(nil),  // 81: shim.v1.AssignmentsRequest
-	(*AssignmentsResponse)(nil), // 82: shim.v1.AssignmentsResponse
-	(*ReportRequest)(nil),       // 83: shim.v1.ReportRequest
-	(*ReportResponse)(nil),      // 84: shim.v1.ReportResponse
-	(*UsageRequest)(nil),        // 85: shim.v1.UsageRequest
-	(*UsageResponse)(nil),       // 86: shim.v1.UsageResponse
-	(*ApplyRequest)(nil),        // 87: shim.v1.ApplyRequest
-	(*ApplyResponse)(nil),       // 88: shim.v1.ApplyResponse
-	(*ScaleRequest)(nil),        // 89: shim.v1.ScaleRequest
-	(*ScaleResponse)(nil),       // 90: shim.v1.ScaleResponse
-	(*EndpointsRequest)(nil),    // 91: shim.v1.EndpointsRequest
-	(*Endpoint)(nil),            // 92: shim.v1.Endpoint
-	(*EndpointsResponse)(nil),   // 93: shim.v1.EndpointsResponse
-	(*ServicesRequest)(nil),     // 94: shim.v1.ServicesRequest
-	(*ServicesResponse)(nil),    // 95: shim.v1.ServicesResponse
-	(*SnapshotHeader)(nil),      // 96: shim.v1.SnapshotHeader
-	(*RequestRecord)(nil),       // 97: shim.v1.RequestRecord
-	nil,                         // 98: shim.v1.ProcessRecord.PortsEntry
-	nil,                         // 99: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 100: shim.v1.UsageResponse.UsageEntry
-	nil,                         // 101: shim.v1.Endpoint.PortsEntry
+	(*UpdateService)(nil),       // 37: shim.v1.UpdateService
+	(*AddReplicas)(nil),         // 38: shim.v1.AddReplicas
+	(*SetGrant)(nil),            // 39: shim.v1.SetGrant
+	(*Event)(nil),               // 40: shim.v1.Event
+	(*Kill)(nil),                // 41: shim.v1.Kill
+	(*StatusUpdate)(nil),        // 42: shim.v1.StatusUpdate
+	(*Report)(nil),              // 43: shim.v1.Report
+	(*Resize)(nil),              // 44: shim.v1.Resize
+	(*Prune)(nil),               // 45: shim.v1.Prune
+	(*SpawnRequest)(nil),        // 46: shim.v1.SpawnRequest
+	(*SpawnResponse)(nil),       // 47: shim.v1.SpawnResponse
+	(*KillRequest)(nil),         // 48: shim.v1.KillRequest
+	(*KillResponse)(nil),        // 49: shim.v1.KillResponse
+	(*ResizeRequest)(nil),       // 50: shim.v1.ResizeRequest
+	(*ResizeResponse)(nil),      // 51: shim.v1.ResizeResponse
+	(*ListRequest)(nil),         // 52: shim.v1.ListRequest
+	(*ListResponse)(nil),        // 53: shim.v1.ListResponse
+	(*Staleness)(nil),           // 54: shim.v1.Staleness
+	(*NodesRequest)(nil),        // 55: shim.v1.NodesRequest
+	(*NodeStatus)(nil),          // 56: shim.v1.NodeStatus
+	(*NodesResponse)(nil),       // 57: shim.v1.NodesResponse
+	(*SetGrantRequest)(nil),     // 58: shim.v1.SetGrantRequest
+	(*SetGrantResponse)(nil),    // 59: shim.v1.SetGrantResponse
+	(*EventsRequest)(nil),       // 60: shim.v1.EventsRequest
+	(*ReadIndexRequest)(nil),    // 61: shim.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),   // 62: shim.v1.ReadIndexResponse
+	(*LogsRequest)(nil),         // 63: shim.v1.LogsRequest
+	(*LogsChunk)(nil),           // 64: shim.v1.LogsChunk
+	(*DrainRequest)(nil),        // 65: shim.v1.DrainRequest
+	(*DrainResponse)(nil),       // 66: shim.v1.DrainResponse
+	(*CreateTokenRequest)(nil),  // 67: shim.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil), // 68: shim.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),   // 69: shim.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),  // 70: shim.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),  // 71: shim.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil), // 72: shim.v1.RevokeTokenResponse
+	(*WhoamiRequest)(nil),       // 73: shim.v1.WhoamiRequest
+	(*WhoamiResponse)(nil),      // 74: shim.v1.WhoamiResponse
+	(*JoinRequest)(nil),         // 75: shim.v1.JoinRequest
+	(*JoinResponse)(nil),        // 76: shim.v1.JoinResponse
+	(*CertifyRequest)(nil),      // 77: shim.v1.CertifyRequest
+	(*CertifyResponse)(nil),     // 78: shim.v1.CertifyResponse
+	(*LeaveRequest)(nil),        // 79: shim.v1.LeaveRequest
+	(*LeaveResponse)(nil),       // 80: shim.v1.LeaveResponse
+	(*HeartbeatRequest)(nil),    // 81: shim.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),   // 82: shim.v1.HeartbeatResponse
+	(*AssignmentsRequest)(nil),  // 83: shim.v1.AssignmentsRequest
+	(*AssignmentsResponse)(nil), // 84: shim.v1.AssignmentsResponse
+	(*ReportRequest)(nil),       // 85: shim.v1.ReportRequest
+	(*ReportResponse)(nil),      // 86: shim.v1.ReportResponse
+	(*UsageRequest)(nil),        // 87: shim.v1.UsageRequest
+	(*UsageResponse)(nil),       // 88: shim.v1.UsageResponse
+	(*ApplyRequest)(nil),        // 89: shim.v1.ApplyRequest
+	(*ApplyResponse)(nil),       // 90: shim.v1.ApplyResponse
+	(*UpdateRequest)(nil),       // 91: shim.v1.UpdateRequest
+	(*UpdateProgress)(nil),      // 92: shim.v1.UpdateProgress
+	(*ScaleRequest)(nil),        // 93: shim.v1.ScaleRequest
+	(*ScaleResponse)(nil),       // 94: shim.v1.ScaleResponse
+	(*EndpointsRequest)(nil),    // 95: shim.v1.EndpointsRequest
+	(*Endpoint)(nil),            // 96: shim.v1.Endpoint
+	(*EndpointsResponse)(nil),   // 97: shim.v1.EndpointsResponse
+	(*ServicesRequest)(nil),     // 98: shim.v1.ServicesRequest
+	(*ServicesResponse)(nil),    // 99: shim.v1.ServicesResponse
+	(*SnapshotHeader)(nil),      // 100: shim.v1.SnapshotHeader
+	(*RequestRecord)(nil),       // 101: shim.v1.RequestRecord
+	nil,                         // 102: shim.v1.ProcessRecord.PortsEntry
+	nil,                         // 103: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 104: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 105: shim.v1.Endpoint.PortsEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	11,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -7147,7 +7457,7 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	20,  // 14: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
 	13,  // 15: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
 	13,  // 16: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
-	98,  // 17: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
+	102, // 17: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
 	5,   // 18: shim.v1.ProcessRecord.health:type_name -> shim.v1.Health
 	7,   // 19: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
 	8,   // 20: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
@@ -7158,128 +7468,134 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	32,  // 25: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
 	33,  // 26: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
 	35,  // 27: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	39,  // 28: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	41,  // 29: shim.v1.Command.report:type_name -> shim.v1.Report
-	42,  // 30: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	41,  // 28: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	43,  // 29: shim.v1.Command.report:type_name -> shim.v1.Report
+	44,  // 30: shim.v1.Command.resize:type_name -> shim.v1.Resize
 	24,  // 31: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	43,  // 32: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	45,  // 32: shim.v1.Command.prune:type_name -> shim.v1.Prune
 	34,  // 33: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	37,  // 34: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	39,  // 34: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
 	27,  // 35: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
 	28,  // 36: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
 	29,  // 37: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
 	36,  // 38: shim.v1.Command.scale:type_name -> shim.v1.Scale
-	23,  // 39: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	9,   // 40: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	25,  // 41: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	26,  // 42: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	21,  // 43: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	8,   // 44: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	14,  // 45: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	13,  // 46: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
-	6,   // 47: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	5,   // 48: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
-	40,  // 49: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	11,  // 50: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	14,  // 51: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	19,  // 52: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	19,  // 53: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	11,  // 54: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	19,  // 55: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	10,  // 56: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
-	19,  // 57: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	52,  // 58: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
-	10,  // 59: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
-	21,  // 60: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	11,  // 61: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	11,  // 62: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	20,  // 63: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	13,  // 64: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
-	54,  // 65: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	52,  // 66: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	13,  // 67: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	19,  // 68: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	21,  // 69: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	9,   // 70: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	26,  // 71: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	26,  // 72: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	21,  // 73: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	7,   // 74: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	8,   // 75: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	19,  // 76: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	8,   // 77: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	99,  // 78: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
-	41,  // 79: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	100, // 80: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	23,  // 81: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	17,  // 82: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
-	19,  // 83: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
-	10,  // 84: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
-	101, // 85: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
-	92,  // 86: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
-	10,  // 87: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
-	17,  // 88: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
-	25,  // 89: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	26,  // 90: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	97,  // 91: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	38,  // 92: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	17,  // 93: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
-	20,  // 94: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	44,  // 95: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	46,  // 96: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	48,  // 97: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	50,  // 98: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	53,  // 99: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	61,  // 100: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	63,  // 101: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	65,  // 102: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	67,  // 103: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	69,  // 104: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	71,  // 105: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	56,  // 106: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	58,  // 107: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	89,  // 108: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
-	91,  // 109: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
-	94,  // 110: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
-	73,  // 111: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	77,  // 112: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	79,  // 113: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	81,  // 114: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	83,  // 115: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	87,  // 116: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	85,  // 117: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	75,  // 118: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	59,  // 119: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	45,  // 120: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	47,  // 121: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	49,  // 122: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	51,  // 123: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	55,  // 124: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	62,  // 125: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	64,  // 126: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	66,  // 127: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	68,  // 128: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	70,  // 129: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	72,  // 130: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	57,  // 131: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	38,  // 132: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	90,  // 133: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
-	93,  // 134: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
-	95,  // 135: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
-	74,  // 136: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	78,  // 137: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	80,  // 138: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	82,  // 139: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	84,  // 140: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	88,  // 141: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	86,  // 142: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	76,  // 143: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	60,  // 144: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	120, // [120:145] is the sub-list for method output_type
-	95,  // [95:120] is the sub-list for method input_type
-	95,  // [95:95] is the sub-list for extension type_name
-	95,  // [95:95] is the sub-list for extension extendee
-	0,   // [0:95] is the sub-list for field type_name
+	37,  // 39: shim.v1.Command.update_service:type_name -> shim.v1.UpdateService
+	38,  // 40: shim.v1.Command.add_replicas:type_name -> shim.v1.AddReplicas
+	23,  // 41: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	9,   // 42: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	25,  // 43: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	26,  // 44: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	21,  // 45: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	8,   // 46: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	14,  // 47: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	14,  // 48: shim.v1.UpdateService.spec:type_name -> shim.v1.ProcessSpec
+	13,  // 49: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	6,   // 50: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	5,   // 51: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
+	42,  // 52: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	11,  // 53: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	14,  // 54: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	19,  // 55: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	19,  // 56: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	11,  // 57: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	19,  // 58: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	10,  // 59: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	19,  // 60: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	54,  // 61: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	10,  // 62: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	21,  // 63: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	11,  // 64: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	11,  // 65: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	20,  // 66: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	13,  // 67: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	56,  // 68: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	54,  // 69: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	13,  // 70: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	19,  // 71: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	21,  // 72: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	9,   // 73: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	26,  // 74: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	26,  // 75: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	21,  // 76: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	7,   // 77: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	8,   // 78: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	19,  // 79: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	8,   // 80: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	103, // 81: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	43,  // 82: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	104, // 83: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	23,  // 84: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	11,  // 85: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
+	17,  // 86: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
+	19,  // 87: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 88: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
+	105, // 89: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
+	96,  // 90: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
+	10,  // 91: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 92: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
+	25,  // 93: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	26,  // 94: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	101, // 95: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	40,  // 96: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	17,  // 97: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
+	20,  // 98: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	46,  // 99: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	48,  // 100: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	50,  // 101: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	52,  // 102: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	55,  // 103: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	63,  // 104: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	65,  // 105: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	67,  // 106: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	69,  // 107: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	71,  // 108: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	73,  // 109: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	58,  // 110: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	60,  // 111: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	93,  // 112: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
+	95,  // 113: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
+	98,  // 114: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
+	91,  // 115: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
+	75,  // 116: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	79,  // 117: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	81,  // 118: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	83,  // 119: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	85,  // 120: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	89,  // 121: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	87,  // 122: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	77,  // 123: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	61,  // 124: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	47,  // 125: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	49,  // 126: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	51,  // 127: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	53,  // 128: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	57,  // 129: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	64,  // 130: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	66,  // 131: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	68,  // 132: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	70,  // 133: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	72,  // 134: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	74,  // 135: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	59,  // 136: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	40,  // 137: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	94,  // 138: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
+	97,  // 139: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
+	99,  // 140: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
+	92,  // 141: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
+	76,  // 142: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	80,  // 143: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	82,  // 144: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	84,  // 145: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	86,  // 146: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	90,  // 147: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	88,  // 148: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	78,  // 149: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	62,  // 150: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	125, // [125:151] is the sub-list for method output_type
+	99,  // [99:125] is the sub-list for method input_type
+	99,  // [99:99] is the sub-list for extension type_name
+	99,  // [99:99] is the sub-list for extension extendee
+	0,   // [0:99] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -7305,6 +7621,8 @@ func file_shim_v1_shim_proto_init() {
 		(*Command_AddToken)(nil),
 		(*Command_RevokeToken)(nil),
 		(*Command_Scale)(nil),
+		(*Command_UpdateService)(nil),
+		(*Command_AddReplicas)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -7312,7 +7630,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      11,
-			NumMessages:   91,
+			NumMessages:   95,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

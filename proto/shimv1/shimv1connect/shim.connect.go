@@ -70,6 +70,8 @@ const (
 	ShimServiceEndpointsProcedure = "/shim.v1.ShimService/Endpoints"
 	// ShimServiceServicesProcedure is the fully-qualified name of the ShimService's Services RPC.
 	ShimServiceServicesProcedure = "/shim.v1.ShimService/Services"
+	// ShimServiceUpdateProcedure is the fully-qualified name of the ShimService's Update RPC.
+	ShimServiceUpdateProcedure = "/shim.v1.ShimService/Update"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -109,6 +111,7 @@ type ShimServiceClient interface {
 	Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error)
 	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
 	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
+	Update(context.Context, *connect.Request[shimv1.UpdateRequest]) (*connect.ServerStreamForClient[shimv1.UpdateProgress], error)
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -218,6 +221,12 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Services")),
 			connect.WithClientOptions(opts...),
 		),
+		update: connect.NewClient[shimv1.UpdateRequest, shimv1.UpdateProgress](
+			httpClient,
+			baseURL+ShimServiceUpdateProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Update")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -239,6 +248,7 @@ type shimServiceClient struct {
 	scale       *connect.Client[shimv1.ScaleRequest, shimv1.ScaleResponse]
 	endpoints   *connect.Client[shimv1.EndpointsRequest, shimv1.EndpointsResponse]
 	services    *connect.Client[shimv1.ServicesRequest, shimv1.ServicesResponse]
+	update      *connect.Client[shimv1.UpdateRequest, shimv1.UpdateProgress]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -321,6 +331,11 @@ func (c *shimServiceClient) Services(ctx context.Context, req *connect.Request[s
 	return c.services.CallUnary(ctx, req)
 }
 
+// Update calls shim.v1.ShimService.Update.
+func (c *shimServiceClient) Update(ctx context.Context, req *connect.Request[shimv1.UpdateRequest]) (*connect.ServerStreamForClient[shimv1.UpdateProgress], error) {
+	return c.update.CallServerStream(ctx, req)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -339,6 +354,7 @@ type ShimServiceHandler interface {
 	Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error)
 	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
 	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
+	Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -444,6 +460,12 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Services")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceUpdateHandler := connect.NewServerStreamHandler(
+		ShimServiceUpdateProcedure,
+		svc.Update,
+		connect.WithSchema(shimServiceMethods.ByName("Update")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -478,6 +500,8 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceEndpointsHandler.ServeHTTP(w, r)
 		case ShimServiceServicesProcedure:
 			shimServiceServicesHandler.ServeHTTP(w, r)
+		case ShimServiceUpdateProcedure:
+			shimServiceUpdateHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -549,6 +573,10 @@ func (UnimplementedShimServiceHandler) Endpoints(context.Context, *connect.Reque
 
 func (UnimplementedShimServiceHandler) Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Services is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Update is not implemented"))
 }
 
 // AgentServiceClient is a client for the shim.v1.AgentService service.
