@@ -118,6 +118,7 @@ var (
 		shimv1connect.ShimServiceDrainProcedure,
 		shimv1connect.ShimServiceSetGrantProcedure,
 		shimv1connect.ShimServiceScaleProcedure,
+		shimv1connect.ShimServiceUpdateProcedure,
 	))
 	// selfProcs: a workload's self token reads its own record and changes
 	// its own bounds and grant (the handlers check the id: OwnProcess).

@@ -155,7 +155,7 @@ func (a *app) rootCmd() *cobra.Command {
 		a.spawnCmd(), a.psCmd(), a.killCmd(), a.nodesCmd(), a.logsCmd(),
 		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.tokenCmd(), a.versionCmd(),
 		a.grantCmd(), a.eventsCmd(), // grow.go
-		a.scaleCmd(), a.endpointsCmd(), a.servicesCmd(), // services.go
+		a.scaleCmd(), a.endpointsCmd(), a.servicesCmd(), a.updateCmd(), // services.go, update.go
 	)
 	return root
 }

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -10,8 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	mdns "github.com/miekg/dns"
 
+	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/test/report"
 )
 
@@ -210,5 +213,83 @@ func TestServices(t *testing.T) {
 	c.must("kill", "web")
 	if r := c.shim("endpoints", "web"); r.code == 0 {
 		t.Errorf("endpoints of a killed service: %q", r.stdout)
+	}
+}
+
+// TestServiceUpdate: a rolling update to a command that exits at once stops
+// after the first replica and rolls back, and says so; one to a good command
+// replaces every replica with never fewer than N-1 healthy.
+func TestServiceUpdate(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 3)
+	const n = 3
+	server := "exec python3 -m http.server --bind 127.0.0.1 $SHIM_PORT_HTTP"
+	c.must("spawn", "--name", "web", "--count", fmt.Sprint(n), "--port", "http", "--check", "http:http:/",
+		"--check-interval", "200ms", "--", "/bin/sh", "-c", server)
+	var eps []endpoint
+	waitFor(t, 60*time.Second, "3 healthy endpoints", func() bool { eps = c.endpoints("web"); return len(eps) == n },
+		func() string { return fmt.Sprint(eps) }, 200*time.Millisecond)
+	ids := func() []string {
+		var out []string
+		for _, e := range c.endpoints("web") {
+			out = append(out, e.ID)
+		}
+		sort.Strings(out)
+		return out
+	}
+	before := ids()
+
+	// A command that exits at once: the first new copy fails, the update
+	// stops and rolls back; the old replicas never stopped.
+	r := c.shim("update", "web", "--healthy-timeout", "30s", "--", "/bin/sh", "-c", "exit 3")
+	if r.code == 0 || !strings.Contains(r.stderr, "rolled back") {
+		t.Fatalf("bad update: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	if strings.Contains(r.stdout, "replaced by") {
+		t.Errorf("bad update replaced a replica:\n%s", r.stdout)
+	}
+	waitFor(t, 30*time.Second, "the old replicas alone", func() bool { return slices.Equal(ids(), before) && len(c.liveReplicas("web")) == n })
+
+	// A good command: every replica replaced, never fewer than n-1 healthy.
+	stop := make(chan struct{})
+	low := make(chan int, 1)
+	go func() {
+		least := n
+		api := c.api(c.nodes[0].api)
+		for {
+			select {
+			case <-stop:
+				low <- least
+				return
+			default:
+			}
+			resp, err := api.Endpoints(context.Background(), connect.NewRequest(&pb.EndpointsRequest{Name: "web"}))
+			if err == nil {
+				least = min(least, len(resp.Msg.Endpoints))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	r = c.shim("update", "web", "--env", "VERSION=2", "--", "/bin/sh", "-c", server)
+	close(stop)
+	least := <-low
+	if r.code != 0 || strings.Count(r.stdout, "replaced by") != n {
+		t.Fatalf("good update: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	if least < n-1 {
+		t.Errorf("during the update only %d replicas were healthy (want at least %d)", least, n-1)
+	}
+	after := ids()
+	if len(after) != n {
+		t.Fatalf("after the update: %v", after)
+	}
+	for _, id := range after {
+		if slices.Contains(before, id) {
+			t.Errorf("replica %s was not replaced", id)
+		}
+	}
+	out := c.must("ps", "-o", "json", "web")
+	if strings.Count(out, "VERSION=2") < n {
+		t.Errorf("new replicas lack the new env:\n%s", out)
 	}
 }
