@@ -204,3 +204,15 @@ func serviceEnv(rec *pb.ProcessRecord) []string {
 	}
 	return env
 }
+
+// RunningPID returns the host PID of process id's current run on this
+// node, and its record, if it runs here now (shim exec).
+func (a *Agent) RunningPID(id string) (int, *pb.ProcessRecord, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	l := a.procs[id]
+	if l == nil || l.proc == nil || l.done || l.winding() {
+		return 0, nil, false
+	}
+	return l.proc.PID(), l.rec, true
+}

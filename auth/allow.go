@@ -119,6 +119,7 @@ var (
 		shimv1connect.ShimServiceSetGrantProcedure,
 		shimv1connect.ShimServiceScaleProcedure,
 		shimv1connect.ShimServiceUpdateProcedure,
+		shimv1connect.ShimServiceExecProcedure,
 	))
 	// selfProcs: a workload's self token reads its own record and changes
 	// its own bounds and grant (the handlers check the id: OwnProcess).
@@ -152,6 +153,7 @@ var (
 		shimv1connect.AgentServiceReadIndexProcedure,
 		shimv1connect.AgentServiceUsageProcedure,
 		shimv1connect.ShimServiceLogsProcedure,
+		shimv1connect.ShimServiceExecProcedure, // to the process's node
 	))
 )
 

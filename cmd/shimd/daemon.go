@@ -323,6 +323,7 @@ func run(ctx context.Context, o *options) error {
 	}
 
 	srv.UsageOf = ag.Usage
+	srv.ExecLocal = execLocal(ag) // exec.go
 	rt.onWant = ag.Want
 	serveDNS(dnsSrv, srv.Table, ag.Addrs, shimClient(httpc, secure)) // services.go
 	var wg sync.WaitGroup

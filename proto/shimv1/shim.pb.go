@@ -6040,6 +6040,273 @@ func (x *ApplyResponse) GetIndex() uint64 {
 	return 0
 }
 
+// ExecInput: the first message carries start; the others stdin, its end,
+// or a new terminal size.
+type ExecInput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Start         *ExecStart             `protobuf:"bytes,1,opt,name=start,proto3" json:"start,omitempty"`
+	Stdin         []byte                 `protobuf:"bytes,2,opt,name=stdin,proto3" json:"stdin,omitempty"`
+	StdinEof      bool                   `protobuf:"varint,3,opt,name=stdin_eof,json=stdinEof,proto3" json:"stdin_eof,omitempty"`
+	Resize        *TermSize              `protobuf:"bytes,4,opt,name=resize,proto3" json:"resize,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecInput) Reset() {
+	*x = ExecInput{}
+	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecInput) ProtoMessage() {}
+
+func (x *ExecInput) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecInput.ProtoReflect.Descriptor instead.
+func (*ExecInput) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *ExecInput) GetStart() *ExecStart {
+	if x != nil {
+		return x.Start
+	}
+	return nil
+}
+
+func (x *ExecInput) GetStdin() []byte {
+	if x != nil {
+		return x.Stdin
+	}
+	return nil
+}
+
+func (x *ExecInput) GetStdinEof() bool {
+	if x != nil {
+		return x.StdinEof
+	}
+	return false
+}
+
+func (x *ExecInput) GetResize() *TermSize {
+	if x != nil {
+		return x.Resize
+	}
+	return nil
+}
+
+type ExecStart struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // process id, prefix, or name (a service: its lowest running replica)
+	Command       []string               `protobuf:"bytes,2,rep,name=command,proto3" json:"command,omitempty"`
+	Tty           bool                   `protobuf:"varint,3,opt,name=tty,proto3" json:"tty,omitempty"` // run it on a terminal (stdout and stderr merged)
+	Size          *TermSize              `protobuf:"bytes,4,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecStart) Reset() {
+	*x = ExecStart{}
+	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecStart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecStart) ProtoMessage() {}
+
+func (x *ExecStart) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
+func (*ExecStart) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *ExecStart) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ExecStart) GetCommand() []string {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *ExecStart) GetTty() bool {
+	if x != nil {
+		return x.Tty
+	}
+	return false
+}
+
+func (x *ExecStart) GetSize() *TermSize {
+	if x != nil {
+		return x.Size
+	}
+	return nil
+}
+
+type TermSize struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rows          uint32                 `protobuf:"varint,1,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,2,opt,name=cols,proto3" json:"cols,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TermSize) Reset() {
+	*x = TermSize{}
+	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TermSize) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TermSize) ProtoMessage() {}
+
+func (x *TermSize) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TermSize.ProtoReflect.Descriptor instead.
+func (*TermSize) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *TermSize) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *TermSize) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+// ExecOutput: output, then a last message with exited set.
+type ExecOutput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stdout        []byte                 `protobuf:"bytes,1,opt,name=stdout,proto3" json:"stdout,omitempty"`
+	Stderr        []byte                 `protobuf:"bytes,2,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Exited        bool                   `protobuf:"varint,3,opt,name=exited,proto3" json:"exited,omitempty"`
+	ExitCode      int32                  `protobuf:"varint,4,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	Id            string                 `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"` // the first message: the process it runs in
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecOutput) Reset() {
+	*x = ExecOutput{}
+	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecOutput) ProtoMessage() {}
+
+func (x *ExecOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecOutput.ProtoReflect.Descriptor instead.
+func (*ExecOutput) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *ExecOutput) GetStdout() []byte {
+	if x != nil {
+		return x.Stdout
+	}
+	return nil
+}
+
+func (x *ExecOutput) GetStderr() []byte {
+	if x != nil {
+		return x.Stderr
+	}
+	return nil
+}
+
+func (x *ExecOutput) GetExited() bool {
+	if x != nil {
+		return x.Exited
+	}
+	return false
+}
+
+func (x *ExecOutput) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *ExecOutput) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 // UpdateRequest is a rolling update of a service: new replicas with the new
 // spec, parallel at a time, each healthy before an old one stops.
 type UpdateRequest struct {
@@ -6057,7 +6324,7 @@ type UpdateRequest struct {
 
 func (x *UpdateRequest) Reset() {
 	*x = UpdateRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	mi := &file_shim_v1_shim_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6069,7 +6336,7 @@ func (x *UpdateRequest) String() string {
 func (*UpdateRequest) ProtoMessage() {}
 
 func (x *UpdateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	mi := &file_shim_v1_shim_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6082,7 +6349,7 @@ func (x *UpdateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateRequest.ProtoReflect.Descriptor instead.
 func (*UpdateRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{80}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *UpdateRequest) GetName() string {
@@ -6143,7 +6410,7 @@ type UpdateProgress struct {
 
 func (x *UpdateProgress) Reset() {
 	*x = UpdateProgress{}
-	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	mi := &file_shim_v1_shim_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6155,7 +6422,7 @@ func (x *UpdateProgress) String() string {
 func (*UpdateProgress) ProtoMessage() {}
 
 func (x *UpdateProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	mi := &file_shim_v1_shim_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6168,7 +6435,7 @@ func (x *UpdateProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateProgress.ProtoReflect.Descriptor instead.
 func (*UpdateProgress) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{81}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *UpdateProgress) GetMessage() string {
@@ -6188,7 +6455,7 @@ type ScaleRequest struct {
 
 func (x *ScaleRequest) Reset() {
 	*x = ScaleRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	mi := &file_shim_v1_shim_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6200,7 +6467,7 @@ func (x *ScaleRequest) String() string {
 func (*ScaleRequest) ProtoMessage() {}
 
 func (x *ScaleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	mi := &file_shim_v1_shim_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6213,7 +6480,7 @@ func (x *ScaleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScaleRequest.ProtoReflect.Descriptor instead.
 func (*ScaleRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{82}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *ScaleRequest) GetName() string {
@@ -6240,7 +6507,7 @@ type ScaleResponse struct {
 
 func (x *ScaleResponse) Reset() {
 	*x = ScaleResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	mi := &file_shim_v1_shim_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6252,7 +6519,7 @@ func (x *ScaleResponse) String() string {
 func (*ScaleResponse) ProtoMessage() {}
 
 func (x *ScaleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	mi := &file_shim_v1_shim_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6265,7 +6532,7 @@ func (x *ScaleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScaleResponse.ProtoReflect.Descriptor instead.
 func (*ScaleResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{83}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ScaleResponse) GetService() *ServiceRecord {
@@ -6292,7 +6559,7 @@ type EndpointsRequest struct {
 
 func (x *EndpointsRequest) Reset() {
 	*x = EndpointsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[84]
+	mi := &file_shim_v1_shim_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6304,7 +6571,7 @@ func (x *EndpointsRequest) String() string {
 func (*EndpointsRequest) ProtoMessage() {}
 
 func (x *EndpointsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[84]
+	mi := &file_shim_v1_shim_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6317,7 +6584,7 @@ func (x *EndpointsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointsRequest.ProtoReflect.Descriptor instead.
 func (*EndpointsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{84}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *EndpointsRequest) GetName() string {
@@ -6348,7 +6615,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_shim_v1_shim_proto_msgTypes[85]
+	mi := &file_shim_v1_shim_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6360,7 +6627,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[85]
+	mi := &file_shim_v1_shim_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6373,7 +6640,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{85}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *Endpoint) GetId() string {
@@ -6421,7 +6688,7 @@ type EndpointsResponse struct {
 
 func (x *EndpointsResponse) Reset() {
 	*x = EndpointsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[86]
+	mi := &file_shim_v1_shim_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6433,7 +6700,7 @@ func (x *EndpointsResponse) String() string {
 func (*EndpointsResponse) ProtoMessage() {}
 
 func (x *EndpointsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[86]
+	mi := &file_shim_v1_shim_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6446,7 +6713,7 @@ func (x *EndpointsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EndpointsResponse.ProtoReflect.Descriptor instead.
 func (*EndpointsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{86}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *EndpointsResponse) GetEndpoints() []*Endpoint {
@@ -6472,7 +6739,7 @@ type ServicesRequest struct {
 
 func (x *ServicesRequest) Reset() {
 	*x = ServicesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[87]
+	mi := &file_shim_v1_shim_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6484,7 +6751,7 @@ func (x *ServicesRequest) String() string {
 func (*ServicesRequest) ProtoMessage() {}
 
 func (x *ServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[87]
+	mi := &file_shim_v1_shim_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6497,7 +6764,7 @@ func (x *ServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicesRequest.ProtoReflect.Descriptor instead.
 func (*ServicesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{87}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *ServicesRequest) GetConsistency() Consistency {
@@ -6516,7 +6783,7 @@ type ServicesResponse struct {
 
 func (x *ServicesResponse) Reset() {
 	*x = ServicesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[88]
+	mi := &file_shim_v1_shim_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6528,7 +6795,7 @@ func (x *ServicesResponse) String() string {
 func (*ServicesResponse) ProtoMessage() {}
 
 func (x *ServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[88]
+	mi := &file_shim_v1_shim_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6541,7 +6808,7 @@ func (x *ServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ServicesResponse.ProtoReflect.Descriptor instead.
 func (*ServicesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{88}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *ServicesResponse) GetServices() []*ServiceRecord {
@@ -6576,7 +6843,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[89]
+	mi := &file_shim_v1_shim_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6588,7 +6855,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[89]
+	mi := &file_shim_v1_shim_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6601,7 +6868,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{89}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -6702,7 +6969,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[90]
+	mi := &file_shim_v1_shim_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6714,7 +6981,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[90]
+	mi := &file_shim_v1_shim_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6727,7 +6994,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{90}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *RequestRecord) GetId() string {
@@ -7175,7 +7442,27 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\x81\x02\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x93\x01\n" +
+	"\tExecInput\x12(\n" +
+	"\x05start\x18\x01 \x01(\v2\x12.shim.v1.ExecStartR\x05start\x12\x14\n" +
+	"\x05stdin\x18\x02 \x01(\fR\x05stdin\x12\x1b\n" +
+	"\tstdin_eof\x18\x03 \x01(\bR\bstdinEof\x12)\n" +
+	"\x06resize\x18\x04 \x01(\v2\x11.shim.v1.TermSizeR\x06resize\"n\n" +
+	"\tExecStart\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
+	"\x03tty\x18\x03 \x01(\bR\x03tty\x12%\n" +
+	"\x04size\x18\x04 \x01(\v2\x11.shim.v1.TermSizeR\x04size\"2\n" +
+	"\bTermSize\x12\x12\n" +
+	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x02 \x01(\rR\x04cols\"\x81\x01\n" +
+	"\n" +
+	"ExecOutput\x12\x16\n" +
+	"\x06stdout\x18\x01 \x01(\fR\x06stdout\x12\x16\n" +
+	"\x06stderr\x18\x02 \x01(\fR\x06stderr\x12\x16\n" +
+	"\x06exited\x18\x03 \x01(\bR\x06exited\x12\x1b\n" +
+	"\texit_code\x18\x04 \x01(\x05R\bexitCode\x12\x0e\n" +
+	"\x02id\x18\x05 \x01(\tR\x02id\"\x81\x02\n" +
 	"\rUpdateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
@@ -7286,7 +7573,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vConsistency\x12\x1b\n" +
 	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18CONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n" +
-	"\x11CONSISTENCY_STALE\x10\x022\x93\b\n" +
+	"\x11CONSISTENCY_STALE\x10\x022\xc8\b\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -7305,7 +7592,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05Scale\x12\x15.shim.v1.ScaleRequest\x1a\x16.shim.v1.ScaleResponse\x12B\n" +
 	"\tEndpoints\x12\x19.shim.v1.EndpointsRequest\x1a\x1a.shim.v1.EndpointsResponse\x12?\n" +
 	"\bServices\x12\x18.shim.v1.ServicesRequest\x1a\x19.shim.v1.ServicesResponse\x12;\n" +
-	"\x06Update\x12\x16.shim.v1.UpdateRequest\x1a\x17.shim.v1.UpdateProgress0\x012\xb6\x04\n" +
+	"\x06Update\x12\x16.shim.v1.UpdateRequest\x1a\x17.shim.v1.UpdateProgress0\x01\x123\n" +
+	"\x04Exec\x12\x12.shim.v1.ExecInput\x1a\x13.shim.v1.ExecOutput(\x010\x012\xb6\x04\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -7330,7 +7618,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 95)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -7423,21 +7711,25 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*UsageResponse)(nil),       // 88: shim.v1.UsageResponse
 	(*ApplyRequest)(nil),        // 89: shim.v1.ApplyRequest
 	(*ApplyResponse)(nil),       // 90: shim.v1.ApplyResponse
-	(*UpdateRequest)(nil),       // 91: shim.v1.UpdateRequest
-	(*UpdateProgress)(nil),      // 92: shim.v1.UpdateProgress
-	(*ScaleRequest)(nil),        // 93: shim.v1.ScaleRequest
-	(*ScaleResponse)(nil),       // 94: shim.v1.ScaleResponse
-	(*EndpointsRequest)(nil),    // 95: shim.v1.EndpointsRequest
-	(*Endpoint)(nil),            // 96: shim.v1.Endpoint
-	(*EndpointsResponse)(nil),   // 97: shim.v1.EndpointsResponse
-	(*ServicesRequest)(nil),     // 98: shim.v1.ServicesRequest
-	(*ServicesResponse)(nil),    // 99: shim.v1.ServicesResponse
-	(*SnapshotHeader)(nil),      // 100: shim.v1.SnapshotHeader
-	(*RequestRecord)(nil),       // 101: shim.v1.RequestRecord
-	nil,                         // 102: shim.v1.ProcessRecord.PortsEntry
-	nil,                         // 103: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 104: shim.v1.UsageResponse.UsageEntry
-	nil,                         // 105: shim.v1.Endpoint.PortsEntry
+	(*ExecInput)(nil),           // 91: shim.v1.ExecInput
+	(*ExecStart)(nil),           // 92: shim.v1.ExecStart
+	(*TermSize)(nil),            // 93: shim.v1.TermSize
+	(*ExecOutput)(nil),          // 94: shim.v1.ExecOutput
+	(*UpdateRequest)(nil),       // 95: shim.v1.UpdateRequest
+	(*UpdateProgress)(nil),      // 96: shim.v1.UpdateProgress
+	(*ScaleRequest)(nil),        // 97: shim.v1.ScaleRequest
+	(*ScaleResponse)(nil),       // 98: shim.v1.ScaleResponse
+	(*EndpointsRequest)(nil),    // 99: shim.v1.EndpointsRequest
+	(*Endpoint)(nil),            // 100: shim.v1.Endpoint
+	(*EndpointsResponse)(nil),   // 101: shim.v1.EndpointsResponse
+	(*ServicesRequest)(nil),     // 102: shim.v1.ServicesRequest
+	(*ServicesResponse)(nil),    // 103: shim.v1.ServicesResponse
+	(*SnapshotHeader)(nil),      // 104: shim.v1.SnapshotHeader
+	(*RequestRecord)(nil),       // 105: shim.v1.RequestRecord
+	nil,                         // 106: shim.v1.ProcessRecord.PortsEntry
+	nil,                         // 107: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 108: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 109: shim.v1.Endpoint.PortsEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	11,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -7457,7 +7749,7 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	20,  // 14: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
 	13,  // 15: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
 	13,  // 16: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
-	102, // 17: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
+	106, // 17: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
 	5,   // 18: shim.v1.ProcessRecord.health:type_name -> shim.v1.Health
 	7,   // 19: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
 	8,   // 20: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
@@ -7521,81 +7813,86 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	8,   // 78: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
 	19,  // 79: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	8,   // 80: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	103, // 81: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	107, // 81: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
 	43,  // 82: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	104, // 83: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	108, // 83: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
 	23,  // 84: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	11,  // 85: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
-	17,  // 86: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
-	19,  // 87: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
-	10,  // 88: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
-	105, // 89: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
-	96,  // 90: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
-	10,  // 91: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
-	17,  // 92: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
-	25,  // 93: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	26,  // 94: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	101, // 95: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	40,  // 96: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	17,  // 97: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
-	20,  // 98: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	46,  // 99: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	48,  // 100: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	50,  // 101: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	52,  // 102: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	55,  // 103: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	63,  // 104: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	65,  // 105: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	67,  // 106: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	69,  // 107: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	71,  // 108: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	73,  // 109: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	58,  // 110: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	60,  // 111: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	93,  // 112: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
-	95,  // 113: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
-	98,  // 114: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
-	91,  // 115: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
-	75,  // 116: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	79,  // 117: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	81,  // 118: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	83,  // 119: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	85,  // 120: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	89,  // 121: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	87,  // 122: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	77,  // 123: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	61,  // 124: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	47,  // 125: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	49,  // 126: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	51,  // 127: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	53,  // 128: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	57,  // 129: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	64,  // 130: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	66,  // 131: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	68,  // 132: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	70,  // 133: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	72,  // 134: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	74,  // 135: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	59,  // 136: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	40,  // 137: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	94,  // 138: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
-	97,  // 139: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
-	99,  // 140: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
-	92,  // 141: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
-	76,  // 142: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	80,  // 143: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	82,  // 144: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	84,  // 145: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	86,  // 146: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	90,  // 147: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	88,  // 148: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	78,  // 149: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	62,  // 150: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	125, // [125:151] is the sub-list for method output_type
-	99,  // [99:125] is the sub-list for method input_type
-	99,  // [99:99] is the sub-list for extension type_name
-	99,  // [99:99] is the sub-list for extension extendee
-	0,   // [0:99] is the sub-list for field type_name
+	92,  // 85: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
+	93,  // 86: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
+	93,  // 87: shim.v1.ExecStart.size:type_name -> shim.v1.TermSize
+	11,  // 88: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
+	17,  // 89: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
+	19,  // 90: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 91: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
+	109, // 92: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
+	100, // 93: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
+	10,  // 94: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 95: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
+	25,  // 96: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	26,  // 97: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	105, // 98: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	40,  // 99: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	17,  // 100: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
+	20,  // 101: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	46,  // 102: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	48,  // 103: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	50,  // 104: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	52,  // 105: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	55,  // 106: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	63,  // 107: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	65,  // 108: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	67,  // 109: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	69,  // 110: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	71,  // 111: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	73,  // 112: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	58,  // 113: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	60,  // 114: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	97,  // 115: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
+	99,  // 116: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
+	102, // 117: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
+	95,  // 118: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
+	91,  // 119: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
+	75,  // 120: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	79,  // 121: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	81,  // 122: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	83,  // 123: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	85,  // 124: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	89,  // 125: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	87,  // 126: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	77,  // 127: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	61,  // 128: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	47,  // 129: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	49,  // 130: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	51,  // 131: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	53,  // 132: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	57,  // 133: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	64,  // 134: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	66,  // 135: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	68,  // 136: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	70,  // 137: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	72,  // 138: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	74,  // 139: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	59,  // 140: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	40,  // 141: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	98,  // 142: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
+	101, // 143: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
+	103, // 144: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
+	96,  // 145: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
+	94,  // 146: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
+	76,  // 147: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	80,  // 148: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	82,  // 149: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	84,  // 150: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	86,  // 151: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	90,  // 152: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	88,  // 153: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	78,  // 154: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	62,  // 155: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	129, // [129:156] is the sub-list for method output_type
+	102, // [102:129] is the sub-list for method input_type
+	102, // [102:102] is the sub-list for extension type_name
+	102, // [102:102] is the sub-list for extension extendee
+	0,   // [0:102] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -7630,7 +7927,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      11,
-			NumMessages:   95,
+			NumMessages:   99,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -293,3 +293,40 @@ func TestServiceUpdate(t *testing.T) {
 		t.Errorf("new replicas lack the new env:\n%s", out)
 	}
 }
+
+// TestExec runs commands inside a running process's sandbox: they see its
+// PID namespace (PID 1 is the sandbox's), run as its user, in its cgroups,
+// and their exit code comes back.
+func TestExec(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 2)
+	c.must("spawn", "--name", "sl", "--count", "2", "--wait", "--", "/bin/sleep", "100000")
+	out := c.must("exec", "sl", "--", "cat", "/proc/1/cmdline")
+	if !strings.Contains(out, "sleep") && !strings.Contains(out, "shim-init") {
+		t.Errorf("PID 1 in the sandbox: %q", out)
+	}
+	t.Logf("/proc/1/cmdline in the sandbox: %q", out)
+	if out := strings.TrimSpace(c.must("exec", "sl", "--", "id", "-u")); out != "65534" {
+		t.Errorf("exec runs as uid %q, want the workload's 65534", out)
+	}
+	var id string
+	for _, p := range c.ps() {
+		if p.Name == "sl" {
+			id = p.ID
+		}
+	}
+	// In the sandbox's cgroup namespace too: its cgroups read as its PID 1's.
+	self, init := c.must("exec", id, "--", "cat", "/proc/self/cgroup"), c.must("exec", id, "--", "cat", "/proc/1/cgroup")
+	if self != init || self == "" {
+		t.Errorf("exec's cgroups:\n%s\nthe sandbox's:\n%s", self, init)
+	}
+	if r := c.shim("exec", "sl", "--", "sh", "-c", "echo out; echo err >&2; exit 7"); r.code != 7 || r.stdout != "out\n" || r.stderr != "err\n" {
+		t.Errorf("exit code and streams: %+v", r)
+	}
+	if out := c.must("exec", "-t", "sl", "--", "sh", "-c", "test -t 0 && test -t 1 && echo tty"); strings.TrimSpace(out) != "tty" {
+		t.Errorf("exec -t: the command has no terminal: %q", out)
+	}
+	if r := c.shim("exec", "nope", "--", "true"); r.code == 0 || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+		t.Errorf("exec into an unknown process: %+v", r)
+	}
+}

@@ -72,6 +72,8 @@ const (
 	ShimServiceServicesProcedure = "/shim.v1.ShimService/Services"
 	// ShimServiceUpdateProcedure is the fully-qualified name of the ShimService's Update RPC.
 	ShimServiceUpdateProcedure = "/shim.v1.ShimService/Update"
+	// ShimServiceExecProcedure is the fully-qualified name of the ShimService's Exec RPC.
+	ShimServiceExecProcedure = "/shim.v1.ShimService/Exec"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -112,6 +114,7 @@ type ShimServiceClient interface {
 	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
 	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
 	Update(context.Context, *connect.Request[shimv1.UpdateRequest]) (*connect.ServerStreamForClient[shimv1.UpdateProgress], error)
+	Exec(context.Context) *connect.BidiStreamForClient[shimv1.ExecInput, shimv1.ExecOutput]
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -227,6 +230,12 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Update")),
 			connect.WithClientOptions(opts...),
 		),
+		exec: connect.NewClient[shimv1.ExecInput, shimv1.ExecOutput](
+			httpClient,
+			baseURL+ShimServiceExecProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Exec")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -249,6 +258,7 @@ type shimServiceClient struct {
 	endpoints   *connect.Client[shimv1.EndpointsRequest, shimv1.EndpointsResponse]
 	services    *connect.Client[shimv1.ServicesRequest, shimv1.ServicesResponse]
 	update      *connect.Client[shimv1.UpdateRequest, shimv1.UpdateProgress]
+	exec        *connect.Client[shimv1.ExecInput, shimv1.ExecOutput]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -336,6 +346,11 @@ func (c *shimServiceClient) Update(ctx context.Context, req *connect.Request[shi
 	return c.update.CallServerStream(ctx, req)
 }
 
+// Exec calls shim.v1.ShimService.Exec.
+func (c *shimServiceClient) Exec(ctx context.Context) *connect.BidiStreamForClient[shimv1.ExecInput, shimv1.ExecOutput] {
+	return c.exec.CallBidiStream(ctx)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -355,6 +370,7 @@ type ShimServiceHandler interface {
 	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
 	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
 	Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error
+	Exec(context.Context, *connect.BidiStream[shimv1.ExecInput, shimv1.ExecOutput]) error
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -466,6 +482,12 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Update")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceExecHandler := connect.NewBidiStreamHandler(
+		ShimServiceExecProcedure,
+		svc.Exec,
+		connect.WithSchema(shimServiceMethods.ByName("Exec")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -502,6 +524,8 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceServicesHandler.ServeHTTP(w, r)
 		case ShimServiceUpdateProcedure:
 			shimServiceUpdateHandler.ServeHTTP(w, r)
+		case ShimServiceExecProcedure:
+			shimServiceExecHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -577,6 +601,10 @@ func (UnimplementedShimServiceHandler) Services(context.Context, *connect.Reques
 
 func (UnimplementedShimServiceHandler) Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Update is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Exec(context.Context, *connect.BidiStream[shimv1.ExecInput, shimv1.ExecOutput]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Exec is not implemented"))
 }
 
 // AgentServiceClient is a client for the shim.v1.AgentService service.
