@@ -326,6 +326,21 @@ func TestExec(t *testing.T) {
 	if out := c.must("exec", "-t", "sl", "--", "sh", "-c", "test -t 0 && test -t 1 && echo tty"); strings.TrimSpace(out) != "tty" {
 		t.Errorf("exec -t: the command has no terminal: %q", out)
 	}
+	// Through every member, into every replica: the call reaches the
+	// process's node from wherever it lands.
+	for _, d := range c.nodes {
+		for _, p := range c.ps() {
+			if r := c.shimAt(d.api, "exec", p.ID, "--", "cat", "/proc/self/environ"); r.code != 0 || !strings.Contains(r.stdout, "SHIM_PROCESS_ID="+p.ID) {
+				t.Errorf("exec %s through %s: %+v", p.ID, d.name, r)
+			}
+		}
+	}
+	// The operator role at least: a read token may not.
+	tok := strings.Fields(c.must("token", "create", "--role", "read"))
+	r := runCLI(t, []string{"SHIM_DATA_DIR=" + c.dataDir(), "SHIM_TOKEN=" + tok[len(tok)-1]}, "--addr", c.addrs(), "exec", "sl", "--", "true")
+	if r.code == 0 || !strings.Contains(r.stderr, "may not") {
+		t.Errorf("exec with a read token: %+v", r)
+	}
 	if r := c.shim("exec", "nope", "--", "true"); r.code == 0 || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
 		t.Errorf("exec into an unknown process: %+v", r)
 	}
