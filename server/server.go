@@ -162,5 +162,6 @@ func (s *Server) Run(ctx context.Context) {
 		return
 	}
 	go s.countEvents(ctx) // events.go
+	go s.autoscale(ctx)   // autoscale.go
 	s.runLeases(ctx)
 }

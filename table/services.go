@@ -137,6 +137,9 @@ func (x *txn) spawnService(s *pb.Spawn) ([]string, error) {
 	if err := validateServiceBounds(uint32(len(s.GetIds())), s.GetMin(), s.GetMax()); err != nil {
 		return nil, err
 	}
+	if s.GetMax() > 0 && !Elastic(spec) {
+		return nil, fmt.Errorf("%w: autoscaling (--count MIN:MAX) follows the replicas' grants: it needs --grow", ErrInvalid)
+	}
 	idx := make([]uint32, len(s.GetIds()))
 	for i := range idx {
 		idx[i] = uint32(i)
@@ -552,4 +555,48 @@ func (x *txn) addReplicas(c *pb.AddReplicas) ([]string, error) {
 		}
 	}
 	return x.spawnReplicas(c.GetIds(), svc.Spec, svc.Name, c.GetReplicas())
+}
+
+// Autoscale verdicts (AutoscaleVerdict).
+const (
+	ScaleIn  = -1
+	ScaleOut = 1
+)
+
+// AutoscaleVerdict says whether service svc, autoscaled (min:max), should
+// grow or shrink given its live replicas: out when every running replica
+// sits at its maximum grant (or waits for room to grow), in when every one
+// is back at its minimum (idle: elastic grants shrink after their idle
+// time), else 0. Replicas not running yet make it wait (0).
+func AutoscaleVerdict(svc *pb.ServiceRecord, reps []*pb.ProcessRecord) int {
+	if svc.GetMax() == 0 {
+		return 0
+	}
+	atMax, atMin, running := 0, 0, 0
+	for _, r := range reps {
+		if r.Stop {
+			continue
+		}
+		if r.State != pb.ProcessState_PROCESS_STATE_RUNNING {
+			return 0
+		}
+		running++
+		g, b := GrantOf(r), r.Spec.GetResources()
+		if r.Want != nil || (b.GetCpuMaxMilli() > 0 && g.GetCpuMilli() >= b.GetCpuMaxMilli()) ||
+			(b.GetMemMaxBytes() > 0 && g.GetMemBytes() >= b.GetMemMaxBytes()) {
+			atMax++
+		}
+		if sameGrant(g, minGrant(b)) {
+			atMin++
+		}
+	}
+	switch {
+	case running == 0:
+		return 0
+	case atMax == running && uint32(running) < svc.Max:
+		return ScaleOut
+	case atMin == running && uint32(running) > svc.Min:
+		return ScaleIn
+	}
+	return 0
 }

@@ -294,3 +294,40 @@ func TestServiceUpdateAndAddReplicas(t *testing.T) {
 	}
 	x.fail(&pb.Command{Op: &pb.Command_AddReplicas{AddReplicas: &pb.AddReplicas{Name: "web", Ids: []string{"a", "b"}, Replicas: []uint32{0}}}}, ErrInvalid)
 }
+
+func TestAutoscaleVerdict(t *testing.T) {
+	svc := &pb.ServiceRecord{Name: "web", Count: 2, Min: 1, Max: 3}
+	b := &pb.Resources{CpuMinMilli: 100, CpuMaxMilli: 1000}
+	rep := func(cpu int64, state pb.ProcessState) *pb.ProcessRecord {
+		return &pb.ProcessRecord{State: state, Spec: &pb.ProcessSpec{Resources: b, Grow: pb.Grow_GROW_ON}, Grant: &pb.Grant{CpuMilli: cpu}}
+	}
+	run := pb.ProcessState_PROCESS_STATE_RUNNING
+	for _, c := range []struct {
+		reps []*pb.ProcessRecord
+		want int
+	}{
+		{[]*pb.ProcessRecord{rep(1000, run), rep(1000, run)}, ScaleOut},
+		{[]*pb.ProcessRecord{rep(1000, run), rep(500, run)}, 0},
+		{[]*pb.ProcessRecord{rep(100, run), rep(100, run)}, ScaleIn},
+		{[]*pb.ProcessRecord{rep(1000, run), rep(1000, pb.ProcessState_PROCESS_STATE_STARTING)}, 0},
+		{[]*pb.ProcessRecord{rep(1000, run), rep(1000, run), rep(1000, run)}, 0}, // at max count
+		{[]*pb.ProcessRecord{rep(100, run)}, 0},                                  // at min count
+	} {
+		if got := AutoscaleVerdict(svc, c.reps); got != c.want {
+			t.Errorf("%d replicas: verdict %d, want %d", len(c.reps), got, c.want)
+		}
+	}
+	if got := AutoscaleVerdict(&pb.ServiceRecord{Name: "x", Count: 2}, []*pb.ProcessRecord{rep(1000, run)}); got != 0 {
+		t.Errorf("a service without bounds: verdict %d", got)
+	}
+	x := threeNodes(t)
+	c := serviceCmd(named(spec(100), "web"), "w0")
+	c.GetSpawn().Min, c.GetSpawn().Max = 1, 3
+	x.fail(c, ErrInvalid) // not elastic
+	c.GetSpawn().Spec.Grow = pb.Grow_GROW_ON
+	c.GetSpawn().Spec.Resources.CpuMaxMilli = 1000
+	x.ok(c)
+	if s := x.tb.Service("web"); s.Min != 1 || s.Max != 3 {
+		t.Fatalf("bounds %d:%d", s.Min, s.Max)
+	}
+}

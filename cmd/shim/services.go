@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -387,4 +388,30 @@ func stateText(r *pb.ProcessRecord) string {
 		s += "," + table.HealthName(r)
 	}
 	return s
+}
+
+// parseCount reads --count N or MIN:MAX (which starts MIN replicas).
+func (o *spawnOptions) parseCount() error {
+	bad := func(why string) error { return flagError("count", o.countS, errors.New(why)) }
+	lo, hi, ranged := strings.Cut(o.countS, ":")
+	n, err := strconv.Atoi(lo)
+	if err != nil {
+		return bad("not a number")
+	}
+	if n < 1 || n > table.MaxSpawnIDs {
+		return bad(fmt.Sprintf("must be 1-%d", table.MaxSpawnIDs))
+	}
+	o.count = n
+	if !ranged {
+		return nil
+	}
+	m, err := strconv.Atoi(hi)
+	if err != nil || m < n || m > table.MaxSpawnIDs {
+		return bad(fmt.Sprintf("MIN:MAX needs 1 <= MIN <= MAX <= %d", table.MaxSpawnIDs))
+	}
+	if o.name == "" {
+		return bad("MIN:MAX autoscales a service: give it a --name")
+	}
+	o.min, o.max = uint32(n), uint32(m)
+	return nil
 }

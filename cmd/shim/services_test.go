@@ -64,3 +64,24 @@ func TestGroupReplicas(t *testing.T) {
 		t.Errorf("name %q", s)
 	}
 }
+
+func TestParseCount(t *testing.T) {
+	for _, c := range []struct {
+		in, name  string
+		n, lo, hi int
+		bad       bool
+	}{
+		{"3", "", 3, 0, 0, false},
+		{"2:5", "web", 2, 2, 5, false},
+		{"2:5", "", 0, 0, 0, true},
+		{"5:2", "web", 0, 0, 0, true},
+		{"0", "web", 0, 0, 0, true},
+		{"x", "web", 0, 0, 0, true},
+	} {
+		o := &spawnOptions{countS: c.in, name: c.name}
+		err := o.parseCount()
+		if (err != nil) != c.bad || (!c.bad && (o.count != c.n || int(o.min) != c.lo || int(o.max) != c.hi)) {
+			t.Errorf("--count %s: %+v, %v", c.in, o, err)
+		}
+	}
+}

@@ -25,6 +25,8 @@ type spawnOptions struct {
 	grow                                                                       growFlags    // grow.go
 	svc                                                                        serviceFlags // services.go
 	service                                                                    bool         // --name with --count: a service
+	countS                                                                     string       // --count N or MIN:MAX (services.go)
+	min, max                                                                   uint32       // --count MIN:MAX
 }
 
 func (a *app) spawnCmd() *cobra.Command {
@@ -47,7 +49,8 @@ func (a *app) spawnCmd() *cobra.Command {
 				return flagError("request-id", rid, errors.New(strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")))
 			}
 			o.service = o.name != "" && cmd.Flags().Changed("count")
-			return a.spawnReq(cmd.Context(), &pb.SpawnRequest{Spec: spec, Count: uint32(o.count), RequestId: rid, Service: o.service}, o.wait)
+			return a.spawnReq(cmd.Context(), &pb.SpawnRequest{Spec: spec, Count: uint32(o.count), RequestId: rid, Service: o.service,
+				Min: o.min, Max: o.max}, o.wait)
 		},
 	}
 	f := cmd.Flags()
@@ -59,7 +62,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.restart, "restart", "", "restart `POLICY`: always, on-failure (default) or never")
 	f.StringArrayVarP(&o.env, "env", "e", nil, "environment variable `K=V` (repeatable)")
 	f.StringVar(&o.node, "node", "", "run on `NODE`")
-	f.IntVar(&o.count, "count", 1, "number of replicas `N`")
+	f.StringVar(&o.countS, "count", "1", "number of replicas `N`; with --name a service, MIN:MAX to autoscale it (with --grow)")
 	f.BoolVar(&o.wait, "wait", false, "wait until the process is running (up to --timeout); fail if it does not start")
 	f.StringVar(&o.isolation, "isolation", "", "isolation `MODE`: process (default), container, vm, or host (admin: no sandbox)")
 	f.StringVar(&o.network, "net", "", "network `MODE`: host (default) or none")
@@ -78,8 +81,8 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 	if len(args) == 0 || args[0] == "" {
 		return nil, usagef("missing command (usage: shim spawn [flags] -- CMD [ARG...])")
 	}
-	if o.count < 1 || o.count > table.MaxSpawnIDs {
-		return nil, flagError("count", fmt.Sprint(o.count), fmt.Errorf("must be 1-%d", table.MaxSpawnIDs))
+	if err := o.parseCount(); err != nil {
+		return nil, err
 	}
 	s := &pb.ProcessSpec{
 		Name: o.name, Command: args, Env: o.env, Node: o.node, Dir: o.dir, Rootfs: o.rootfs,
