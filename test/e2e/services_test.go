@@ -345,3 +345,27 @@ func TestExec(t *testing.T) {
 		t.Errorf("exec into an unknown process: %+v", r)
 	}
 }
+
+// TestHealthRestart: a replica whose check never passes is unhealthy in ps,
+// no endpoint, and is restarted once unhealthy for --check-restart.
+func TestHealthRestart(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 1)
+	// It listens on nothing: the tcp check fails.
+	c.must("spawn", "--name", "deaf", "--count", "1", "--port", "http", "--check", "tcp:http",
+		"--check-interval", "100ms", "--check-restart", "1s", "--", "/bin/sleep", "100000")
+	waitFor(t, 20*time.Second, "unhealthy in ps", func() bool {
+		return strings.Contains(c.shim("ps", "deaf").stdout, "running,unhealthy")
+	})
+	if eps := c.endpoints("deaf"); len(eps) != 0 {
+		t.Errorf("an unhealthy replica is an endpoint: %v", eps)
+	}
+	waitFor(t, 30*time.Second, "a restart of the unhealthy replica", func() bool {
+		for _, p := range c.ps() {
+			if p.Name == "deaf" && p.Restarts > 0 {
+				return true
+			}
+		}
+		return false
+	})
+}
