@@ -178,4 +178,3 @@ func portNames(s *pb.ProcessSpec) string {
 	slices.Sort(names)
 	return strings.Join(names, ", ")
 }
-
