@@ -124,6 +124,14 @@ func ValidatePorts(s *pb.ProcessSpec) error {
 	if len(s.GetPorts()) > 16 {
 		return fmt.Errorf("%w: more than 16 ports", ErrInvalid)
 	}
+	if len(s.GetPorts()) > 0 || (s.GetCheck() != nil && s.GetCheck().GetKind() != "exec") {
+		switch {
+		case s.GetIsolation() == pb.Isolation_ISOLATION_VM:
+			return fmt.Errorf("%w: a VM has no network: no ports or http/tcp checks", ErrInvalid)
+		case s.GetNetwork() == pb.Network_NETWORK_NONE:
+			return fmt.Errorf("%w: --net none has no network the node reaches: no ports or http/tcp checks", ErrInvalid)
+		}
+	}
 	seen := map[string]bool{}
 	for _, p := range s.GetPorts() {
 		if p.GetName() == "" || len(p.Name) > 32 {

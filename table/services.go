@@ -306,7 +306,7 @@ func (x *txn) replace(old *pb.ProcessRecord, state pb.ProcessState, u *pb.Status
 	x.retire(rec, StateName(state)+": "+why)
 	rec.Incarnation++
 	rec.Pid, rec.StartTime, rec.StartedUnixNano, rec.ExitCode = 0, 0, 0, 0
-	rec.Health, rec.Replacements, rec.Want, rec.WantReason = pb.Health_HEALTH_UNSPECIFIED, n, nil, ""
+	rec.Health, rec.Replacements, rec.Want, rec.WantReason, rec.MoveTo = pb.Health_HEALTH_UNSPECIFIED, n, nil, "", ""
 	rec.Grant = minGrant(rec.Spec.GetResources())
 	node, err := t.place(rec.Spec, claimOn(rec, ""), old.Node)
 	if err != nil {

@@ -105,6 +105,12 @@ func TestServiceBadInput(t *testing.T) {
 	s.Check.Port = "HTTP"
 	s.Ports[0].Name = "http"
 	x.fail(serviceCmd(s, "a0"), ErrInvalid)
+	// Ports need a network the node reaches.
+	s.Ports[0].Name = "HTTP"
+	s.Network = pb.Network_NETWORK_NONE
+	x.fail(serviceCmd(s, "a0"), ErrInvalid)
+	s.Network, s.Isolation = pb.Network_NETWORK_HOST, pb.Isolation_ISOLATION_VM
+	x.fail(serviceCmd(s, "a0"), ErrInvalid)
 }
 
 func TestServiceKillLowersCountAndForgets(t *testing.T) {
