@@ -85,6 +85,7 @@ func (a *Agent) adopt() error {
 		a.procs[f.ID] = l
 		a.Log.Info("re-adopted process", "id", f.ID, "pid", p.PID())
 		go a.wait(l, p)
+		go a.watchHealth(l, p) // idle unless its record has a check
 	}
 	// Lost processes whose sandbox is already gone are still recorded.
 	for id, st := range saved {

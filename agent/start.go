@@ -100,6 +100,9 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	a.saveState(l)
 	a.reportRunning(l)
 	go a.wait(l, p)
+	if rec.Spec.GetCheck() != nil {
+		go a.watchHealth(l, p) // health.go
+	}
 	if l.stopping || !sameAssignment(a.assigned, rec) {
 		// Killed or resized while it was starting: catch up now.
 		l.stopping = false
@@ -150,6 +153,7 @@ func (a *Agent) env(rec *pb.ProcessRecord) []string {
 	env = append(env, rec.Spec.Env...)
 	env = append(env, "SHIM_PROCESS_ID="+rec.Id, "SHIM_PROCESS_NAME="+rec.Spec.Name,
 		fmt.Sprintf("SHIM_INCARNATION=%d", rec.Incarnation), "SHIM_NODE="+a.Node.Name)
+	env = append(env, serviceEnv(rec)...) // health.go
 	return append(env, a.selfEnv(rec)...)
 }
 

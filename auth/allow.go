@@ -108,6 +108,8 @@ var (
 		shimv1connect.ShimServiceWhoamiProcedure,
 		ProcEvents,
 		ProcMetrics,
+		shimv1connect.ShimServiceEndpointsProcedure,
+		shimv1connect.ShimServiceServicesProcedure,
 	)
 	operatorProcs = union(readProcs, set(
 		shimv1connect.ShimServiceSpawnProcedure,
@@ -115,6 +117,9 @@ var (
 		shimv1connect.ShimServiceResizeProcedure,
 		shimv1connect.ShimServiceDrainProcedure,
 		shimv1connect.ShimServiceSetGrantProcedure,
+		shimv1connect.ShimServiceScaleProcedure,
+		shimv1connect.ShimServiceUpdateProcedure,
+		shimv1connect.ShimServiceExecProcedure,
 	))
 	// selfProcs: a workload's self token reads its own record and changes
 	// its own bounds and grant (the handlers check the id: OwnProcess).
@@ -138,6 +143,7 @@ var (
 		shimv1connect.ShimServiceWhoamiProcedure,
 		shimv1connect.ShimServiceSetGrantProcedure, // its own processes' grants (the handler checks)
 		ProcHeartbeatStream,
+		shimv1connect.ShimServiceEndpointsProcedure, // a worker's DNS server reads them
 	)
 	// serverProcs: a server certificate also commits forwarded writes,
 	// asks the leader for a read index, and asks nodes for their
@@ -147,6 +153,7 @@ var (
 		shimv1connect.AgentServiceReadIndexProcedure,
 		shimv1connect.AgentServiceUsageProcedure,
 		shimv1connect.ShimServiceLogsProcedure,
+		shimv1connect.ShimServiceExecProcedure, // to the process's node
 	))
 )
 

@@ -64,6 +64,9 @@ type Server struct {
 	// UsageOf returns this node's processes' use (the agent's Usage): the
 	// last sample, or read now when fresh is set.
 	UsageOf func(ids []string, fresh bool) map[string]*pb.Usage
+	// ExecLocal runs an exec in a process of this node (exec.go): it
+	// returns the command's exit code.
+	ExecLocal func(ctx context.Context, st *pb.ExecStart, io ExecIO) (int, error)
 	// Auth is this node's certificate and the cluster CA: callers must
 	// then prove who they are (auth.go), and this server calls other nodes
 	// over TLS with it. Nil turns trust off: every caller may do
@@ -169,5 +172,6 @@ func (s *Server) Run(ctx context.Context) {
 	}
 	go s.countEvents(ctx) // events.go
 	go s.runPrune(ctx)    // prune.go
+	go s.autoscale(ctx)   // autoscale.go
 	s.runLeases(ctx)
 }

@@ -56,7 +56,8 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 	for i := range ids {
 		ids[i] = s.NewID()
 	}
-	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId, Force: m.Force}}})
+	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Spawn{Spawn: &pb.Spawn{Ids: ids, Spec: m.Spec, RequestId: m.RequestId, Force: m.Force,
+		Service: m.Service, Min: m.Min, Max: m.Max}}})
 	if err != nil {
 		return nil, err
 	}
@@ -149,6 +150,21 @@ func (h *shimAPI) Kill(ctx context.Context, req *connect.Request[pb.KillRequest]
 	if sig == 0 {
 		sig = 15
 	}
+	if svc := s.serviceRef(req.Msg.Ids); svc != "" {
+		// The whole service: stop every replica and forget it.
+		ids = nil
+		for _, r := range s.Table.Replicas(svc) {
+			ids = append(ids, r.Id)
+		}
+		res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Scale{Scale: &pb.Scale{Name: svc, Remove: true}}})
+		if err != nil {
+			return nil, err
+		}
+		if err := s.waitIndex(ctx, res.Index); err != nil {
+			return nil, err
+		}
+		return connect.NewResponse(&pb.KillResponse{Processes: s.records(ids)}), nil
+	}
 	res, err := s.apply(ctx, &pb.Command{Op: &pb.Command_Kill{Kill: &pb.Kill{Ids: ids, Signal: sig}}})
 	if err != nil {
 		return nil, err
@@ -176,6 +192,9 @@ func (h *shimAPI) Resize(ctx context.Context, req *connect.Request[pb.ResizeRequ
 	ids, err := s.resolve([]string{m.Id})
 	if err != nil {
 		return nil, err
+	}
+	if svc := s.serviceRef([]string{m.Id}); svc != "" {
+		return h.resizeService(ctx, req, svc)
 	}
 	if len(ids) != 1 {
 		return nil, invalid("%q names %d processes; resize one at a time", m.Id, len(ids))
@@ -426,6 +445,9 @@ func (h *shimAPI) Logs(ctx context.Context, req *connect.Request[pb.LogsRequest]
 		ids, err := s.resolve([]string{m.Id})
 		if err != nil {
 			return err
+		}
+		if svc := s.serviceRef([]string{m.Id}); svc != "" {
+			return s.serviceLogs(ctx, m, svc, stream)
 		}
 		if len(ids) != 1 {
 			return invalid("%q names %d processes; logs needs exactly one", m.Id, len(ids))

@@ -55,7 +55,9 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, need claim, extra []Alloc, not s
 		}
 		lo, hi = i, i+1
 	}
-	best, bestCount, bestFree := -1, 0, int64(0)
+	best, bestCount, bestFree, bestSame := -1, 0, int64(0), 0
+	sib := t.siblings(spec)
+	var portErr error
 	bestNo := -1
 	var bestNoFree [2]int64
 	var bestNoErr, offerErr error // offerErr: the first node that lacks what spec needs (Offers)
@@ -87,13 +89,25 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, need claim, extra []Alloc, not s
 			}
 			continue
 		}
+		if len(spec.GetPorts()) > 0 {
+			if _, err := t.pickPorts(spec, c.name, nil); err != nil {
+				if portErr == nil {
+					portErr = err
+				}
+				continue
+			}
+		}
 		free := n.Capacity.GetCpuMaxMilli() - a.CPUGrant
-		if best < 0 || a.Count < bestCount || (a.Count == bestCount && free > bestFree) {
-			best, bestCount, bestFree = k, a.Count, free
+		same := sib[c.name] + a.Same
+		if best < 0 || same < bestSame || (same == bestSame && (a.Count < bestCount || (a.Count == bestCount && free > bestFree))) {
+			best, bestCount, bestFree, bestSame = k, a.Count, free, same
 		}
 	}
 	if best >= 0 {
 		return best, nil
+	}
+	if portErr != nil && bestNo < 0 {
+		return -1, fmt.Errorf("%w: no node has the ports it asks for (%v)", ErrNoCapacity, portErr)
 	}
 	want := fmt.Sprintf("cpu %s, memory %s", Cores(need.cpu), Bytes(need.mem))
 	switch {
@@ -121,6 +135,7 @@ func (a *Alloc) plus(e *Alloc) {
 	a.MemMin += e.MemMin
 	a.MemMax += e.MemMax
 	a.Count += e.Count
+	a.Same += e.Same
 }
 
 func (t *Table) allocOf(node string) Alloc {

@@ -53,12 +53,22 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 			extra = make([]Alloc, len(cs))
 		}
 		extra[k].add(need, 1)
+		extra[k].Same++
+		ps, err := t.pickPorts(spec, nodes[i], nil)
+		if err != nil { // placeWith checked the ports: not reached
+			return nil, err
+		}
+		t.holdPorts(nodes[i], ps)
 	}
+	t.txPorts = nil
 	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller
 	for i, id := range ids {
 		rec := &pb.ProcessRecord{
 			Id: id, Spec: spec, Node: nodes[i], State: pb.ProcessState_PROCESS_STATE_STARTING,
 			Incarnation: 1, CreatedUnixNano: x.now, Grant: minGrant(spec.Resources),
+		}
+		if x.replicaOf != "" {
+			rec.Service, rec.Replica = x.replicaOf, x.replicaIdx[i]
 		}
 		x.put(rec)
 		x.event(EvPlaced, rec, nodes[i], "")
@@ -81,18 +91,33 @@ func (x *txn) respawn(ids []string, spec *pb.ProcessSpec) bool {
 }
 
 func (x *txn) kill(ids []string, signal int32) ([]string, error) {
+	if err := x.checkKill(ids, signal); err != nil {
+		return nil, err
+	}
+	changed := x.stop(ids, signal)
+	x.afterKill(changed)
+	return changed, nil
+}
+
+func (x *txn) checkKill(ids []string, signal int32) error {
 	t := x.t
 	if len(ids) == 0 {
-		return nil, fmt.Errorf("%w: kill needs at least one id", ErrInvalid)
+		return fmt.Errorf("%w: kill needs at least one id", ErrInvalid)
 	}
 	if signal < 0 || signal > 64 {
-		return nil, fmt.Errorf("%w: signal %d", ErrInvalid, signal)
+		return fmt.Errorf("%w: signal %d", ErrInvalid, signal)
 	}
 	for _, id := range ids {
 		if t.procs[id] == nil {
-			return nil, fmt.Errorf("%w: process %q", ErrNotFound, id)
+			return fmt.Errorf("%w: process %q", ErrNotFound, id)
 		}
 	}
+	return nil
+}
+
+// stop asks live processes to stop (checked by checkKill).
+func (x *txn) stop(ids []string, signal int32) []string {
+	t := x.t
 	var changed []string
 	for _, id := range ids {
 		old := t.procs[id]
@@ -110,7 +135,7 @@ func (x *txn) kill(ids []string, signal int32) ([]string, error) {
 		x.put(rec)
 		changed = append(changed, id)
 	}
-	return changed, nil
+	return changed
 }
 
 func (x *txn) report(r *pb.Report) []string {
@@ -154,6 +179,19 @@ func (x *txn) report(r *pb.Report) []string {
 		if checkTransition(old.State, state) != nil {
 			continue
 		}
+		if Terminal(state) && old.Service != "" {
+			at := u.AtUnixNano
+			if at == 0 {
+				at = x.now
+			}
+			if rec := x.replace(old, state, u, at); rec != nil {
+				x.put(rec)
+				x.event(EvReplaced, rec, rec.Node, rec.Reason)
+				changed = append(changed, u.Id)
+				freed = true
+				continue
+			}
+		}
 		rec := proto.CloneOf(old)
 		rec.State = state
 		rec.Restarts = u.Restarts
@@ -167,6 +205,10 @@ func (x *txn) report(r *pb.Report) []string {
 			// repeated report without a time would rewrite the record).
 			if old.State != pb.ProcessState_PROCESS_STATE_RUNNING || old.Pid != u.Pid || old.StartTime != u.StartTime {
 				rec.Pid, rec.StartTime, rec.StartedUnixNano = u.Pid, u.StartTime, at
+				rec.Health = pb.Health_HEALTH_UNSPECIFIED
+			}
+			if u.Health != pb.Health_HEALTH_UNSPECIFIED {
+				rec.Health = u.Health
 			}
 		case pb.ProcessState_PROCESS_STATE_BACKOFF:
 			rec.ExitCode, rec.Reason = u.ExitCode, u.Reason
@@ -346,6 +388,7 @@ func (x *txn) resize(id string, r *pb.Resources, move bool) ([]string, error) {
 		rec.MoveTo = target
 	}
 	x.put(rec)
+	x.serviceResized(rec)
 	x.event(EvResized, rec, rec.Node, FormatBounds(r))
 	if rec.MoveTo != "" && old.MoveTo == "" {
 		x.event(EvMoving, rec, rec.Node, "resize: to "+rec.MoveTo)

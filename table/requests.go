@@ -74,8 +74,14 @@ func spawnDigest(spec *pb.ProcessSpec, count int) []byte {
 // the first answer.
 func (x *txn) spawnOnce(s *pb.Spawn) ([]string, error) {
 	rid := s.GetRequestId()
-	if rid == "" {
+	do := func() ([]string, error) {
+		if s.GetService() {
+			return x.spawnService(s)
+		}
 		return x.spawnPinned(s)
+	}
+	if rid == "" {
+		return do()
 	}
 	if err := ValidateRequestID(rid); err != nil {
 		return nil, err
@@ -88,7 +94,7 @@ func (x *txn) spawnOnce(s *pb.Spawn) ([]string, error) {
 		}
 		return slices.Clone(r.Ids), nil
 	}
-	ids, err := x.spawnPinned(s)
+	ids, err := do()
 	if err != nil {
 		return nil, err
 	}

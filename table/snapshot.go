@@ -35,6 +35,7 @@ type Snapshot struct {
 	// requests, oldest first, and the applied index (requests.go)
 	requests []*pb.RequestRecord
 	applied  uint64
+	services []*pb.ServiceRecord // sorted by name (services.go)
 }
 
 // Snapshot captures the table's state.
@@ -53,6 +54,7 @@ func (t *Table) Snapshot() *Snapshot {
 
 		requests: t.requests.live(),
 		applied:  t.applied,
+		services: t.sortedServices(),
 	}
 	for _, name := range t.nodeOrder {
 		s.nodes = append(s.nodes, t.nodes[name])
@@ -73,7 +75,7 @@ func (s *Snapshot) Persist(w io.Writer) error {
 		Version: snapshotVersion, Index: s.index, Pending: s.pending,
 		NodeCount: uint64(len(s.nodes)), ProcessCount: uint64(len(s.procs)),
 		Trust: s.trust, Tokens: s.tokens, Requests: s.requests, AppliedIndex: s.applied,
-		Events: s.events, EventsBase: s.evBase,
+		Events: s.events, EventsBase: s.evBase, Services: s.services,
 	}
 	if _, err := protodelim.MarshalTo(bw, hdr); err != nil {
 		return fmt.Errorf("persist header: %w", err)
@@ -156,6 +158,9 @@ func (t *Table) Restore(r io.Reader) error {
 	for _, n := range nt.nodes {
 		nt.nodeIndex[n.Name] = hdr.Index
 	}
+	for _, sv := range hdr.Services {
+		nt.services[sv.Name] = sv
+	}
 	nt.pending = hdr.Pending
 	nt.trust = hdr.Trust
 	for _, tk := range hdr.Tokens {
@@ -170,6 +175,7 @@ func (t *Table) Restore(r io.Reader) error {
 	t.trust, t.tokens = nt.trust, nt.tokens
 	t.requests, t.applied = nt.requests, nt.applied
 	t.wants, t.events, t.eventsBase = nt.wants, hdr.Events, hdr.EventsBase
+	t.services = nt.services
 	return nil
 }
 
@@ -180,8 +186,13 @@ func Equal(a, b *Table) bool {
 	if sa.index != sb.index || len(sa.requests) != len(sb.requests) ||
 		len(sa.nodes) != len(sb.nodes) || len(sa.procs) != len(sb.procs) ||
 		!slices.Equal(sa.pending, sb.pending) || !proto.Equal(sa.trust, sb.trust) || len(sa.tokens) != len(sb.tokens) ||
-		len(sa.events) != len(sb.events) || sa.evBase != sb.evBase {
+		len(sa.events) != len(sb.events) || sa.evBase != sb.evBase || len(sa.services) != len(sb.services) {
 		return false
+	}
+	for i := range sa.services {
+		if !proto.Equal(sa.services[i], sb.services[i]) {
+			return false
+		}
 	}
 	for i := range sa.events {
 		if !proto.Equal(sa.events[i], sb.events[i]) {

@@ -61,6 +61,11 @@ type Table struct {
 	// the index of the newest event dropped from it (events.go).
 	events     []*pb.Event
 	eventsBase uint64
+	// services by name (services.go), and the ports one command has
+	// handed out but not yet stored (cleared after every command).
+	services map[string]*pb.ServiceRecord
+	txPorts  map[string]map[uint32]bool
+	spread   string // the service a spawn under way makes: placement spreads it
 }
 
 // cand is one node as placement sees it.
@@ -97,6 +102,9 @@ type Alloc struct {
 	// bounds it).
 	MemLimit int64
 	Count    int
+	// Same counts, for placement only, the replicas of the service being
+	// placed (services.go): never part of a node's sums.
+	Same int
 }
 
 // Result is what Apply returns for one command.
@@ -140,6 +148,8 @@ func (t *Table) reset() {
 	t.applied = 0
 	t.wants = map[string]struct{}{}
 	t.events, t.eventsBase = nil, 0
+	t.services = map[string]*pb.ServiceRecord{}
+	t.txPorts = nil
 }
 
 // Apply decodes and applies one Raft log entry. It returns a Result (never
@@ -165,6 +175,7 @@ func (t *Table) ApplyCommand(index uint64, cmd *pb.Command) Result {
 	t.applied = max(t.applied, index)
 	tx := &txn{t: t, touched: map[string]bool{}}
 	res := tx.apply(cmd, 0)
+	t.txPorts = nil
 	if res.Err != nil {
 		// Every operation checks before it changes anything, so nothing
 		// but the index needs undoing.
@@ -189,6 +200,10 @@ type txn struct {
 	now     int64
 	touched map[string]bool
 	events  []*pb.Event // to publish if the command succeeds (events.go)
+	// replicaOf and replicaIdx: the service and replica indexes the spawn
+	// under way makes (services.go).
+	replicaOf  string
+	replicaIdx []uint32
 }
 
 // apply applies one command. A command without a time (now_unix_nano 0)
@@ -220,6 +235,12 @@ func (x *txn) apply(cmd *pb.Command, now int64) Result {
 		ids, err = x.removeNode(op.RemoveNode.GetName())
 	case *pb.Command_Spawn:
 		ids, err = x.spawnOnce(op.Spawn)
+	case *pb.Command_Scale:
+		ids, err = x.scale(op.Scale)
+	case *pb.Command_UpdateService:
+		err = x.updateService(op.UpdateService)
+	case *pb.Command_AddReplicas:
+		ids, err = x.addReplicas(op.AddReplicas)
 	case *pb.Command_Kill:
 		ids, err = x.kill(op.Kill.GetIds(), op.Kill.GetSignal())
 	case *pb.Command_Report:
@@ -268,6 +289,10 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 	if (old == nil || old.State != pb.ProcessState_PROCESS_STATE_PENDING) && rec.State == pb.ProcessState_PROCESS_STATE_PENDING {
 		t.pending = append(t.pending, rec.Id)
 	}
+	if rec.State != pb.ProcessState_PROCESS_STATE_RUNNING || (old != nil && old.Incarnation != rec.Incarnation) {
+		rec.Health = pb.Health_HEALTH_UNSPECIFIED
+	}
+	t.assignPorts(old, rec)
 	t.procs[rec.Id] = rec
 	if old == nil {
 		addIndex(t.byName, rec.Spec.GetName(), rec.Id)

@@ -55,6 +55,9 @@ func ValidateSpec(s *pb.ProcessSpec) error {
 	if err := validateGrow(s); err != nil {
 		return err
 	}
+	if err := ValidatePorts(s); err != nil {
+		return err
+	}
 	return ValidateResources(s.Resources)
 }
 

@@ -69,6 +69,9 @@ func (a *app) execute(ctx context.Context, args []string) int {
 	if err == nil {
 		return 0
 	}
+	if x := (*exitError)(nil); errors.As(err, &x) {
+		return x.code // shim exec: the remote command's code, said nothing (exec.go)
+	}
 	fmt.Fprintln(a.errOut, "shim: "+errorLine(err))
 	return exitCode(err)
 }
@@ -155,6 +158,7 @@ func (a *app) rootCmd() *cobra.Command {
 		a.spawnCmd(), a.psCmd(), a.killCmd(), a.nodesCmd(), a.logsCmd(),
 		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.tokenCmd(), a.versionCmd(),
 		a.grantCmd(), a.eventsCmd(), // grow.go
+		a.scaleCmd(), a.endpointsCmd(), a.servicesCmd(), a.updateCmd(), a.execCmd(), // services.go, update.go, exec.go
 	)
 	return root
 }

@@ -241,7 +241,7 @@ func TestSpawn(t *testing.T) {
 		Isolation: pb.Isolation_ISOLATION_CONTAINER, Network: pb.Network_NETWORK_NONE,
 		User: "1000:1000", Rootfs: "images/root",
 		Mounts: []*pb.Mount{{Name: "data", Path: "/data", ReadOnly: true}, {Name: "scratch", Path: "/scratch"}},
-	}, RequestId: "rid1"}
+	}, RequestId: "rid1", Service: true} // --name with --count: a service
 	if !proto.Equal(f.spawnReq, want) {
 		t.Errorf("spawn request\n got %v\nwant %v", f.spawnReq, want)
 	}

@@ -245,6 +245,7 @@ func appendProcessJSON(b []byte, v *processJSON) []byte {
 		w.close(']')
 	}
 	w.uint("modify_index", v.ModifyIndex)
+	appendServiceJSON(&w, v) // services.go
 	w.close('}')
 	return w.b
 }

@@ -137,7 +137,7 @@ func (a *app) printProcesses(w io.Writer, recs []*pb.ProcessRecord, output strin
 	if output == "json" {
 		return writeProcessesJSON(w, recs)
 	}
-	return writeProcessTable(w, recs, output == "wide", history, a.now())
+	return writeProcessTable(w, groupReplicas(recs), output == "wide", history, a.now())
 }
 
 func (a *app) topCmd() *cobra.Command {

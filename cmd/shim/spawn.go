@@ -22,7 +22,11 @@ type spawnOptions struct {
 	count                                                                      int
 	env, mounts                                                                []string
 	wait, force                                                                bool
-	grow                                                                       growFlags // grow.go
+	grow                                                                       growFlags    // grow.go
+	svc                                                                        serviceFlags // services.go
+	service                                                                    bool         // --name with --count: a service
+	countS                                                                     string       // --count N or MIN:MAX (services.go)
+	min, max                                                                   uint32       // --count MIN:MAX
 }
 
 func (a *app) spawnCmd() *cobra.Command {
@@ -44,7 +48,9 @@ func (a *app) spawnCmd() *cobra.Command {
 			} else if err := table.ValidateRequestID(rid); err != nil {
 				return flagError("request-id", rid, errors.New(strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")))
 			}
-			return a.spawn(cmd.Context(), spec, uint32(o.count), o.wait, rid, o.force)
+			o.service = o.name != "" && cmd.Flags().Changed("count")
+			return a.spawnReq(cmd.Context(), &pb.SpawnRequest{Spec: spec, Count: uint32(o.count), RequestId: rid, Force: o.force, Service: o.service,
+				Min: o.min, Max: o.max}, o.wait)
 		},
 	}
 	f := cmd.Flags()
@@ -58,7 +64,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringVar(&o.node, "node", "", "run on `NODE`")
 	f.BoolVar(&o.force, "force", false, "with --node: run there even if the node is drained")
 	f.StringVar(&o.onLost, "on-lost", "", "when its node is cut off: `fence` (default: stop it, it never runs twice) or keep (keep it running until the replacement runs)")
-	f.IntVar(&o.count, "count", 1, "number of replicas `N`")
+	f.StringVar(&o.countS, "count", "1", "number of replicas `N`; with --name a service, MIN:MAX to autoscale it (with --grow)")
 	f.BoolVar(&o.wait, "wait", false, "wait until the process is running (up to --timeout); fail if it does not start")
 	f.StringVar(&o.isolation, "isolation", "", "isolation `MODE`: process (default), container, vm, or host (admin: no sandbox)")
 	f.StringVar(&o.network, "net", "", "network `MODE`: host (default) or none")
@@ -68,6 +74,7 @@ func (a *app) spawnCmd() *cobra.Command {
 	f.StringArrayVar(&o.mounts, "mount", nil, "mount the node's host path NAME at PATH: `NAME:PATH[:ro]` (repeatable; the node declares NAME with shimd --host-path)")
 	f.StringVar(&o.requestID, "request-id", "", "spawn at most once under this `ID` (default: a random one; retries reuse it)")
 	o.grow.add(f)
+	o.svc.add(f)
 	return cmd
 }
 
@@ -76,8 +83,8 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 	if len(args) == 0 || args[0] == "" {
 		return nil, usagef("missing command (usage: shim spawn [flags] -- CMD [ARG...])")
 	}
-	if o.count < 1 || o.count > table.MaxSpawnIDs {
-		return nil, flagError("count", fmt.Sprint(o.count), fmt.Errorf("must be 1-%d", table.MaxSpawnIDs))
+	if err := o.parseCount(); err != nil {
+		return nil, err
 	}
 	s := &pb.ProcessSpec{
 		Name: o.name, Command: args, Env: o.env, Node: o.node, Dir: o.dir, Rootfs: o.rootfs,
@@ -139,18 +146,20 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 	if err := o.grow.apply(flags, s); err != nil {
 		return nil, err
 	}
+	if err := o.svc.apply(flags, s); err != nil {
+		return nil, err
+	}
 	if err := table.ValidateSpec(s); err != nil {
 		return nil, &usageError{strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")}
 	}
 	return s, nil
 }
 
-// spawn asks for the processes, retrying with the same request id while
+// spawnReq asks for the processes, retrying with the same request id while
 // answers are lost (retry.go).
-func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string, force bool) error {
+func (a *app) spawnReq(ctx context.Context, req *pb.SpawnRequest, wait bool) error {
 	var recs []*pb.ProcessRecord
-	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID, Force: force}
-	what := "retry with --request-id " + requestID + " to spawn at most once"
+	what := "retry with --request-id " + req.RequestId + " to spawn at most once"
 	err := a.callRetry(ctx, what, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 		resp, err := c.Spawn(ctx, connect.NewRequest(req))
 		if err == nil {

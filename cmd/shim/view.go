@@ -77,6 +77,12 @@ type processJSON struct {
 	Updated     *string           `json:"updated"`
 	History     []incarnationJSON `json:"history"`
 	ModifyIndex uint64            `json:"modify_index"`
+	// Services (services.go): set for replicas, or processes with ports
+	// or a check, only.
+	Service string            `json:"service,omitempty"`
+	Replica *uint32           `json:"replica,omitempty"`
+	Ports   map[string]uint32 `json:"ports,omitempty"`
+	Health  string            `json:"health,omitempty"`
 }
 
 type amountJSON struct {
@@ -185,6 +191,7 @@ func processView(r *pb.ProcessRecord) processJSON {
 		g := grantView(w)
 		v.Want = &g
 	}
+	serviceView(r, &v) // services.go
 	if u := r.GetUsage(); u != nil {
 		v.Usage = &usageJSON{CPU: cores(u.GetCpuMilli()), CPUSeconds: float64(u.GetCpuUsageNanos()) / 1e9, Mem: u.GetMemoryBytes(),
 			GuestMem: u.GetGuestMemTotalBytes()}
@@ -442,7 +449,7 @@ func writeProcessTablePage(w io.Writer, recs []*pb.ProcessRecord, wide, history 
 	for _, r := range recs {
 		s := r.GetSpec()
 		row := []string{
-			r.GetId(), dash(s.GetName()), dash(r.GetNode()), table.StateName(r.GetState()),
+			r.GetId(), nameText(r), dash(r.GetNode()), stateText(r),
 			orDash(r.GetPid(), itoa), itoa(r.GetIncarnation()), itoa(r.GetRestarts()), exitText(r),
 			orDash(r.GetCreatedUnixNano(), func(n int64) string { return age(now.Sub(time.Unix(0, n))) }),
 		}

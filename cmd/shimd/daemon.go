@@ -45,11 +45,12 @@ type options struct {
 	simulate                                           int
 	initPath                                           string
 	hostPaths                                          []string
-	grow                                               growOptions // grow.go
 	retain                                             time.Duration
 	retainMax                                          int
 	snapInterval                                       time.Duration
 	snapThreshold                                      uint64
+	grow                                               growOptions    // grow.go
+	services                                           serviceOptions // services.go
 }
 
 func newCommand() *cobra.Command {
@@ -95,6 +96,7 @@ func newCommand() *cobra.Command {
 	f.StringArrayVar(&o.hostPaths, "host-path", nil, "a host folder this node offers to sandboxes, `NAME=DIR[:ro]` (repeatable; spawn --mount NAME:PATH uses it)")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
 	addGrowFlags(f, &o.grow)
+	addServiceFlags(f, &o.services)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	cmd.AddCommand(guardCommand())
 	return cmd
@@ -129,6 +131,10 @@ func run(ctx context.Context, o *options) error {
 		return err
 	}
 	hostPaths, hostPathRecs, err := parseHostPaths(o.hostPaths)
+	if err != nil {
+		return err
+	}
+	portMin, portMax, err := parsePortRange(o.services.portRange)
 	if err != nil {
 		return err
 	}
@@ -217,6 +223,10 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return fmt.Errorf("api: %w", err)
 	}
+	dnsSrv := listenDNS(o.services, log) // services.go
+	if dnsSrv != nil {
+		defer dnsSrv.Close()
+	}
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
 	if boot != nil {
 		// Tokens must be good before anyone may use them.
@@ -280,7 +290,8 @@ func run(ctx context.Context, o *options) error {
 	clients := map[string]shimv1connect.AgentServiceClient{}
 	ag := &agent.Agent{
 		Node: &pb.NodeRecord{Name: o.name, Role: role, ApiAddr: apiAdv, RaftAddr: raftAdv,
-			Capacity: capacity, OvercommitPercent: o.overcommit, HostPaths: hostPathRecs, VmUnavailable: rt.noVM},
+			Capacity: capacity, OvercommitPercent: o.overcommit, HostPaths: hostPathRecs, VmUnavailable: rt.noVM,
+			PortMin: portMin, PortMax: portMax},
 		Addrs: func() []string {
 			addrsMu.Lock()
 			defer addrsMu.Unlock()
@@ -333,7 +344,9 @@ func run(ctx context.Context, o *options) error {
 	}
 
 	srv.UsageOf = ag.Usage
+	srv.ExecLocal = execLocal(ag) // exec.go
 	rt.onWant = ag.Want
+	serveDNS(dnsSrv, srv.Table, ag.Addrs, shimClient(httpc, secure)) // services.go
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); srv.Run(ctx) }()

@@ -280,6 +280,55 @@ func (Network) EnumDescriptor() ([]byte, []int) {
 	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
 }
 
+type Health int32
+
+const (
+	Health_HEALTH_UNSPECIFIED Health = 0 // no check result yet (or no check)
+	Health_HEALTH_HEALTHY     Health = 1
+	Health_HEALTH_UNHEALTHY   Health = 2
+)
+
+// Enum value maps for Health.
+var (
+	Health_name = map[int32]string{
+		0: "HEALTH_UNSPECIFIED",
+		1: "HEALTH_HEALTHY",
+		2: "HEALTH_UNHEALTHY",
+	}
+	Health_value = map[string]int32{
+		"HEALTH_UNSPECIFIED": 0,
+		"HEALTH_HEALTHY":     1,
+		"HEALTH_UNHEALTHY":   2,
+	}
+)
+
+func (x Health) Enum() *Health {
+	p := new(Health)
+	*p = x
+	return p
+}
+
+func (x Health) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Health) Descriptor() protoreflect.EnumDescriptor {
+	return file_shim_v1_shim_proto_enumTypes[5].Descriptor()
+}
+
+func (Health) Type() protoreflect.EnumType {
+	return &file_shim_v1_shim_proto_enumTypes[5]
+}
+
+func (x Health) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Health.Descriptor instead.
+func (Health) EnumDescriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
+}
+
 // ProcessState is one step of a process's lifecycle. See table/state.go for the
 // allowed transitions.
 type ProcessState int32
@@ -330,11 +379,11 @@ func (x ProcessState) String() string {
 }
 
 func (ProcessState) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[5].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[6].Descriptor()
 }
 
 func (ProcessState) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[5]
+	return &file_shim_v1_shim_proto_enumTypes[6]
 }
 
 func (x ProcessState) Number() protoreflect.EnumNumber {
@@ -343,7 +392,7 @@ func (x ProcessState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ProcessState.Descriptor instead.
 func (ProcessState) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
 }
 
 type NodeRole int32
@@ -379,11 +428,11 @@ func (x NodeRole) String() string {
 }
 
 func (NodeRole) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[6].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[7].Descriptor()
 }
 
 func (NodeRole) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[6]
+	return &file_shim_v1_shim_proto_enumTypes[7]
 }
 
 func (x NodeRole) Number() protoreflect.EnumNumber {
@@ -392,7 +441,7 @@ func (x NodeRole) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use NodeRole.Descriptor instead.
 func (NodeRole) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
 }
 
 type NodeState int32
@@ -431,11 +480,11 @@ func (x NodeState) String() string {
 }
 
 func (NodeState) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[7].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[8].Descriptor()
 }
 
 func (NodeState) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[7]
+	return &file_shim_v1_shim_proto_enumTypes[8]
 }
 
 func (x NodeState) Number() protoreflect.EnumNumber {
@@ -444,7 +493,7 @@ func (x NodeState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use NodeState.Descriptor instead.
 func (NodeState) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
 }
 
 type TokenRole int32
@@ -486,11 +535,11 @@ func (x TokenRole) String() string {
 }
 
 func (TokenRole) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[8].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[9].Descriptor()
 }
 
 func (TokenRole) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[8]
+	return &file_shim_v1_shim_proto_enumTypes[9]
 }
 
 func (x TokenRole) Number() protoreflect.EnumNumber {
@@ -499,7 +548,7 @@ func (x TokenRole) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TokenRole.Descriptor instead.
 func (TokenRole) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
 }
 
 type Consistency int32
@@ -535,11 +584,11 @@ func (x Consistency) String() string {
 }
 
 func (Consistency) Descriptor() protoreflect.EnumDescriptor {
-	return file_shim_v1_shim_proto_enumTypes[9].Descriptor()
+	return file_shim_v1_shim_proto_enumTypes[10].Descriptor()
 }
 
 func (Consistency) Type() protoreflect.EnumType {
-	return &file_shim_v1_shim_proto_enumTypes[9]
+	return &file_shim_v1_shim_proto_enumTypes[10]
 }
 
 func (x Consistency) Number() protoreflect.EnumNumber {
@@ -548,7 +597,7 @@ func (x Consistency) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Consistency.Descriptor instead.
 func (Consistency) EnumDescriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
 }
 
 // Resources bounds a process. CPU is in millicores (1000 = one core), memory in
@@ -754,22 +803,26 @@ func (x *Grant) GetMemBytes() int64 {
 
 // ProcessSpec is what the user asked for.
 type ProcessSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Command       []string               `protobuf:"bytes,2,rep,name=command,proto3" json:"command,omitempty"` // argv; command[0] is the program
-	Env           []string               `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty"`         // "KEY=VALUE"
-	Resources     *Resources             `protobuf:"bytes,4,opt,name=resources,proto3" json:"resources,omitempty"`
-	Restart       RestartPolicy          `protobuf:"varint,5,opt,name=restart,proto3,enum=shim.v1.RestartPolicy" json:"restart,omitempty"`
-	Node          string                 `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"` // pin to this node; empty = let placement choose
-	Dir           string                 `protobuf:"bytes,7,opt,name=dir,proto3" json:"dir,omitempty"`   // working directory
-	Isolation     Isolation              `protobuf:"varint,8,opt,name=isolation,proto3,enum=shim.v1.Isolation" json:"isolation,omitempty"`
-	Network       Network                `protobuf:"varint,9,opt,name=network,proto3,enum=shim.v1.Network" json:"network,omitempty"`
-	User          string                 `protobuf:"bytes,10,opt,name=user,proto3" json:"user,omitempty"`     // "UID[:GID]"
-	Rootfs        string                 `protobuf:"bytes,11,opt,name=rootfs,proto3" json:"rootfs,omitempty"` // container isolation only
-	Mounts        []*Mount               `protobuf:"bytes,12,rep,name=mounts,proto3" json:"mounts,omitempty"`
-	Grow          Grow                   `protobuf:"varint,13,opt,name=grow,proto3,enum=shim.v1.Grow" json:"grow,omitempty"`
-	Priority      *int32                 `protobuf:"varint,14,opt,name=priority,proto3,oneof" json:"priority,omitempty"` // 0-1000, unset = 500; lower moves first to make room
-	OnLost        OnLost                 `protobuf:"varint,15,opt,name=on_lost,json=onLost,proto3,enum=shim.v1.OnLost" json:"on_lost,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Command   []string               `protobuf:"bytes,2,rep,name=command,proto3" json:"command,omitempty"` // argv; command[0] is the program
+	Env       []string               `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty"`         // "KEY=VALUE"
+	Resources *Resources             `protobuf:"bytes,4,opt,name=resources,proto3" json:"resources,omitempty"`
+	Restart   RestartPolicy          `protobuf:"varint,5,opt,name=restart,proto3,enum=shim.v1.RestartPolicy" json:"restart,omitempty"`
+	Node      string                 `protobuf:"bytes,6,opt,name=node,proto3" json:"node,omitempty"` // pin to this node; empty = let placement choose
+	Dir       string                 `protobuf:"bytes,7,opt,name=dir,proto3" json:"dir,omitempty"`   // working directory
+	Isolation Isolation              `protobuf:"varint,8,opt,name=isolation,proto3,enum=shim.v1.Isolation" json:"isolation,omitempty"`
+	Network   Network                `protobuf:"varint,9,opt,name=network,proto3,enum=shim.v1.Network" json:"network,omitempty"`
+	User      string                 `protobuf:"bytes,10,opt,name=user,proto3" json:"user,omitempty"`     // "UID[:GID]"
+	Rootfs    string                 `protobuf:"bytes,11,opt,name=rootfs,proto3" json:"rootfs,omitempty"` // container isolation only
+	Mounts    []*Mount               `protobuf:"bytes,12,rep,name=mounts,proto3" json:"mounts,omitempty"`
+	Grow      Grow                   `protobuf:"varint,13,opt,name=grow,proto3,enum=shim.v1.Grow" json:"grow,omitempty"`
+	Priority  *int32                 `protobuf:"varint,14,opt,name=priority,proto3,oneof" json:"priority,omitempty"` // 0-1000, unset = 500; lower moves first to make room
+	OnLost    OnLost                 `protobuf:"varint,15,opt,name=on_lost,json=onLost,proto3,enum=shim.v1.OnLost" json:"on_lost,omitempty"`
+	// Services (table/services.go). Numbered apart so that other spec fields
+	// can take 16 to 29.
+	Ports         []*PortSpec  `protobuf:"bytes,30,rep,name=ports,proto3" json:"ports,omitempty"` // ports the process asks for (SHIM_PORT_<NAME>)
+	Check         *HealthCheck `protobuf:"bytes,31,opt,name=check,proto3" json:"check,omitempty"` // run by the agent; only healthy replicas are endpoints
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -909,6 +962,268 @@ func (x *ProcessSpec) GetOnLost() OnLost {
 	return OnLost_ON_LOST_UNSPECIFIED
 }
 
+func (x *ProcessSpec) GetPorts() []*PortSpec {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *ProcessSpec) GetCheck() *HealthCheck {
+	if x != nil {
+		return x.Check
+	}
+	return nil
+}
+
+// PortSpec asks for a port: a fixed one, or one the node picks from its range.
+type PortSpec struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`  // upper case: SHIM_PORT_<NAME>
+	Port          uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"` // 0 = the node picks one from its range
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortSpec) Reset() {
+	*x = PortSpec{}
+	mi := &file_shim_v1_shim_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortSpec) ProtoMessage() {}
+
+func (x *PortSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortSpec.ProtoReflect.Descriptor instead.
+func (*PortSpec) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *PortSpec) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PortSpec) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+// HealthCheck says how the agent probes a process.
+type HealthCheck struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Kind               string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"`                                                          // http, tcp or exec
+	Port               string                 `protobuf:"bytes,2,opt,name=port,proto3" json:"port,omitempty"`                                                          // http, tcp: the name of one of the spec's ports
+	Path               string                 `protobuf:"bytes,3,opt,name=path,proto3" json:"path,omitempty"`                                                          // http: the path to GET (2xx, 3xx = healthy)
+	Command            []string               `protobuf:"bytes,4,rep,name=command,proto3" json:"command,omitempty"`                                                    // exec: argv, run with the process's environment (exit 0 = healthy)
+	IntervalMillis     int64                  `protobuf:"varint,5,opt,name=interval_millis,json=intervalMillis,proto3" json:"interval_millis,omitempty"`               // 0 = 1 s
+	TimeoutMillis      int64                  `protobuf:"varint,6,opt,name=timeout_millis,json=timeoutMillis,proto3" json:"timeout_millis,omitempty"`                  // 0 = 1 s
+	RestartAfterMillis int64                  `protobuf:"varint,7,opt,name=restart_after_millis,json=restartAfterMillis,proto3" json:"restart_after_millis,omitempty"` // unhealthy this long after being healthy, or after its start: restart (0 = 30 s; <0 never)
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *HealthCheck) Reset() {
+	*x = HealthCheck{}
+	mi := &file_shim_v1_shim_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthCheck) ProtoMessage() {}
+
+func (x *HealthCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthCheck.ProtoReflect.Descriptor instead.
+func (*HealthCheck) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *HealthCheck) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetPort() string {
+	if x != nil {
+		return x.Port
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *HealthCheck) GetCommand() []string {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *HealthCheck) GetIntervalMillis() int64 {
+	if x != nil {
+		return x.IntervalMillis
+	}
+	return 0
+}
+
+func (x *HealthCheck) GetTimeoutMillis() int64 {
+	if x != nil {
+		return x.TimeoutMillis
+	}
+	return 0
+}
+
+func (x *HealthCheck) GetRestartAfterMillis() int64 {
+	if x != nil {
+		return x.RestartAfterMillis
+	}
+	return 0
+}
+
+// ServiceRecord is a service: a name with a desired count of replicas,
+// kept by the table (table/services.go).
+type ServiceRecord struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Name            string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Spec            *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`    // the spec new replicas get
+	Count           uint32                 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"` // desired replicas
+	CreatedUnixNano int64                  `protobuf:"varint,4,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	ModifyIndex     uint64                 `protobuf:"varint,5,opt,name=modify_index,json=modifyIndex,proto3" json:"modify_index,omitempty"`
+	Min             uint32                 `protobuf:"varint,6,opt,name=min,proto3" json:"min,omitempty"` // autoscale bounds (0 = not autoscaled)
+	Max             uint32                 `protobuf:"varint,7,opt,name=max,proto3" json:"max,omitempty"`
+	Reason          string                 `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"` // why it holds fewer replicas than asked, if it does
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ServiceRecord) Reset() {
+	*x = ServiceRecord{}
+	mi := &file_shim_v1_shim_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceRecord) ProtoMessage() {}
+
+func (x *ServiceRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceRecord.ProtoReflect.Descriptor instead.
+func (*ServiceRecord) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ServiceRecord) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ServiceRecord) GetSpec() *ProcessSpec {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
+func (x *ServiceRecord) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *ServiceRecord) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+func (x *ServiceRecord) GetModifyIndex() uint64 {
+	if x != nil {
+		return x.ModifyIndex
+	}
+	return 0
+}
+
+func (x *ServiceRecord) GetMin() uint32 {
+	if x != nil {
+		return x.Min
+	}
+	return 0
+}
+
+func (x *ServiceRecord) GetMax() uint32 {
+	if x != nil {
+		return x.Max
+	}
+	return 0
+}
+
+func (x *ServiceRecord) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // Incarnation records one past run of a process on one node.
 type Incarnation struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
@@ -926,7 +1241,7 @@ type Incarnation struct {
 
 func (x *Incarnation) Reset() {
 	*x = Incarnation{}
-	mi := &file_shim_v1_shim_proto_msgTypes[4]
+	mi := &file_shim_v1_shim_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1253,7 @@ func (x *Incarnation) String() string {
 func (*Incarnation) ProtoMessage() {}
 
 func (x *Incarnation) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[4]
+	mi := &file_shim_v1_shim_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1266,7 @@ func (x *Incarnation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Incarnation.ProtoReflect.Descriptor instead.
 func (*Incarnation) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Incarnation) GetIncarnation() uint64 {
@@ -1040,14 +1355,21 @@ type ProcessRecord struct {
 	// on-lost keep: the incarnation left running on a node that was cut off
 	// (its state unknown), until that node reports it stopped; the node
 	// stops it once the newer incarnation runs.
-	CutOff        *Incarnation `protobuf:"bytes,25,opt,name=cut_off,json=cutOff,proto3" json:"cut_off,omitempty"`
+	CutOff *Incarnation `protobuf:"bytes,25,opt,name=cut_off,json=cutOff,proto3" json:"cut_off,omitempty"`
+	// Services (table/services.go). Numbered apart so that other record
+	// fields can take 25 to 39.
+	Service       string            `protobuf:"bytes,40,opt,name=service,proto3" json:"service,omitempty"`                                                                        // the service it is a replica of; empty = none
+	Replica       uint32            `protobuf:"varint,41,opt,name=replica,proto3" json:"replica,omitempty"`                                                                       // its replica index (SHIM_REPLICA): kept across restarts and moves
+	Ports         map[string]uint32 `protobuf:"bytes,42,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // its ports on its node, by name
+	Health        Health            `protobuf:"varint,43,opt,name=health,proto3,enum=shim.v1.Health" json:"health,omitempty"`                                                     // last reported by its node (its incarnation's)
+	Replacements  uint32            `protobuf:"varint,44,opt,name=replacements,proto3" json:"replacements,omitempty"`                                                             // replaced in a row after short runs (table/services.go)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ProcessRecord) Reset() {
 	*x = ProcessRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[5]
+	mi := &file_shim_v1_shim_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1059,7 +1381,7 @@ func (x *ProcessRecord) String() string {
 func (*ProcessRecord) ProtoMessage() {}
 
 func (x *ProcessRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[5]
+	mi := &file_shim_v1_shim_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1072,7 +1394,7 @@ func (x *ProcessRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessRecord.ProtoReflect.Descriptor instead.
 func (*ProcessRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ProcessRecord) GetId() string {
@@ -1250,6 +1572,41 @@ func (x *ProcessRecord) GetCutOff() *Incarnation {
 	return nil
 }
 
+func (x *ProcessRecord) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ProcessRecord) GetReplica() uint32 {
+	if x != nil {
+		return x.Replica
+	}
+	return 0
+}
+
+func (x *ProcessRecord) GetPorts() map[string]uint32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *ProcessRecord) GetHealth() Health {
+	if x != nil {
+		return x.Health
+	}
+	return Health_HEALTH_UNSPECIFIED
+}
+
+func (x *ProcessRecord) GetReplacements() uint32 {
+	if x != nil {
+		return x.Replacements
+	}
+	return 0
+}
+
 // Usage is measured from cgroup stats.
 type Usage struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
@@ -1263,7 +1620,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_shim_v1_shim_proto_msgTypes[6]
+	mi := &file_shim_v1_shim_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1275,7 +1632,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[6]
+	mi := &file_shim_v1_shim_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1645,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Usage) GetCpuUsageNanos() uint64 {
@@ -1335,13 +1692,17 @@ type NodeRecord struct {
 	HoldUntilUnixNano int64                  `protobuf:"varint,12,opt,name=hold_until_unix_nano,json=holdUntilUnixNano,proto3" json:"hold_until_unix_nano,omitempty"` // shimd is restarting: do not judge its lease before this
 	HostPaths         []*HostPath            `protobuf:"bytes,13,rep,name=host_paths,json=hostPaths,proto3" json:"host_paths,omitempty"`                              // host paths this node offers to sandboxes
 	VmUnavailable     string                 `protobuf:"bytes,14,opt,name=vm_unavailable,json=vmUnavailable,proto3" json:"vm_unavailable,omitempty"`                  // why this node cannot run VMs; empty = it can
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Services: the range the node picks ports from (shimd --port-range);
+	// 0 = 20000-32000. Numbered apart for other node fields.
+	PortMin       uint32 `protobuf:"varint,30,opt,name=port_min,json=portMin,proto3" json:"port_min,omitempty"`
+	PortMax       uint32 `protobuf:"varint,31,opt,name=port_max,json=portMax,proto3" json:"port_max,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeRecord) Reset() {
 	*x = NodeRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[7]
+	mi := &file_shim_v1_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1714,7 @@ func (x *NodeRecord) String() string {
 func (*NodeRecord) ProtoMessage() {}
 
 func (x *NodeRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[7]
+	mi := &file_shim_v1_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1727,7 @@ func (x *NodeRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRecord.ProtoReflect.Descriptor instead.
 func (*NodeRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *NodeRecord) GetName() string {
@@ -1467,6 +1828,20 @@ func (x *NodeRecord) GetVmUnavailable() string {
 	return ""
 }
 
+func (x *NodeRecord) GetPortMin() uint32 {
+	if x != nil {
+		return x.PortMin
+	}
+	return 0
+}
+
+func (x *NodeRecord) GetPortMax() uint32 {
+	if x != nil {
+		return x.PortMax
+	}
+	return 0
+}
+
 // HostPath is a host folder a node offers (shimd --host-path NAME=PATH[:ro]).
 type HostPath struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1478,7 +1853,7 @@ type HostPath struct {
 
 func (x *HostPath) Reset() {
 	*x = HostPath{}
-	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	mi := &file_shim_v1_shim_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1865,7 @@ func (x *HostPath) String() string {
 func (*HostPath) ProtoMessage() {}
 
 func (x *HostPath) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[8]
+	mi := &file_shim_v1_shim_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1878,7 @@ func (x *HostPath) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HostPath.ProtoReflect.Descriptor instead.
 func (*HostPath) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HostPath) GetName() string {
@@ -1540,6 +1915,9 @@ type Command struct {
 	//	*Command_SetTrust
 	//	*Command_AddToken
 	//	*Command_RevokeToken
+	//	*Command_Scale
+	//	*Command_UpdateService
+	//	*Command_AddReplicas
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1547,7 +1925,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1559,7 +1937,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[9]
+	mi := &file_shim_v1_shim_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1572,7 +1950,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Command) GetNowUnixNano() int64 {
@@ -1724,6 +2102,33 @@ func (x *Command) GetRevokeToken() *RevokeToken {
 	return nil
 }
 
+func (x *Command) GetScale() *Scale {
+	if x != nil {
+		if x, ok := x.Op.(*Command_Scale); ok {
+			return x.Scale
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetUpdateService() *UpdateService {
+	if x != nil {
+		if x, ok := x.Op.(*Command_UpdateService); ok {
+			return x.UpdateService
+		}
+	}
+	return nil
+}
+
+func (x *Command) GetAddReplicas() *AddReplicas {
+	if x != nil {
+		if x, ok := x.Op.(*Command_AddReplicas); ok {
+			return x.AddReplicas
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1790,6 +2195,19 @@ type Command_RevokeToken struct {
 	RevokeToken *RevokeToken `protobuf:"bytes,32,opt,name=revoke_token,json=revokeToken,proto3,oneof"`
 }
 
+type Command_Scale struct {
+	// Services (table/services.go).
+	Scale *Scale `protobuf:"bytes,40,opt,name=scale,proto3,oneof"`
+}
+
+type Command_UpdateService struct {
+	UpdateService *UpdateService `protobuf:"bytes,41,opt,name=update_service,json=updateService,proto3,oneof"`
+}
+
+type Command_AddReplicas struct {
+	AddReplicas *AddReplicas `protobuf:"bytes,42,opt,name=add_replicas,json=addReplicas,proto3,oneof"`
+}
+
 func (*Command_RegisterNode) isCommand_Op() {}
 
 func (*Command_SetNodeState) isCommand_Op() {}
@@ -1820,6 +2238,12 @@ func (*Command_AddToken) isCommand_Op() {}
 
 func (*Command_RevokeToken) isCommand_Op() {}
 
+func (*Command_Scale) isCommand_Op() {}
+
+func (*Command_UpdateService) isCommand_Op() {}
+
+func (*Command_AddReplicas) isCommand_Op() {}
+
 type Batch struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Commands      []*Command             `protobuf:"bytes,1,rep,name=commands,proto3" json:"commands,omitempty"`
@@ -1829,7 +2253,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +2265,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[10]
+	mi := &file_shim_v1_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +2278,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Batch) GetCommands() []*Command {
@@ -1876,7 +2300,7 @@ type Trust struct {
 
 func (x *Trust) Reset() {
 	*x = Trust{}
-	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1888,7 +2312,7 @@ func (x *Trust) String() string {
 func (*Trust) ProtoMessage() {}
 
 func (x *Trust) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[11]
+	mi := &file_shim_v1_shim_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1901,7 +2325,7 @@ func (x *Trust) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trust.ProtoReflect.Descriptor instead.
 func (*Trust) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{11}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Trust) GetClusterId() string {
@@ -1941,7 +2365,7 @@ type TokenRecord struct {
 
 func (x *TokenRecord) Reset() {
 	*x = TokenRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1953,7 +2377,7 @@ func (x *TokenRecord) String() string {
 func (*TokenRecord) ProtoMessage() {}
 
 func (x *TokenRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[12]
+	mi := &file_shim_v1_shim_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1966,7 +2390,7 @@ func (x *TokenRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TokenRecord.ProtoReflect.Descriptor instead.
 func (*TokenRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{12}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TokenRecord) GetId() string {
@@ -2020,7 +2444,7 @@ type SetTrust struct {
 
 func (x *SetTrust) Reset() {
 	*x = SetTrust{}
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2032,7 +2456,7 @@ func (x *SetTrust) String() string {
 func (*SetTrust) ProtoMessage() {}
 
 func (x *SetTrust) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[13]
+	mi := &file_shim_v1_shim_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2045,7 +2469,7 @@ func (x *SetTrust) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetTrust.ProtoReflect.Descriptor instead.
 func (*SetTrust) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{13}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SetTrust) GetTrust() *Trust {
@@ -2064,7 +2488,7 @@ type AddToken struct {
 
 func (x *AddToken) Reset() {
 	*x = AddToken{}
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2500,7 @@ func (x *AddToken) String() string {
 func (*AddToken) ProtoMessage() {}
 
 func (x *AddToken) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[14]
+	mi := &file_shim_v1_shim_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2513,7 @@ func (x *AddToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToken.ProtoReflect.Descriptor instead.
 func (*AddToken) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{14}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AddToken) GetToken() *TokenRecord {
@@ -2108,7 +2532,7 @@ type RevokeToken struct {
 
 func (x *RevokeToken) Reset() {
 	*x = RevokeToken{}
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2120,7 +2544,7 @@ func (x *RevokeToken) String() string {
 func (*RevokeToken) ProtoMessage() {}
 
 func (x *RevokeToken) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[15]
+	mi := &file_shim_v1_shim_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2133,7 +2557,7 @@ func (x *RevokeToken) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeToken.ProtoReflect.Descriptor instead.
 func (*RevokeToken) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{15}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RevokeToken) GetId() string {
@@ -2152,7 +2576,7 @@ type RegisterNode struct {
 
 func (x *RegisterNode) Reset() {
 	*x = RegisterNode{}
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2164,7 +2588,7 @@ func (x *RegisterNode) String() string {
 func (*RegisterNode) ProtoMessage() {}
 
 func (x *RegisterNode) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[16]
+	mi := &file_shim_v1_shim_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2177,7 +2601,7 @@ func (x *RegisterNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterNode.ProtoReflect.Descriptor instead.
 func (*RegisterNode) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{16}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RegisterNode) GetNode() *NodeRecord {
@@ -2197,7 +2621,7 @@ type SetNodeState struct {
 
 func (x *SetNodeState) Reset() {
 	*x = SetNodeState{}
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2209,7 +2633,7 @@ func (x *SetNodeState) String() string {
 func (*SetNodeState) ProtoMessage() {}
 
 func (x *SetNodeState) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[17]
+	mi := &file_shim_v1_shim_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2222,7 +2646,7 @@ func (x *SetNodeState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetNodeState.ProtoReflect.Descriptor instead.
 func (*SetNodeState) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{17}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetNodeState) GetName() string {
@@ -2249,7 +2673,7 @@ type SetDraining struct {
 
 func (x *SetDraining) Reset() {
 	*x = SetDraining{}
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2261,7 +2685,7 @@ func (x *SetDraining) String() string {
 func (*SetDraining) ProtoMessage() {}
 
 func (x *SetDraining) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[18]
+	mi := &file_shim_v1_shim_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2274,7 +2698,7 @@ func (x *SetDraining) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDraining.ProtoReflect.Descriptor instead.
 func (*SetDraining) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{18}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetDraining) GetName() string {
@@ -2300,7 +2724,7 @@ type RemoveNode struct {
 
 func (x *RemoveNode) Reset() {
 	*x = RemoveNode{}
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2312,7 +2736,7 @@ func (x *RemoveNode) String() string {
 func (*RemoveNode) ProtoMessage() {}
 
 func (x *RemoveNode) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[19]
+	mi := &file_shim_v1_shim_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2325,7 +2749,7 @@ func (x *RemoveNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveNode.ProtoReflect.Descriptor instead.
 func (*RemoveNode) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{19}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RemoveNode) GetName() string {
@@ -2347,7 +2771,7 @@ type Hold struct {
 
 func (x *Hold) Reset() {
 	*x = Hold{}
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2359,7 +2783,7 @@ func (x *Hold) String() string {
 func (*Hold) ProtoMessage() {}
 
 func (x *Hold) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[20]
+	mi := &file_shim_v1_shim_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2372,7 +2796,7 @@ func (x *Hold) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hold.ProtoReflect.Descriptor instead.
 func (*Hold) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{20}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Hold) GetName() string {
@@ -2395,13 +2819,16 @@ type Spawn struct {
 	Spec          *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
 	RequestId     string                 `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // the client's: a retry with the same id gets the first answer
 	Force         bool                   `protobuf:"varint,4,opt,name=force,proto3" json:"force,omitempty"`                         // pinned to a drained node: place it there anyway
+	Service       bool                   `protobuf:"varint,40,opt,name=service,proto3" json:"service,omitempty"`                    // record a service named spec.name with len(ids) replicas
+	Min           uint32                 `protobuf:"varint,41,opt,name=min,proto3" json:"min,omitempty"`                            // service autoscale bounds (0 = none)
+	Max           uint32                 `protobuf:"varint,42,opt,name=max,proto3" json:"max,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Spawn) Reset() {
 	*x = Spawn{}
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2413,7 +2840,7 @@ func (x *Spawn) String() string {
 func (*Spawn) ProtoMessage() {}
 
 func (x *Spawn) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[21]
+	mi := &file_shim_v1_shim_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2426,7 +2853,7 @@ func (x *Spawn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Spawn.ProtoReflect.Descriptor instead.
 func (*Spawn) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{21}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Spawn) GetIds() []string {
@@ -2457,6 +2884,213 @@ func (x *Spawn) GetForce() bool {
 	return false
 }
 
+func (x *Spawn) GetService() bool {
+	if x != nil {
+		return x.Service
+	}
+	return false
+}
+
+func (x *Spawn) GetMin() uint32 {
+	if x != nil {
+		return x.Min
+	}
+	return 0
+}
+
+func (x *Spawn) GetMax() uint32 {
+	if x != nil {
+		return x.Max
+	}
+	return 0
+}
+
+// Scale sets a service's desired count. ids are fresh ids for the replicas
+// it may add (the table uses as many as it needs, in order).
+type Scale struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`
+	Ids           []string               `protobuf:"bytes,3,rep,name=ids,proto3" json:"ids,omitempty"`
+	Remove        bool                   `protobuf:"varint,4,opt,name=remove,proto3" json:"remove,omitempty"` // stop every replica and forget the service
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Scale) Reset() {
+	*x = Scale{}
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Scale) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Scale) ProtoMessage() {}
+
+func (x *Scale) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Scale.ProtoReflect.Descriptor instead.
+func (*Scale) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *Scale) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Scale) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *Scale) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *Scale) GetRemove() bool {
+	if x != nil {
+		return x.Remove
+	}
+	return false
+}
+
+// UpdateService sets the spec a service's new replicas get (a rolling
+// update, server/update.go, then replaces the replicas one batch at a time).
+type UpdateService struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Spec          *ProcessSpec           `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateService) Reset() {
+	*x = UpdateService{}
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateService) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateService) ProtoMessage() {}
+
+func (x *UpdateService) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateService.ProtoReflect.Descriptor instead.
+func (*UpdateService) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *UpdateService) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateService) GetSpec() *ProcessSpec {
+	if x != nil {
+		return x.Spec
+	}
+	return nil
+}
+
+// AddReplicas spawns replicas of a service with the given indexes, beyond
+// its count: a rolling update's new copies, before the old ones stop.
+type AddReplicas struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Ids           []string               `protobuf:"bytes,2,rep,name=ids,proto3" json:"ids,omitempty"`
+	Replicas      []uint32               `protobuf:"varint,3,rep,packed,name=replicas,proto3" json:"replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddReplicas) Reset() {
+	*x = AddReplicas{}
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddReplicas) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddReplicas) ProtoMessage() {}
+
+func (x *AddReplicas) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddReplicas.ProtoReflect.Descriptor instead.
+func (*AddReplicas) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *AddReplicas) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AddReplicas) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *AddReplicas) GetReplicas() []uint32 {
+	if x != nil {
+		return x.Replicas
+	}
+	return nil
+}
+
 // SetGrant changes a process's grant (within its bounds); see table/grants.go.
 type SetGrant struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2471,7 +3105,7 @@ type SetGrant struct {
 
 func (x *SetGrant) Reset() {
 	*x = SetGrant{}
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2483,7 +3117,7 @@ func (x *SetGrant) String() string {
 func (*SetGrant) ProtoMessage() {}
 
 func (x *SetGrant) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[22]
+	mi := &file_shim_v1_shim_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2496,7 +3130,7 @@ func (x *SetGrant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrant.ProtoReflect.Descriptor instead.
 func (*SetGrant) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{22}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SetGrant) GetId() string {
@@ -2549,7 +3183,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2561,7 +3195,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[23]
+	mi := &file_shim_v1_shim_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2574,7 +3208,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{23}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Event) GetIndex() uint64 {
@@ -2629,7 +3263,7 @@ type Kill struct {
 
 func (x *Kill) Reset() {
 	*x = Kill{}
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2641,7 +3275,7 @@ func (x *Kill) String() string {
 func (*Kill) ProtoMessage() {}
 
 func (x *Kill) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[24]
+	mi := &file_shim_v1_shim_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2654,7 +3288,7 @@ func (x *Kill) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Kill.ProtoReflect.Descriptor instead.
 func (*Kill) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{24}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Kill) GetIds() []string {
@@ -2683,13 +3317,14 @@ type StatusUpdate struct {
 	Restarts      uint32                 `protobuf:"varint,7,opt,name=restarts,proto3" json:"restarts,omitempty"`
 	StartTime     uint64                 `protobuf:"varint,8,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	AtUnixNano    int64                  `protobuf:"varint,9,opt,name=at_unix_nano,json=atUnixNano,proto3" json:"at_unix_nano,omitempty"`
+	Health        Health                 `protobuf:"varint,40,opt,name=health,proto3,enum=shim.v1.Health" json:"health,omitempty"` // RUNNING only: the check's verdict (unspecified: no change)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusUpdate) Reset() {
 	*x = StatusUpdate{}
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2701,7 +3336,7 @@ func (x *StatusUpdate) String() string {
 func (*StatusUpdate) ProtoMessage() {}
 
 func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[25]
+	mi := &file_shim_v1_shim_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2714,7 +3349,7 @@ func (x *StatusUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusUpdate.ProtoReflect.Descriptor instead.
 func (*StatusUpdate) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{25}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StatusUpdate) GetId() string {
@@ -2780,6 +3415,13 @@ func (x *StatusUpdate) GetAtUnixNano() int64 {
 	return 0
 }
 
+func (x *StatusUpdate) GetHealth() Health {
+	if x != nil {
+		return x.Health
+	}
+	return Health_HEALTH_UNSPECIFIED
+}
+
 type Report struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -2790,7 +3432,7 @@ type Report struct {
 
 func (x *Report) Reset() {
 	*x = Report{}
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2802,7 +3444,7 @@ func (x *Report) String() string {
 func (*Report) ProtoMessage() {}
 
 func (x *Report) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[26]
+	mi := &file_shim_v1_shim_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2815,7 +3457,7 @@ func (x *Report) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Report.ProtoReflect.Descriptor instead.
 func (*Report) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{26}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Report) GetNode() string {
@@ -2845,7 +3487,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2857,7 +3499,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[27]
+	mi := &file_shim_v1_shim_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2870,7 +3512,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{27}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Resize) GetId() string {
@@ -2904,7 +3546,7 @@ type Prune struct {
 
 func (x *Prune) Reset() {
 	*x = Prune{}
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2916,7 +3558,7 @@ func (x *Prune) String() string {
 func (*Prune) ProtoMessage() {}
 
 func (x *Prune) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[28]
+	mi := &file_shim_v1_shim_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2929,7 +3571,7 @@ func (x *Prune) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Prune.ProtoReflect.Descriptor instead.
 func (*Prune) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{28}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Prune) GetBeforeUnixNano() int64 {
@@ -2946,13 +3588,16 @@ type SpawnRequest struct {
 	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
 	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
 	Force         bool                   `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`                         // a pinned spawn (spec.node) goes to its node even if it is drained
+	Service       bool                   `protobuf:"varint,40,opt,name=service,proto3" json:"service,omitempty"`                    // record a service (spec.name, count replicas): see ScaleRequest
+	Min           uint32                 `protobuf:"varint,41,opt,name=min,proto3" json:"min,omitempty"`                            // autoscale between min and max replicas (0 = off)
+	Max           uint32                 `protobuf:"varint,42,opt,name=max,proto3" json:"max,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SpawnRequest) Reset() {
 	*x = SpawnRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2964,7 +3609,7 @@ func (x *SpawnRequest) String() string {
 func (*SpawnRequest) ProtoMessage() {}
 
 func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[29]
+	mi := &file_shim_v1_shim_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2977,7 +3622,7 @@ func (x *SpawnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnRequest.ProtoReflect.Descriptor instead.
 func (*SpawnRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{29}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SpawnRequest) GetSpec() *ProcessSpec {
@@ -3015,6 +3660,27 @@ func (x *SpawnRequest) GetForce() bool {
 	return false
 }
 
+func (x *SpawnRequest) GetService() bool {
+	if x != nil {
+		return x.Service
+	}
+	return false
+}
+
+func (x *SpawnRequest) GetMin() uint32 {
+	if x != nil {
+		return x.Min
+	}
+	return 0
+}
+
+func (x *SpawnRequest) GetMax() uint32 {
+	if x != nil {
+		return x.Max
+	}
+	return 0
+}
+
 type SpawnResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Processes     []*ProcessRecord       `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
@@ -3024,7 +3690,7 @@ type SpawnResponse struct {
 
 func (x *SpawnResponse) Reset() {
 	*x = SpawnResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3036,7 +3702,7 @@ func (x *SpawnResponse) String() string {
 func (*SpawnResponse) ProtoMessage() {}
 
 func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[30]
+	mi := &file_shim_v1_shim_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3049,7 +3715,7 @@ func (x *SpawnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpawnResponse.ProtoReflect.Descriptor instead.
 func (*SpawnResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{30}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SpawnResponse) GetProcesses() []*ProcessRecord {
@@ -3069,7 +3735,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3081,7 +3747,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[31]
+	mi := &file_shim_v1_shim_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3094,7 +3760,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{31}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *KillRequest) GetIds() []string {
@@ -3120,7 +3786,7 @@ type KillResponse struct {
 
 func (x *KillResponse) Reset() {
 	*x = KillResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3132,7 +3798,7 @@ func (x *KillResponse) String() string {
 func (*KillResponse) ProtoMessage() {}
 
 func (x *KillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[32]
+	mi := &file_shim_v1_shim_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3145,7 +3811,7 @@ func (x *KillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillResponse.ProtoReflect.Descriptor instead.
 func (*KillResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{32}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *KillResponse) GetProcesses() []*ProcessRecord {
@@ -3168,7 +3834,7 @@ type ResizeRequest struct {
 
 func (x *ResizeRequest) Reset() {
 	*x = ResizeRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3180,7 +3846,7 @@ func (x *ResizeRequest) String() string {
 func (*ResizeRequest) ProtoMessage() {}
 
 func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[33]
+	mi := &file_shim_v1_shim_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3193,7 +3859,7 @@ func (x *ResizeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeRequest.ProtoReflect.Descriptor instead.
 func (*ResizeRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{33}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ResizeRequest) GetId() string {
@@ -3240,7 +3906,7 @@ type ResizeResponse struct {
 
 func (x *ResizeResponse) Reset() {
 	*x = ResizeResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3252,7 +3918,7 @@ func (x *ResizeResponse) String() string {
 func (*ResizeResponse) ProtoMessage() {}
 
 func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[34]
+	mi := &file_shim_v1_shim_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3265,7 +3931,7 @@ func (x *ResizeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResizeResponse.ProtoReflect.Descriptor instead.
 func (*ResizeResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{34}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ResizeResponse) GetProcess() *ProcessRecord {
@@ -3295,7 +3961,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3307,7 +3973,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[35]
+	mi := &file_shim_v1_shim_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3320,7 +3986,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{35}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListRequest) GetIds() []string {
@@ -3398,7 +4064,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3410,7 +4076,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[36]
+	mi := &file_shim_v1_shim_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3423,7 +4089,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{36}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ListResponse) GetProcesses() []*ProcessRecord {
@@ -3466,7 +4132,7 @@ type Staleness struct {
 
 func (x *Staleness) Reset() {
 	*x = Staleness{}
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3478,7 +4144,7 @@ func (x *Staleness) String() string {
 func (*Staleness) ProtoMessage() {}
 
 func (x *Staleness) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[37]
+	mi := &file_shim_v1_shim_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3491,7 +4157,7 @@ func (x *Staleness) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Staleness.ProtoReflect.Descriptor instead.
 func (*Staleness) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{37}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Staleness) GetIndex() uint64 {
@@ -3526,7 +4192,7 @@ type NodesRequest struct {
 
 func (x *NodesRequest) Reset() {
 	*x = NodesRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3538,7 +4204,7 @@ func (x *NodesRequest) String() string {
 func (*NodesRequest) ProtoMessage() {}
 
 func (x *NodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[38]
+	mi := &file_shim_v1_shim_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3551,7 +4217,7 @@ func (x *NodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesRequest.ProtoReflect.Descriptor instead.
 func (*NodesRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{38}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *NodesRequest) GetUsage() bool {
@@ -3584,7 +4250,7 @@ type NodeStatus struct {
 
 func (x *NodeStatus) Reset() {
 	*x = NodeStatus{}
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3596,7 +4262,7 @@ func (x *NodeStatus) String() string {
 func (*NodeStatus) ProtoMessage() {}
 
 func (x *NodeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[39]
+	mi := &file_shim_v1_shim_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3609,7 +4275,7 @@ func (x *NodeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeStatus.ProtoReflect.Descriptor instead.
 func (*NodeStatus) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{39}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *NodeStatus) GetNode() *NodeRecord {
@@ -3679,7 +4345,7 @@ type NodesResponse struct {
 
 func (x *NodesResponse) Reset() {
 	*x = NodesResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3691,7 +4357,7 @@ func (x *NodesResponse) String() string {
 func (*NodesResponse) ProtoMessage() {}
 
 func (x *NodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[40]
+	mi := &file_shim_v1_shim_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3704,7 +4370,7 @@ func (x *NodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesResponse.ProtoReflect.Descriptor instead.
 func (*NodesResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{40}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *NodesResponse) GetNodes() []*NodeStatus {
@@ -3740,7 +4406,7 @@ type SetGrantRequest struct {
 
 func (x *SetGrantRequest) Reset() {
 	*x = SetGrantRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3752,7 +4418,7 @@ func (x *SetGrantRequest) String() string {
 func (*SetGrantRequest) ProtoMessage() {}
 
 func (x *SetGrantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[41]
+	mi := &file_shim_v1_shim_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3765,7 +4431,7 @@ func (x *SetGrantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrantRequest.ProtoReflect.Descriptor instead.
 func (*SetGrantRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{41}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *SetGrantRequest) GetId() string {
@@ -3805,7 +4471,7 @@ type SetGrantResponse struct {
 
 func (x *SetGrantResponse) Reset() {
 	*x = SetGrantResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3817,7 +4483,7 @@ func (x *SetGrantResponse) String() string {
 func (*SetGrantResponse) ProtoMessage() {}
 
 func (x *SetGrantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[42]
+	mi := &file_shim_v1_shim_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3830,7 +4496,7 @@ func (x *SetGrantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetGrantResponse.ProtoReflect.Descriptor instead.
 func (*SetGrantResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{42}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *SetGrantResponse) GetProcess() *ProcessRecord {
@@ -3851,7 +4517,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3863,7 +4529,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[43]
+	mi := &file_shim_v1_shim_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3876,7 +4542,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{43}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *EventsRequest) GetSince() uint64 {
@@ -3908,7 +4574,7 @@ type ReadIndexRequest struct {
 
 func (x *ReadIndexRequest) Reset() {
 	*x = ReadIndexRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3920,7 +4586,7 @@ func (x *ReadIndexRequest) String() string {
 func (*ReadIndexRequest) ProtoMessage() {}
 
 func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[44]
+	mi := &file_shim_v1_shim_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3933,7 +4599,7 @@ func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
 func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{44}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
 }
 
 type ReadIndexResponse struct {
@@ -3945,7 +4611,7 @@ type ReadIndexResponse struct {
 
 func (x *ReadIndexResponse) Reset() {
 	*x = ReadIndexResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3957,7 +4623,7 @@ func (x *ReadIndexResponse) String() string {
 func (*ReadIndexResponse) ProtoMessage() {}
 
 func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[45]
+	mi := &file_shim_v1_shim_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3970,7 +4636,7 @@ func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
 func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{45}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ReadIndexResponse) GetIndex() uint64 {
@@ -3991,7 +4657,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4003,7 +4669,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[46]
+	mi := &file_shim_v1_shim_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4016,7 +4682,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{46}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *LogsRequest) GetId() string {
@@ -4049,7 +4715,7 @@ type LogsChunk struct {
 
 func (x *LogsChunk) Reset() {
 	*x = LogsChunk{}
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4061,7 +4727,7 @@ func (x *LogsChunk) String() string {
 func (*LogsChunk) ProtoMessage() {}
 
 func (x *LogsChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[47]
+	mi := &file_shim_v1_shim_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4074,7 +4740,7 @@ func (x *LogsChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsChunk.ProtoReflect.Descriptor instead.
 func (*LogsChunk) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{47}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *LogsChunk) GetData() []byte {
@@ -4094,7 +4760,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4106,7 +4772,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[48]
+	mi := &file_shim_v1_shim_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4119,7 +4785,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{48}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *DrainRequest) GetNode() string {
@@ -4145,7 +4811,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4157,7 +4823,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[49]
+	mi := &file_shim_v1_shim_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4170,7 +4836,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{49}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *DrainResponse) GetNode() *NodeRecord {
@@ -4191,7 +4857,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4203,7 +4869,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[50]
+	mi := &file_shim_v1_shim_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4216,7 +4882,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{50}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *CreateTokenRequest) GetRole() TokenRole {
@@ -4250,7 +4916,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[51]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4262,7 +4928,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[51]
+	mi := &file_shim_v1_shim_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4275,7 +4941,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{51}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -4300,7 +4966,7 @@ type ListTokensRequest struct {
 
 func (x *ListTokensRequest) Reset() {
 	*x = ListTokensRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[52]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4312,7 +4978,7 @@ func (x *ListTokensRequest) String() string {
 func (*ListTokensRequest) ProtoMessage() {}
 
 func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[52]
+	mi := &file_shim_v1_shim_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4325,7 +4991,7 @@ func (x *ListTokensRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensRequest.ProtoReflect.Descriptor instead.
 func (*ListTokensRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{52}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
 }
 
 type ListTokensResponse struct {
@@ -4337,7 +5003,7 @@ type ListTokensResponse struct {
 
 func (x *ListTokensResponse) Reset() {
 	*x = ListTokensResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[53]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4349,7 +5015,7 @@ func (x *ListTokensResponse) String() string {
 func (*ListTokensResponse) ProtoMessage() {}
 
 func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[53]
+	mi := &file_shim_v1_shim_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4362,7 +5028,7 @@ func (x *ListTokensResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTokensResponse.ProtoReflect.Descriptor instead.
 func (*ListTokensResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{53}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListTokensResponse) GetTokens() []*TokenRecord {
@@ -4381,7 +5047,7 @@ type RevokeTokenRequest struct {
 
 func (x *RevokeTokenRequest) Reset() {
 	*x = RevokeTokenRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[54]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4393,7 +5059,7 @@ func (x *RevokeTokenRequest) String() string {
 func (*RevokeTokenRequest) ProtoMessage() {}
 
 func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[54]
+	mi := &file_shim_v1_shim_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4406,7 +5072,7 @@ func (x *RevokeTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenRequest.ProtoReflect.Descriptor instead.
 func (*RevokeTokenRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{54}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *RevokeTokenRequest) GetId() string {
@@ -4424,7 +5090,7 @@ type RevokeTokenResponse struct {
 
 func (x *RevokeTokenResponse) Reset() {
 	*x = RevokeTokenResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[55]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4436,7 +5102,7 @@ func (x *RevokeTokenResponse) String() string {
 func (*RevokeTokenResponse) ProtoMessage() {}
 
 func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[55]
+	mi := &file_shim_v1_shim_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4449,7 +5115,7 @@ func (x *RevokeTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeTokenResponse.ProtoReflect.Descriptor instead.
 func (*RevokeTokenResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{55}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
 }
 
 // WhoamiResponse is how the answering server sees the caller. Workers use
@@ -4462,7 +5128,7 @@ type WhoamiRequest struct {
 
 func (x *WhoamiRequest) Reset() {
 	*x = WhoamiRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[56]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4474,7 +5140,7 @@ func (x *WhoamiRequest) String() string {
 func (*WhoamiRequest) ProtoMessage() {}
 
 func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[56]
+	mi := &file_shim_v1_shim_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4487,7 +5153,7 @@ func (x *WhoamiRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoamiRequest.ProtoReflect.Descriptor instead.
 func (*WhoamiRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{56}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
 }
 
 type WhoamiResponse struct {
@@ -4502,7 +5168,7 @@ type WhoamiResponse struct {
 
 func (x *WhoamiResponse) Reset() {
 	*x = WhoamiResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[57]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4514,7 +5180,7 @@ func (x *WhoamiResponse) String() string {
 func (*WhoamiResponse) ProtoMessage() {}
 
 func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[57]
+	mi := &file_shim_v1_shim_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4527,7 +5193,7 @@ func (x *WhoamiResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoamiResponse.ProtoReflect.Descriptor instead.
 func (*WhoamiResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{57}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *WhoamiResponse) GetKind() string {
@@ -4567,7 +5233,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[58]
+	mi := &file_shim_v1_shim_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4579,7 +5245,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[58]
+	mi := &file_shim_v1_shim_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4592,7 +5258,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{58}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *JoinRequest) GetNode() *NodeRecord {
@@ -4611,7 +5277,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[59]
+	mi := &file_shim_v1_shim_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4623,7 +5289,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[59]
+	mi := &file_shim_v1_shim_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4636,7 +5302,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{59}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *JoinResponse) GetServers() []string {
@@ -4659,7 +5325,7 @@ type CertifyRequest struct {
 
 func (x *CertifyRequest) Reset() {
 	*x = CertifyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[60]
+	mi := &file_shim_v1_shim_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4671,7 +5337,7 @@ func (x *CertifyRequest) String() string {
 func (*CertifyRequest) ProtoMessage() {}
 
 func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[60]
+	mi := &file_shim_v1_shim_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4684,7 +5350,7 @@ func (x *CertifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifyRequest.ProtoReflect.Descriptor instead.
 func (*CertifyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{60}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *CertifyRequest) GetCsr() []byte {
@@ -4712,7 +5378,7 @@ type CertifyResponse struct {
 
 func (x *CertifyResponse) Reset() {
 	*x = CertifyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[61]
+	mi := &file_shim_v1_shim_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4724,7 +5390,7 @@ func (x *CertifyResponse) String() string {
 func (*CertifyResponse) ProtoMessage() {}
 
 func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[61]
+	mi := &file_shim_v1_shim_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4737,7 +5403,7 @@ func (x *CertifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CertifyResponse.ProtoReflect.Descriptor instead.
 func (*CertifyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{61}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *CertifyResponse) GetCert() []byte {
@@ -4770,7 +5436,7 @@ type LeaveRequest struct {
 
 func (x *LeaveRequest) Reset() {
 	*x = LeaveRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[62]
+	mi := &file_shim_v1_shim_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4782,7 +5448,7 @@ func (x *LeaveRequest) String() string {
 func (*LeaveRequest) ProtoMessage() {}
 
 func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[62]
+	mi := &file_shim_v1_shim_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4795,7 +5461,7 @@ func (x *LeaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveRequest.ProtoReflect.Descriptor instead.
 func (*LeaveRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{62}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *LeaveRequest) GetName() string {
@@ -4813,7 +5479,7 @@ type LeaveResponse struct {
 
 func (x *LeaveResponse) Reset() {
 	*x = LeaveResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[63]
+	mi := &file_shim_v1_shim_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4825,7 +5491,7 @@ func (x *LeaveResponse) String() string {
 func (*LeaveResponse) ProtoMessage() {}
 
 func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[63]
+	mi := &file_shim_v1_shim_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4838,7 +5504,7 @@ func (x *LeaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaveResponse.ProtoReflect.Descriptor instead.
 func (*LeaveResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{63}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{69}
 }
 
 type HeartbeatRequest struct {
@@ -4851,7 +5517,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[64]
+	mi := &file_shim_v1_shim_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4863,7 +5529,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[64]
+	mi := &file_shim_v1_shim_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4876,7 +5542,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{64}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *HeartbeatRequest) GetNode() string {
@@ -4910,7 +5576,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[65]
+	mi := &file_shim_v1_shim_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4922,7 +5588,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[65]
+	mi := &file_shim_v1_shim_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4935,7 +5601,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{65}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *HeartbeatResponse) GetLeaseMillis() int64 {
@@ -4993,7 +5659,7 @@ type AssignmentsRequest struct {
 
 func (x *AssignmentsRequest) Reset() {
 	*x = AssignmentsRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[66]
+	mi := &file_shim_v1_shim_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5005,7 +5671,7 @@ func (x *AssignmentsRequest) String() string {
 func (*AssignmentsRequest) ProtoMessage() {}
 
 func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[66]
+	mi := &file_shim_v1_shim_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5018,7 +5684,7 @@ func (x *AssignmentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsRequest.ProtoReflect.Descriptor instead.
 func (*AssignmentsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{66}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *AssignmentsRequest) GetNode() string {
@@ -5071,7 +5737,7 @@ type AssignmentsResponse struct {
 
 func (x *AssignmentsResponse) Reset() {
 	*x = AssignmentsResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[67]
+	mi := &file_shim_v1_shim_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5083,7 +5749,7 @@ func (x *AssignmentsResponse) String() string {
 func (*AssignmentsResponse) ProtoMessage() {}
 
 func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[67]
+	mi := &file_shim_v1_shim_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5096,7 +5762,7 @@ func (x *AssignmentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignmentsResponse.ProtoReflect.Descriptor instead.
 func (*AssignmentsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{67}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *AssignmentsResponse) GetProcesses() []*ProcessRecord {
@@ -5164,7 +5830,7 @@ type ReportRequest struct {
 
 func (x *ReportRequest) Reset() {
 	*x = ReportRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[68]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5176,7 +5842,7 @@ func (x *ReportRequest) String() string {
 func (*ReportRequest) ProtoMessage() {}
 
 func (x *ReportRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[68]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5189,7 +5855,7 @@ func (x *ReportRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportRequest.ProtoReflect.Descriptor instead.
 func (*ReportRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{68}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ReportRequest) GetReport() *Report {
@@ -5207,7 +5873,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[69]
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5219,7 +5885,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[69]
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5232,7 +5898,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{69}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
 }
 
 // ids empty = all; fresh reads the cgroups now instead of the last sample.
@@ -5246,7 +5912,7 @@ type UsageRequest struct {
 
 func (x *UsageRequest) Reset() {
 	*x = UsageRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[70]
+	mi := &file_shim_v1_shim_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5258,7 +5924,7 @@ func (x *UsageRequest) String() string {
 func (*UsageRequest) ProtoMessage() {}
 
 func (x *UsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[70]
+	mi := &file_shim_v1_shim_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5271,7 +5937,7 @@ func (x *UsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRequest.ProtoReflect.Descriptor instead.
 func (*UsageRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{70}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *UsageRequest) GetIds() []string {
@@ -5297,7 +5963,7 @@ type UsageResponse struct {
 
 func (x *UsageResponse) Reset() {
 	*x = UsageResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[71]
+	mi := &file_shim_v1_shim_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5309,7 +5975,7 @@ func (x *UsageResponse) String() string {
 func (*UsageResponse) ProtoMessage() {}
 
 func (x *UsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[71]
+	mi := &file_shim_v1_shim_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5322,7 +5988,7 @@ func (x *UsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageResponse.ProtoReflect.Descriptor instead.
 func (*UsageResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{71}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *UsageResponse) GetUsage() map[string]*Usage {
@@ -5341,7 +6007,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_shim_v1_shim_proto_msgTypes[72]
+	mi := &file_shim_v1_shim_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5353,7 +6019,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[72]
+	mi := &file_shim_v1_shim_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5366,7 +6032,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{72}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *ApplyRequest) GetCommand() *Command {
@@ -5386,7 +6052,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_shim_v1_shim_proto_msgTypes[73]
+	mi := &file_shim_v1_shim_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5398,7 +6064,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[73]
+	mi := &file_shim_v1_shim_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5411,7 +6077,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{73}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ApplyResponse) GetIds() []string {
@@ -5426,6 +6092,784 @@ func (x *ApplyResponse) GetIndex() uint64 {
 		return x.Index
 	}
 	return 0
+}
+
+// ExecInput: the first message carries start; the others stdin, its end,
+// or a new terminal size.
+type ExecInput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Start         *ExecStart             `protobuf:"bytes,1,opt,name=start,proto3" json:"start,omitempty"`
+	Stdin         []byte                 `protobuf:"bytes,2,opt,name=stdin,proto3" json:"stdin,omitempty"`
+	StdinEof      bool                   `protobuf:"varint,3,opt,name=stdin_eof,json=stdinEof,proto3" json:"stdin_eof,omitempty"`
+	Resize        *TermSize              `protobuf:"bytes,4,opt,name=resize,proto3" json:"resize,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecInput) Reset() {
+	*x = ExecInput{}
+	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecInput) ProtoMessage() {}
+
+func (x *ExecInput) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecInput.ProtoReflect.Descriptor instead.
+func (*ExecInput) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *ExecInput) GetStart() *ExecStart {
+	if x != nil {
+		return x.Start
+	}
+	return nil
+}
+
+func (x *ExecInput) GetStdin() []byte {
+	if x != nil {
+		return x.Stdin
+	}
+	return nil
+}
+
+func (x *ExecInput) GetStdinEof() bool {
+	if x != nil {
+		return x.StdinEof
+	}
+	return false
+}
+
+func (x *ExecInput) GetResize() *TermSize {
+	if x != nil {
+		return x.Resize
+	}
+	return nil
+}
+
+type ExecStart struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"` // process id, prefix, or name (a service: its lowest running replica)
+	Command       []string               `protobuf:"bytes,2,rep,name=command,proto3" json:"command,omitempty"`
+	Tty           bool                   `protobuf:"varint,3,opt,name=tty,proto3" json:"tty,omitempty"` // run it on a terminal (stdout and stderr merged)
+	Size          *TermSize              `protobuf:"bytes,4,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecStart) Reset() {
+	*x = ExecStart{}
+	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecStart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecStart) ProtoMessage() {}
+
+func (x *ExecStart) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
+func (*ExecStart) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *ExecStart) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ExecStart) GetCommand() []string {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *ExecStart) GetTty() bool {
+	if x != nil {
+		return x.Tty
+	}
+	return false
+}
+
+func (x *ExecStart) GetSize() *TermSize {
+	if x != nil {
+		return x.Size
+	}
+	return nil
+}
+
+type TermSize struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rows          uint32                 `protobuf:"varint,1,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,2,opt,name=cols,proto3" json:"cols,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TermSize) Reset() {
+	*x = TermSize{}
+	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TermSize) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TermSize) ProtoMessage() {}
+
+func (x *TermSize) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TermSize.ProtoReflect.Descriptor instead.
+func (*TermSize) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *TermSize) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *TermSize) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+// ExecOutput: output, then a last message with exited set.
+type ExecOutput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stdout        []byte                 `protobuf:"bytes,1,opt,name=stdout,proto3" json:"stdout,omitempty"`
+	Stderr        []byte                 `protobuf:"bytes,2,opt,name=stderr,proto3" json:"stderr,omitempty"`
+	Exited        bool                   `protobuf:"varint,3,opt,name=exited,proto3" json:"exited,omitempty"`
+	ExitCode      int32                  `protobuf:"varint,4,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	Id            string                 `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"` // the first message: the process it runs in
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecOutput) Reset() {
+	*x = ExecOutput{}
+	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecOutput) ProtoMessage() {}
+
+func (x *ExecOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecOutput.ProtoReflect.Descriptor instead.
+func (*ExecOutput) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *ExecOutput) GetStdout() []byte {
+	if x != nil {
+		return x.Stdout
+	}
+	return nil
+}
+
+func (x *ExecOutput) GetStderr() []byte {
+	if x != nil {
+		return x.Stderr
+	}
+	return nil
+}
+
+func (x *ExecOutput) GetExited() bool {
+	if x != nil {
+		return x.Exited
+	}
+	return false
+}
+
+func (x *ExecOutput) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *ExecOutput) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// UpdateRequest is a rolling update of a service: new replicas with the new
+// spec, parallel at a time, each healthy before an old one stops.
+type UpdateRequest struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	Name                 string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Command              []string               `protobuf:"bytes,2,rep,name=command,proto3" json:"command,omitempty"`                                                          // empty: keep
+	Env                  []string               `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty"`                                                                  // K=V: set (added to, or replacing, the spec's)
+	Resources            *Resources             `protobuf:"bytes,4,opt,name=resources,proto3" json:"resources,omitempty"`                                                      // fields left at zero keep their value
+	Parallel             uint32                 `protobuf:"varint,5,opt,name=parallel,proto3" json:"parallel,omitempty"`                                                       // 0 = 1
+	HealthyTimeoutMillis int64                  `protobuf:"varint,6,opt,name=healthy_timeout_millis,json=healthyTimeoutMillis,proto3" json:"healthy_timeout_millis,omitempty"` // a new replica not healthy by then fails the update (0 = 60 s)
+	MinHealthyMillis     int64                  `protobuf:"varint,7,opt,name=min_healthy_millis,json=minHealthyMillis,proto3" json:"min_healthy_millis,omitempty"`             // without a check: running this long counts as healthy (0 = 2 s)
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *UpdateRequest) Reset() {
+	*x = UpdateRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateRequest) ProtoMessage() {}
+
+func (x *UpdateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateRequest.ProtoReflect.Descriptor instead.
+func (*UpdateRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{84}
+}
+
+func (x *UpdateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UpdateRequest) GetCommand() []string {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetEnv() []string {
+	if x != nil {
+		return x.Env
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetResources() *Resources {
+	if x != nil {
+		return x.Resources
+	}
+	return nil
+}
+
+func (x *UpdateRequest) GetParallel() uint32 {
+	if x != nil {
+		return x.Parallel
+	}
+	return 0
+}
+
+func (x *UpdateRequest) GetHealthyTimeoutMillis() int64 {
+	if x != nil {
+		return x.HealthyTimeoutMillis
+	}
+	return 0
+}
+
+func (x *UpdateRequest) GetMinHealthyMillis() int64 {
+	if x != nil {
+		return x.MinHealthyMillis
+	}
+	return 0
+}
+
+type UpdateProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Message       string                 `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateProgress) Reset() {
+	*x = UpdateProgress{}
+	mi := &file_shim_v1_shim_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateProgress) ProtoMessage() {}
+
+func (x *UpdateProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateProgress.ProtoReflect.Descriptor instead.
+func (*UpdateProgress) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{85}
+}
+
+func (x *UpdateProgress) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+type ScaleRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Count         int32                  `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"` // signed so that a negative count is refused, not wrapped
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScaleRequest) Reset() {
+	*x = ScaleRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScaleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScaleRequest) ProtoMessage() {}
+
+func (x *ScaleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScaleRequest.ProtoReflect.Descriptor instead.
+func (*ScaleRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *ScaleRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ScaleRequest) GetCount() int32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type ScaleResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Service       *ServiceRecord         `protobuf:"bytes,1,opt,name=service,proto3" json:"service,omitempty"`
+	Processes     []*ProcessRecord       `protobuf:"bytes,2,rep,name=processes,proto3" json:"processes,omitempty"` // its live replicas
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScaleResponse) Reset() {
+	*x = ScaleResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScaleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScaleResponse) ProtoMessage() {}
+
+func (x *ScaleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScaleResponse.ProtoReflect.Descriptor instead.
+func (*ScaleResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *ScaleResponse) GetService() *ServiceRecord {
+	if x != nil {
+		return x.Service
+	}
+	return nil
+}
+
+func (x *ScaleResponse) GetProcesses() []*ProcessRecord {
+	if x != nil {
+		return x.Processes
+	}
+	return nil
+}
+
+type EndpointsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Consistency   Consistency            `protobuf:"varint,2,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndpointsRequest) Reset() {
+	*x = EndpointsRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndpointsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndpointsRequest) ProtoMessage() {}
+
+func (x *EndpointsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndpointsRequest.ProtoReflect.Descriptor instead.
+func (*EndpointsRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *EndpointsRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EndpointsRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_CONSISTENCY_UNSPECIFIED
+}
+
+// Endpoint is one healthy replica of a service.
+type Endpoint struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Address       string                 `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"` // the node's address (host of its API address)
+	Replica       uint32                 `protobuf:"varint,4,opt,name=replica,proto3" json:"replica,omitempty"`
+	Ports         map[string]uint32      `protobuf:"bytes,5,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Endpoint) Reset() {
+	*x = Endpoint{}
+	mi := &file_shim_v1_shim_proto_msgTypes[89]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Endpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Endpoint) ProtoMessage() {}
+
+func (x *Endpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[89]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
+func (*Endpoint) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{89}
+}
+
+func (x *Endpoint) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Endpoint) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *Endpoint) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Endpoint) GetReplica() uint32 {
+	if x != nil {
+		return x.Replica
+	}
+	return 0
+}
+
+func (x *Endpoint) GetPorts() map[string]uint32 {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+type EndpointsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Endpoints     []*Endpoint            `protobuf:"bytes,1,rep,name=endpoints,proto3" json:"endpoints,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndpointsResponse) Reset() {
+	*x = EndpointsResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[90]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndpointsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndpointsResponse) ProtoMessage() {}
+
+func (x *EndpointsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[90]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndpointsResponse.ProtoReflect.Descriptor instead.
+func (*EndpointsResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{90}
+}
+
+func (x *EndpointsResponse) GetEndpoints() []*Endpoint {
+	if x != nil {
+		return x.Endpoints
+	}
+	return nil
+}
+
+func (x *EndpointsResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type ServicesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Consistency   Consistency            `protobuf:"varint,1,opt,name=consistency,proto3,enum=shim.v1.Consistency" json:"consistency,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServicesRequest) Reset() {
+	*x = ServicesRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[91]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicesRequest) ProtoMessage() {}
+
+func (x *ServicesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[91]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicesRequest.ProtoReflect.Descriptor instead.
+func (*ServicesRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{91}
+}
+
+func (x *ServicesRequest) GetConsistency() Consistency {
+	if x != nil {
+		return x.Consistency
+	}
+	return Consistency_CONSISTENCY_UNSPECIFIED
+}
+
+type ServicesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Services      []*ServiceRecord       `protobuf:"bytes,1,rep,name=services,proto3" json:"services,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServicesResponse) Reset() {
+	*x = ServicesResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[92]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicesResponse) ProtoMessage() {}
+
+func (x *ServicesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[92]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicesResponse.ProtoReflect.Descriptor instead.
+func (*ServicesResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{92}
+}
+
+func (x *ServicesResponse) GetServices() []*ServiceRecord {
+	if x != nil {
+		return x.Services
+	}
+	return nil
 }
 
 // SnapshotHeader starts a table snapshot; it is followed by node_count
@@ -5444,15 +6888,16 @@ type SnapshotHeader struct {
 	// The table's event ring (table/events.go), oldest first, and the index
 	// of the newest event dropped from it (events at or before it are gone).
 	// Numbered apart so that other snapshot fields can take 10 to 19.
-	Events        []*Event `protobuf:"bytes,20,rep,name=events,proto3" json:"events,omitempty"`
-	EventsBase    uint64   `protobuf:"varint,21,opt,name=events_base,json=eventsBase,proto3" json:"events_base,omitempty"`
+	Events        []*Event         `protobuf:"bytes,20,rep,name=events,proto3" json:"events,omitempty"`
+	EventsBase    uint64           `protobuf:"varint,21,opt,name=events_base,json=eventsBase,proto3" json:"events_base,omitempty"`
+	Services      []*ServiceRecord `protobuf:"bytes,30,rep,name=services,proto3" json:"services,omitempty"` // sorted by name
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[74]
+	mi := &file_shim_v1_shim_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5464,7 +6909,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[74]
+	mi := &file_shim_v1_shim_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5477,7 +6922,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -5557,6 +7002,13 @@ func (x *SnapshotHeader) GetEventsBase() uint64 {
 	return 0
 }
 
+func (x *SnapshotHeader) GetServices() []*ServiceRecord {
+	if x != nil {
+		return x.Services
+	}
+	return nil
+}
+
 // RequestRecord remembers the answer to a client's spawn request, so that a
 // retry with the same request id is answered with it (table/requests.go).
 type RequestRecord struct {
@@ -5571,7 +7023,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	mi := &file_shim_v1_shim_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5583,7 +7035,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	mi := &file_shim_v1_shim_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5596,7 +7048,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *RequestRecord) GetId() string {
@@ -5645,7 +7097,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tread_only\x18\x03 \x01(\bR\breadOnly\"A\n" +
 	"\x05Grant\x12\x1b\n" +
 	"\tcpu_milli\x18\x01 \x01(\x03R\bcpuMilli\x12\x1b\n" +
-	"\tmem_bytes\x18\x02 \x01(\x03R\bmemBytes\"\x84\x04\n" +
+	"\tmem_bytes\x18\x02 \x01(\x03R\bmemBytes\"\xd9\x04\n" +
 	"\vProcessSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
@@ -5662,8 +7114,30 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x06mounts\x18\f \x03(\v2\x0e.shim.v1.MountR\x06mounts\x12!\n" +
 	"\x04grow\x18\r \x01(\x0e2\r.shim.v1.GrowR\x04grow\x12\x1f\n" +
 	"\bpriority\x18\x0e \x01(\x05H\x00R\bpriority\x88\x01\x01\x12(\n" +
-	"\aon_lost\x18\x0f \x01(\x0e2\x0f.shim.v1.OnLostR\x06onLostB\v\n" +
-	"\t_priority\"\x8b\x02\n" +
+	"\aon_lost\x18\x0f \x01(\x0e2\x0f.shim.v1.OnLostR\x06onLost\x12'\n" +
+	"\x05ports\x18\x1e \x03(\v2\x11.shim.v1.PortSpecR\x05ports\x12*\n" +
+	"\x05check\x18\x1f \x01(\v2\x14.shim.v1.HealthCheckR\x05checkB\v\n" +
+	"\t_priority\"2\n" +
+	"\bPortSpec\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\xe5\x01\n" +
+	"\vHealthCheck\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\tR\x04port\x12\x12\n" +
+	"\x04path\x18\x03 \x01(\tR\x04path\x12\x18\n" +
+	"\acommand\x18\x04 \x03(\tR\acommand\x12'\n" +
+	"\x0finterval_millis\x18\x05 \x01(\x03R\x0eintervalMillis\x12%\n" +
+	"\x0etimeout_millis\x18\x06 \x01(\x03R\rtimeoutMillis\x120\n" +
+	"\x14restart_after_millis\x18\a \x01(\x03R\x12restartAfterMillis\"\xee\x01\n" +
+	"\rServiceRecord\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
+	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\rR\x05count\x12*\n" +
+	"\x11created_unix_nano\x18\x04 \x01(\x03R\x0fcreatedUnixNano\x12!\n" +
+	"\fmodify_index\x18\x05 \x01(\x04R\vmodifyIndex\x12\x10\n" +
+	"\x03min\x18\x06 \x01(\rR\x03min\x12\x10\n" +
+	"\x03max\x18\a \x01(\rR\x03max\x12\x16\n" +
+	"\x06reason\x18\b \x01(\tR\x06reason\"\x8b\x02\n" +
 	"\vIncarnation\x12 \n" +
 	"\vincarnation\x18\x01 \x01(\x04R\vincarnation\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x10\n" +
@@ -5672,7 +7146,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n" +
 	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x12&\n" +
-	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xe9\x06\n" +
+	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xdd\b\n" +
 	"\rProcessRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x12\n" +
@@ -5702,12 +7176,21 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vwant_reason\x18\x17 \x01(\tR\n" +
 	"wantReason\x12&\n" +
 	"\x0fmoved_unix_nano\x18\x18 \x01(\x03R\rmovedUnixNano\x12-\n" +
-	"\acut_off\x18\x19 \x01(\v2\x14.shim.v1.IncarnationR\x06cutOff\"\xa2\x01\n" +
+	"\acut_off\x18\x19 \x01(\v2\x14.shim.v1.IncarnationR\x06cutOff\x12\x18\n" +
+	"\aservice\x18( \x01(\tR\aservice\x12\x18\n" +
+	"\areplica\x18) \x01(\rR\areplica\x127\n" +
+	"\x05ports\x18* \x03(\v2!.shim.v1.ProcessRecord.PortsEntryR\x05ports\x12'\n" +
+	"\x06health\x18+ \x01(\x0e2\x0f.shim.v1.HealthR\x06health\x12\"\n" +
+	"\freplacements\x18, \x01(\rR\freplacements\x1a8\n" +
+	"\n" +
+	"PortsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xa2\x01\n" +
 	"\x05Usage\x12&\n" +
 	"\x0fcpu_usage_nanos\x18\x01 \x01(\x04R\rcpuUsageNanos\x12!\n" +
 	"\fmemory_bytes\x18\x02 \x01(\x04R\vmemoryBytes\x12\x1b\n" +
 	"\tcpu_milli\x18\x03 \x01(\x03R\bcpuMilli\x121\n" +
-	"\x15guest_mem_total_bytes\x18\x04 \x01(\x03R\x12guestMemTotalBytes\"\xa7\x04\n" +
+	"\x15guest_mem_total_bytes\x18\x04 \x01(\x03R\x12guestMemTotalBytes\"\xdd\x04\n" +
 	"\n" +
 	"NodeRecord\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
@@ -5725,10 +7208,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x14hold_until_unix_nano\x18\f \x01(\x03R\x11holdUntilUnixNano\x120\n" +
 	"\n" +
 	"host_paths\x18\r \x03(\v2\x11.shim.v1.HostPathR\thostPaths\x12%\n" +
-	"\x0evm_unavailable\x18\x0e \x01(\tR\rvmUnavailable\";\n" +
+	"\x0evm_unavailable\x18\x0e \x01(\tR\rvmUnavailable\x12\x19\n" +
+	"\bport_min\x18\x1e \x01(\rR\aportMin\x12\x19\n" +
+	"\bport_max\x18\x1f \x01(\rR\aportMax\";\n" +
 	"\bHostPath\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
-	"\tread_only\x18\x02 \x01(\bR\breadOnly\"\x8c\x06\n" +
+	"\tread_only\x18\x02 \x01(\bR\breadOnly\"\xb0\a\n" +
 	"\aCommand\x12\"\n" +
 	"\rnow_unix_nano\x18\x01 \x01(\x03R\vnowUnixNano\x12<\n" +
 	"\rregister_node\x18\n" +
@@ -5747,7 +7232,10 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tset_grant\x18\x15 \x01(\v2\x11.shim.v1.SetGrantH\x00R\bsetGrant\x120\n" +
 	"\tset_trust\x18\x1e \x01(\v2\x11.shim.v1.SetTrustH\x00R\bsetTrust\x120\n" +
 	"\tadd_token\x18\x1f \x01(\v2\x11.shim.v1.AddTokenH\x00R\baddToken\x129\n" +
-	"\frevoke_token\x18  \x01(\v2\x14.shim.v1.RevokeTokenH\x00R\vrevokeTokenB\x04\n" +
+	"\frevoke_token\x18  \x01(\v2\x14.shim.v1.RevokeTokenH\x00R\vrevokeToken\x12&\n" +
+	"\x05scale\x18( \x01(\v2\x0e.shim.v1.ScaleH\x00R\x05scale\x12?\n" +
+	"\x0eupdate_service\x18) \x01(\v2\x16.shim.v1.UpdateServiceH\x00R\rupdateService\x129\n" +
+	"\fadd_replicas\x18* \x01(\v2\x14.shim.v1.AddReplicasH\x00R\vaddReplicasB\x04\n" +
 	"\x02op\"5\n" +
 	"\x05Batch\x12,\n" +
 	"\bcommands\x18\x01 \x03(\v2\x10.shim.v1.CommandR\bcommands\"V\n" +
@@ -5782,13 +7270,28 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"B\n" +
 	"\x04Hold\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12&\n" +
-	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"x\n" +
+	"\x0funtil_unix_nano\x18\x02 \x01(\x03R\runtilUnixNano\"\xb6\x01\n" +
 	"\x05Spawn\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x03 \x01(\tR\trequestId\x12\x14\n" +
-	"\x05force\x18\x04 \x01(\bR\x05force\"\x8a\x01\n" +
+	"\x05force\x18\x04 \x01(\bR\x05force\x12\x18\n" +
+	"\aservice\x18( \x01(\bR\aservice\x12\x10\n" +
+	"\x03min\x18) \x01(\rR\x03min\x12\x10\n" +
+	"\x03max\x18* \x01(\rR\x03max\"[\n" +
+	"\x05Scale\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\rR\x05count\x12\x10\n" +
+	"\x03ids\x18\x03 \x03(\tR\x03ids\x12\x16\n" +
+	"\x06remove\x18\x04 \x01(\bR\x06remove\"M\n" +
+	"\rUpdateService\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12(\n" +
+	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\"O\n" +
+	"\vAddReplicas\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x1a\n" +
+	"\breplicas\x18\x03 \x03(\rR\breplicas\"\x8a\x01\n" +
 	"\bSetGrant\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12$\n" +
@@ -5804,7 +7307,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\"0\n" +
 	"\x04Kill\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x16\n" +
-	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\x91\x02\n" +
+	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\xba\x02\n" +
 	"\fStatusUpdate\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12 \n" +
 	"\vincarnation\x18\x02 \x01(\x04R\vincarnation\x12+\n" +
@@ -5816,7 +7319,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\n" +
 	"start_time\x18\b \x01(\x04R\tstartTime\x12 \n" +
 	"\fat_unix_nano\x18\t \x01(\x03R\n" +
-	"atUnixNano\"M\n" +
+	"atUnixNano\x12'\n" +
+	"\x06health\x18( \x01(\x0e2\x0f.shim.v1.HealthR\x06health\"M\n" +
 	"\x06Report\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12/\n" +
 	"\aupdates\x18\x02 \x03(\v2\x15.shim.v1.StatusUpdateR\aupdates\"^\n" +
@@ -5825,14 +7329,17 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
 	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x97\x01\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\xd5\x01\n" +
 	"\fSpawnRequest\x12(\n" +
 	"\x04spec\x18\x01 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x12\n" +
 	"\x04wait\x18\x03 \x01(\bR\x04wait\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x04 \x01(\tR\trequestId\x12\x14\n" +
-	"\x05force\x18\x05 \x01(\bR\x05force\"E\n" +
+	"\x05force\x18\x05 \x01(\bR\x05force\x12\x18\n" +
+	"\aservice\x18( \x01(\bR\aservice\x12\x10\n" +
+	"\x03min\x18) \x01(\rR\x03min\x12\x10\n" +
+	"\x03max\x18* \x01(\rR\x03max\"E\n" +
 	"\rSpawnResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"7\n" +
 	"\vKillRequest\x12\x10\n" +
@@ -5996,7 +7503,63 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\"\x94\x03\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x93\x01\n" +
+	"\tExecInput\x12(\n" +
+	"\x05start\x18\x01 \x01(\v2\x12.shim.v1.ExecStartR\x05start\x12\x14\n" +
+	"\x05stdin\x18\x02 \x01(\fR\x05stdin\x12\x1b\n" +
+	"\tstdin_eof\x18\x03 \x01(\bR\bstdinEof\x12)\n" +
+	"\x06resize\x18\x04 \x01(\v2\x11.shim.v1.TermSizeR\x06resize\"n\n" +
+	"\tExecStart\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
+	"\x03tty\x18\x03 \x01(\bR\x03tty\x12%\n" +
+	"\x04size\x18\x04 \x01(\v2\x11.shim.v1.TermSizeR\x04size\"2\n" +
+	"\bTermSize\x12\x12\n" +
+	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x02 \x01(\rR\x04cols\"\x81\x01\n" +
+	"\n" +
+	"ExecOutput\x12\x16\n" +
+	"\x06stdout\x18\x01 \x01(\fR\x06stdout\x12\x16\n" +
+	"\x06stderr\x18\x02 \x01(\fR\x06stderr\x12\x16\n" +
+	"\x06exited\x18\x03 \x01(\bR\x06exited\x12\x1b\n" +
+	"\texit_code\x18\x04 \x01(\x05R\bexitCode\x12\x0e\n" +
+	"\x02id\x18\x05 \x01(\tR\x02id\"\x81\x02\n" +
+	"\rUpdateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\acommand\x18\x02 \x03(\tR\acommand\x12\x10\n" +
+	"\x03env\x18\x03 \x03(\tR\x03env\x120\n" +
+	"\tresources\x18\x04 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x1a\n" +
+	"\bparallel\x18\x05 \x01(\rR\bparallel\x124\n" +
+	"\x16healthy_timeout_millis\x18\x06 \x01(\x03R\x14healthyTimeoutMillis\x12,\n" +
+	"\x12min_healthy_millis\x18\a \x01(\x03R\x10minHealthyMillis\"*\n" +
+	"\x0eUpdateProgress\x12\x18\n" +
+	"\amessage\x18\x01 \x01(\tR\amessage\"8\n" +
+	"\fScaleRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\x05R\x05count\"w\n" +
+	"\rScaleResponse\x120\n" +
+	"\aservice\x18\x01 \x01(\v2\x16.shim.v1.ServiceRecordR\aservice\x124\n" +
+	"\tprocesses\x18\x02 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"^\n" +
+	"\x10EndpointsRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x126\n" +
+	"\vconsistency\x18\x02 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"\xd0\x01\n" +
+	"\bEndpoint\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\x12\x18\n" +
+	"\areplica\x18\x04 \x01(\rR\areplica\x122\n" +
+	"\x05ports\x18\x05 \x03(\v2\x1c.shim.v1.Endpoint.PortsEntryR\x05ports\x1a8\n" +
+	"\n" +
+	"PortsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"Z\n" +
+	"\x11EndpointsResponse\x12/\n" +
+	"\tendpoints\x18\x01 \x03(\v2\x11.shim.v1.EndpointR\tendpoints\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"I\n" +
+	"\x0fServicesRequest\x126\n" +
+	"\vconsistency\x18\x01 \x01(\x0e2\x14.shim.v1.ConsistencyR\vconsistency\"F\n" +
+	"\x10ServicesResponse\x122\n" +
+	"\bservices\x18\x01 \x03(\v2\x16.shim.v1.ServiceRecordR\bservices\"\xc8\x03\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x1d\n" +
@@ -6010,7 +7573,8 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\rapplied_index\x18\t \x01(\x04R\fappliedIndex\x12&\n" +
 	"\x06events\x18\x14 \x03(\v2\x0e.shim.v1.EventR\x06events\x12\x1f\n" +
 	"\vevents_base\x18\x15 \x01(\x04R\n" +
-	"eventsBase\"f\n" +
+	"eventsBase\x122\n" +
+	"\bservices\x18\x1e \x03(\v2\x16.shim.v1.ServiceRecordR\bservices\"f\n" +
 	"\rRequestRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x16\n" +
@@ -6038,7 +7602,11 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\aNetwork\x12\x17\n" +
 	"\x13NETWORK_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fNETWORK_HOST\x10\x01\x12\x10\n" +
-	"\fNETWORK_NONE\x10\x02*\xe8\x01\n" +
+	"\fNETWORK_NONE\x10\x02*J\n" +
+	"\x06Health\x12\x16\n" +
+	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eHEALTH_HEALTHY\x10\x01\x12\x14\n" +
+	"\x10HEALTH_UNHEALTHY\x10\x02*\xe8\x01\n" +
 	"\fProcessState\x12\x1d\n" +
 	"\x19PROCESS_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15PROCESS_STATE_PENDING\x10\x01\x12\x1a\n" +
@@ -6066,7 +7634,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vConsistency\x12\x1b\n" +
 	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18CONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n" +
-	"\x11CONSISTENCY_STALE\x10\x022\x99\x06\n" +
+	"\x11CONSISTENCY_STALE\x10\x022\xc8\b\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -6081,7 +7649,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vRevokeToken\x12\x1b.shim.v1.RevokeTokenRequest\x1a\x1c.shim.v1.RevokeTokenResponse\x129\n" +
 	"\x06Whoami\x12\x16.shim.v1.WhoamiRequest\x1a\x17.shim.v1.WhoamiResponse\x12?\n" +
 	"\bSetGrant\x12\x18.shim.v1.SetGrantRequest\x1a\x19.shim.v1.SetGrantResponse\x122\n" +
-	"\x06Events\x12\x16.shim.v1.EventsRequest\x1a\x0e.shim.v1.Event0\x012\xb6\x04\n" +
+	"\x06Events\x12\x16.shim.v1.EventsRequest\x1a\x0e.shim.v1.Event0\x01\x126\n" +
+	"\x05Scale\x12\x15.shim.v1.ScaleRequest\x1a\x16.shim.v1.ScaleResponse\x12B\n" +
+	"\tEndpoints\x12\x19.shim.v1.EndpointsRequest\x1a\x1a.shim.v1.EndpointsResponse\x12?\n" +
+	"\bServices\x12\x18.shim.v1.ServicesRequest\x1a\x19.shim.v1.ServicesResponse\x12;\n" +
+	"\x06Update\x12\x16.shim.v1.UpdateRequest\x1a\x17.shim.v1.UpdateProgress0\x01\x123\n" +
+	"\x04Exec\x12\x12.shim.v1.ExecInput\x1a\x13.shim.v1.ExecOutput(\x010\x012\xb6\x04\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -6105,229 +7678,283 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 	return file_shim_v1_shim_proto_rawDescData
 }
 
-var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
 	(Grow)(0),                   // 2: shim.v1.Grow
 	(OnLost)(0),                 // 3: shim.v1.OnLost
 	(Network)(0),                // 4: shim.v1.Network
-	(ProcessState)(0),           // 5: shim.v1.ProcessState
-	(NodeRole)(0),               // 6: shim.v1.NodeRole
-	(NodeState)(0),              // 7: shim.v1.NodeState
-	(TokenRole)(0),              // 8: shim.v1.TokenRole
-	(Consistency)(0),            // 9: shim.v1.Consistency
-	(*Resources)(nil),           // 10: shim.v1.Resources
-	(*Mount)(nil),               // 11: shim.v1.Mount
-	(*Grant)(nil),               // 12: shim.v1.Grant
-	(*ProcessSpec)(nil),         // 13: shim.v1.ProcessSpec
-	(*Incarnation)(nil),         // 14: shim.v1.Incarnation
-	(*ProcessRecord)(nil),       // 15: shim.v1.ProcessRecord
-	(*Usage)(nil),               // 16: shim.v1.Usage
-	(*NodeRecord)(nil),          // 17: shim.v1.NodeRecord
-	(*HostPath)(nil),            // 18: shim.v1.HostPath
-	(*Command)(nil),             // 19: shim.v1.Command
-	(*Batch)(nil),               // 20: shim.v1.Batch
-	(*Trust)(nil),               // 21: shim.v1.Trust
-	(*TokenRecord)(nil),         // 22: shim.v1.TokenRecord
-	(*SetTrust)(nil),            // 23: shim.v1.SetTrust
-	(*AddToken)(nil),            // 24: shim.v1.AddToken
-	(*RevokeToken)(nil),         // 25: shim.v1.RevokeToken
-	(*RegisterNode)(nil),        // 26: shim.v1.RegisterNode
-	(*SetNodeState)(nil),        // 27: shim.v1.SetNodeState
-	(*SetDraining)(nil),         // 28: shim.v1.SetDraining
-	(*RemoveNode)(nil),          // 29: shim.v1.RemoveNode
-	(*Hold)(nil),                // 30: shim.v1.Hold
-	(*Spawn)(nil),               // 31: shim.v1.Spawn
-	(*SetGrant)(nil),            // 32: shim.v1.SetGrant
-	(*Event)(nil),               // 33: shim.v1.Event
-	(*Kill)(nil),                // 34: shim.v1.Kill
-	(*StatusUpdate)(nil),        // 35: shim.v1.StatusUpdate
-	(*Report)(nil),              // 36: shim.v1.Report
-	(*Resize)(nil),              // 37: shim.v1.Resize
-	(*Prune)(nil),               // 38: shim.v1.Prune
-	(*SpawnRequest)(nil),        // 39: shim.v1.SpawnRequest
-	(*SpawnResponse)(nil),       // 40: shim.v1.SpawnResponse
-	(*KillRequest)(nil),         // 41: shim.v1.KillRequest
-	(*KillResponse)(nil),        // 42: shim.v1.KillResponse
-	(*ResizeRequest)(nil),       // 43: shim.v1.ResizeRequest
-	(*ResizeResponse)(nil),      // 44: shim.v1.ResizeResponse
-	(*ListRequest)(nil),         // 45: shim.v1.ListRequest
-	(*ListResponse)(nil),        // 46: shim.v1.ListResponse
-	(*Staleness)(nil),           // 47: shim.v1.Staleness
-	(*NodesRequest)(nil),        // 48: shim.v1.NodesRequest
-	(*NodeStatus)(nil),          // 49: shim.v1.NodeStatus
-	(*NodesResponse)(nil),       // 50: shim.v1.NodesResponse
-	(*SetGrantRequest)(nil),     // 51: shim.v1.SetGrantRequest
-	(*SetGrantResponse)(nil),    // 52: shim.v1.SetGrantResponse
-	(*EventsRequest)(nil),       // 53: shim.v1.EventsRequest
-	(*ReadIndexRequest)(nil),    // 54: shim.v1.ReadIndexRequest
-	(*ReadIndexResponse)(nil),   // 55: shim.v1.ReadIndexResponse
-	(*LogsRequest)(nil),         // 56: shim.v1.LogsRequest
-	(*LogsChunk)(nil),           // 57: shim.v1.LogsChunk
-	(*DrainRequest)(nil),        // 58: shim.v1.DrainRequest
-	(*DrainResponse)(nil),       // 59: shim.v1.DrainResponse
-	(*CreateTokenRequest)(nil),  // 60: shim.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil), // 61: shim.v1.CreateTokenResponse
-	(*ListTokensRequest)(nil),   // 62: shim.v1.ListTokensRequest
-	(*ListTokensResponse)(nil),  // 63: shim.v1.ListTokensResponse
-	(*RevokeTokenRequest)(nil),  // 64: shim.v1.RevokeTokenRequest
-	(*RevokeTokenResponse)(nil), // 65: shim.v1.RevokeTokenResponse
-	(*WhoamiRequest)(nil),       // 66: shim.v1.WhoamiRequest
-	(*WhoamiResponse)(nil),      // 67: shim.v1.WhoamiResponse
-	(*JoinRequest)(nil),         // 68: shim.v1.JoinRequest
-	(*JoinResponse)(nil),        // 69: shim.v1.JoinResponse
-	(*CertifyRequest)(nil),      // 70: shim.v1.CertifyRequest
-	(*CertifyResponse)(nil),     // 71: shim.v1.CertifyResponse
-	(*LeaveRequest)(nil),        // 72: shim.v1.LeaveRequest
-	(*LeaveResponse)(nil),       // 73: shim.v1.LeaveResponse
-	(*HeartbeatRequest)(nil),    // 74: shim.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),   // 75: shim.v1.HeartbeatResponse
-	(*AssignmentsRequest)(nil),  // 76: shim.v1.AssignmentsRequest
-	(*AssignmentsResponse)(nil), // 77: shim.v1.AssignmentsResponse
-	(*ReportRequest)(nil),       // 78: shim.v1.ReportRequest
-	(*ReportResponse)(nil),      // 79: shim.v1.ReportResponse
-	(*UsageRequest)(nil),        // 80: shim.v1.UsageRequest
-	(*UsageResponse)(nil),       // 81: shim.v1.UsageResponse
-	(*ApplyRequest)(nil),        // 82: shim.v1.ApplyRequest
-	(*ApplyResponse)(nil),       // 83: shim.v1.ApplyResponse
-	(*SnapshotHeader)(nil),      // 84: shim.v1.SnapshotHeader
-	(*RequestRecord)(nil),       // 85: shim.v1.RequestRecord
-	nil,                         // 86: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 87: shim.v1.UsageResponse.UsageEntry
+	(Health)(0),                 // 5: shim.v1.Health
+	(ProcessState)(0),           // 6: shim.v1.ProcessState
+	(NodeRole)(0),               // 7: shim.v1.NodeRole
+	(NodeState)(0),              // 8: shim.v1.NodeState
+	(TokenRole)(0),              // 9: shim.v1.TokenRole
+	(Consistency)(0),            // 10: shim.v1.Consistency
+	(*Resources)(nil),           // 11: shim.v1.Resources
+	(*Mount)(nil),               // 12: shim.v1.Mount
+	(*Grant)(nil),               // 13: shim.v1.Grant
+	(*ProcessSpec)(nil),         // 14: shim.v1.ProcessSpec
+	(*PortSpec)(nil),            // 15: shim.v1.PortSpec
+	(*HealthCheck)(nil),         // 16: shim.v1.HealthCheck
+	(*ServiceRecord)(nil),       // 17: shim.v1.ServiceRecord
+	(*Incarnation)(nil),         // 18: shim.v1.Incarnation
+	(*ProcessRecord)(nil),       // 19: shim.v1.ProcessRecord
+	(*Usage)(nil),               // 20: shim.v1.Usage
+	(*NodeRecord)(nil),          // 21: shim.v1.NodeRecord
+	(*HostPath)(nil),            // 22: shim.v1.HostPath
+	(*Command)(nil),             // 23: shim.v1.Command
+	(*Batch)(nil),               // 24: shim.v1.Batch
+	(*Trust)(nil),               // 25: shim.v1.Trust
+	(*TokenRecord)(nil),         // 26: shim.v1.TokenRecord
+	(*SetTrust)(nil),            // 27: shim.v1.SetTrust
+	(*AddToken)(nil),            // 28: shim.v1.AddToken
+	(*RevokeToken)(nil),         // 29: shim.v1.RevokeToken
+	(*RegisterNode)(nil),        // 30: shim.v1.RegisterNode
+	(*SetNodeState)(nil),        // 31: shim.v1.SetNodeState
+	(*SetDraining)(nil),         // 32: shim.v1.SetDraining
+	(*RemoveNode)(nil),          // 33: shim.v1.RemoveNode
+	(*Hold)(nil),                // 34: shim.v1.Hold
+	(*Spawn)(nil),               // 35: shim.v1.Spawn
+	(*Scale)(nil),               // 36: shim.v1.Scale
+	(*UpdateService)(nil),       // 37: shim.v1.UpdateService
+	(*AddReplicas)(nil),         // 38: shim.v1.AddReplicas
+	(*SetGrant)(nil),            // 39: shim.v1.SetGrant
+	(*Event)(nil),               // 40: shim.v1.Event
+	(*Kill)(nil),                // 41: shim.v1.Kill
+	(*StatusUpdate)(nil),        // 42: shim.v1.StatusUpdate
+	(*Report)(nil),              // 43: shim.v1.Report
+	(*Resize)(nil),              // 44: shim.v1.Resize
+	(*Prune)(nil),               // 45: shim.v1.Prune
+	(*SpawnRequest)(nil),        // 46: shim.v1.SpawnRequest
+	(*SpawnResponse)(nil),       // 47: shim.v1.SpawnResponse
+	(*KillRequest)(nil),         // 48: shim.v1.KillRequest
+	(*KillResponse)(nil),        // 49: shim.v1.KillResponse
+	(*ResizeRequest)(nil),       // 50: shim.v1.ResizeRequest
+	(*ResizeResponse)(nil),      // 51: shim.v1.ResizeResponse
+	(*ListRequest)(nil),         // 52: shim.v1.ListRequest
+	(*ListResponse)(nil),        // 53: shim.v1.ListResponse
+	(*Staleness)(nil),           // 54: shim.v1.Staleness
+	(*NodesRequest)(nil),        // 55: shim.v1.NodesRequest
+	(*NodeStatus)(nil),          // 56: shim.v1.NodeStatus
+	(*NodesResponse)(nil),       // 57: shim.v1.NodesResponse
+	(*SetGrantRequest)(nil),     // 58: shim.v1.SetGrantRequest
+	(*SetGrantResponse)(nil),    // 59: shim.v1.SetGrantResponse
+	(*EventsRequest)(nil),       // 60: shim.v1.EventsRequest
+	(*ReadIndexRequest)(nil),    // 61: shim.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),   // 62: shim.v1.ReadIndexResponse
+	(*LogsRequest)(nil),         // 63: shim.v1.LogsRequest
+	(*LogsChunk)(nil),           // 64: shim.v1.LogsChunk
+	(*DrainRequest)(nil),        // 65: shim.v1.DrainRequest
+	(*DrainResponse)(nil),       // 66: shim.v1.DrainResponse
+	(*CreateTokenRequest)(nil),  // 67: shim.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil), // 68: shim.v1.CreateTokenResponse
+	(*ListTokensRequest)(nil),   // 69: shim.v1.ListTokensRequest
+	(*ListTokensResponse)(nil),  // 70: shim.v1.ListTokensResponse
+	(*RevokeTokenRequest)(nil),  // 71: shim.v1.RevokeTokenRequest
+	(*RevokeTokenResponse)(nil), // 72: shim.v1.RevokeTokenResponse
+	(*WhoamiRequest)(nil),       // 73: shim.v1.WhoamiRequest
+	(*WhoamiResponse)(nil),      // 74: shim.v1.WhoamiResponse
+	(*JoinRequest)(nil),         // 75: shim.v1.JoinRequest
+	(*JoinResponse)(nil),        // 76: shim.v1.JoinResponse
+	(*CertifyRequest)(nil),      // 77: shim.v1.CertifyRequest
+	(*CertifyResponse)(nil),     // 78: shim.v1.CertifyResponse
+	(*LeaveRequest)(nil),        // 79: shim.v1.LeaveRequest
+	(*LeaveResponse)(nil),       // 80: shim.v1.LeaveResponse
+	(*HeartbeatRequest)(nil),    // 81: shim.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),   // 82: shim.v1.HeartbeatResponse
+	(*AssignmentsRequest)(nil),  // 83: shim.v1.AssignmentsRequest
+	(*AssignmentsResponse)(nil), // 84: shim.v1.AssignmentsResponse
+	(*ReportRequest)(nil),       // 85: shim.v1.ReportRequest
+	(*ReportResponse)(nil),      // 86: shim.v1.ReportResponse
+	(*UsageRequest)(nil),        // 87: shim.v1.UsageRequest
+	(*UsageResponse)(nil),       // 88: shim.v1.UsageResponse
+	(*ApplyRequest)(nil),        // 89: shim.v1.ApplyRequest
+	(*ApplyResponse)(nil),       // 90: shim.v1.ApplyResponse
+	(*ExecInput)(nil),           // 91: shim.v1.ExecInput
+	(*ExecStart)(nil),           // 92: shim.v1.ExecStart
+	(*TermSize)(nil),            // 93: shim.v1.TermSize
+	(*ExecOutput)(nil),          // 94: shim.v1.ExecOutput
+	(*UpdateRequest)(nil),       // 95: shim.v1.UpdateRequest
+	(*UpdateProgress)(nil),      // 96: shim.v1.UpdateProgress
+	(*ScaleRequest)(nil),        // 97: shim.v1.ScaleRequest
+	(*ScaleResponse)(nil),       // 98: shim.v1.ScaleResponse
+	(*EndpointsRequest)(nil),    // 99: shim.v1.EndpointsRequest
+	(*Endpoint)(nil),            // 100: shim.v1.Endpoint
+	(*EndpointsResponse)(nil),   // 101: shim.v1.EndpointsResponse
+	(*ServicesRequest)(nil),     // 102: shim.v1.ServicesRequest
+	(*ServicesResponse)(nil),    // 103: shim.v1.ServicesResponse
+	(*SnapshotHeader)(nil),      // 104: shim.v1.SnapshotHeader
+	(*RequestRecord)(nil),       // 105: shim.v1.RequestRecord
+	nil,                         // 106: shim.v1.ProcessRecord.PortsEntry
+	nil,                         // 107: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 108: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 109: shim.v1.Endpoint.PortsEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
-	10,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
+	11,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
 	0,   // 1: shim.v1.ProcessSpec.restart:type_name -> shim.v1.RestartPolicy
 	1,   // 2: shim.v1.ProcessSpec.isolation:type_name -> shim.v1.Isolation
 	4,   // 3: shim.v1.ProcessSpec.network:type_name -> shim.v1.Network
-	11,  // 4: shim.v1.ProcessSpec.mounts:type_name -> shim.v1.Mount
+	12,  // 4: shim.v1.ProcessSpec.mounts:type_name -> shim.v1.Mount
 	2,   // 5: shim.v1.ProcessSpec.grow:type_name -> shim.v1.Grow
 	3,   // 6: shim.v1.ProcessSpec.on_lost:type_name -> shim.v1.OnLost
-	5,   // 7: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
-	13,  // 8: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
-	5,   // 9: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
-	14,  // 10: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
-	16,  // 11: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
-	12,  // 12: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
-	12,  // 13: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
-	14,  // 14: shim.v1.ProcessRecord.cut_off:type_name -> shim.v1.Incarnation
-	6,   // 15: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
-	7,   // 16: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	10,  // 17: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	18,  // 18: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
-	26,  // 19: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	27,  // 20: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	28,  // 21: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	29,  // 22: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	31,  // 23: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	34,  // 24: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	36,  // 25: shim.v1.Command.report:type_name -> shim.v1.Report
-	37,  // 26: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	20,  // 27: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	38,  // 28: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	30,  // 29: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	32,  // 30: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
-	23,  // 31: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
-	24,  // 32: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
-	25,  // 33: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
-	19,  // 34: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	8,   // 35: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	21,  // 36: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	22,  // 37: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	17,  // 38: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	7,   // 39: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	13,  // 40: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	12,  // 41: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
-	5,   // 42: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	35,  // 43: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	10,  // 44: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	13,  // 45: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	15,  // 46: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	15,  // 47: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	10,  // 48: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	15,  // 49: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	9,   // 50: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
-	15,  // 51: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	47,  // 52: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
-	9,   // 53: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
-	17,  // 54: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	10,  // 55: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	10,  // 56: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	16,  // 57: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	12,  // 58: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
-	49,  // 59: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	47,  // 60: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	12,  // 61: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	15,  // 62: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	17,  // 63: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	8,   // 64: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	22,  // 65: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	22,  // 66: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	17,  // 67: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	6,   // 68: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	7,   // 69: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	15,  // 70: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	7,   // 71: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	86,  // 72: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
-	36,  // 73: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	87,  // 74: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	19,  // 75: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	21,  // 76: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	22,  // 77: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	85,  // 78: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	33,  // 79: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	16,  // 80: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39,  // 81: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41,  // 82: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43,  // 83: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45,  // 84: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48,  // 85: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56,  // 86: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58,  // 87: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60,  // 88: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62,  // 89: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64,  // 90: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66,  // 91: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51,  // 92: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53,  // 93: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68,  // 94: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72,  // 95: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74,  // 96: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76,  // 97: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78,  // 98: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82,  // 99: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80,  // 100: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70,  // 101: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54,  // 102: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40,  // 103: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42,  // 104: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44,  // 105: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46,  // 106: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50,  // 107: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57,  // 108: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59,  // 109: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61,  // 110: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63,  // 111: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65,  // 112: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67,  // 113: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52,  // 114: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33,  // 115: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69,  // 116: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73,  // 117: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75,  // 118: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77,  // 119: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79,  // 120: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83,  // 121: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81,  // 122: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71,  // 123: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55,  // 124: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	103, // [103:125] is the sub-list for method output_type
-	81,  // [81:103] is the sub-list for method input_type
-	81,  // [81:81] is the sub-list for extension type_name
-	81,  // [81:81] is the sub-list for extension extendee
-	0,   // [0:81] is the sub-list for field type_name
+	15,  // 7: shim.v1.ProcessSpec.ports:type_name -> shim.v1.PortSpec
+	16,  // 8: shim.v1.ProcessSpec.check:type_name -> shim.v1.HealthCheck
+	14,  // 9: shim.v1.ServiceRecord.spec:type_name -> shim.v1.ProcessSpec
+	6,   // 10: shim.v1.Incarnation.state:type_name -> shim.v1.ProcessState
+	14,  // 11: shim.v1.ProcessRecord.spec:type_name -> shim.v1.ProcessSpec
+	6,   // 12: shim.v1.ProcessRecord.state:type_name -> shim.v1.ProcessState
+	18,  // 13: shim.v1.ProcessRecord.history:type_name -> shim.v1.Incarnation
+	20,  // 14: shim.v1.ProcessRecord.usage:type_name -> shim.v1.Usage
+	13,  // 15: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
+	13,  // 16: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
+	18,  // 17: shim.v1.ProcessRecord.cut_off:type_name -> shim.v1.Incarnation
+	106, // 18: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
+	5,   // 19: shim.v1.ProcessRecord.health:type_name -> shim.v1.Health
+	7,   // 20: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
+	8,   // 21: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
+	11,  // 22: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	22,  // 23: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
+	30,  // 24: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	31,  // 25: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	32,  // 26: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	33,  // 27: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	35,  // 28: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	41,  // 29: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	43,  // 30: shim.v1.Command.report:type_name -> shim.v1.Report
+	44,  // 31: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	24,  // 32: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	45,  // 33: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	34,  // 34: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	39,  // 35: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	27,  // 36: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	28,  // 37: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	29,  // 38: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	36,  // 39: shim.v1.Command.scale:type_name -> shim.v1.Scale
+	37,  // 40: shim.v1.Command.update_service:type_name -> shim.v1.UpdateService
+	38,  // 41: shim.v1.Command.add_replicas:type_name -> shim.v1.AddReplicas
+	23,  // 42: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	9,   // 43: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	25,  // 44: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	26,  // 45: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	21,  // 46: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	8,   // 47: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	14,  // 48: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	14,  // 49: shim.v1.UpdateService.spec:type_name -> shim.v1.ProcessSpec
+	13,  // 50: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	6,   // 51: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	5,   // 52: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
+	42,  // 53: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	11,  // 54: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	14,  // 55: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	19,  // 56: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	19,  // 57: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	11,  // 58: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	19,  // 59: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	10,  // 60: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	19,  // 61: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	54,  // 62: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	10,  // 63: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	21,  // 64: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	11,  // 65: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	11,  // 66: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	20,  // 67: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	13,  // 68: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	56,  // 69: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	54,  // 70: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	13,  // 71: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	19,  // 72: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	21,  // 73: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	9,   // 74: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	26,  // 75: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	26,  // 76: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	21,  // 77: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	7,   // 78: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	8,   // 79: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	19,  // 80: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	8,   // 81: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	107, // 82: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	43,  // 83: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	108, // 84: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	23,  // 85: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	92,  // 86: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
+	93,  // 87: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
+	93,  // 88: shim.v1.ExecStart.size:type_name -> shim.v1.TermSize
+	11,  // 89: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
+	17,  // 90: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
+	19,  // 91: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 92: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
+	109, // 93: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
+	100, // 94: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
+	10,  // 95: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 96: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
+	25,  // 97: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	26,  // 98: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	105, // 99: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	40,  // 100: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	17,  // 101: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
+	20,  // 102: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	46,  // 103: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	48,  // 104: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	50,  // 105: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	52,  // 106: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	55,  // 107: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	63,  // 108: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	65,  // 109: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	67,  // 110: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	69,  // 111: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	71,  // 112: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	73,  // 113: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	58,  // 114: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	60,  // 115: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	97,  // 116: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
+	99,  // 117: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
+	102, // 118: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
+	95,  // 119: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
+	91,  // 120: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
+	75,  // 121: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	79,  // 122: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	81,  // 123: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	83,  // 124: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	85,  // 125: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	89,  // 126: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	87,  // 127: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	77,  // 128: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	61,  // 129: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	47,  // 130: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	49,  // 131: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	51,  // 132: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	53,  // 133: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	57,  // 134: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	64,  // 135: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	66,  // 136: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	68,  // 137: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	70,  // 138: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	72,  // 139: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	74,  // 140: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	59,  // 141: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	40,  // 142: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	98,  // 143: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
+	101, // 144: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
+	103, // 145: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
+	96,  // 146: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
+	94,  // 147: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
+	76,  // 148: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	80,  // 149: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	82,  // 150: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	84,  // 151: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	86,  // 152: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	90,  // 153: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	88,  // 154: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	78,  // 155: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	62,  // 156: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	130, // [130:157] is the sub-list for method output_type
+	103, // [103:130] is the sub-list for method input_type
+	103, // [103:103] is the sub-list for extension type_name
+	103, // [103:103] is the sub-list for extension extendee
+	0,   // [0:103] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -6336,7 +7963,7 @@ func file_shim_v1_shim_proto_init() {
 		return
 	}
 	file_shim_v1_shim_proto_msgTypes[3].OneofWrappers = []any{}
-	file_shim_v1_shim_proto_msgTypes[9].OneofWrappers = []any{
+	file_shim_v1_shim_proto_msgTypes[12].OneofWrappers = []any{
 		(*Command_RegisterNode)(nil),
 		(*Command_SetNodeState)(nil),
 		(*Command_SetDraining)(nil),
@@ -6352,14 +7979,17 @@ func file_shim_v1_shim_proto_init() {
 		(*Command_SetTrust)(nil),
 		(*Command_AddToken)(nil),
 		(*Command_RevokeToken)(nil),
+		(*Command_Scale)(nil),
+		(*Command_UpdateService)(nil),
+		(*Command_AddReplicas)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
-			NumEnums:      10,
-			NumMessages:   78,
+			NumEnums:      11,
+			NumMessages:   99,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -134,7 +134,8 @@ func freePort() string {
 type daemon struct {
 	cl                         *cluster
 	name, role, api, raft, dir string
-	sims                       int // --simulate N
+	dns                        string // its DNS server (--dns), given one by start
+	sims                       int    // --simulate N
 	args                       []string
 	cmd                        *exec.Cmd
 	logf                       *os.File
@@ -302,6 +303,12 @@ func (c *cluster) start(d *daemon) error {
 		return err
 	}
 	d.logf = f
+	if d.dns == "" && d.sims == 0 {
+		// Each its own DNS port: the default one is shared by every
+		// shimd on this host (rows_services.go).
+		d.dns = freePort()
+		d.args = append(d.args, "--dns", d.dns)
+	}
 	d.cmd = exec.Command(filepath.Join(c.e.bin, "shimd"), d.args...)
 	if d.sims > 0 && c.e.simNice > 0 {
 		// Simulated workers stand in for other machines, whose agents

@@ -76,6 +76,7 @@ func freePort(t *testing.T) string {
 // daemon is one shimd process.
 type daemon struct {
 	name, api, raft, dir string
+	dns                  string // its DNS server's address (--dns), if given one
 	args                 []string
 	cmd                  *exec.Cmd
 	log                  *os.File
@@ -99,8 +100,10 @@ func startClusterNamed(t *testing.T, prefix string, n int, extra ...string) *clu
 	t.Helper()
 	c := &cluster{t: t}
 	for i := range n {
-		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir()}
-		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft}
+		d := &daemon{name: fmt.Sprintf("%s-%d", prefix, i+1), api: freePort(t), raft: freePort(t), dir: t.TempDir(), dns: freePort(t)}
+		d.args = []string{"--name", d.name, "--data-dir", d.dir, "--api", d.api, "--raft", d.raft, "--dns", d.dns,
+			// The nodes share one host's ports: a range each.
+			"--port-range", fmt.Sprintf("%d-%d", 21000+1000*i, 21999+1000*i)}
 		if i > 0 {
 			d.args = append(d.args, c.joinArgs()...)
 		}

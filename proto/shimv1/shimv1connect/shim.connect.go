@@ -64,6 +64,16 @@ const (
 	ShimServiceSetGrantProcedure = "/shim.v1.ShimService/SetGrant"
 	// ShimServiceEventsProcedure is the fully-qualified name of the ShimService's Events RPC.
 	ShimServiceEventsProcedure = "/shim.v1.ShimService/Events"
+	// ShimServiceScaleProcedure is the fully-qualified name of the ShimService's Scale RPC.
+	ShimServiceScaleProcedure = "/shim.v1.ShimService/Scale"
+	// ShimServiceEndpointsProcedure is the fully-qualified name of the ShimService's Endpoints RPC.
+	ShimServiceEndpointsProcedure = "/shim.v1.ShimService/Endpoints"
+	// ShimServiceServicesProcedure is the fully-qualified name of the ShimService's Services RPC.
+	ShimServiceServicesProcedure = "/shim.v1.ShimService/Services"
+	// ShimServiceUpdateProcedure is the fully-qualified name of the ShimService's Update RPC.
+	ShimServiceUpdateProcedure = "/shim.v1.ShimService/Update"
+	// ShimServiceExecProcedure is the fully-qualified name of the ShimService's Exec RPC.
+	ShimServiceExecProcedure = "/shim.v1.ShimService/Exec"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -100,6 +110,11 @@ type ShimServiceClient interface {
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
 	Events(context.Context, *connect.Request[shimv1.EventsRequest]) (*connect.ServerStreamForClient[shimv1.Event], error)
+	Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error)
+	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
+	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
+	Update(context.Context, *connect.Request[shimv1.UpdateRequest]) (*connect.ServerStreamForClient[shimv1.UpdateProgress], error)
+	Exec(context.Context) *connect.BidiStreamForClient[shimv1.ExecInput, shimv1.ExecOutput]
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -191,6 +206,36 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Events")),
 			connect.WithClientOptions(opts...),
 		),
+		scale: connect.NewClient[shimv1.ScaleRequest, shimv1.ScaleResponse](
+			httpClient,
+			baseURL+ShimServiceScaleProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Scale")),
+			connect.WithClientOptions(opts...),
+		),
+		endpoints: connect.NewClient[shimv1.EndpointsRequest, shimv1.EndpointsResponse](
+			httpClient,
+			baseURL+ShimServiceEndpointsProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Endpoints")),
+			connect.WithClientOptions(opts...),
+		),
+		services: connect.NewClient[shimv1.ServicesRequest, shimv1.ServicesResponse](
+			httpClient,
+			baseURL+ShimServiceServicesProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Services")),
+			connect.WithClientOptions(opts...),
+		),
+		update: connect.NewClient[shimv1.UpdateRequest, shimv1.UpdateProgress](
+			httpClient,
+			baseURL+ShimServiceUpdateProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Update")),
+			connect.WithClientOptions(opts...),
+		),
+		exec: connect.NewClient[shimv1.ExecInput, shimv1.ExecOutput](
+			httpClient,
+			baseURL+ShimServiceExecProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("Exec")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -209,6 +254,11 @@ type shimServiceClient struct {
 	whoami      *connect.Client[shimv1.WhoamiRequest, shimv1.WhoamiResponse]
 	setGrant    *connect.Client[shimv1.SetGrantRequest, shimv1.SetGrantResponse]
 	events      *connect.Client[shimv1.EventsRequest, shimv1.Event]
+	scale       *connect.Client[shimv1.ScaleRequest, shimv1.ScaleResponse]
+	endpoints   *connect.Client[shimv1.EndpointsRequest, shimv1.EndpointsResponse]
+	services    *connect.Client[shimv1.ServicesRequest, shimv1.ServicesResponse]
+	update      *connect.Client[shimv1.UpdateRequest, shimv1.UpdateProgress]
+	exec        *connect.Client[shimv1.ExecInput, shimv1.ExecOutput]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -276,6 +326,31 @@ func (c *shimServiceClient) Events(ctx context.Context, req *connect.Request[shi
 	return c.events.CallServerStream(ctx, req)
 }
 
+// Scale calls shim.v1.ShimService.Scale.
+func (c *shimServiceClient) Scale(ctx context.Context, req *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error) {
+	return c.scale.CallUnary(ctx, req)
+}
+
+// Endpoints calls shim.v1.ShimService.Endpoints.
+func (c *shimServiceClient) Endpoints(ctx context.Context, req *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error) {
+	return c.endpoints.CallUnary(ctx, req)
+}
+
+// Services calls shim.v1.ShimService.Services.
+func (c *shimServiceClient) Services(ctx context.Context, req *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error) {
+	return c.services.CallUnary(ctx, req)
+}
+
+// Update calls shim.v1.ShimService.Update.
+func (c *shimServiceClient) Update(ctx context.Context, req *connect.Request[shimv1.UpdateRequest]) (*connect.ServerStreamForClient[shimv1.UpdateProgress], error) {
+	return c.update.CallServerStream(ctx, req)
+}
+
+// Exec calls shim.v1.ShimService.Exec.
+func (c *shimServiceClient) Exec(ctx context.Context) *connect.BidiStreamForClient[shimv1.ExecInput, shimv1.ExecOutput] {
+	return c.exec.CallBidiStream(ctx)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -291,6 +366,11 @@ type ShimServiceHandler interface {
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
 	Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error
+	Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error)
+	Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error)
+	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
+	Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error
+	Exec(context.Context, *connect.BidiStream[shimv1.ExecInput, shimv1.ExecOutput]) error
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -378,6 +458,36 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Events")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceScaleHandler := connect.NewUnaryHandler(
+		ShimServiceScaleProcedure,
+		svc.Scale,
+		connect.WithSchema(shimServiceMethods.ByName("Scale")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceEndpointsHandler := connect.NewUnaryHandler(
+		ShimServiceEndpointsProcedure,
+		svc.Endpoints,
+		connect.WithSchema(shimServiceMethods.ByName("Endpoints")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceServicesHandler := connect.NewUnaryHandler(
+		ShimServiceServicesProcedure,
+		svc.Services,
+		connect.WithSchema(shimServiceMethods.ByName("Services")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceUpdateHandler := connect.NewServerStreamHandler(
+		ShimServiceUpdateProcedure,
+		svc.Update,
+		connect.WithSchema(shimServiceMethods.ByName("Update")),
+		connect.WithHandlerOptions(opts...),
+	)
+	shimServiceExecHandler := connect.NewBidiStreamHandler(
+		ShimServiceExecProcedure,
+		svc.Exec,
+		connect.WithSchema(shimServiceMethods.ByName("Exec")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -406,6 +516,16 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceSetGrantHandler.ServeHTTP(w, r)
 		case ShimServiceEventsProcedure:
 			shimServiceEventsHandler.ServeHTTP(w, r)
+		case ShimServiceScaleProcedure:
+			shimServiceScaleHandler.ServeHTTP(w, r)
+		case ShimServiceEndpointsProcedure:
+			shimServiceEndpointsHandler.ServeHTTP(w, r)
+		case ShimServiceServicesProcedure:
+			shimServiceServicesHandler.ServeHTTP(w, r)
+		case ShimServiceUpdateProcedure:
+			shimServiceUpdateHandler.ServeHTTP(w, r)
+		case ShimServiceExecProcedure:
+			shimServiceExecHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -465,6 +585,26 @@ func (UnimplementedShimServiceHandler) SetGrant(context.Context, *connect.Reques
 
 func (UnimplementedShimServiceHandler) Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Events is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Scale(context.Context, *connect.Request[shimv1.ScaleRequest]) (*connect.Response[shimv1.ScaleResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Scale is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Endpoints(context.Context, *connect.Request[shimv1.EndpointsRequest]) (*connect.Response[shimv1.EndpointsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Endpoints is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Services is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Update is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) Exec(context.Context, *connect.BidiStream[shimv1.ExecInput, shimv1.ExecOutput]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Exec is not implemented"))
 }
 
 // AgentServiceClient is a client for the shim.v1.AgentService service.

@@ -1,0 +1,195 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
+
+	"connectrpc.com/connect"
+)
+
+// ---- row 13: services and DNS ----
+
+// spawnService makes service name: count replicas of sleep with port HTTP.
+func (c *cluster) spawnService(ctx context.Context, name string, count int) error {
+	spec := sleepSpec(pb.Isolation_ISOLATION_PROCESS)
+	spec.Name, spec.Ports = name, []*pb.PortSpec{{Name: "HTTP"}}
+	_, err := anyServer(c, ctx, func(ctx context.Context, cl shimv1connect.ShimServiceClient) (*pb.SpawnResponse, error) {
+		r, err := cl.Spawn(ctx, connect.NewRequest(&pb.SpawnRequest{Spec: spec, Count: uint32(count), Service: true, Wait: true}))
+		if err != nil {
+			return nil, err
+		}
+		return r.Msg, nil
+	})
+	return err
+}
+
+// srvTargets asks addr for _http._tcp.name.shim. and returns the SRV targets.
+func srvTargets(co *mdns.Conn, name string) ([]string, error) {
+	m := new(mdns.Msg)
+	m.SetQuestion("_http._tcp."+name+".shim.", mdns.TypeSRV)
+	_ = co.SetDeadline(time.Now().Add(2 * time.Second))
+	if err := co.WriteMsg(m); err != nil {
+		return nil, err
+	}
+	r, err := co.ReadMsg()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, rr := range r.Answer {
+		if s, ok := rr.(*mdns.SRV); ok {
+			out = append(out, strings.TrimSuffix(s.Target, ".node.shim."))
+		}
+	}
+	return out, nil
+}
+
+func rowDNSRate(e *env) []Result {
+	const what, goal = "DNS SRV answers/s from one shimd (3 replicas, 16 UDP clients)", "≥ 20,000/s"
+	c := newCluster(e, "dns")
+	defer c.close()
+	if err := c.startServers(3); err != nil {
+		return []Result{failed("13a", what, "/s", goal, err)}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := c.spawnService(ctx, "web", 3); err != nil {
+		return []Result{failed("13a", what, "/s", goal, err)}
+	}
+	target := c.servers[1] // a follower or the leader: every shimd answers from its own table
+	var ok, bad atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 16 {
+		co, err := mdns.Dial("udp", target.dns)
+		if err != nil {
+			return []Result{failed("13a", what, "/s", goal, err)}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer co.Close()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ts, err := srvTargets(co, "web")
+				if err == nil && len(ts) == 3 {
+					ok.Add(1)
+				} else {
+					bad.Add(1)
+				}
+			}
+		}()
+	}
+	secs := pick(e, 5, 20)
+	var rates []float64
+	last := ok.Load()
+	for range secs {
+		time.Sleep(time.Second)
+		n := ok.Load()
+		rates = append(rates, float64(n-last))
+		last = n
+	}
+	close(stop)
+	wg.Wait()
+	return []Result{{Row: "13a", What: what, Unit: "/s", Sample: rates, Goal: goal,
+		Check: func(s Stats) bool { return s.Median >= 20000 },
+		Note:  fmt.Sprintf("per-second counts over %d s from a server's --dns, clients on the same 2 cores; %d answers lacked the 3 replicas", secs, bad.Load())}}
+}
+
+func rowDNSDeath(e *env) []Result {
+	rounds := pick(e, 5, 20)
+	const what, goal = "kill -9 a worker running a replica → a server's DNS no longer lists it", "p99 ≤ 2000"
+	c := newCluster(e, "dnsdeath")
+	defer c.close()
+	if err := c.startServers(3); err != nil {
+		return []Result{failed("13b", what, "ms", goal, err)}
+	}
+	co, err := mdns.Dial("udp", c.servers[0].dns)
+	if err != nil {
+		return []Result{failed("13b", what, "ms", goal, err)}
+	}
+	defer co.Close()
+	var sample []float64
+	var errs []string
+	for r := range rounds {
+		name := fmt.Sprintf("web%d", r)
+		err := func() error {
+			victim, err := c.addWorker(0)
+			if err != nil {
+				return err
+			}
+			if err := c.waitNodesUp(4, 30*time.Second); err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if err := c.spawnService(ctx, name, 4); err != nil { // one per node
+				return err
+			}
+			listed := func() (bool, error) {
+				ts, err := srvTargets(co, name)
+				if err != nil {
+					return false, err
+				}
+				for _, t := range ts {
+					if t == strings.ToLower(victim.name) {
+						return true, nil
+					}
+				}
+				return false, nil
+			}
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				if in, _ := listed(); in {
+					break
+				}
+				if time.Now().After(deadline) {
+					return fmt.Errorf("the victim's replica never showed in DNS")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			t0 := time.Now()
+			c.kill9(victim)
+			for _, p := range nodePids(victim.name) {
+				_ = syscall.Kill(p, syscall.SIGKILL)
+			}
+			for {
+				if in, err := listed(); err == nil && !in {
+					break
+				}
+				if time.Since(t0) > 30*time.Second {
+					return fmt.Errorf("DNS still lists %s 30 s after its death", victim.name)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			sample = append(sample, ms(time.Since(t0)))
+			sweepCgroups(victim.name)
+			c.workers = c.workers[:len(c.workers)-1]
+			return nil
+		}()
+		if err != nil {
+			errs = append(errs, fmt.Sprintf("round %d: %v", r+1, err))
+		}
+		c.killAll()
+	}
+	note := fmt.Sprintf("3 servers + 1 worker per round; service of 4 sleep replicas, one per node; polled every 5 ms over UDP; lease 1 s; %d rounds", rounds)
+	if len(errs) > 0 {
+		note += "; failed: " + strings.Join(errs, "; ")
+	}
+	return []Result{{Row: "13b", What: what, Unit: "ms", Sample: sample, Goal: goal,
+		Check: func(s Stats) bool { return s.P99 <= 2000 && len(errs) == 0 }, Note: note}}
+}
