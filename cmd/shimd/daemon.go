@@ -32,6 +32,7 @@ import (
 	"github.com/shim-run/shim/raftlog"
 	"github.com/shim-run/shim/server"
 	"github.com/shim-run/shim/table"
+	"github.com/shim-run/shim/ui"
 )
 
 type options struct {
@@ -200,7 +201,7 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return fmt.Errorf("api: %w", err)
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
+	hs := &http.Server{Handler: ui.Mount(srv.Handler()), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
 	if boot != nil {
 		// Tokens must be good before anyone may use them.
 		if err := finishBootstrap(ctx, srv, o.dataDir, boot); err != nil {
