@@ -155,6 +155,7 @@ func (a *app) rootCmd() *cobra.Command {
 		a.spawnCmd(), a.psCmd(), a.killCmd(), a.nodesCmd(), a.logsCmd(),
 		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.tokenCmd(), a.versionCmd(),
 		a.grantCmd(), a.eventsCmd(), // grow.go
+		a.nodeCmd(), a.completionCmd(), // node.go, completion.go
 	)
 	return root
 }

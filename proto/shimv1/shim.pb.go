@@ -5573,6 +5573,105 @@ func (x *RequestRecord) GetUnixNano() int64 {
 	return 0
 }
 
+// RemoveNodeRequest removes a node from the cluster for good: its record,
+// its Raft vote (servers), and its processes, which are placed elsewhere.
+// A node that is up is refused unless force.
+type RemoveNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeRequest) Reset() {
+	*x = RemoveNodeRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[76]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeRequest) ProtoMessage() {}
+
+func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[76]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
+func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{76}
+}
+
+func (x *RemoveNodeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *RemoveNodeRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RemoveNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Moved         []string               `protobuf:"bytes,1,rep,name=moved,proto3" json:"moved,omitempty"` // the processes placed elsewhere
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeResponse) Reset() {
+	*x = RemoveNodeResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[77]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeResponse) ProtoMessage() {}
+
+func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[77]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
+func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{77}
+}
+
+func (x *RemoveNodeResponse) GetMoved() []string {
+	if x != nil {
+		return x.Moved
+	}
+	return nil
+}
+
 var File_shim_v1_shim_proto protoreflect.FileDescriptor
 
 const file_shim_v1_shim_proto_rawDesc = "" +
@@ -5954,7 +6053,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x16\n" +
 	"\x06digest\x18\x03 \x01(\fR\x06digest\x12\x1b\n" +
-	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano*\x83\x01\n" +
+	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano\"=\n" +
+	"\x11RemoveNodeRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"*\n" +
+	"\x12RemoveNodeResponse\x12\x14\n" +
+	"\x05moved\x18\x01 \x03(\tR\x05moved*\x83\x01\n" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n" +
@@ -6005,7 +6109,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vConsistency\x12\x1b\n" +
 	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18CONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n" +
-	"\x11CONSISTENCY_STALE\x10\x022\x99\x06\n" +
+	"\x11CONSISTENCY_STALE\x10\x022\xe0\x06\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -6020,7 +6124,9 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vRevokeToken\x12\x1b.shim.v1.RevokeTokenRequest\x1a\x1c.shim.v1.RevokeTokenResponse\x129\n" +
 	"\x06Whoami\x12\x16.shim.v1.WhoamiRequest\x1a\x17.shim.v1.WhoamiResponse\x12?\n" +
 	"\bSetGrant\x12\x18.shim.v1.SetGrantRequest\x1a\x19.shim.v1.SetGrantResponse\x122\n" +
-	"\x06Events\x12\x16.shim.v1.EventsRequest\x1a\x0e.shim.v1.Event0\x012\xb6\x04\n" +
+	"\x06Events\x12\x16.shim.v1.EventsRequest\x1a\x0e.shim.v1.Event0\x01\x12E\n" +
+	"\n" +
+	"RemoveNode\x12\x1a.shim.v1.RemoveNodeRequest\x1a\x1b.shim.v1.RemoveNodeResponse2\xb6\x04\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -6045,7 +6151,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 80)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -6133,8 +6239,10 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*ApplyResponse)(nil),       // 83: shim.v1.ApplyResponse
 	(*SnapshotHeader)(nil),      // 84: shim.v1.SnapshotHeader
 	(*RequestRecord)(nil),       // 85: shim.v1.RequestRecord
-	nil,                         // 86: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 87: shim.v1.UsageResponse.UsageEntry
+	(*RemoveNodeRequest)(nil),   // 86: shim.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),  // 87: shim.v1.RemoveNodeResponse
+	nil,                         // 88: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 89: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	10,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -6208,9 +6316,9 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	7,   // 68: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
 	15,  // 69: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	7,   // 70: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	86,  // 71: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	88,  // 71: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
 	36,  // 72: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	87,  // 73: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	89,  // 73: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
 	19,  // 74: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
 	21,  // 75: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
 	22,  // 76: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
@@ -6230,39 +6338,41 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	66,  // 90: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
 	51,  // 91: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
 	53,  // 92: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68,  // 93: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72,  // 94: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74,  // 95: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76,  // 96: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78,  // 97: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82,  // 98: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80,  // 99: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70,  // 100: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54,  // 101: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40,  // 102: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42,  // 103: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44,  // 104: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46,  // 105: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50,  // 106: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57,  // 107: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59,  // 108: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61,  // 109: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63,  // 110: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65,  // 111: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67,  // 112: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52,  // 113: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33,  // 114: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69,  // 115: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73,  // 116: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75,  // 117: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77,  // 118: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79,  // 119: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83,  // 120: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81,  // 121: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71,  // 122: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55,  // 123: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	102, // [102:124] is the sub-list for method output_type
-	80,  // [80:102] is the sub-list for method input_type
+	86,  // 93: shim.v1.ShimService.RemoveNode:input_type -> shim.v1.RemoveNodeRequest
+	68,  // 94: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72,  // 95: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74,  // 96: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76,  // 97: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78,  // 98: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82,  // 99: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80,  // 100: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70,  // 101: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54,  // 102: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40,  // 103: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42,  // 104: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44,  // 105: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46,  // 106: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50,  // 107: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57,  // 108: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59,  // 109: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61,  // 110: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63,  // 111: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65,  // 112: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67,  // 113: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52,  // 114: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33,  // 115: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	87,  // 116: shim.v1.ShimService.RemoveNode:output_type -> shim.v1.RemoveNodeResponse
+	69,  // 117: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73,  // 118: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75,  // 119: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77,  // 120: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79,  // 121: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83,  // 122: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81,  // 123: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71,  // 124: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55,  // 125: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	103, // [103:126] is the sub-list for method output_type
+	80,  // [80:103] is the sub-list for method input_type
 	80,  // [80:80] is the sub-list for extension type_name
 	80,  // [80:80] is the sub-list for extension extendee
 	0,   // [0:80] is the sub-list for field type_name
@@ -6297,7 +6407,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   78,
+			NumMessages:   80,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

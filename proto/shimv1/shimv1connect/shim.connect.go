@@ -64,6 +64,8 @@ const (
 	ShimServiceSetGrantProcedure = "/shim.v1.ShimService/SetGrant"
 	// ShimServiceEventsProcedure is the fully-qualified name of the ShimService's Events RPC.
 	ShimServiceEventsProcedure = "/shim.v1.ShimService/Events"
+	// ShimServiceRemoveNodeProcedure is the fully-qualified name of the ShimService's RemoveNode RPC.
+	ShimServiceRemoveNodeProcedure = "/shim.v1.ShimService/RemoveNode"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -100,6 +102,7 @@ type ShimServiceClient interface {
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
 	Events(context.Context, *connect.Request[shimv1.EventsRequest]) (*connect.ServerStreamForClient[shimv1.Event], error)
+	RemoveNode(context.Context, *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error)
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -191,6 +194,12 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Events")),
 			connect.WithClientOptions(opts...),
 		),
+		removeNode: connect.NewClient[shimv1.RemoveNodeRequest, shimv1.RemoveNodeResponse](
+			httpClient,
+			baseURL+ShimServiceRemoveNodeProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("RemoveNode")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -209,6 +218,7 @@ type shimServiceClient struct {
 	whoami      *connect.Client[shimv1.WhoamiRequest, shimv1.WhoamiResponse]
 	setGrant    *connect.Client[shimv1.SetGrantRequest, shimv1.SetGrantResponse]
 	events      *connect.Client[shimv1.EventsRequest, shimv1.Event]
+	removeNode  *connect.Client[shimv1.RemoveNodeRequest, shimv1.RemoveNodeResponse]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -276,6 +286,11 @@ func (c *shimServiceClient) Events(ctx context.Context, req *connect.Request[shi
 	return c.events.CallServerStream(ctx, req)
 }
 
+// RemoveNode calls shim.v1.ShimService.RemoveNode.
+func (c *shimServiceClient) RemoveNode(ctx context.Context, req *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error) {
+	return c.removeNode.CallUnary(ctx, req)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -291,6 +306,7 @@ type ShimServiceHandler interface {
 	Whoami(context.Context, *connect.Request[shimv1.WhoamiRequest]) (*connect.Response[shimv1.WhoamiResponse], error)
 	SetGrant(context.Context, *connect.Request[shimv1.SetGrantRequest]) (*connect.Response[shimv1.SetGrantResponse], error)
 	Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error
+	RemoveNode(context.Context, *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error)
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -378,6 +394,12 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Events")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceRemoveNodeHandler := connect.NewUnaryHandler(
+		ShimServiceRemoveNodeProcedure,
+		svc.RemoveNode,
+		connect.WithSchema(shimServiceMethods.ByName("RemoveNode")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -406,6 +428,8 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceSetGrantHandler.ServeHTTP(w, r)
 		case ShimServiceEventsProcedure:
 			shimServiceEventsHandler.ServeHTTP(w, r)
+		case ShimServiceRemoveNodeProcedure:
+			shimServiceRemoveNodeHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -465,6 +489,10 @@ func (UnimplementedShimServiceHandler) SetGrant(context.Context, *connect.Reques
 
 func (UnimplementedShimServiceHandler) Events(context.Context, *connect.Request[shimv1.EventsRequest], *connect.ServerStream[shimv1.Event]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Events is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) RemoveNode(context.Context, *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.RemoveNode is not implemented"))
 }
 
 // AgentServiceClient is a client for the shim.v1.AgentService service.

@@ -1,0 +1,93 @@
+package e2e
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shim-run/shim/test/report"
+)
+
+// TestKillPlainSleep: shim-init is PID 1 of every sandbox and forwards the
+// signal, so a workload without a SIGTERM handler (sleep) dies at once
+// instead of after the kill grace period (5 s).
+func TestKillPlainSleep(t *testing.T) {
+	needRoot(t)
+	c := startNode(t)
+	for _, iso := range []string{"process", "container"} {
+		id := c.spawn("--isolation", iso, "--", "/bin/sleep", "1000")
+		p := c.waitRunning(id)
+		start := time.Now()
+		c.must("kill", id)
+		waitFor(t, 10*time.Second, "sleep gone", func() bool { return !alive(p.PID) }, 5*time.Millisecond)
+		took := time.Since(start)
+		report.Keep(t, "kill", iso+": shim kill of /bin/sleep 1000 until its pid was gone: "+took.Round(time.Millisecond).String())
+		if took >= time.Second {
+			t.Errorf("%s: shim kill of sleep took %s, want < 1s (the signal is not forwarded?)", iso, took)
+		}
+		c.waitProc(id, "killed", 15*time.Second, func(p proc) bool { return p.State == "killed" })
+	}
+}
+
+// TestNodeRemove: `shim node rm` refuses a node that is up (unless
+// --force) and an unknown one with one line; a dead node is removed for
+// good, its processes placed elsewhere and its vote gone.
+func TestNodeRemove(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 3)
+	c.must("spawn", "--count", "6", "--cpu", "0.01", "--", "/bin/sleep", "100000")
+	waitFor(t, 30*time.Second, "6 running", func() bool { return countRunning(c.ps()) == 6 })
+	victim := c.follower(0)
+
+	for _, bad := range []struct {
+		args []string
+		want string
+		code int
+	}{
+		{[]string{"node", "rm", victim.name}, "is up", 1},
+		{[]string{"node", "rm", "no-such-node"}, "no-such-node", 1},
+		{[]string{"node", "rm"}, "needs one node name", 2},
+		{[]string{"node", "rm", "a", "b"}, "needs one node name", 2},
+		{[]string{"completion", "tcsh"}, "use bash, zsh or fish", 2},
+	} {
+		r := c.shim(bad.args...)
+		if r.code != bad.code || !strings.Contains(r.stderr, bad.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") > 0 {
+			t.Errorf("shim %s: exit %d, stderr %q; want exit %d, one line with %q", strings.Join(bad.args, " "), r.code, r.stderr, bad.code, bad.want)
+		}
+	}
+
+	c.killNode(victim)
+	waitFor(t, 15*time.Second, victim.name+" down", func() bool {
+		for _, n := range c.nodesInfo() {
+			if n.Name == victim.name {
+				return n.State == "down"
+			}
+		}
+		return false
+	})
+	out := c.must("node", "rm", victim.name)
+	if !strings.Contains(out, "removed "+victim.name) {
+		t.Errorf("node rm printed %q", out)
+	}
+	nodes := c.nodesInfo()
+	if len(nodes) != 2 {
+		t.Errorf("after rm: %+v, want 2 nodes", nodes)
+	}
+	for _, n := range nodes {
+		if n.Name == victim.name {
+			t.Errorf("%s still listed", victim.name)
+		}
+	}
+	waitFor(t, 30*time.Second, "6 running on the two left", func() bool {
+		ps := c.ps()
+		for _, p := range ps {
+			if p.Node == victim.name {
+				return false
+			}
+		}
+		return countRunning(ps) == 6
+	})
+	// Two voters left: losing one more server loses the quorum, so the
+	// remaining pair must still elect (it does if the vote is gone).
+	c.must("spawn", "--", "/bin/sleep", "100000")
+}
