@@ -85,6 +85,7 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.initPath, "init", "", "shim-init, PID 1 of every sandbox and VM (default: next to shimd, then in PATH)")
 	f.StringArrayVar(&o.hostPaths, "host-path", nil, "a host folder this node offers to sandboxes, `NAME=DIR[:ro]` (repeatable; spawn --mount NAME:PATH uses it)")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
+	_ = f.MarkHidden("simulate") // a benchmark tool (make bench), not for operators
 	addGrowFlags(f, &o.grow)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
 	cmd.AddCommand(guardCommand())

@@ -91,3 +91,52 @@ func TestNodeRemove(t *testing.T) {
 	// remaining pair must still elect (it does if the vote is gone).
 	c.must("spawn", "--", "/bin/sleep", "100000")
 }
+
+// TestRestartRejoins: a server killed with SIGKILL and started again with
+// the same flags is back up within a second or so of starting: the
+// bootstrap server (no --join: it asks the servers it remembers), a
+// follower, and the leader.
+func TestRestartRejoins(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 3)
+	leader := func() *daemon {
+		for _, n := range c.nodesInfo() {
+			for _, d := range c.nodes {
+				if n.Leader && n.Name == d.name {
+					return d
+				}
+			}
+		}
+		return nil
+	}
+	for _, pick := range []struct {
+		what   string
+		victim func() *daemon
+	}{
+		{"the bootstrap server", func() *daemon { return c.nodes[0] }},
+		{"a follower", func() *daemon { return c.follower(1) }},
+		{"the leader", leader},
+	} {
+		var victim *daemon
+		waitFor(t, 15*time.Second, "a "+pick.what, func() bool { victim = pick.victim(); return victim != nil })
+		state := func() string {
+			for _, n := range c.nodesInfo() {
+				if n.Name == victim.name {
+					return n.State
+				}
+			}
+			return ""
+		}
+		c.killNode(victim)
+		waitFor(t, 15*time.Second, victim.name+" down", func() bool { return state() == "down" })
+		start := time.Now()
+		c.start(victim)
+		waitFor(t, 15*time.Second, victim.name+" up again", func() bool { return state() == "up" }, 20*time.Millisecond)
+		took := time.Since(start)
+		report.Keep(t, "rejoin", pick.what+" restarted after SIGKILL was up again after "+took.Round(time.Millisecond).String())
+		if took > 2*time.Second {
+			t.Errorf("%s (%s) took %s to rejoin, want about a second at most", pick.what, victim.name, took)
+		}
+		c.waitNodesUp(3, 15*time.Second)
+	}
+}
