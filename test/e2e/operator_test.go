@@ -140,3 +140,20 @@ func TestRestartRejoins(t *testing.T) {
 		c.waitNodesUp(3, 15*time.Second)
 	}
 }
+
+// TestSpawnFixedSize: --cpu 0.5 --mem 64M is a fixed size, as Docker and
+// Nomad users read it: the cgroup caps the process there, and spawn says so.
+func TestSpawnFixedSize(t *testing.T) {
+	c := startNode(t)
+	r := c.shim("spawn", "--cpu", "0.5", "--mem", "64M", "--", "/bin/sleep", "100000")
+	if r.code != 0 || !strings.Contains(r.stderr, "cpu 0.5 (fixed: min = max); memory 64M (fixed: min = max)") {
+		t.Fatalf("spawn: exit %d, stderr %q", r.code, r.stderr)
+	}
+	p := c.waitRunning(strings.TrimSpace(r.stdout))
+	if q := readInt(t, cgFile(t, p.PID, "cpu", "cpu.cfs_quota_us")); q != "50000" {
+		t.Errorf("cpu.cfs_quota_us = %s, want 50000 (0.5 core)", q)
+	}
+	if m := readInt(t, cgFile(t, p.PID, "memory", "memory.limit_in_bytes")); m != "67108864" {
+		t.Errorf("memory.limit_in_bytes = %s, want 67108864 (64M)", m)
+	}
+}
