@@ -33,8 +33,9 @@ unit:
 
 # The main job: shimd with no flags is a single-node cluster (data in
 # ./shim-data, API on 127.0.0.1:7070). Talk to it with bin/shim.
+# RUNFLAGS adds shimd flags: make run RUNFLAGS='--api 127.0.0.1:7170 --raft 127.0.0.1:7171'.
 run: deps build
-	./$(BIN)/shimd
+	./$(BIN)/shimd $(RUNFLAGS)
 
 # What a build and a run need on Debian (as root): a C toolchain and
 # libseccomp-dev for shimd's seccomp filters (cgo), pkg-config to find it.
