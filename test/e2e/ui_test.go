@@ -39,7 +39,8 @@ func chromium() string {
 
 // TestUIMap opens shimd's /ui in headless chromium against a real 3-node
 // cluster: every node and process is on the map; a node killed as a host
-// dies turns red and its processes appear on the other nodes.
+// dies turns red and its processes appear on the other nodes; the page's
+// kill, resize and drain buttons work.
 func TestUIMap(t *testing.T) {
 	needRoot(t)
 	browser := chromium()
@@ -160,6 +161,7 @@ func TestUIMap(t *testing.T) {
 		t.Errorf("the timeline lacks node.down:\n%s", timeline)
 	}
 
+	// The map after the node's death, for the report.
 	png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
 	if err != nil {
 		t.Fatalf("screenshot: %v", err)
@@ -175,4 +177,45 @@ func TestUIMap(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("screenshot: %s", filepath.Join(dir, "ui.png"))
+
+	// The buttons: kill a process, resize one, drain the page's node.
+	click := func(js string) {
+		t.Helper()
+		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool](js))
+		if err != nil || !ok {
+			t.Fatalf("on the page: %s: %v, %v", js, ok, err)
+		}
+	}
+	victimID, resizeID := lost[0], ""
+	for _, p := range procs {
+		if p.ID != victimID {
+			resizeID = p.ID
+		}
+	}
+	click(`(() => { const b = document.querySelector('.chip[data-id="` + victimID + `"] button.kill'); if (!b) return false; b.click(); return true })()`)
+	c.waitProc(victimID, "killed from the page", 20*time.Second, func(p proc) bool { return p.State == "killed" })
+	click(`(() => { const b = document.querySelector('.chip[data-id="` + resizeID + `"] button.resize'); if (!b) return false; b.click();
+		document.getElementById('resize-mem').value = '2M:24M'; document.getElementById('resize-ok').click(); return true })()`)
+	waitFor(t, 20*time.Second, "the resize from the page", func() bool {
+		r := c.shim("ps", "-o", "json", resizeID)
+		var ps []struct {
+			Resources struct {
+				MemMax int64 `json:"mem_max"`
+			} `json:"resources"`
+		}
+		return r.code == 0 && json.Unmarshal([]byte(r.stdout), &ps) == nil && len(ps) == 1 && ps[0].Resources.MemMax == 24<<20
+	}, 200*time.Millisecond)
+	click(`(() => { const b = document.querySelector('.node[data-node="` + page.name + `"] button.drain'); if (!b) return false; b.click(); return true })()`)
+	waitFor(t, 20*time.Second, page.name+" drained from the page", func() bool {
+		r := c.shim("nodes", "-o", "json")
+		return r.code == 0 && strings.Contains(r.stdout, `"draining": true`)
+	}, 200*time.Millisecond)
+	waitFor(t, 20*time.Second, "the map to show the drain", func() bool {
+		if !read() {
+			return false
+		}
+		s, _ := chromedp.Run(ctx, chromedp.Evaluate[string](`document.querySelector('.node[data-node="`+page.name+`"]').className`))
+		return strings.Contains(s, "draining")
+	}, seen, 200*time.Millisecond)
+
 }
