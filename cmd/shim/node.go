@@ -45,6 +45,10 @@ func (a *app) nodeRmCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if len(moved) == 0 {
+				fmt.Fprintf(a.out, "removed %s\n", args[0])
+				return nil
+			}
 			fmt.Fprintf(a.out, "removed %s; %d processes placed elsewhere\n", args[0], len(moved))
 			return nil
 		},
