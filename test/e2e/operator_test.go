@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -92,13 +94,26 @@ func TestNodeRemove(t *testing.T) {
 	c.must("spawn", "--", "/bin/sleep", "100000")
 }
 
-// TestRestartRejoins: a server killed with SIGKILL and started again with
+// TestRestartRejoins: a fresh start logs no fence; a server killed with
+// SIGKILL and started again with
 // the same flags is back up within a second or so of starting: the
 // bootstrap server (no --join: it asks the servers it remembers), a
 // follower, and the leader.
 func TestRestartRejoins(t *testing.T) {
 	needRoot(t)
 	c := startCluster(t, 3)
+	// A fresh start fences nothing, and says so by saying nothing of it.
+	for _, d := range c.nodes {
+		b, err := os.ReadFile(filepath.Join(d.dir, "shimd.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, alarm := range []string{"lease expired", "ran out without renewal", "fenced"} {
+			if strings.Contains(string(b), alarm) {
+				t.Errorf("%s's start-up log says %q:\n%s", d.name, alarm, tail(string(b), 2000))
+			}
+		}
+	}
 	leader := func() *daemon {
 		for _, n := range c.nodesInfo() {
 			for _, d := range c.nodes {
