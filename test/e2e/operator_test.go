@@ -58,6 +58,13 @@ func TestNodeRemove(t *testing.T) {
 		}
 	}
 
+	// --force takes an up node out; its shimd, still running, registers
+	// again (as the README says).
+	if out := c.must("node", "rm", "--force", victim.name); !strings.Contains(out, "removed "+victim.name) {
+		t.Errorf("node rm --force printed %q", out)
+	}
+	c.waitNodesUp(3, 15*time.Second)
+
 	c.killNode(victim)
 	waitFor(t, 15*time.Second, victim.name+" down", func() bool {
 		for _, n := range c.nodesInfo() {
