@@ -218,4 +218,18 @@ func TestUIMap(t *testing.T) {
 		return strings.Contains(s, "draining")
 	}, seen, 200*time.Millisecond)
 
+	// A bad token: the login box, with the server's refusal.
+	if err := chromedp.Do(ctx, chromedp.Navigate("https://"+page.api+"/ui/#token=bad.token")); err != nil {
+		t.Fatal(err)
+	}
+	var why string
+	waitFor(t, 20*time.Second, "the login box to show the refusal", func() bool {
+		why, _ = chromedp.Run(ctx, chromedp.Evaluate[string](
+			`document.getElementById('login').hidden ? '' : document.getElementById('login-error').textContent`))
+		return why != ""
+	}, func() string { return why }, 200*time.Millisecond)
+	if !strings.Contains(why, "refused") {
+		t.Errorf("login box says %q", why)
+	}
+
 }

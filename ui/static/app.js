@@ -282,9 +282,9 @@ function frame(payload) {
 
 // streamEvents follows the Events stream, resuming after the last index
 // seen whenever it breaks.
-async function streamEvents() {
+async function streamEvents(gen) {
   const dec = new TextDecoder();
-  for (;;) {
+  while (gen === generation) {
     const ctl = new AbortController();
     streamCtl = ctl;
     try {
@@ -294,7 +294,11 @@ async function streamEvents() {
           "Authorization": "Bearer " + token },
         body: frame({ since: String(lastIndex), follow: true }),
       });
-      if (!res.ok) throw new APIError(String(res.status), await res.text());
+      if (!res.ok) {
+        let msg = {};
+        try { msg = await res.json(); } catch (e) { /* not JSON */ }
+        throw new APIError(msg.code || String(res.status), msg.message || res.statusText);
+      }
       const reader = res.body.getReader();
       let buf = new Uint8Array(0);
       for (;;) {
@@ -321,7 +325,7 @@ async function streamEvents() {
     } catch (e) {
       if (ctl.signal.aborted) return;
       if (e.code === "out_of_range") lastIndex = 0; // the ring moved past us: start from the oldest kept
-      if (e.code === "unauthenticated") return;
+      if (e.code === "unauthenticated") { showLogin("the token was refused: " + e.message); return; }
     }
     await new Promise((r) => setTimeout(r, 1000));
   }
@@ -330,6 +334,8 @@ async function streamEvents() {
 // ---- log in
 
 function showLogin(why) {
+  generation++;
+  timers.forEach(clearInterval);
   if (streamCtl) streamCtl.abort();
   $("main").hidden = true;
   $("logout").hidden = true;
@@ -339,15 +345,20 @@ function showLogin(why) {
 }
 
 let timers = [];
+let generation = 0; // bumped by each start: older event loops end
 
 function start() {
+  generation++;
+  if (streamCtl) streamCtl.abort();
+  lastIndex = 0;
+  $("timeline").replaceChildren();
   $("login").hidden = true;
   $("main").hidden = false;
   $("logout").hidden = false;
   timers.forEach(clearInterval);
   refresh();
   pollUsage();
-  streamEvents();
+  streamEvents(generation);
   timers = [setInterval(refresh, 3000), setInterval(pollUsage, 5000)];
 }
 
@@ -366,14 +377,20 @@ $("logout").onclick = () => {
   showLogin();
 };
 
-(function init() {
+// tokenFromHash takes a #token=... from the address (and removes it from
+// the address bar).
+function tokenFromHash() {
   const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
-  if (m) {
-    token = decodeURIComponent(m[1]);
-    localStorage.setItem("shim-token", token);
-    history.replaceState(null, "", location.pathname); // keep the token out of the address bar
-  } else {
-    token = localStorage.getItem("shim-token") || "";
-  }
+  if (!m) return false;
+  token = decodeURIComponent(m[1]);
+  localStorage.setItem("shim-token", token);
+  history.replaceState(null, "", location.pathname);
+  return true;
+}
+
+window.addEventListener("hashchange", () => { if (tokenFromHash()) start(); });
+
+(function init() {
+  if (!tokenFromHash()) token = localStorage.getItem("shim-token") || "";
   if (token) start(); else showLogin();
 })();
