@@ -44,6 +44,7 @@ func (h *shimAPI) RemoveNode(ctx context.Context, req *connect.Request[pb.Remove
 		}
 		return connect.NewResponse(&pb.RemoveNodeResponse{Moved: res.IDs}), nil
 	}, func(ctx context.Context, p *peer) (*resp[pb.RemoveNodeResponse], error) {
-		return p.shim.RemoveNode(ctx, connect.NewRequest(req.Msg))
+		// The leader checks the caller's admin token itself.
+		return p.shim.RemoveNode(withForward(ctx), connect.NewRequest(req.Msg))
 	})
 }
