@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -149,15 +150,28 @@ func TestRestartRejoins(t *testing.T) {
 			}
 			return ""
 		}
+		// Steady state: the victim's agent has heard of every server (a
+		// heartbeat lists them, and it keeps them in its data dir). One
+		// killed before that can only ask its own server, which answers
+		// once Raft has caught it up (~1.5 s).
+		waitFor(t, 15*time.Second, victim.name+" to know the 3 servers", func() bool {
+			b, err := os.ReadFile(filepath.Join(victim.dir, "servers"))
+			return err == nil && len(strings.Fields(string(b))) == 3
+		})
 		c.killNode(victim)
 		waitFor(t, 15*time.Second, victim.name+" down", func() bool { return state() == "down" })
 		start := time.Now()
 		c.start(victim)
 		waitFor(t, 15*time.Second, victim.name+" up again", func() bool { return state() == "up" }, 20*time.Millisecond)
 		took := time.Since(start)
-		report.Keep(t, "rejoin", pick.what+" restarted after SIGKILL was up again after "+took.Round(time.Millisecond).String())
-		if took > 2*time.Second {
-			t.Errorf("%s (%s) took %s to rejoin, want about a second at most", pick.what, victim.name, took)
+		boot := startedAt(t, victim).Sub(start)
+		report.Keep(t, "rejoin", fmt.Sprintf("%s restarted after SIGKILL was up again after %s (shimd took %s to start, then %s to rejoin)",
+			pick.what, took.Round(time.Millisecond), boot.Round(time.Millisecond), (took-boot).Round(time.Millisecond)))
+		// The join is what must be quick (it used to wait out a 5 s
+		// timeout); on a busy machine the process's own start varies.
+		if took-boot > time.Second || took > 3*time.Second {
+			t.Errorf("%s (%s) took %s to rejoin (%s of it to start), want a second at most after it started",
+				pick.what, victim.name, took, boot)
 		}
 		c.waitNodesUp(3, 15*time.Second)
 	}
@@ -178,4 +192,29 @@ func TestSpawnFixedSize(t *testing.T) {
 	if m := readInt(t, cgFile(t, p.PID, "memory", "memory.limit_in_bytes")); m != "67108864" {
 		t.Errorf("memory.limit_in_bytes = %s, want 67108864 (64M)", m)
 	}
+}
+
+// startedAt is when d's shimd last logged "shimd started".
+func startedAt(t *testing.T, d *daemon) time.Time {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(d.dir, "shimd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var at time.Time
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.Contains(line, `msg="shimd started"`) {
+			continue
+		}
+		f := strings.Fields(line)
+		if len(f) > 0 && strings.HasPrefix(f[0], "time=") {
+			if ts, err := time.Parse(time.RFC3339Nano, strings.TrimPrefix(f[0], "time=")); err == nil {
+				at = ts
+			}
+		}
+	}
+	if at.IsZero() {
+		t.Fatalf("%s's log has no \"shimd started\"", d.name)
+	}
+	return at
 }
