@@ -73,3 +73,9 @@ sleep 0.5
 "$BIN/shim" nodes
 echo
 "$BIN/shim" ps
+
+echo; echo "== node-c is not coming back: remove it for good (its Raft vote too)"
+"$BIN/shim" node rm node-c
+"$BIN/shim" nodes
+echo; echo "== what happened, from the event ring (shim events; the web map at /ui/ shows it live)"
+"$BIN/shim" events --type node. --type process.moved

@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 	"github.com/spf13/cobra"
 
+	"github.com/shim-run/shim/client"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 	"github.com/shim-run/shim/table"
 )
@@ -34,9 +35,8 @@ type app struct {
 	// newRequestID makes a spawn's request id (retry.go); tests replace it.
 	newRequestID func() string
 
-	addrs   []string // resolved on first use
-	clients map[string]shimv1connect.ShimServiceClient
-	first   int // index of the address that answered last
+	addrs []string       // resolved on first use
+	cl    *client.Client // made on first use (client.go)
 }
 
 func newApp(out, errOut io.Writer) *app {
@@ -159,6 +159,7 @@ func (a *app) rootCmd() *cobra.Command {
 		a.resizeCmd(), a.drainCmd(false), a.drainCmd(true), a.topCmd(), a.tokenCmd(), a.versionCmd(),
 		a.grantCmd(), a.eventsCmd(), // grow.go
 		a.scaleCmd(), a.endpointsCmd(), a.servicesCmd(), a.updateCmd(), a.execCmd(), // services.go, update.go, exec.go
+		a.nodeCmd(), a.completionCmd(), // node.go, completion.go
 	)
 	return root
 }

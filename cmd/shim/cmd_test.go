@@ -224,13 +224,38 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// TestSpawnFixedSize: one value is a fixed size (min = max), and spawn
+// says so.
+func TestSpawnFixedSize(t *testing.T) {
+	for _, c := range []struct {
+		args           []string
+		cpuMin, cpuMax int64
+		memMin, memMax int64
+		said           string
+	}{
+		{[]string{"--cpu", "1", "--mem", "64M"}, 1000, 1000, 64 << 20, 64 << 20,
+			"shim: spawn set cpu 1 (fixed: min = max); memory 64M (fixed: min = max)\n"},
+		{[]string{"--cpu", "0.5:", "--mem", ":1G"}, 500, 0, 0, 1 << 30,
+			"shim: spawn set cpu min 0.5, no max; memory max 1G, no min\n"},
+		{nil, 0, 0, 0, 0, ""},
+	} {
+		f := &fakeServer{}
+		r, _ := runShim(t, f, "", append(append([]string{"spawn"}, c.args...), "--", "sleep", "1")...)
+		res := f.spawnReq.GetSpec().GetResources()
+		if r.code != 0 || r.errOut != c.said || res.GetCpuMinMilli() != c.cpuMin || res.GetCpuMaxMilli() != c.cpuMax ||
+			res.GetMemMinBytes() != c.memMin || res.GetMemMaxBytes() != c.memMax {
+			t.Errorf("spawn %q = %+v, resources %v", c.args, r, res)
+		}
+	}
+}
+
 func TestSpawn(t *testing.T) {
 	f := &fakeServer{}
 	r, _ := runShim(t, f, "", "spawn", "--name", "web", "--cpu", "0.5:1:2", "--mem", "64M:128Mi", "--pids", "50",
 		"--restart", "never", "-e", "A=1,2", "--env", "B=x", "--node", "n1", "--count", "2", "--isolation", "container",
 		"--net", "none", "--user", "1000:1000", "--rootfs", "images/root", "--dir", "/tmp", "--mount", "data:/data:ro",
 		"--mount", "scratch:/scratch", "--", "sleep", "10", "--name")
-	if r.code != 0 || r.out != "p1\np2\n" || r.errOut != "" {
+	if r.code != 0 || r.out != "p1\np2\n" || r.errOut != "shim: spawn set cpu 0.5 to 1, burst 2; memory 64M to 128M\n" {
 		t.Fatalf("spawn = %+v", r)
 	}
 	want := &pb.SpawnRequest{Count: 2, Spec: &pb.ProcessSpec{

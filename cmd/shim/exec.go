@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"github.com/shim-run/shim/client"
 	pb "github.com/shim-run/shim/proto/shimv1"
 	"github.com/shim-run/shim/proto/shimv1/shimv1connect"
 )
@@ -67,7 +68,7 @@ func (a *app) execClient(baseURL string) (shimv1connect.ShimServiceClient, error
 		TLSHandshakeTimeout: 3 * time.Second,
 		ForceAttemptHTTP2:   true,
 	}
-	return shimv1connect.NewShimServiceClient(&http.Client{Transport: tr}, baseURL, bearer(cr.token)), nil
+	return shimv1connect.NewShimServiceClient(&http.Client{Transport: tr}, baseURL, client.Bearer(cr.token)), nil
 }
 
 func (a *app) exec(ctx context.Context, ref string, argv []string, interactive, tty bool) error {
@@ -105,7 +106,7 @@ func (a *app) exec(ctx context.Context, ref string, argv []string, interactive, 
 		}
 		last = err
 	}
-	return &unreachableError{addrs: a.addrs, err: last}
+	return &client.UnreachableError{Addrs: a.addrs, Err: last}
 }
 
 // execOn runs the exec through one member; started says whether the

@@ -224,71 +224,28 @@ func (a *app) eventsCmd() *cobra.Command {
 	return cmd
 }
 
-// events prints the event stream. With follow it resumes after the last
-// event printed when the member it reads from goes away.
+// events prints the event stream (client.Events). With follow it resumes
+// after the last event printed when the member it reads from goes away.
 func (a *app) events(ctx context.Context, req *pb.EventsRequest, asJSON bool) error {
-	for {
-		last, err := a.eventsOnce(ctx, req, asJSON)
-		if last > req.Since {
-			req.Since = last
-		}
-		if err == nil || !req.Follow || ctx.Err() != nil || !unreachable(err) {
-			if ctx.Err() != nil {
-				return nil // Ctrl-C
-			}
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(500 * time.Millisecond):
-		}
+	if err := a.resolve(); err != nil {
+		return err
 	}
-}
-
-func (a *app) eventsOnce(ctx context.Context, req *pb.EventsRequest, asJSON bool) (uint64, error) {
-	if !req.Follow && a.timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, a.timeout)
-		defer cancel()
-	}
-	var stream *connect.ServerStreamForClient[pb.Event]
-	var got bool
-	err := a.callTimeout(ctx, 0, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
-		s, err := c.Events(ctx, connect.NewRequest(req))
-		if err != nil {
-			return err
-		}
-		if got = s.Receive(); !got && s.Err() != nil {
-			err := s.Err()
-			s.Close()
-			return err
-		}
-		stream = s
-		return nil
-	})
-	if err != nil {
-		return 0, err
-	}
-	defer stream.Close()
-	var last uint64
-	for got {
-		e := stream.Msg()
-		last = e.Index
+	err := a.cl.Events(ctx, req, func(e *pb.Event) error {
 		if asJSON {
 			b, err := json.Marshal(eventView(e))
 			if err != nil {
-				return last, err
+				return err
 			}
-			if _, err := a.out.Write(append(b, '\n')); err != nil {
-				return last, err
-			}
-		} else if _, err := fmt.Fprintln(a.out, eventLine(e)); err != nil {
-			return last, err
+			_, err = a.out.Write(append(b, '\n'))
+			return err
 		}
-		got = stream.Receive()
+		_, err := fmt.Fprintln(a.out, eventLine(e))
+		return err
+	})
+	if ctx.Err() != nil {
+		return nil // Ctrl-C
 	}
-	return last, stream.Err()
+	return cliErr(err)
 }
 
 func eventView(e *pb.Event) eventJSON {

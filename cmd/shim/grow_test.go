@@ -58,7 +58,8 @@ func TestSpawnGrow(t *testing.T) {
 		want string
 	}{
 		{[]string{"spawn", "--grow=maybe", "--mem", "1M:2M", "--", "x"}, "shim: invalid --grow \"maybe\": use on, move or off\n"},
-		{[]string{"spawn", "--grow", "--mem", "64M", "--", "x"}, "shim: grow needs a cpu or memory max to grow to\n"},
+		{[]string{"spawn", "--grow", "--mem", "64M:", "--", "x"}, "shim: grow needs a cpu or memory max to grow to\n"},
+		{[]string{"spawn", "--grow", "--mem", "64M", "--", "x"}, "shim: grow needs a range to grow in: give --cpu or --mem as MIN:MAX (one value is a fixed size)\n"},
 		{[]string{"spawn", "--priority", "1001", "--", "x"}, "shim: invalid --priority \"1001\": use a whole number 0-1000\n"},
 		{[]string{"grant", "e1"}, "shim: nothing to grant: give --cpu, --mem or both\n"},
 		{[]string{"grant", "e1", "--mem", "0"}, "shim: invalid --mem \"0\": must be more than 0\n"},

@@ -19,7 +19,7 @@ func (a *app) resizeCmd() *cobra.Command {
 		Use:   "resize ID [--cpu MIN[:MAX[:BURST]]] [--mem MIN[:MAX]] [--pids N] [--force] [--move]",
 		Short: "Change a process's resource bounds",
 		Long: "Change a process's resource bounds. Only the values given change: --cpu :2 sets\n" +
-			"just the CPU max. The process keeps running under the same PID, with the new\n" +
+			"just the CPU max, --cpu 1: just the min, and --cpu 1 both (a fixed size). The process keeps running under the same PID, with the new\n" +
 			"bounds applied to its cgroup in place. If its node cannot hold the new minimum,\n" +
 			"the resize is refused, or with --move the process moves make-before-break to a\n" +
 			"node that can: a new copy starts there with the new bounds (new PID) and the old\n" +

@@ -35,7 +35,10 @@ func (a *app) spawnCmd() *cobra.Command {
 		Use:   "spawn [flags] -- CMD [ARG...]",
 		Short: "Start a process on the cluster and print its ID",
 		Long: "Start a process on the cluster and print its ID (one per line with --count).\n" +
-			"Flags after the command belong to the command; use -- to be explicit.",
+			"Flags after the command belong to the command; use -- to be explicit.\n" +
+			"--cpu and --mem take MIN:MAX (a range: the process is promised MIN and may use up\n" +
+			"to MAX), MIN: or :MAX (one end), or a single value, a fixed size (MIN = MAX), as\n" +
+			"docker run --cpus/--memory reads it. Says on stderr what it set.",
 		Example: "  shim spawn --name web --cpu 0.5:1 --mem 64M:256M -- python3 -m http.server",
 		RunE: func(cmd *cobra.Command, args []string) error {
 			spec, err := o.spec(cmd.Flags(), args)
@@ -49,8 +52,15 @@ func (a *app) spawnCmd() *cobra.Command {
 				return flagError("request-id", rid, errors.New(strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")))
 			}
 			o.service = o.name != "" && cmd.Flags().Changed("count")
-			return a.spawnReq(cmd.Context(), &pb.SpawnRequest{Spec: spec, Count: uint32(o.count), RequestId: rid, Force: o.force, Service: o.service,
-				Min: o.min, Max: o.max}, o.wait)
+			if err := a.spawnReq(cmd.Context(), &pb.SpawnRequest{Spec: spec, Count: uint32(o.count), RequestId: rid, Force: o.force, Service: o.service,
+				Min: o.min, Max: o.max}, o.wait); err != nil {
+				return err
+			}
+			// What the bounds mean, on stderr (stdout holds only the IDs).
+			if set := cmd.Flags().Changed; set("cpu") || set("mem") {
+				fmt.Fprintln(a.errOut, "shim: spawn set "+boundsText(spec.GetResources(), set("cpu"), set("mem")))
+			}
+			return nil
 		},
 	}
 	f := cmd.Flags()
@@ -148,6 +158,10 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 	}
 	if err := o.svc.apply(flags, s); err != nil {
 		return nil, err
+	}
+	if s.Grow != pb.Grow_GROW_OFF && (r.CpuMaxMilli > 0 || r.MemMaxBytes > 0) &&
+		!(r.CpuMaxMilli > r.CpuMinMilli) && !(r.MemMaxBytes > r.MemMinBytes) {
+		return nil, usagef("grow needs a range to grow in: give --cpu or --mem as MIN:MAX (one value is a fixed size)")
 	}
 	if err := table.ValidateSpec(s); err != nil {
 		return nil, &usageError{strings.TrimPrefix(err.Error(), table.ErrInvalid.Error()+": ")}

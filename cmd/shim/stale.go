@@ -39,10 +39,10 @@ type stalenessJSON struct {
 
 // member is the address that answered the last call.
 func (a *app) member() string {
-	if len(a.addrs) == 0 {
+	if a.cl == nil {
 		return ""
 	}
-	return hostOf(a.addrs[a.first])
+	return a.cl.Member()
 }
 
 // writeStaleJSON prints {"staleness": ..., key: items}, where items writes a

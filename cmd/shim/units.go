@@ -153,7 +153,8 @@ func splitBounds(s string, n int, form string) ([]string, error) {
 }
 
 // parseCPU parses MIN[:MAX[:BURST]] in cores into millicores. Any part may be
-// left empty (":2" sets only the max); zero means "not set".
+// left empty (":2" sets only the max, "1:" only the min); zero means "not
+// set". A single value ("1") is a fixed size: min = max.
 func parseCPU(s string) (min, max, burst int64, err error) {
 	parts, err := splitBounds(s, 3, "MIN[:MAX[:BURST]]")
 	if err != nil {
@@ -168,13 +169,18 @@ func parseCPU(s string) (min, max, burst int64, err error) {
 			return 0, 0, 0, err
 		}
 	}
+	if len(parts) == 1 { // one value is a fixed size, as docker --cpus reads it
+		v[1] = v[0]
+	}
 	if v[1] > 0 && v[0] > v[1] {
 		return 0, 0, 0, fmt.Errorf("min %s exceeds max %s", table.Cores(v[0]), table.Cores(v[1]))
 	}
 	return v[0], v[1], v[2], nil
 }
 
-// parseMem parses MIN[:MAX] byte counts. Either part may be left empty.
+// parseMem parses MIN[:MAX] byte counts. Either part may be left empty
+// ("64M:" sets only the min). A single value ("64M") is a fixed size: min =
+// max.
 func parseMem(s string) (min, max int64, err error) {
 	parts, err := splitBounds(s, 2, "MIN[:MAX]")
 	if err != nil {
@@ -188,6 +194,9 @@ func parseMem(s string) (min, max int64, err error) {
 		if v[i], err = parseBytes(p); err != nil {
 			return 0, 0, err
 		}
+	}
+	if len(parts) == 1 { // one value is a fixed size, as docker --memory reads it
+		v[1] = v[0]
 	}
 	if v[1] > 0 && v[0] > v[1] {
 		return 0, 0, fmt.Errorf("min %s exceeds max %s", table.Bytes(v[0]), table.Bytes(v[1]))
@@ -322,4 +331,32 @@ func parseOnLost(s string) (pb.OnLost, error) {
 		return pb.OnLost_ON_LOST_KEEP, nil
 	}
 	return 0, errors.New("use fence or keep")
+}
+
+// boundsText says what a spawn or resize set, for the user to check:
+// "cpu 1 (fixed), memory 64M:256M".
+func boundsText(r *pb.Resources, cpu, mem bool) string {
+	part := func(what string, min, max int64, f func(int64) string) string {
+		switch {
+		case min > 0 && min == max:
+			return what + " " + f(min) + " (fixed: min = max)"
+		case max == 0:
+			return what + " min " + f(min) + ", no max"
+		case min == 0:
+			return what + " max " + f(max) + ", no min"
+		}
+		return what + " " + f(min) + " to " + f(max)
+	}
+	var out []string
+	if cpu {
+		c := part("cpu", r.GetCpuMinMilli(), r.GetCpuMaxMilli(), table.Cores)
+		if b := r.GetCpuBurstMilli(); b > 0 {
+			c += ", burst " + table.Cores(b)
+		}
+		out = append(out, c)
+	}
+	if mem {
+		out = append(out, part("memory", r.GetMemMinBytes(), r.GetMemMaxBytes(), table.Bytes))
+	}
+	return strings.Join(out, "; ")
 }

@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/shim-run/shim/client"
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
@@ -256,8 +257,8 @@ func TestErrorLine(t *testing.T) {
 		{connect.NewError(connect.CodeInternal, errors.New("line one\nline two\n\tthree")), "line one line two three", 1},
 		{errors.New("multi\nline"), "multi line", 1},
 		{usagef("bad\nusage"), "bad usage", 2},
-		{&unreachableError{addrs: []string{"http://127.0.0.1:7070"},
-			err: connect.NewError(connect.CodeUnavailable, errors.New("no leader"))},
+		{&client.UnreachableError{Addrs: []string{"http://127.0.0.1:7070"},
+			Err: connect.NewError(connect.CodeUnavailable, errors.New("no leader"))},
 			"cannot reach shim at 127.0.0.1:7070: no leader", 1},
 	} {
 		got := errorLine(c.err)

@@ -32,6 +32,7 @@ import (
 	"github.com/shim-run/shim/raftlog"
 	"github.com/shim-run/shim/server"
 	"github.com/shim-run/shim/table"
+	"github.com/shim-run/shim/ui"
 )
 
 type options struct {
@@ -95,6 +96,7 @@ func newCommand() *cobra.Command {
 	f.StringVar(&o.initPath, "init", "", "shim-init, PID 1 of every sandbox and VM (default: next to shimd, then in PATH)")
 	f.StringArrayVar(&o.hostPaths, "host-path", nil, "a host folder this node offers to sandboxes, `NAME=DIR[:ro]` (repeatable; spawn --mount NAME:PATH uses it)")
 	f.IntVar(&o.simulate, "simulate", 0, "with --role worker: run this many simulated workers (pretend processes) for scale tests")
+	_ = f.MarkHidden("simulate") // a benchmark tool (make bench), not for operators
 	addGrowFlags(f, &o.grow)
 	addServiceFlags(f, &o.services)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return err })
@@ -227,7 +229,7 @@ func run(ctx context.Context, o *options) error {
 	if dnsSrv != nil {
 		defer dnsSrv.Close()
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
+	hs := &http.Server{Handler: ui.Mount(srv.Handler()), ReadHeaderTimeout: 10 * time.Second, ErrorLog: httpErrorLog(log)}
 	if boot != nil {
 		// Tokens must be good before anyone may use them.
 		if err := finishBootstrap(ctx, srv, o.dataDir, boot); err != nil {

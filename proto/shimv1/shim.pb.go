@@ -7079,6 +7079,105 @@ func (x *RequestRecord) GetUnixNano() int64 {
 	return 0
 }
 
+// RemoveNodeRequest removes a node from the cluster for good: its record,
+// its Raft vote (servers), and its processes, which are placed elsewhere.
+// A node that is up is refused unless force.
+type RemoveNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Force         bool                   `protobuf:"varint,2,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeRequest) Reset() {
+	*x = RemoveNodeRequest{}
+	mi := &file_shim_v1_shim_proto_msgTypes[95]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeRequest) ProtoMessage() {}
+
+func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[95]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
+func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{95}
+}
+
+func (x *RemoveNodeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *RemoveNodeRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type RemoveNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Moved         []string               `protobuf:"bytes,1,rep,name=moved,proto3" json:"moved,omitempty"` // the processes placed elsewhere
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeResponse) Reset() {
+	*x = RemoveNodeResponse{}
+	mi := &file_shim_v1_shim_proto_msgTypes[96]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeResponse) ProtoMessage() {}
+
+func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_v1_shim_proto_msgTypes[96]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
+func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{96}
+}
+
+func (x *RemoveNodeResponse) GetMoved() []string {
+	if x != nil {
+		return x.Moved
+	}
+	return nil
+}
+
 var File_shim_v1_shim_proto protoreflect.FileDescriptor
 
 const file_shim_v1_shim_proto_rawDesc = "" +
@@ -7579,7 +7678,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\tR\x03ids\x12\x16\n" +
 	"\x06digest\x18\x03 \x01(\fR\x06digest\x12\x1b\n" +
-	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano*\x83\x01\n" +
+	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano\"=\n" +
+	"\x11RemoveNodeRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
+	"\x05force\x18\x02 \x01(\bR\x05force\"*\n" +
+	"\x12RemoveNodeResponse\x12\x14\n" +
+	"\x05moved\x18\x01 \x03(\tR\x05moved*\x83\x01\n" +
 	"\rRestartPolicy\x12\x1e\n" +
 	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n" +
@@ -7634,7 +7738,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\vConsistency\x12\x1b\n" +
 	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18CONSISTENCY_LINEARIZABLE\x10\x01\x12\x15\n" +
-	"\x11CONSISTENCY_STALE\x10\x022\xc8\b\n" +
+	"\x11CONSISTENCY_STALE\x10\x022\x8f\t\n" +
 	"\vShimService\x126\n" +
 	"\x05Spawn\x12\x15.shim.v1.SpawnRequest\x1a\x16.shim.v1.SpawnResponse\x123\n" +
 	"\x04Kill\x12\x14.shim.v1.KillRequest\x1a\x15.shim.v1.KillResponse\x129\n" +
@@ -7654,7 +7758,9 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tEndpoints\x12\x19.shim.v1.EndpointsRequest\x1a\x1a.shim.v1.EndpointsResponse\x12?\n" +
 	"\bServices\x12\x18.shim.v1.ServicesRequest\x1a\x19.shim.v1.ServicesResponse\x12;\n" +
 	"\x06Update\x12\x16.shim.v1.UpdateRequest\x1a\x17.shim.v1.UpdateProgress0\x01\x123\n" +
-	"\x04Exec\x12\x12.shim.v1.ExecInput\x1a\x13.shim.v1.ExecOutput(\x010\x012\xb6\x04\n" +
+	"\x04Exec\x12\x12.shim.v1.ExecInput\x1a\x13.shim.v1.ExecOutput(\x010\x01\x12E\n" +
+	"\n" +
+	"RemoveNode\x12\x1a.shim.v1.RemoveNodeRequest\x1a\x1b.shim.v1.RemoveNodeResponse2\xb6\x04\n" +
 	"\fAgentService\x123\n" +
 	"\x04Join\x12\x14.shim.v1.JoinRequest\x1a\x15.shim.v1.JoinResponse\x126\n" +
 	"\x05Leave\x12\x15.shim.v1.LeaveRequest\x1a\x16.shim.v1.LeaveResponse\x12B\n" +
@@ -7679,7 +7785,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 101)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -7787,10 +7893,12 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*ServicesResponse)(nil),    // 103: shim.v1.ServicesResponse
 	(*SnapshotHeader)(nil),      // 104: shim.v1.SnapshotHeader
 	(*RequestRecord)(nil),       // 105: shim.v1.RequestRecord
-	nil,                         // 106: shim.v1.ProcessRecord.PortsEntry
-	nil,                         // 107: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 108: shim.v1.UsageResponse.UsageEntry
-	nil,                         // 109: shim.v1.Endpoint.PortsEntry
+	(*RemoveNodeRequest)(nil),   // 106: shim.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),  // 107: shim.v1.RemoveNodeResponse
+	nil,                         // 108: shim.v1.ProcessRecord.PortsEntry
+	nil,                         // 109: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 110: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 111: shim.v1.Endpoint.PortsEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	11,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -7811,7 +7919,7 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	13,  // 15: shim.v1.ProcessRecord.grant:type_name -> shim.v1.Grant
 	13,  // 16: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
 	18,  // 17: shim.v1.ProcessRecord.cut_off:type_name -> shim.v1.Incarnation
-	106, // 18: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
+	108, // 18: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
 	5,   // 19: shim.v1.ProcessRecord.health:type_name -> shim.v1.Health
 	7,   // 20: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
 	8,   // 21: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
@@ -7875,9 +7983,9 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	8,   // 79: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
 	19,  // 80: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	8,   // 81: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	107, // 82: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	109, // 82: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
 	43,  // 83: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	108, // 84: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	110, // 84: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
 	23,  // 85: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
 	92,  // 86: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
 	93,  // 87: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
@@ -7886,7 +7994,7 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	17,  // 90: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
 	19,  // 91: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
 	10,  // 92: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
-	109, // 93: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
+	111, // 93: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
 	100, // 94: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
 	10,  // 95: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
 	17,  // 96: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
@@ -7914,44 +8022,46 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	102, // 118: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
 	95,  // 119: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
 	91,  // 120: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
-	75,  // 121: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	79,  // 122: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	81,  // 123: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	83,  // 124: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	85,  // 125: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	89,  // 126: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	87,  // 127: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	77,  // 128: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	61,  // 129: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	47,  // 130: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	49,  // 131: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	51,  // 132: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	53,  // 133: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	57,  // 134: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	64,  // 135: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	66,  // 136: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	68,  // 137: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	70,  // 138: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	72,  // 139: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	74,  // 140: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	59,  // 141: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	40,  // 142: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	98,  // 143: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
-	101, // 144: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
-	103, // 145: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
-	96,  // 146: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
-	94,  // 147: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
-	76,  // 148: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	80,  // 149: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	82,  // 150: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	84,  // 151: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	86,  // 152: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	90,  // 153: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	88,  // 154: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	78,  // 155: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	62,  // 156: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	130, // [130:157] is the sub-list for method output_type
-	103, // [103:130] is the sub-list for method input_type
+	106, // 121: shim.v1.ShimService.RemoveNode:input_type -> shim.v1.RemoveNodeRequest
+	75,  // 122: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	79,  // 123: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	81,  // 124: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	83,  // 125: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	85,  // 126: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	89,  // 127: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	87,  // 128: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	77,  // 129: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	61,  // 130: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	47,  // 131: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	49,  // 132: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	51,  // 133: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	53,  // 134: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	57,  // 135: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	64,  // 136: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	66,  // 137: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	68,  // 138: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	70,  // 139: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	72,  // 140: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	74,  // 141: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	59,  // 142: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	40,  // 143: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	98,  // 144: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
+	101, // 145: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
+	103, // 146: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
+	96,  // 147: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
+	94,  // 148: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
+	107, // 149: shim.v1.ShimService.RemoveNode:output_type -> shim.v1.RemoveNodeResponse
+	76,  // 150: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	80,  // 151: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	82,  // 152: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	84,  // 153: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	86,  // 154: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	90,  // 155: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	88,  // 156: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	78,  // 157: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	62,  // 158: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	131, // [131:159] is the sub-list for method output_type
+	103, // [103:131] is the sub-list for method input_type
 	103, // [103:103] is the sub-list for extension type_name
 	103, // [103:103] is the sub-list for extension extendee
 	0,   // [0:103] is the sub-list for field type_name
@@ -7989,7 +8099,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      11,
-			NumMessages:   99,
+			NumMessages:   101,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

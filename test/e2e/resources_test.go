@@ -369,8 +369,8 @@ func TestResourceFairness(t *testing.T) {
 	c := startNode(t)
 	loops := "(while :; do :; done) & while :; do :; done"
 	node := c.nodes[0].name
-	a := c.spawn("--node", node, "--cpu", "0.5", "--", "/bin/sh", "-c", loops)
-	b := c.spawn("--node", node, "--cpu", "1.5", "--", "/bin/sh", "-c", loops)
+	a := c.spawn("--node", node, "--cpu", "0.5:", "--", "/bin/sh", "-c", loops)
+	b := c.spawn("--node", node, "--cpu", "1.5:", "--", "/bin/sh", "-c", loops)
 	pa, pb := c.waitRunning(a), c.waitRunning(b)
 	if s := readInt(t, cgFile(t, pa.PID, "cpu", "cpu.shares")); s != "512" {
 		t.Fatalf("min 0.5: cpu.shares = %s, want 512", s)

@@ -86,7 +86,7 @@ func TestVMResizeAndFence(t *testing.T) {
 		t.Errorf("ps -o wide does not show vm:\n%s", wide)
 	}
 	start := time.Now()
-	c.must("resize", id, "--mem", "512M")
+	c.must("resize", id, "--mem", "512M:") // the min alone: one value would also cap the max
 	const added = 256 << 20
 	var now int64
 	waitFor(t, 2*time.Second+time.Since(start), "MemTotal to rise by 256M", func() bool {

@@ -74,6 +74,8 @@ const (
 	ShimServiceUpdateProcedure = "/shim.v1.ShimService/Update"
 	// ShimServiceExecProcedure is the fully-qualified name of the ShimService's Exec RPC.
 	ShimServiceExecProcedure = "/shim.v1.ShimService/Exec"
+	// ShimServiceRemoveNodeProcedure is the fully-qualified name of the ShimService's RemoveNode RPC.
+	ShimServiceRemoveNodeProcedure = "/shim.v1.ShimService/RemoveNode"
 	// AgentServiceJoinProcedure is the fully-qualified name of the AgentService's Join RPC.
 	AgentServiceJoinProcedure = "/shim.v1.AgentService/Join"
 	// AgentServiceLeaveProcedure is the fully-qualified name of the AgentService's Leave RPC.
@@ -115,6 +117,7 @@ type ShimServiceClient interface {
 	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
 	Update(context.Context, *connect.Request[shimv1.UpdateRequest]) (*connect.ServerStreamForClient[shimv1.UpdateProgress], error)
 	Exec(context.Context) *connect.BidiStreamForClient[shimv1.ExecInput, shimv1.ExecOutput]
+	RemoveNode(context.Context, *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error)
 }
 
 // NewShimServiceClient constructs a client for the shim.v1.ShimService service. By default, it uses
@@ -236,6 +239,12 @@ func NewShimServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(shimServiceMethods.ByName("Exec")),
 			connect.WithClientOptions(opts...),
 		),
+		removeNode: connect.NewClient[shimv1.RemoveNodeRequest, shimv1.RemoveNodeResponse](
+			httpClient,
+			baseURL+ShimServiceRemoveNodeProcedure,
+			connect.WithSchema(shimServiceMethods.ByName("RemoveNode")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -259,6 +268,7 @@ type shimServiceClient struct {
 	services    *connect.Client[shimv1.ServicesRequest, shimv1.ServicesResponse]
 	update      *connect.Client[shimv1.UpdateRequest, shimv1.UpdateProgress]
 	exec        *connect.Client[shimv1.ExecInput, shimv1.ExecOutput]
+	removeNode  *connect.Client[shimv1.RemoveNodeRequest, shimv1.RemoveNodeResponse]
 }
 
 // Spawn calls shim.v1.ShimService.Spawn.
@@ -351,6 +361,11 @@ func (c *shimServiceClient) Exec(ctx context.Context) *connect.BidiStreamForClie
 	return c.exec.CallBidiStream(ctx)
 }
 
+// RemoveNode calls shim.v1.ShimService.RemoveNode.
+func (c *shimServiceClient) RemoveNode(ctx context.Context, req *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error) {
+	return c.removeNode.CallUnary(ctx, req)
+}
+
 // ShimServiceHandler is an implementation of the shim.v1.ShimService service.
 type ShimServiceHandler interface {
 	Spawn(context.Context, *connect.Request[shimv1.SpawnRequest]) (*connect.Response[shimv1.SpawnResponse], error)
@@ -371,6 +386,7 @@ type ShimServiceHandler interface {
 	Services(context.Context, *connect.Request[shimv1.ServicesRequest]) (*connect.Response[shimv1.ServicesResponse], error)
 	Update(context.Context, *connect.Request[shimv1.UpdateRequest], *connect.ServerStream[shimv1.UpdateProgress]) error
 	Exec(context.Context, *connect.BidiStream[shimv1.ExecInput, shimv1.ExecOutput]) error
+	RemoveNode(context.Context, *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error)
 }
 
 // NewShimServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -488,6 +504,12 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(shimServiceMethods.ByName("Exec")),
 		connect.WithHandlerOptions(opts...),
 	)
+	shimServiceRemoveNodeHandler := connect.NewUnaryHandler(
+		ShimServiceRemoveNodeProcedure,
+		svc.RemoveNode,
+		connect.WithSchema(shimServiceMethods.ByName("RemoveNode")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/shim.v1.ShimService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ShimServiceSpawnProcedure:
@@ -526,6 +548,8 @@ func NewShimServiceHandler(svc ShimServiceHandler, opts ...connect.HandlerOption
 			shimServiceUpdateHandler.ServeHTTP(w, r)
 		case ShimServiceExecProcedure:
 			shimServiceExecHandler.ServeHTTP(w, r)
+		case ShimServiceRemoveNodeProcedure:
+			shimServiceRemoveNodeHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -605,6 +629,10 @@ func (UnimplementedShimServiceHandler) Update(context.Context, *connect.Request[
 
 func (UnimplementedShimServiceHandler) Exec(context.Context, *connect.BidiStream[shimv1.ExecInput, shimv1.ExecOutput]) error {
 	return connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.Exec is not implemented"))
+}
+
+func (UnimplementedShimServiceHandler) RemoveNode(context.Context, *connect.Request[shimv1.RemoveNodeRequest]) (*connect.Response[shimv1.RemoveNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("shim.v1.ShimService.RemoveNode is not implemented"))
 }
 
 // AgentServiceClient is a client for the shim.v1.AgentService service.
