@@ -48,6 +48,7 @@ var rows = []row{
 	{"12b", "growth when others must move", rowGrowMove},
 	{"12c", "slack over a varying load", rowGrowSlack},
 	{"12d", "OOM kills during a 100 MiB/s ramp", rowGrowOOM},
+	{"13", "a million processes on one table (in-process)", rowMillion}, // rows_million.go
 }
 
 func main() {
@@ -64,6 +65,8 @@ func main() {
 	beatWindow := flag.Duration("beat-window", 0, "row 7: watch for this long instead of 1m (-quick) or 5m (-full)")
 	srcDir := flag.String("src", "", "build shimd and shim from this source tree (e.g. a patched copy) instead of the working tree")
 	rev := flag.String("rev", "", "build shimd and shim from this git revision (git archive) instead of the working tree")
+	millionProcs := flag.Int("million-procs", 1_000_000, "row 13: processes")
+	millionNodes := flag.Int("million-nodes", 10_000, "row 13: nodes")
 	profile := flag.String("profile", "", "write CPU profiles of the in-process measurements to this directory")
 	flag.Parse()
 	_ = quick
@@ -102,7 +105,7 @@ func main() {
 	_, _ = rand.Read(id[:])
 	e := &env{only: want, bin: filepath.Join(tmp, "bin"), tmp: tmp, runID: hex.EncodeToString(id[:]), full: *full,
 		keep: *keep, verbose: *verbose, profileDir: *profile, perfDir: *perfDir, simsPer: max(*simsPer, 1),
-		beatNodes: *beatNodes, beatWindow: *beatWindow, simNice: *simNice,
+		beatNodes: *beatNodes, millionProcs: max(*millionProcs, 1), millionNodes: max(*millionNodes, 1), beatWindow: *beatWindow, simNice: *simNice,
 		httpc: &http.Client{Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 512,
 			IdleConnTimeout: 90 * time.Second}}}
 	src := root
