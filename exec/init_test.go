@@ -35,8 +35,10 @@ func TestInitSignalEndsWorkload(t *testing.T) {
 			}
 			d := time.Since(t0)
 			t.Logf("%v: SIGTERM to exit in %v", iso, d)
-			if d > time.Second {
-				t.Errorf("SIGTERM took %v to end sleep, want well under a second", d)
+			// An init that ignored SIGTERM would hit the 5 s limit above; a
+			// loaded CI machine may take a while to schedule the exit.
+			if d > 3*time.Second {
+				t.Errorf("SIGTERM took %v to end sleep, want well under 3 s", d)
 			}
 			if e := p.Exit(); e.Code != -1 || e.Signal != "SIGTERM" || e.Reason != ReasonSignaled {
 				t.Errorf("exit = %+v, want SIGTERM/signaled", e)

@@ -1,6 +1,7 @@
 package table
 
 import (
+	"container/heap"
 	"fmt"
 	"math"
 	"math/bits"
@@ -124,6 +125,141 @@ func (t *Table) placeWith(spec *pb.ProcessSpec, need claim, extra []Alloc, not s
 	}
 	return -1, fmt.Errorf("%w for %s: the most free is cpu %s, memory %s on %s (%d nodes up): %v",
 		ErrNoCapacity, want, Cores(max(bestNoFree[0], 0)), Bytes(max(bestNoFree[1], 0)), cs[bestNo].name, up, bestNoErr)
+}
+
+// placeReplicas places n replicas of spec, each claiming need, exactly as n
+// calls of placeWith would, each seeing the replicas placed before it (it
+// returns candidate positions). placeWith scans every node for each
+// replica; this scans them once and keeps the nodes that fit in a heap
+// ordered as placeWith chooses (fewest replicas of the same service or
+// spawn, then fewest processes, then the most free CPU, then the lowest
+// name), so a spawn of n replicas on m nodes costs O(m + n log m), not
+// O(n m). Within a spawn, only the chosen node's allocation changes, and a
+// node that does not fit a claim never fits it after more is placed, so the
+// others' places in the order hold. When no node fits, placeWith gives the
+// error. A spec with ports is placed one by one (placeEach): each replica
+// holds its ports before the next is placed.
+func (t *Table) placeReplicas(spec *pb.ProcessSpec, need claim, n int) ([]int, error) {
+	if n == 1 || len(spec.GetPorts()) > 0 {
+		return t.placeEach(spec, need, n)
+	}
+	cs := t.candidates()
+	sib := t.siblings(spec)
+	extra := make([]Alloc, len(cs))
+	out := make([]int, 0, n)
+	lo, hi := 0, len(cs)
+	if spec.Node != "" {
+		i, ok := slices.BinarySearch(t.nodeOrder, spec.Node)
+		if !ok {
+			return nil, fmt.Errorf("%w: %q", ErrUnknownNode, spec.Node)
+		}
+		lo, hi = i, i+1
+	}
+	h := make(placeHeap, 0, hi-lo)
+	for k := lo; k < hi; k++ {
+		c := &cs[k]
+		nr := c.rec
+		if nr.State != pb.NodeState_NODE_STATE_UP || (nr.Draining && spec.Node == "") || Offers(nr, spec) != nil {
+			continue
+		}
+		if c.alloc != nil {
+			extra[k] = *c.alloc // here: the node's whole allocation
+		}
+		if fits(nr, &extra[k], need) == nil {
+			h = append(h, placeKey{same: sib[c.name], count: extra[k].Count, free: nr.Capacity.GetCpuMaxMilli() - extra[k].CPUGrant, k: k})
+		}
+	}
+	heap.Init(&h)
+	for range n {
+		if len(h) == 0 {
+			// What placeWith reports for the next replica: extra minus
+			// the allocations held before the spawn.
+			add := make([]Alloc, len(cs))
+			for _, k := range out {
+				add[k].add(need, 1)
+				add[k].Same++
+			}
+			_, err := t.placeWith(spec, need, add, "")
+			if err == nil {
+				err = fmt.Errorf("%w: placement disagrees with itself", ErrNoCapacity) // cannot happen
+			}
+			return out, err
+		}
+		k := h[0].k
+		out = append(out, k)
+		a := &extra[k]
+		a.add(need, 1)
+		if fits(cs[k].rec, a, need) == nil {
+			h[0].same++
+			h[0].count, h[0].free = a.Count, cs[k].rec.Capacity.GetCpuMaxMilli()-a.CPUGrant
+			heap.Fix(&h, 0)
+		} else {
+			heap.Pop(&h)
+		}
+	}
+	return out, nil
+}
+
+// placeEach places n replicas one at a time with placeWith, each seeing
+// the ones before it and the ports they hold.
+func (t *Table) placeEach(spec *pb.ProcessSpec, need claim, n int) ([]int, error) {
+	var extra []Alloc
+	out := make([]int, 0, n)
+	for range n {
+		k, err := t.placeWith(spec, need, extra, "")
+		if err != nil {
+			return out, err
+		}
+		out = append(out, k)
+		if n == 1 {
+			break
+		}
+		if extra == nil {
+			extra = make([]Alloc, len(t.candidates()))
+		}
+		extra[k].add(need, 1)
+		extra[k].Same++
+		node := t.candidates()[k].name
+		ps, err := t.pickPorts(spec, node, nil)
+		if err != nil { // placeWith checked the ports: not reached
+			return out, err
+		}
+		t.holdPorts(node, ps)
+	}
+	return out, nil
+}
+
+// placeKey is a node in placeReplicas's order.
+type placeKey struct {
+	same  int // replicas of the same service or spawn on the node
+	count int
+	free  int64
+	k     int
+}
+
+type placeHeap []placeKey
+
+func (h placeHeap) Len() int { return len(h) }
+func (h placeHeap) Less(i, j int) bool {
+	a, b := &h[i], &h[j]
+	if a.same != b.same {
+		return a.same < b.same
+	}
+	if a.count != b.count {
+		return a.count < b.count
+	}
+	if a.free != b.free {
+		return a.free > b.free
+	}
+	return a.k < b.k
+}
+func (h placeHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *placeHeap) Push(x any)   { *h = append(*h, x.(placeKey)) }
+func (h *placeHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
 }
 
 func (a *Alloc) plus(e *Alloc) {

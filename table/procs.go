@@ -36,29 +36,18 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 	}
 	// Place every replica before changing anything, so that a spawn is all or
 	// nothing.
-	var extra []Alloc // by candidate: the replicas placed so far
-	nodes := make([]string, len(ids))
 	need := claimFor(spec, minGrant(spec.Resources))
-	for i := range ids {
-		k, err := t.placeWith(spec, need, extra, "")
-		if err != nil {
-			if len(ids) > 1 {
-				return nil, fmt.Errorf("replica %d of %d: %w", i+1, len(ids), err)
-			}
-			return nil, err
+	ks, err := t.placeReplicas(spec, need, len(ids))
+	if err != nil {
+		if len(ids) > 1 {
+			return nil, fmt.Errorf("replica %d of %d: %w", len(ks)+1, len(ids), err)
 		}
-		cs := t.candidates()
+		return nil, err
+	}
+	nodes := make([]string, len(ids))
+	cs := t.candidates()
+	for i, k := range ks {
 		nodes[i] = cs[k].name
-		if extra == nil {
-			extra = make([]Alloc, len(cs))
-		}
-		extra[k].add(need, 1)
-		extra[k].Same++
-		ps, err := t.pickPorts(spec, nodes[i], nil)
-		if err != nil { // placeWith checked the ports: not reached
-			return nil, err
-		}
-		t.holdPorts(nodes[i], ps)
 	}
 	t.txPorts = nil
 	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller

@@ -38,15 +38,17 @@ type env struct {
 	keep    bool
 	verbose bool
 	// profileDir receives CPU profiles of the in-process parts ("" = none).
-	profileDir string
-	simsPer    int           // simulated workers per shimd --simulate process
-	simNice    int           // nice value of simulator processes (0 = not niced)
-	beatNodes  int           // row 7: simulated nodes (0 = the mode's default)
-	beatWindow time.Duration // row 7: how long to watch (0 = the mode's default)
-	perfDir    string        // perf record of shimd during load phases ("" = none)
-	httpc      *http.Client
-	seq        int
-	mu         sync.Mutex
+	profileDir                 string
+	simsPer                    int             // simulated workers per shimd --simulate process
+	simNice                    int             // nice value of simulator processes (0 = not niced)
+	beatNodes                  int             // row 7: simulated nodes (0 = the mode's default)
+	beatWindow                 time.Duration   // row 7: how long to watch (0 = the mode's default)
+	perfDir                    string          // perf record of shimd during load phases ("" = none)
+	millionProcs, millionNodes int             // row 13's scale
+	only                       map[string]bool // -only: rows and parts of rows to run (empty: all)
+	httpc                      *http.Client
+	seq                        int
+	mu                         sync.Mutex
 }
 
 func (e *env) logf(format string, args ...any) {
@@ -851,6 +853,15 @@ func (m metrics) histSummary(name string) string {
 	}
 	return fmt.Sprintf("n=%.0f mean %.2f ms, p50≈%.2f ms, p99≈%.2f ms", count, sum/count*1000,
 		histQuantile(bs, 0.5)*1000, histQuantile(bs, 0.99)*1000)
+}
+
+// countSummary is histSummary for a histogram of counts, not seconds.
+func (m metrics) countSummary(name string) string {
+	_, sum, count := m.histogram(name)
+	if count == 0 {
+		return "no samples"
+	}
+	return fmt.Sprintf("n=%.0f mean %.1f", count, sum/count)
 }
 
 // ---- processes ----

@@ -48,15 +48,16 @@ var rows = []row{
 	{"12b", "growth when others must move", rowGrowMove},
 	{"12c", "slack over a varying load", rowGrowSlack},
 	{"12d", "OOM kills during a 100 MiB/s ramp", rowGrowOOM},
-	{"14", "bounded history: 100k short-lived processes", rowSoak}, // rows_soak.go
-	{"15a", "DNS answers per second from one shimd", rowDNSRate},   // rows_services.go
+	{"13", "a million processes on one table (in-process)", rowMillion}, // rows_million.go
+	{"14", "bounded history: 100k short-lived processes", rowSoak},      // rows_soak.go
+	{"15a", "DNS answers per second from one shimd", rowDNSRate},        // rows_services.go
 	{"15b", "node death to DNS no longer listing it", rowDNSDeath},
 }
 
 func main() {
 	quick := flag.Bool("quick", true, "short runs (the default; the whole run takes < 5 min)")
 	full := flag.Bool("full", false, "long runs: more samples, more nodes, longer windows")
-	only := flag.String("only", "", "run only these rows, comma-separated (e.g. 4 or 1,9)")
+	only := flag.String("only", "", "run only these rows, comma-separated (e.g. 4 or 1,9); a row with parts runs only the parts named (2a)")
 	keep := flag.Bool("keep", false, "keep data dirs and logs (printed at the end)")
 	verbose := flag.Bool("v", false, "verbose progress")
 	out := flag.String("o", "", "also write the report (Markdown) to this file")
@@ -67,6 +68,8 @@ func main() {
 	beatWindow := flag.Duration("beat-window", 0, "row 7: watch for this long instead of 1m (-quick) or 5m (-full)")
 	srcDir := flag.String("src", "", "build shimd and shim from this source tree (e.g. a patched copy) instead of the working tree")
 	rev := flag.String("rev", "", "build shimd and shim from this git revision (git archive) instead of the working tree")
+	millionProcs := flag.Int("million-procs", 1_000_000, "row 13: processes")
+	millionNodes := flag.Int("million-nodes", 10_000, "row 13: nodes")
 	profile := flag.String("profile", "", "write CPU profiles of the in-process measurements to this directory")
 	flag.Parse()
 	_ = quick
@@ -83,7 +86,7 @@ func main() {
 	for id := range want {
 		found := false
 		for _, r := range rows {
-			found = found || r.id == id
+			found = found || r.id == id || partOf(id, r.id)
 		}
 		if !found {
 			fmt.Fprintf(os.Stderr, "bench: -only %s: no such row (1-%d)\n", id, len(rows))
@@ -103,9 +106,9 @@ func main() {
 	}
 	var id [2]byte
 	_, _ = rand.Read(id[:])
-	e := &env{bin: filepath.Join(tmp, "bin"), tmp: tmp, runID: hex.EncodeToString(id[:]), full: *full,
+	e := &env{only: want, bin: filepath.Join(tmp, "bin"), tmp: tmp, runID: hex.EncodeToString(id[:]), full: *full,
 		keep: *keep, verbose: *verbose, profileDir: *profile, perfDir: *perfDir, simsPer: max(*simsPer, 1),
-		beatNodes: *beatNodes, beatWindow: *beatWindow, simNice: *simNice,
+		beatNodes: *beatNodes, millionProcs: max(*millionProcs, 1), millionNodes: max(*millionNodes, 1), beatWindow: *beatWindow, simNice: *simNice,
 		httpc: &http.Client{Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 512,
 			IdleConnTimeout: 90 * time.Second}}}
 	src := root
@@ -132,7 +135,7 @@ func main() {
 	}
 	var results []Result
 	for _, r := range rows {
-		if (len(want) > 0 && !want[r.id]) || (len(want) == 0 && r.id == "6t") {
+		if (len(want) > 0 && !wanted(want, r.id)) || (len(want) == 0 && r.id == "6t") {
 			continue
 		}
 		e.logf("row %s: %s (load %s)", r.id, r.title, loadavg())
@@ -169,6 +172,39 @@ func main() {
 	} else {
 		os.RemoveAll(tmp)
 	}
+}
+
+// partOf reports whether id names a part of row (2a of row 2).
+func partOf(id, row string) bool {
+	k := len(id) - 1
+	return k == len(row) && id[:k] == row && id[k] >= 'a' && id[k] <= 'z'
+}
+
+// wanted reports whether row runs under -only: named, or a part of it named.
+func wanted(want map[string]bool, row string) bool {
+	if want[row] {
+		return true
+	}
+	for id := range want {
+		if partOf(id, row) {
+			return true
+		}
+	}
+	return false
+}
+
+// part reports whether a part of a row (2a) should run: -only names it, its
+// row, or nothing.
+func (e *env) part(id string) bool {
+	if len(e.only) == 0 || e.only[id] {
+		return true
+	}
+	for r := range e.only {
+		if partOf(id, r) {
+			return true
+		}
+	}
+	return false
 }
 
 // repoRoot finds the module root from the working directory.

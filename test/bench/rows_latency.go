@@ -37,7 +37,7 @@ func rowSpawnLatency(e *env) []Result {
 		p50            float64
 	}{
 		{"1a", "process", "spawn --wait, --isolation process", 10},
-		{"1b", "container", "spawn --wait, --isolation container", 20},
+		{"1b", "container", "spawn --wait, --isolation container", 15},
 	}
 	if err := c.startServers(3); err != nil {
 		var out []Result
@@ -48,6 +48,9 @@ func rowSpawnLatency(e *env) []Result {
 	}
 	var out []Result
 	for _, m := range modes {
+		if !e.part(m.row) {
+			continue
+		}
 		goal := fmt.Sprintf("p50 ≤ %.0f, p99 ≤ 50", m.p50)
 		before := e.scrapeAll(c.servers...)
 		var total, toCreated, toStarted, toExit []float64
@@ -93,7 +96,7 @@ func rowSpawnLatency(e *env) []Result {
 		}
 		delta := e.scrapeAll(c.servers...).sub(before)
 		note := fmt.Sprintf("%d of %d processes had a root file system other than the host's. ", ownRoot, len(total))
-		note += fmt.Sprintf("medians: CLI start→request received %.1f ms; commit+assignment+exec→running %.1f ms; report commit+List wake+CLI exit %.1f ms. Node exec start: %s. Raft apply: %s",
+		note += fmt.Sprintf("medians: CLI start→request received %.1f ms; commit+assignment+exec→running %.1f ms; report commit+wake-up+CLI exit %.1f ms. Node exec start: %s. Raft apply: %s",
 			median(toCreated), median(toStarted), median(toExit),
 			delta.histSummary("shim_process_start_seconds"), delta.histSummary("shim_raft_apply_seconds"))
 		out = append(out, Result{Row: m.row, What: m.what, Unit: "ms", Sample: total, Goal: goal, Note: note,
@@ -107,8 +110,11 @@ func rowSpawnLatency(e *env) []Result {
 		p50       float64
 	}{
 		{"1g", "API Spawn{Wait} → running, process isolation (no CLI)", pb.Isolation_ISOLATION_PROCESS, 10},
-		{"1h", "API Spawn{Wait} → running, container isolation (no CLI)", pb.Isolation_ISOLATION_CONTAINER, 20},
+		{"1h", "API Spawn{Wait} → running, container isolation (no CLI)", pb.Isolation_ISOLATION_CONTAINER, 15},
 	} {
+		if !e.part(m.row) {
+			continue
+		}
 		var xs []float64
 		var err error
 		cl := c.api(c.servers[0].api)
@@ -140,15 +146,19 @@ func rowSpawnLatency(e *env) []Result {
 	}
 	// Baseline: the CLI alone (a read), to separate process start-up of the
 	// CLI from the spawn path.
-	var ps []float64
-	for range 20 {
-		d, err := c.shimCLI(nil, "nodes")
-		if err == nil {
-			ps = append(ps, ms(d))
+	if e.part("1c") {
+		var ps []float64
+		for range 20 {
+			d, err := c.shimCLI(nil, "nodes")
+			if err == nil {
+				ps = append(ps, ms(d))
+			}
 		}
+		out = append(out, Result{Row: "1c", What: "baseline: `shim nodes` (CLI start-up + one read)", Unit: "ms", Sample: ps})
 	}
-	out = append(out, Result{Row: "1c", What: "baseline: `shim nodes` (CLI start-up + one read)", Unit: "ms", Sample: ps})
-	out = append(out, execBaselines(e)...)
+	if e.part("1d") || e.part("1e") || e.part("1f") {
+		out = append(out, execBaselines(e)...)
+	}
 	return out
 }
 

@@ -155,6 +155,9 @@ func rowPlacement(e *env) []Result {
 	var out []Result
 	for i, cf := range configs {
 		row := fmt.Sprintf("2%c", 'a'+i)
+		if !e.part(row) {
+			continue
+		}
 		what := fmt.Sprintf("placements committed/s, %d clients × Spawn{Count:%d}", cf.conc, cf.batch)
 		const goal = "≥ 10,000"
 		c, err := simCluster(e, "place", nodes, e.simsPer)
@@ -190,9 +193,9 @@ func rowPlacement(e *env) []Result {
 		c.close()
 		rate := float64(lr.placed) / lr.elapsed.Seconds()
 		lat := summarize(lr.latMS)
-		note := fmt.Sprintf("overall %.0f/s (%d in %.1f s), %d simulated nodes; request latency p50 %.1f ms p99 %.1f ms; %d errors; shim_placements_total Δ %.0f; lease expirations during the run %.0f; raft apply %s; CPU cores used:%s; leader RSS %.0f MiB",
+		note := fmt.Sprintf("overall %.0f/s (%d in %.1f s), %d simulated nodes; request latency p50 %.1f ms p99 %.1f ms; %d errors; shim_placements_total Δ %.0f; lease expirations during the run %.0f; raft apply %s; commands per entry %s; CPU cores used:%s; leader RSS %.0f MiB",
 			rate, lr.placed, lr.elapsed.Seconds(), nodes, lat.Median, lat.P99, lr.errors, delta["shim_placements_total"], delta["shim_lease_expirations_total"],
-			delta.histSummary("shim_raft_apply_seconds"), cpuNote, rss/1024)
+			delta.histSummary("shim_raft_apply_seconds"), delta.countSummary("shim_raft_batch_commands"), cpuNote, rss/1024)
 		if lr.firstErr != nil {
 			note += "; first error: " + lr.firstErr.Error()
 		}
