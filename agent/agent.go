@@ -80,6 +80,11 @@ type Agent struct {
 	// unknown age.
 	minIndex   uint64
 	tableIndex uint64    // table index of the assignments held
+	// fences counts fences begun (fenceAll). A start that began before a
+	// fence and ends after it may have been cut short by the fence's kill,
+	// or made its cgroup after the kill looked: either way it must not run
+	// or count as a failure of its own.
+	fences uint64
 	nodeIndex  uint64    // index of the last change to the assignments held
 	lagSince   time.Time // when a heartbeat first showed newer assignments than held
 	kick       chan struct{}

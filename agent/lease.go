@@ -234,6 +234,9 @@ func (a *Agent) regained(index uint64, first bool) {
 // once, without waiting for the agent's lock, and only then tidies the
 // agent's books. granted tells whether a leader granted this agent a lease.
 func (a *Agent) fenceAll(granted bool) {
+	a.mu.Lock()
+	a.fences++
+	a.mu.Unlock()
 	start := a.Clock.Now()
 	if err := a.Runtime.KillAll(); err != nil {
 		a.Log.Error("fence: kill all failed", "err", err)

@@ -62,6 +62,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		a.mu.Unlock()
 		return
 	}
+	fences := a.fences
 	a.mu.Unlock()
 	spec := rec.Spec
 	limits := a.startLimits(rec) // an elastic process's follow its grant (grow.go)
@@ -74,6 +75,17 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	cut := a.procs[l.id] == l && (l.fencing || a.fences != fences || !a.mayStartLocked())
+	if err != nil && cut {
+		// A fence began while it started: its kill may have ended the
+		// sandbox's init. That is no failure of the process. Nothing runs:
+		// forget it and let the table say again what to do, as above.
+		a.Log.Info("start cut short by a fence", "id", rec.Id, "err", err)
+		l.starting = false
+		delete(a.procs, l.id)
+		a.reconcileLocked()
+		return
+	}
 	if err != nil {
 		a.Metrics.ProcessFailures.Inc()
 		a.Log.Warn("start failed", "id", rec.Id, "err", err)
@@ -85,7 +97,7 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 	}
 	a.Metrics.ProcessStarts.Inc()
 	a.Metrics.StartLatency.Observe(a.Clock.Now().Sub(begin).Seconds())
-	if a.procs[l.id] != l || l.fencing || !a.mayStartLocked() {
+	if a.procs[l.id] != l || cut {
 		// Fenced, moved or killed while starting: it must not run. The
 		// entry stays until the process and its sandbox are gone.
 		_ = p.Kill()
