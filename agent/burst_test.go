@@ -144,11 +144,11 @@ func TestBurstOfExitsAllReachTheTable(t *testing.T) {
 	if len(ids) != n {
 		t.Fatalf("spawned %d, want %d", len(ids), n)
 	}
-	waitUntil(t, 60*time.Second, "every process started", func() bool { return int(rt.started.Load()) == n })
+	waitUntil(t, 3*time.Minute, "every process started", func() bool { return int(rt.started.Load()) == n })
 	cut.Store(true)
 	exited.Store(0)
 	close(rt.release) // every process exits at once
-	waitUntil(t, 60*time.Second, "every exit taken in", func() bool { return int(exited.Load()) == n })
+	waitUntil(t, 3*time.Minute, "every exit taken in", func() bool { return int(exited.Load()) == n })
 	cut.Store(false)
 	reopened := time.Now()
 

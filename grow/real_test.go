@@ -235,8 +235,8 @@ func TestRealCPURamp(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	if !l.run(10*time.Second, func(p cgroup.Pressure, _ string) bool { return p.CPUQuotaMilli >= 1200 }) {
-		t.Fatalf("CPU quota %dm after 10 s", l.window[len(l.window)-1].CPUQuotaMilli)
+	if !l.run(30*time.Second, func(p cgroup.Pressure, _ string) bool { return p.CPUQuotaMilli >= 1200 }) {
+		t.Fatalf("CPU quota %dm after 30 s", l.window[len(l.window)-1].CPUQuotaMilli)
 	}
 	t.Logf("quota at 1.2 cores or more %v after the start", time.Since(start).Round(10*time.Millisecond))
 }

@@ -319,7 +319,7 @@ func TestResize(t *testing.T) {
 	if err := v.Resize(512<<20, 1000); err != nil {
 		t.Fatalf("Resize memory up: %v", err)
 	}
-	waitLog(t, log, memTotalRe, 2*time.Second, func(m []string) bool { return atoi64(m[1])<<10 >= before+256<<20 })
+	waitLog(t, log, memTotalRe, 20*time.Second, func(m []string) bool { return atoi64(m[1])<<10 >= before+256<<20 })
 	t.Logf("memory +256 MiB visible in the guest after %v", time.Since(t0))
 	if got, want := memLimit(t, rt, "resize.0"), int64(512<<20)+memMargin; got != want {
 		t.Errorf("memory limit after growing = %d, want %d", got, want)
@@ -329,7 +329,7 @@ func TestResize(t *testing.T) {
 	if err := v.Resize(512<<20, 2000); err != nil {
 		t.Fatalf("Resize CPU up: %v", err)
 	}
-	waitLog(t, log, nprocRe, 2*time.Second, func(m []string) bool { return m[1] == "2" })
+	waitLog(t, log, nprocRe, 20*time.Second, func(m []string) bool { return m[1] == "2" })
 	t.Logf("second vCPU online after %v", time.Since(t1))
 
 	if v.PID() != pid {
@@ -344,8 +344,8 @@ func TestResize(t *testing.T) {
 	if err := v.Resize(256<<20, 1000); err != nil {
 		t.Fatalf("Resize down: %v", err)
 	}
-	waitLog(t, log, memTotalRe, 5*time.Second, func(m []string) bool { return atoi64(m[1])<<10 <= before })
-	waitLog(t, log, nprocRe, 5*time.Second, func(m []string) bool { return m[1] == "1" })
+	waitLog(t, log, memTotalRe, 20*time.Second, func(m []string) bool { return atoi64(m[1])<<10 <= before })
+	waitLog(t, log, nprocRe, 20*time.Second, func(m []string) bool { return m[1] == "1" })
 	if got, want := memLimit(t, rt, "resize.0"), int64(256<<20)+memMargin; got != want {
 		t.Errorf("memory limit after shrinking = %d, want %d", got, want)
 	}
