@@ -88,6 +88,7 @@ type Agent struct {
 	nodeIndex  uint64    // index of the last change to the assignments held
 	lagSince   time.Time // when a heartbeat first showed newer assignments than held
 	kick       chan struct{}
+	recon      chan struct{} // reconcileSoon: one reconcile for many starts
 	reports    *reporter
 	startSem   chan struct{}
 	states     *stateLog // what a restarted agent adopts
@@ -123,6 +124,7 @@ func (a *Agent) init() {
 	a.growths = map[string]*growth{}
 	a.procs = map[string]*local{}
 	a.kick = make(chan struct{}, 1)
+	a.recon = make(chan struct{}, 1)
 	a.reports = newReporter(a.sendReport, a.Clock, a.Log)
 	a.startSem = make(chan struct{}, startParallel)
 	a.lease.clock, a.lease.publish, a.lease.fence, a.lease.regained = a.Clock, a.publish, a.fenceAll, a.regained
@@ -154,7 +156,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.lease.stop()
 	}()
 	var wg sync.WaitGroup
-	loops := []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample, a.sweepWork}
+	loops := []func(context.Context){a.heartbeats, a.watch, a.reports.run, a.sample, a.sweepWork, a.reconciler}
 	if a.Shim != nil {
 		loops = append(loops, a.growLoop)
 	}

@@ -116,9 +116,9 @@ func (a *Agent) start(l *local, rec *pb.ProcessRecord, restarts uint32) {
 		go a.watchHealth(l, p) // health.go
 	}
 	if l.stopping || !sameAssignment(a.assigned, rec) {
-		// Killed or resized while it was starting: catch up now.
+		// Killed or resized while it was starting: catch up.
 		l.stopping = false
-		a.reconcileLocked()
+		a.reconcileSoon()
 	}
 }
 
