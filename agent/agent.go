@@ -79,24 +79,24 @@ type Agent struct {
 	// largest index, so nothing is started, stopped or fenced on a table of
 	// unknown age.
 	minIndex   uint64
-	tableIndex uint64    // table index of the assignments held
+	tableIndex uint64 // table index of the assignments held
 	// fences counts fences begun (fenceAll). A start that began before a
 	// fence and ends after it may have been cut short by the fence's kill,
 	// or made its cgroup after the kill looked: either way it must not run
 	// or count as a failure of its own.
-	fences uint64
-	nodeIndex  uint64    // index of the last change to the assignments held
-	lagSince   time.Time // when a heartbeat first showed newer assignments than held
-	kick       chan struct{}
-	recon      chan struct{} // reconcileSoon: one reconcile for many starts
-	reports    *reporter
-	startSem   chan struct{}
-	states     *stateLog // what a restarted agent adopts
-	book       addrBook  // the servers besides Addrs, and the one that answered last
-	tokensMu   sync.Mutex
-	tokens     map[string]string  // self tokens by process id, from the assignments
-	growths    map[string]*growth // the growth loop's state, by process (grow.go)
-	growClose  []PressureReader   // readers of ended growths, for the loop to close
+	fences    uint64
+	nodeIndex uint64    // index of the last change to the assignments held
+	lagSince  time.Time // when a heartbeat first showed newer assignments than held
+	kick      chan struct{}
+	recon     chan struct{} // reconcileSoon: one reconcile for many starts
+	reports   *reporter
+	startSem  chan struct{}
+	states    *stateLog // what a restarted agent adopts
+	book      addrBook  // the servers besides Addrs, and the one that answered last
+	tokensMu  sync.Mutex
+	tokens    map[string]string  // self tokens by process id, from the assignments
+	growths   map[string]*growth // the growth loop's state, by process (grow.go)
+	growClose []PressureReader   // readers of ended growths, for the loop to close
 }
 
 func (a *Agent) init() {
