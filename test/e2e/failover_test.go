@@ -92,7 +92,7 @@ func TestNodeDeath(t *testing.T) {
 	const n = 300
 	// Spawn in batches of 50, as a service rollout would.
 	for b := 1; b <= n/50; b++ {
-		c.must("spawn", "--name", "w", "--count", "50", "--cpu", "0.001", "--mem", "64K:", "--", "/bin/sleep", "100000")
+		c.must("spawn", "--name", "w", "--count", "50", "--cpu", "0.001:", "--mem", "64K:", "--", "/bin/sleep", "100000")
 		waitFor(t, 60*time.Second, fmt.Sprintf("%d running", b*50), func() bool { return countRunning(c.ps()) == b*50 })
 	}
 
