@@ -104,7 +104,7 @@ func TestNodeDeath(t *testing.T) {
 	for b := 1; b <= n/50; b++ {
 		// A name per batch: --name with --count makes a service, which a
 		// second spawn of the same name would not extend.
-		c.must("spawn", "--name", fmt.Sprintf("w%d", b), "--count", "50", "--cpu", "0.001", "--mem", "64K:", "--", "/bin/sleep", "100000")
+		c.must("spawn", "--name", fmt.Sprintf("w%d", b), "--count", "50", "--cpu", "0.001:", "--mem", "64K:", "--", "/bin/sleep", "100000")
 		waitFor(t, 60*time.Second, fmt.Sprintf("%d running", b*50), func() bool { return countRunning(c.ps()) == b*50 })
 	}
 

@@ -38,7 +38,7 @@ func TestKillPlainSleep(t *testing.T) {
 func TestNodeRemove(t *testing.T) {
 	needRoot(t)
 	c := startCluster(t, 3)
-	c.must("spawn", "--count", "6", "--cpu", "0.01", "--", "/bin/sleep", "100000")
+	c.must("spawn", "--count", "6", "--cpu", "0.01:", "--", "/bin/sleep", "100000")
 	waitFor(t, 30*time.Second, "6 running", func() bool { return countRunning(c.ps()) == 6 })
 	victim := c.follower(0)
 

@@ -15,8 +15,9 @@ import (
 	"time"
 )
 
-// The README's runnable examples: each shell block after a line
-// <!-- readme-test: NAME --> runs here as written, with bash -e, in a
+// The README's runnable examples: the shell blocks after a line
+// <!-- readme-test: NAME --> run here as written (those of one NAME as one
+// script, in order), with bash -e, in a
 // folder whose bin/ holds the freshly built binaries, but for what would
 // collide with other tests on the machine: every 127.0.0.1 port becomes a
 // free one, /tmp/ a test folder, and each shimd's --name gets a unique
@@ -34,7 +35,7 @@ func readmeBlocks(t *testing.T) map[string]string {
 	}
 	out := map[string]string{}
 	for _, m := range readmeMark.FindAllStringSubmatch(string(b), -1) {
-		out[m[1]] = m[2]
+		out[m[1]] += m[2] // blocks of one name are one script, in order
 	}
 	return out
 }
@@ -81,12 +82,20 @@ func (r *readmeRun) rewrite(script string) string {
 				r.names = append(r.names, r.prefix)
 				code += " --name " + r.prefix
 			}
+			// shimd's defaults, 127.0.0.1:7070 and :7071, as the block's
+			// later lines name them.
 			if !strings.Contains(code, "--api ") {
-				r.api = freePort(r.t)
+				if r.ports["7070"] == "" {
+					r.ports["7070"] = freePort(r.t)
+				}
+				r.api = r.ports["7070"]
 				code += " --api " + r.api
 			}
 			if !strings.Contains(code, "--raft ") && !strings.Contains(code, "--role worker") {
-				code += " --raft " + freePort(r.t)
+				if r.ports["7071"] == "" {
+					r.ports["7071"] = freePort(r.t)
+				}
+				code += " --raft " + r.ports["7071"]
 			}
 			if bg {
 				code += " &"

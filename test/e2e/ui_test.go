@@ -51,7 +51,7 @@ func TestUIMap(t *testing.T) {
 		t.Skip("no chromium (apt-get install chromium; SHIM_REQUIRE_UI=1 makes this a failure)")
 	}
 	c := startCluster(t, 3)
-	c.must("spawn", "--name", "web", "--count", "6", "--cpu", "0.01", "--mem", "1M:16M", "--", "/bin/sleep", "100000")
+	c.must("spawn", "--name", "web", "--count", "6", "--cpu", "0.01:", "--mem", "1M:16M", "--", "/bin/sleep", "100000")
 	waitFor(t, 30*time.Second, "6 running", func() bool { return countRunning(c.ps()) == 6 })
 	tok, err := os.ReadFile(filepath.Join(c.dataDir(), "admin.token"))
 	if err != nil {
