@@ -292,6 +292,27 @@ func TestServiceUpdate(t *testing.T) {
 	if strings.Count(out, "VERSION=2") < n {
 		t.Errorf("new replicas lack the new env:\n%s", out)
 	}
+	// All at once (--parallel n): make-before-break still, every replica
+	// replaced, keeping its index.
+	r = c.shim("update", "web", "--parallel", fmt.Sprint(n), "--env", "VERSION=3")
+	if r.code != 0 || strings.Count(r.stdout, "replaced by") != n {
+		t.Fatalf("parallel update: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	var idx []uint32
+	for _, e := range c.endpoints("web") {
+		idx = append(idx, e.Replica)
+	}
+	slices.Sort(idx)
+	if !slices.Equal(idx, []uint32{0, 1, 2}) {
+		t.Errorf("replica indexes after the updates: %v", idx)
+	}
+	if out := c.must("services"); !strings.Contains(out, "web") || !strings.Contains(out, fmt.Sprint(n)) {
+		t.Errorf("shim services:\n%s", out)
+	}
+	// Nothing to change is refused.
+	if r := c.shim("update", "web", "--env", "VERSION=3"); r.code == 0 || !strings.Contains(r.stderr, "changes nothing") {
+		t.Errorf("an update that changes nothing: %+v", r)
+	}
 }
 
 // TestExec runs commands inside a running process's sandbox: they see its
