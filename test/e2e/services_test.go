@@ -209,6 +209,13 @@ func TestServices(t *testing.T) {
 	t.Logf("node death → 3 healthy replicas again after %s", took)
 	report.Keep(t, "services", fmt.Sprintf("TestServices: kill -9 of a node with a replica → 3 healthy replicas again (endpoints) after %s (bound 30 s; goal 3 s)", took.Round(time.Millisecond)))
 
+	// resize web resizes every replica in place.
+	c.must("resize", "web", "--cpu", "0:1.5")
+	out := c.must("ps", "-o", "json", "web")
+	if n := strings.Count(out, `"cpu_max": 1.5`); n != 3 {
+		t.Errorf("resize web: %d replicas with cpu max 1.5, want 3:\n%s", n, out)
+	}
+
 	// kill web stops every replica and forgets the service.
 	c.must("kill", "web")
 	if r := c.shim("endpoints", "web"); r.code == 0 {
