@@ -397,3 +397,40 @@ func TestHealthRestart(t *testing.T) {
 		return false
 	})
 }
+
+// TestWorkerServices: a worker (no table) answers DNS from the servers,
+// runs replicas, and takes exec and update calls.
+func TestWorkerServices(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 1)
+	w := &daemon{name: c.nodes[0].name + "-sw", api: freePort(t), dir: t.TempDir(), dns: freePort(t)}
+	w.args = append([]string{"--name", w.name, "--data-dir", w.dir, "--api", w.api, "--role", "worker",
+		"--dns", w.dns, "--port-range", "29000-29999"}, c.joinArgs()...)
+	c.nodes = append(c.nodes, w)
+	c.start(w)
+	c.waitNodesUp(2, 15*time.Second)
+	c.must("spawn", "--name", "web", "--count", "2", "--port", "http", "--check", "http:http:/",
+		"--check-interval", "200ms", "--", "/bin/sh", "-c", "exec python3 -m http.server --bind 127.0.0.1 $SHIM_PORT_HTTP")
+	var eps []endpoint
+	waitFor(t, 60*time.Second, "2 healthy endpoints on 2 nodes", func() bool {
+		eps = c.endpoints("web")
+		return len(eps) == 2 && distinct(eps) == 2
+	}, func() string { return fmt.Sprint(eps) }, 200*time.Millisecond)
+	want := epKeys(eps, "HTTP")
+	waitFor(t, 5*time.Second, "the worker's DNS", func() bool {
+		got, err := srv(w.dns, "http", "web")
+		return err == nil && slices.Equal(got, want)
+	})
+	// Exec and update through the worker's API.
+	for _, e := range eps {
+		if r := c.shimAt(w.api, "exec", e.ID, "--", "cat", "/proc/self/environ"); r.code != 0 || !strings.Contains(r.stdout, "SHIM_PROCESS_ID="+e.ID) {
+			t.Errorf("exec into %s (on %s) through the worker: %+v", e.ID, e.Node, r)
+		}
+	}
+	if r := c.shimAt(w.api, "update", "web", "--env", "V=2"); r.code != 0 || strings.Count(r.stdout, "replaced by") != 2 {
+		t.Errorf("update through the worker: %+v", r)
+	}
+	if r := c.shimAt(w.api, "scale", "web", "1"); r.code != 0 {
+		t.Errorf("scale through the worker: %+v", r)
+	}
+}
