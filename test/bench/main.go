@@ -48,8 +48,8 @@ var rows = []row{
 	{"12b", "growth when others must move", rowGrowMove},
 	{"12c", "slack over a varying load", rowGrowSlack},
 	{"12d", "OOM kills during a 100 MiB/s ramp", rowGrowOOM},
-	{"13a", "DNS answers per second from one shimd", rowDNSRate}, // rows_services.go
-	{"13b", "node death to DNS no longer listing it", rowDNSDeath},
+	{"15a", "DNS answers per second from one shimd", rowDNSRate}, // rows_services.go
+	{"15b", "node death to DNS no longer listing it", rowDNSDeath},
 }
 
 func main() {

@@ -19,7 +19,7 @@ import (
 	"connectrpc.com/connect"
 )
 
-// ---- row 13: services and DNS ----
+// ---- row 15: services and DNS ----
 
 // spawnService makes service name: count replicas of sleep with port HTTP.
 func (c *cluster) spawnService(ctx context.Context, name string, count int) error {
@@ -61,12 +61,12 @@ func rowDNSRate(e *env) []Result {
 	c := newCluster(e, "dns")
 	defer c.close()
 	if err := c.startServers(3); err != nil {
-		return []Result{failed("13a", what, "/s", goal, err)}
+		return []Result{failed("15a", what, "/s", goal, err)}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if err := c.spawnService(ctx, "web", 3); err != nil {
-		return []Result{failed("13a", what, "/s", goal, err)}
+		return []Result{failed("15a", what, "/s", goal, err)}
 	}
 	target := c.servers[1] // a follower or the leader: every shimd answers from its own table
 	var ok, bad atomic.Int64
@@ -80,12 +80,12 @@ func rowDNSRate(e *env) []Result {
 	for i := range 16 {
 		conn, err := net.Dial("udp", target.dns)
 		if err != nil {
-			return []Result{failed("13a", what, "/s", goal, err)}
+			return []Result{failed("15a", what, "/s", goal, err)}
 		}
 		q.Id = uint16(i + 1)
 		wire, err := q.Pack()
 		if err != nil {
-			return []Result{failed("13a", what, "/s", goal, err)}
+			return []Result{failed("15a", what, "/s", goal, err)}
 		}
 		wg.Add(1)
 		go func() {
@@ -123,7 +123,7 @@ func rowDNSRate(e *env) []Result {
 	}
 	close(stop)
 	wg.Wait()
-	return []Result{{Row: "13a", What: what, Unit: "/s", Sample: rates, Goal: goal,
+	return []Result{{Row: "15a", What: what, Unit: "/s", Sample: rates, Goal: goal,
 		Check: func(s Stats) bool { return s.Median >= 20000 },
 		Note:  fmt.Sprintf("per-second counts over %d s from the second server's --dns; 16 UDP clients on the same 2 cores send packed queries and check only the reply's id and answer count (3); %d replies were missing or short", secs, bad.Load())}}
 }
@@ -134,11 +134,11 @@ func rowDNSDeath(e *env) []Result {
 	c := newCluster(e, "dnsdeath")
 	defer c.close()
 	if err := c.startServers(3); err != nil {
-		return []Result{failed("13b", what, "ms", goal, err)}
+		return []Result{failed("15b", what, "ms", goal, err)}
 	}
 	co, err := mdns.Dial("udp", c.servers[0].dns)
 	if err != nil {
-		return []Result{failed("13b", what, "ms", goal, err)}
+		return []Result{failed("15b", what, "ms", goal, err)}
 	}
 	defer co.Close()
 	var sample []float64
@@ -208,6 +208,6 @@ func rowDNSDeath(e *env) []Result {
 	if len(errs) > 0 {
 		note += "; failed: " + strings.Join(errs, "; ")
 	}
-	return []Result{{Row: "13b", What: what, Unit: "ms", Sample: sample, Goal: goal,
+	return []Result{{Row: "15b", What: what, Unit: "ms", Sample: sample, Goal: goal,
 		Check: func(s Stats) bool { return s.P99 <= 2000 && len(errs) == 0 }, Note: note}}
 }
