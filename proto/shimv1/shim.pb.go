@@ -1354,11 +1354,12 @@ type ProcessRecord struct {
 	MovedUnixNano    int64                  `protobuf:"varint,24,opt,name=moved_unix_nano,json=movedUnixNano,proto3" json:"moved_unix_nano,omitempty"` // when it last moved to make room (moves are rate-limited)
 	// Services (table/services.go). Numbered apart so that other record
 	// fields can take 25 to 39.
-	Service       string            `protobuf:"bytes,40,opt,name=service,proto3" json:"service,omitempty"`                                                                        // the service it is a replica of; empty = none
-	Replica       uint32            `protobuf:"varint,41,opt,name=replica,proto3" json:"replica,omitempty"`                                                                       // its replica index (SHIM_REPLICA): kept across restarts and moves
-	Ports         map[string]uint32 `protobuf:"bytes,42,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // its ports on its node, by name
-	Health        Health            `protobuf:"varint,43,opt,name=health,proto3,enum=shim.v1.Health" json:"health,omitempty"`                                                     // last reported by its node (its incarnation's)
-	Replacements  uint32            `protobuf:"varint,44,opt,name=replacements,proto3" json:"replacements,omitempty"`                                                             // replaced in a row after short runs (table/services.go)
+	Service       string            `protobuf:"bytes,40,opt,name=service,proto3" json:"service,omitempty"`                                                                                                 // the service it is a replica of; empty = none
+	Replica       uint32            `protobuf:"varint,41,opt,name=replica,proto3" json:"replica,omitempty"`                                                                                                // its replica index (SHIM_REPLICA): kept across restarts and moves
+	Ports         map[string]uint32 `protobuf:"bytes,42,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`                          // its ports on its node, by name
+	Health        Health            `protobuf:"varint,43,opt,name=health,proto3,enum=shim.v1.Health" json:"health,omitempty"`                                                                              // last reported by its node (its incarnation's)
+	Replacements  uint32            `protobuf:"varint,44,opt,name=replacements,proto3" json:"replacements,omitempty"`                                                                                      // replaced in a row after short runs (table/services.go)
+	MovePorts     map[string]uint32 `protobuf:"bytes,45,rep,name=move_ports,json=movePorts,proto3" json:"move_ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // while it moves (move_to): its ports on that node
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1594,6 +1595,13 @@ func (x *ProcessRecord) GetReplacements() uint32 {
 		return x.Replacements
 	}
 	return 0
+}
+
+func (x *ProcessRecord) GetMovePorts() map[string]uint32 {
+	if x != nil {
+		return x.MovePorts
+	}
+	return nil
 }
 
 // Usage is measured from cgroup stats.
@@ -7092,7 +7100,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n" +
 	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x12&\n" +
-	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xae\b\n" +
+	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xb2\t\n" +
 	"\rProcessRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x12\n" +
@@ -7126,9 +7134,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\areplica\x18) \x01(\rR\areplica\x127\n" +
 	"\x05ports\x18* \x03(\v2!.shim.v1.ProcessRecord.PortsEntryR\x05ports\x12'\n" +
 	"\x06health\x18+ \x01(\x0e2\x0f.shim.v1.HealthR\x06health\x12\"\n" +
-	"\freplacements\x18, \x01(\rR\freplacements\x1a8\n" +
+	"\freplacements\x18, \x01(\rR\freplacements\x12D\n" +
+	"\n" +
+	"move_ports\x18- \x03(\v2%.shim.v1.ProcessRecord.MovePortsEntryR\tmovePorts\x1a8\n" +
 	"\n" +
 	"PortsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a<\n" +
+	"\x0eMovePortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xa2\x01\n" +
 	"\x05Usage\x12&\n" +
@@ -7618,7 +7631,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 99)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 100)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -7727,9 +7740,10 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*SnapshotHeader)(nil),      // 104: shim.v1.SnapshotHeader
 	(*RequestRecord)(nil),       // 105: shim.v1.RequestRecord
 	nil,                         // 106: shim.v1.ProcessRecord.PortsEntry
-	nil,                         // 107: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 108: shim.v1.UsageResponse.UsageEntry
-	nil,                         // 109: shim.v1.Endpoint.PortsEntry
+	nil,                         // 107: shim.v1.ProcessRecord.MovePortsEntry
+	nil,                         // 108: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 109: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 110: shim.v1.Endpoint.PortsEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	11,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -7751,148 +7765,149 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	13,  // 16: shim.v1.ProcessRecord.want:type_name -> shim.v1.Grant
 	106, // 17: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
 	5,   // 18: shim.v1.ProcessRecord.health:type_name -> shim.v1.Health
-	7,   // 19: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
-	8,   // 20: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	11,  // 21: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	22,  // 22: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
-	30,  // 23: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	31,  // 24: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	32,  // 25: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	33,  // 26: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	35,  // 27: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	41,  // 28: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	43,  // 29: shim.v1.Command.report:type_name -> shim.v1.Report
-	44,  // 30: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	24,  // 31: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	45,  // 32: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	34,  // 33: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	39,  // 34: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
-	27,  // 35: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
-	28,  // 36: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
-	29,  // 37: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
-	36,  // 38: shim.v1.Command.scale:type_name -> shim.v1.Scale
-	37,  // 39: shim.v1.Command.update_service:type_name -> shim.v1.UpdateService
-	38,  // 40: shim.v1.Command.add_replicas:type_name -> shim.v1.AddReplicas
-	23,  // 41: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	9,   // 42: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	25,  // 43: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	26,  // 44: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	21,  // 45: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	8,   // 46: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	14,  // 47: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	14,  // 48: shim.v1.UpdateService.spec:type_name -> shim.v1.ProcessSpec
-	13,  // 49: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
-	6,   // 50: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	5,   // 51: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
-	42,  // 52: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	11,  // 53: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	14,  // 54: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	19,  // 55: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	19,  // 56: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	11,  // 57: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	19,  // 58: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	10,  // 59: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
-	19,  // 60: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	54,  // 61: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
-	10,  // 62: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
-	21,  // 63: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	11,  // 64: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	11,  // 65: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	20,  // 66: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	13,  // 67: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
-	56,  // 68: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	54,  // 69: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	13,  // 70: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	19,  // 71: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	21,  // 72: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	9,   // 73: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	26,  // 74: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	26,  // 75: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	21,  // 76: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	7,   // 77: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	8,   // 78: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	19,  // 79: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	8,   // 80: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	107, // 81: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
-	43,  // 82: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	108, // 83: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	23,  // 84: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	92,  // 85: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
-	93,  // 86: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
-	93,  // 87: shim.v1.ExecStart.size:type_name -> shim.v1.TermSize
-	11,  // 88: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
-	17,  // 89: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
-	19,  // 90: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
-	10,  // 91: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
-	109, // 92: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
-	100, // 93: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
-	10,  // 94: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
-	17,  // 95: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
-	25,  // 96: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	26,  // 97: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	105, // 98: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	40,  // 99: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	17,  // 100: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
-	20,  // 101: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	46,  // 102: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	48,  // 103: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	50,  // 104: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	52,  // 105: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	55,  // 106: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	63,  // 107: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	65,  // 108: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	67,  // 109: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	69,  // 110: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	71,  // 111: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	73,  // 112: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	58,  // 113: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	60,  // 114: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	97,  // 115: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
-	99,  // 116: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
-	102, // 117: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
-	95,  // 118: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
-	91,  // 119: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
-	75,  // 120: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	79,  // 121: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	81,  // 122: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	83,  // 123: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	85,  // 124: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	89,  // 125: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	87,  // 126: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	77,  // 127: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	61,  // 128: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	47,  // 129: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	49,  // 130: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	51,  // 131: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	53,  // 132: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	57,  // 133: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	64,  // 134: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	66,  // 135: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	68,  // 136: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	70,  // 137: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	72,  // 138: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	74,  // 139: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	59,  // 140: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	40,  // 141: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	98,  // 142: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
-	101, // 143: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
-	103, // 144: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
-	96,  // 145: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
-	94,  // 146: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
-	76,  // 147: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	80,  // 148: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	82,  // 149: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	84,  // 150: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	86,  // 151: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	90,  // 152: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	88,  // 153: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	78,  // 154: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	62,  // 155: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	129, // [129:156] is the sub-list for method output_type
-	102, // [102:129] is the sub-list for method input_type
-	102, // [102:102] is the sub-list for extension type_name
-	102, // [102:102] is the sub-list for extension extendee
-	0,   // [0:102] is the sub-list for field type_name
+	107, // 19: shim.v1.ProcessRecord.move_ports:type_name -> shim.v1.ProcessRecord.MovePortsEntry
+	7,   // 20: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
+	8,   // 21: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
+	11,  // 22: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	22,  // 23: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
+	30,  // 24: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	31,  // 25: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	32,  // 26: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	33,  // 27: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	35,  // 28: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	41,  // 29: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	43,  // 30: shim.v1.Command.report:type_name -> shim.v1.Report
+	44,  // 31: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	24,  // 32: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	45,  // 33: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	34,  // 34: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	39,  // 35: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	27,  // 36: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	28,  // 37: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	29,  // 38: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	36,  // 39: shim.v1.Command.scale:type_name -> shim.v1.Scale
+	37,  // 40: shim.v1.Command.update_service:type_name -> shim.v1.UpdateService
+	38,  // 41: shim.v1.Command.add_replicas:type_name -> shim.v1.AddReplicas
+	23,  // 42: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	9,   // 43: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	25,  // 44: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	26,  // 45: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	21,  // 46: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	8,   // 47: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	14,  // 48: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	14,  // 49: shim.v1.UpdateService.spec:type_name -> shim.v1.ProcessSpec
+	13,  // 50: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	6,   // 51: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	5,   // 52: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
+	42,  // 53: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	11,  // 54: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	14,  // 55: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	19,  // 56: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	19,  // 57: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	11,  // 58: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	19,  // 59: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	10,  // 60: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	19,  // 61: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	54,  // 62: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	10,  // 63: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	21,  // 64: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	11,  // 65: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	11,  // 66: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	20,  // 67: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	13,  // 68: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	56,  // 69: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	54,  // 70: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	13,  // 71: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	19,  // 72: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	21,  // 73: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	9,   // 74: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	26,  // 75: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	26,  // 76: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	21,  // 77: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	7,   // 78: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	8,   // 79: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	19,  // 80: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	8,   // 81: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	108, // 82: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	43,  // 83: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	109, // 84: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	23,  // 85: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	92,  // 86: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
+	93,  // 87: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
+	93,  // 88: shim.v1.ExecStart.size:type_name -> shim.v1.TermSize
+	11,  // 89: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
+	17,  // 90: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
+	19,  // 91: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 92: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
+	110, // 93: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
+	100, // 94: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
+	10,  // 95: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 96: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
+	25,  // 97: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	26,  // 98: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	105, // 99: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	40,  // 100: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	17,  // 101: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
+	20,  // 102: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	46,  // 103: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	48,  // 104: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	50,  // 105: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	52,  // 106: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	55,  // 107: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	63,  // 108: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	65,  // 109: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	67,  // 110: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	69,  // 111: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	71,  // 112: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	73,  // 113: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	58,  // 114: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	60,  // 115: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	97,  // 116: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
+	99,  // 117: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
+	102, // 118: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
+	95,  // 119: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
+	91,  // 120: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
+	75,  // 121: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	79,  // 122: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	81,  // 123: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	83,  // 124: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	85,  // 125: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	89,  // 126: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	87,  // 127: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	77,  // 128: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	61,  // 129: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	47,  // 130: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	49,  // 131: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	51,  // 132: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	53,  // 133: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	57,  // 134: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	64,  // 135: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	66,  // 136: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	68,  // 137: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	70,  // 138: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	72,  // 139: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	74,  // 140: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	59,  // 141: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	40,  // 142: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	98,  // 143: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
+	101, // 144: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
+	103, // 145: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
+	96,  // 146: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
+	94,  // 147: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
+	76,  // 148: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	80,  // 149: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	82,  // 150: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	84,  // 151: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	86,  // 152: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	90,  // 153: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	88,  // 154: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	78,  // 155: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	62,  // 156: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	130, // [130:157] is the sub-list for method output_type
+	103, // [103:130] is the sub-list for method input_type
+	103, // [103:103] is the sub-list for extension type_name
+	103, // [103:103] is the sub-list for extension extendee
+	0,   // [0:103] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -7927,7 +7942,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      11,
-			NumMessages:   99,
+			NumMessages:   100,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
