@@ -124,7 +124,6 @@ func (h *shimAPI) Update(ctx context.Context, req *connect.Request[pb.UpdateRequ
 	if serr := s.setServiceSpec(bctx, m.Name, oldSpec); serr != nil {
 		return fmt.Errorf("update of %s failed (%v), and so did its rollback: %w", m.Name, err, serr)
 	}
-	o.rollback = true
 	back, rerr := s.roll(bctx, m.Name, oldSpec, o, say)
 	if rerr != nil {
 		return connect.NewError(connect.CodeAborted, fmt.Errorf("update of %s failed (%v); rollback failed too: %v", m.Name, err, rerr))
@@ -183,7 +182,6 @@ func (s *Server) setServiceSpec(ctx context.Context, name string, spec *pb.Proce
 type rollOptions struct {
 	parallel            int
 	timeout, minHealthy time.Duration
-	rollback            bool // no giving up: every replica goes back
 }
 
 // roll replaces, parallel at a time, the replicas of name whose spec is not
@@ -216,8 +214,8 @@ func (s *Server) roll(ctx context.Context, name string, spec *pb.ProcessSpec, o 
 		if err := s.waitIndex(ctx, res.Index); err != nil {
 			return done, err
 		}
-		err = s.waitHealthy(ctx, ids, o)
-		if err != nil && !o.rollback {
+		if err := s.waitHealthy(ctx, ids, o); err != nil {
+			// The batch's new copies go; its old ones stay.
 			_ = s.stopIDs(context.WithoutCancel(ctx), ids)
 			return done, err
 		}
