@@ -434,3 +434,20 @@ func TestWorkerServices(t *testing.T) {
 		t.Errorf("scale through the worker: %+v", r)
 	}
 }
+
+// TestAutoscale: a service spawned with --count 1:2 whose replica sits at
+// its maximum CPU grant is scaled out to 2 by the leader.
+func TestAutoscale(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 1)
+	c.must("spawn", "--name", "hot", "--count", "1:2", "--grow", "--cpu", "0.05:0.2", "--",
+		"/usr/bin/python3", "-c", "while True: pass")
+	waitFor(t, 90*time.Second, "a second replica", func() bool { return len(c.liveReplicas("hot")) == 2 }, time.Second)
+	if out := c.must("services"); !strings.Contains(out, "hot") || !strings.Contains(out, " 2 ") {
+		t.Errorf("shim services:\n%s", out)
+	}
+	out := c.must("events", "--type", "service.")
+	if !strings.Contains(out, "hot: 1→2") {
+		t.Errorf("no scale-out event:\n%s", out)
+	}
+}
