@@ -77,7 +77,10 @@ func (a *Agent) watchHealth(l *local, p Proc) {
 		}
 		c := rec.GetSpec().GetCheck()
 		if c == nil {
-			continue // adopted: its record may not have come yet
+			if len(rec.GetSpec().GetCommand()) > 0 {
+				return // its record came: no check (a run's check never changes)
+			}
+			continue // adopted: its record has not come yet
 		}
 		interval = durOr(c.IntervalMillis, defaultCheckInterval)
 		err := a.probe(rec, c)
