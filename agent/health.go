@@ -12,6 +12,7 @@ import (
 	"time"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
+	"github.com/shim-run/shim/table"
 )
 
 // Health checks. Each run of a process with a check (ProcessSpec.check)
@@ -76,7 +77,10 @@ func (a *Agent) watchHealth(l *local, p Proc) {
 		}
 		c := rec.GetSpec().GetCheck()
 		if c == nil {
-			continue // adopted: its record may not have come yet
+			if len(rec.GetSpec().GetCommand()) > 0 {
+				return // its record came: no check (a run's check never changes)
+			}
+			continue // adopted: its record has not come yet
 		}
 		interval = durOr(c.IntervalMillis, defaultCheckInterval)
 		err := a.probe(rec, c)
@@ -113,7 +117,7 @@ func (a *Agent) probe(rec *pb.ProcessRecord, c *pb.HealthCheck) error {
 	defer cancel()
 	switch c.Kind {
 	case "http", "tcp":
-		port := rec.Ports[c.Port]
+		port := table.PortsOn(rec, a.Node.GetName())[c.Port]
 		if port == 0 {
 			return fmt.Errorf("no port %s", c.Port)
 		}
@@ -192,15 +196,16 @@ func checkUser(u string) (uint32, uint32) {
 	return uint32(uid), uint32(gid)
 }
 
-// serviceEnv is what a process learns of its service and ports:
+// serviceEnv is what a process on node learns of its service and ports:
 // SHIM_SERVICE and SHIM_REPLICA for a replica, SHIM_PORT_<NAME> per port.
-func serviceEnv(rec *pb.ProcessRecord) []string {
+func serviceEnv(rec *pb.ProcessRecord, node string) []string {
+	ports := table.PortsOn(rec, node)
 	var env []string
 	if rec.Service != "" {
 		env = append(env, "SHIM_SERVICE="+rec.Service, fmt.Sprintf("SHIM_REPLICA=%d", rec.Replica))
 	}
 	for _, p := range rec.Spec.GetPorts() {
-		env = append(env, fmt.Sprintf("SHIM_PORT_%s=%d", p.Name, rec.Ports[p.Name]))
+		env = append(env, fmt.Sprintf("SHIM_PORT_%s=%d", p.Name, ports[p.Name]))
 	}
 	return env
 }

@@ -70,7 +70,7 @@ func TestProbe(t *testing.T) {
 func TestServiceEnv(t *testing.T) {
 	rec := &pb.ProcessRecord{Service: "web", Replica: 2, Spec: &pb.ProcessSpec{Ports: []*pb.PortSpec{{Name: "HTTP"}}},
 		Ports: map[string]uint32{"HTTP": 20001}}
-	got := serviceEnv(rec)
+	got := serviceEnv(rec, "n1")
 	want := []string{"SHIM_SERVICE=web", "SHIM_REPLICA=2", "SHIM_PORT_HTTP=20001"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("env %v, want %v", got, want)

@@ -165,7 +165,7 @@ func (a *Agent) env(rec *pb.ProcessRecord) []string {
 	env = append(env, rec.Spec.Env...)
 	env = append(env, "SHIM_PROCESS_ID="+rec.Id, "SHIM_PROCESS_NAME="+rec.Spec.Name,
 		fmt.Sprintf("SHIM_INCARNATION=%d", rec.Incarnation), "SHIM_NODE="+a.Node.Name)
-	env = append(env, serviceEnv(rec)...) // health.go
+	env = append(env, serviceEnv(rec, a.Node.Name)...) // health.go
 	return append(env, a.selfEnv(rec)...)
 }
 

@@ -30,13 +30,17 @@ const TTL = 0
 // of that name exists at all.
 type Source func(name string) (eps []*pb.Endpoint, known bool)
 
-// Server is a DNS server on one address, UDP and TCP. Source may be set
-// after Start with SetSource; until then every name is unknown.
+// Server is a DNS server on one address, UDP and TCP. Its source may be
+// set after Start with SetSource; until then every name is unknown.
 type Server struct {
 	Addr   string
 	Source Source
 
-	src atomic.Pointer[Source]
+	src atomic.Pointer[source]
+
+	cacheMu sync.Mutex
+	cacheAt uint64
+	cache   map[cacheKey][]byte
 
 	mu  sync.Mutex
 	udp *mdns.Server
@@ -56,7 +60,7 @@ func (s *Server) Start() error {
 		return err
 	}
 	if s.Source != nil {
-		s.SetSource(s.Source)
+		s.SetSource(s.Source, nil)
 	}
 	h := mdns.HandlerFunc(s.serve)
 	s.mu.Lock()
@@ -80,18 +84,65 @@ func (s *Server) Close() {
 	}
 }
 
-// SetSource sets where the server's answers come from.
-func (s *Server) SetSource(src Source) { s.src.Store(&src) }
+type source struct {
+	src     Source
+	version func() uint64
+}
+
+// SetSource sets where the server's answers come from. version, if not
+// nil, says when src's answers may have changed (the table's index):
+// answers are then kept, packed, until it moves.
+func (s *Server) SetSource(src Source, version func() uint64) {
+	s.src.Store(&source{src, version})
+}
 
 func none(string) ([]*pb.Endpoint, bool) { return nil, false }
 
+// cacheKey is what an answer depends on besides the source.
+type cacheKey struct {
+	name   string
+	qtype  uint16
+	rd     bool
+	opcode int
+}
+
+// maxCached bounds the answer cache.
+const maxCached = 4096
+
 func (s *Server) serve(w mdns.ResponseWriter, req *mdns.Msg) {
-	src := Source(none)
+	src, version := Source(none), (func() uint64)(nil)
 	if p := s.src.Load(); p != nil {
-		src = *p
+		src, version = p.src, p.version
 	}
-	m := Answer(req, src)
-	_ = w.WriteMsg(m)
+	if version == nil || len(req.Question) != 1 || req.IsEdns0() != nil {
+		_ = w.WriteMsg(Answer(req, src))
+		return
+	}
+	k := cacheKey{req.Question[0].Name, req.Question[0].Qtype, req.RecursionDesired, req.Opcode}
+	v := version()
+	s.cacheMu.Lock()
+	if s.cacheAt != v || s.cache == nil || len(s.cache) > maxCached {
+		s.cache, s.cacheAt = map[cacheKey][]byte{}, v
+	}
+	b := s.cache[k]
+	s.cacheMu.Unlock()
+	if b == nil {
+		packed, err := Answer(req, src).Pack()
+		if err != nil {
+			_ = w.WriteMsg(Answer(req, src))
+			return
+		}
+		s.cacheMu.Lock()
+		if s.cacheAt == v {
+			s.cache[k] = packed
+		}
+		s.cacheMu.Unlock()
+		b = packed
+	}
+	out := make([]byte, len(b))
+	copy(out, b)
+	out[0], out[1] = byte(req.Id>>8), byte(req.Id) // the asker's id
+	_, _ = w.Write(out)
 }
 
 // Answer builds the reply to req from src.

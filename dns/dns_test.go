@@ -1,7 +1,9 @@
 package dns
 
 import (
+	"fmt"
 	"slices"
+	"sync"
 	"testing"
 
 	mdns "github.com/miekg/dns"
@@ -80,5 +82,56 @@ func BenchmarkAnswer(b *testing.B) {
 	m.SetQuestion("_http._tcp.web.shim.", mdns.TypeSRV)
 	for b.Loop() {
 		Answer(m, testSource)
+	}
+}
+
+// TestCachedAnswers: with a version, answers are kept until it moves, and
+// each carries the asker's id.
+func TestCachedAnswers(t *testing.T) {
+	var version uint64 = 1
+	var mu sync.Mutex
+	n := 1
+	src := func(name string) ([]*pb.Endpoint, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		var eps []*pb.Endpoint
+		for i := range n {
+			eps = append(eps, &pb.Endpoint{Node: fmt.Sprintf("n%d", i), Address: "127.0.0.1", Ports: map[string]uint32{"HTTP": uint32(20000 + i)}})
+		}
+		return eps, true
+	}
+	s := &Server{Addr: "127.0.0.1:0"}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetSource(src, func() uint64 { mu.Lock(); defer mu.Unlock(); return version })
+	count := func() int {
+		r := query(t, s.Addr, "_http._tcp.web.shim.", mdns.TypeSRV, "udp")
+		return len(r.Answer)
+	}
+	if got := count(); got != 1 {
+		t.Fatalf("%d answers, want 1", got)
+	}
+	mu.Lock()
+	n = 3
+	mu.Unlock()
+	if got := count(); got != 1 {
+		t.Fatalf("the same version answered anew: %d", got)
+	}
+	mu.Lock()
+	version++
+	mu.Unlock()
+	if got := count(); got != 3 {
+		t.Fatalf("after the version moved: %d answers, want 3", got)
+	}
+	for _, network := range []string{"udp", "tcp"} {
+		m := new(mdns.Msg)
+		m.SetQuestion("_http._tcp.web.shim.", mdns.TypeSRV)
+		m.Id = 4242
+		r, _, err := (&mdns.Client{Net: network}).Exchange(m, s.Addr)
+		if err != nil || r.Id != 4242 || len(r.Answer) != 3 {
+			t.Fatalf("%s: id %d, %d answers, %v", network, r.Id, len(r.Answer), err)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -31,6 +32,31 @@ const (
 	defaultHealthyTimeout = 60 * time.Second
 	defaultMinHealthy     = 2 * time.Second
 )
+
+// updates holds the services an update runs for in this process: one at a
+// time per service (two at once would replace each other's copies).
+var updates = &running{names: map[string]bool{}}
+
+type running struct {
+	mu    sync.Mutex
+	names map[string]bool
+}
+
+func (r *running) begin(name string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.names[name] {
+		return false
+	}
+	r.names[name] = true
+	return true
+}
+
+func (r *running) end(name string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.names, name)
+}
 
 // errUpdateFailed marks a new copy that did not get healthy.
 var errUpdateFailed = errors.New("new replica not healthy")
@@ -62,6 +88,10 @@ func (h *shimAPI) Update(ctx context.Context, req *connect.Request[pb.UpdateRequ
 	if svc == nil {
 		return connect.NewError(connect.CodeNotFound, fmt.Errorf("no service %q", m.Name))
 	}
+	if !updates.begin(m.Name) {
+		return connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("an update of %s is under way on this server", m.Name))
+	}
+	defer updates.end(m.Name)
 	oldSpec := svc.Spec
 	spec, err := updatedSpec(oldSpec, m)
 	if err != nil {
@@ -94,7 +124,6 @@ func (h *shimAPI) Update(ctx context.Context, req *connect.Request[pb.UpdateRequ
 	if serr := s.setServiceSpec(bctx, m.Name, oldSpec); serr != nil {
 		return fmt.Errorf("update of %s failed (%v), and so did its rollback: %w", m.Name, err, serr)
 	}
-	o.rollback = true
 	back, rerr := s.roll(bctx, m.Name, oldSpec, o, say)
 	if rerr != nil {
 		return connect.NewError(connect.CodeAborted, fmt.Errorf("update of %s failed (%v); rollback failed too: %v", m.Name, err, rerr))
@@ -153,7 +182,6 @@ func (s *Server) setServiceSpec(ctx context.Context, name string, spec *pb.Proce
 type rollOptions struct {
 	parallel            int
 	timeout, minHealthy time.Duration
-	rollback            bool // no giving up: every replica goes back
 }
 
 // roll replaces, parallel at a time, the replicas of name whose spec is not
@@ -186,8 +214,8 @@ func (s *Server) roll(ctx context.Context, name string, spec *pb.ProcessSpec, o 
 		if err := s.waitIndex(ctx, res.Index); err != nil {
 			return done, err
 		}
-		err = s.waitHealthy(ctx, ids, o)
-		if err != nil && !o.rollback {
+		if err := s.waitHealthy(ctx, ids, o); err != nil {
+			// The batch's new copies go; its old ones stay.
 			_ = s.stopIDs(context.WithoutCancel(ctx), ids)
 			return done, err
 		}

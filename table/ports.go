@@ -32,10 +32,14 @@ func (t *Table) usedPorts(node string) map[uint32]bool {
 	used := map[uint32]bool{}
 	for id := range t.byNode[node] {
 		r := t.procs[id]
+		ps := r.Ports
 		if r.Node != node {
-			continue
+			if r.MoveTo != node {
+				continue
+			}
+			ps = r.MovePorts // moving here: its next incarnation's
 		}
-		for _, p := range r.Ports {
+		for _, p := range ps {
 			used[p] = true
 		}
 	}
@@ -108,15 +112,37 @@ func (t *Table) assignPorts(old, rec *pb.ProcessRecord) {
 		return
 	}
 	if !live(rec) || rec.Node == "" {
-		rec.Ports = nil
+		rec.Ports, rec.MovePorts = nil, nil
 		return
 	}
-	if old != nil && old.Node == rec.Node && len(rec.Ports) == len(rec.Spec.Ports) {
-		return
+	switch {
+	case old != nil && old.MoveTo != "" && old.MoveTo == rec.Node && old.Node != rec.Node && len(old.MovePorts) > 0:
+		// The move landed: its new incarnation started with these.
+		rec.Ports = old.MovePorts
+	case old != nil && old.Node == rec.Node && len(rec.Ports) == len(rec.Spec.Ports):
+	default:
+		if ps, err := t.pickPorts(rec.Spec, rec.Node, rec.Ports); err == nil {
+			rec.Ports = ps
+		}
 	}
-	if ps, err := t.pickPorts(rec.Spec, rec.Node, rec.Ports); err == nil {
-		rec.Ports = ps
+	switch {
+	case rec.MoveTo == "":
+		rec.MovePorts = nil
+	case old == nil || old.MoveTo != rec.MoveTo || len(rec.MovePorts) != len(rec.Spec.Ports):
+		// Moving make-before-break: the next incarnation starts there
+		// before this one stops, with ports free there (these if it can).
+		if ps, err := t.pickPorts(rec.Spec, rec.MoveTo, rec.Ports); err == nil {
+			rec.MovePorts = ps
+		}
 	}
+}
+
+// PortsOn returns rec's ports on node: its move's while it moves there.
+func PortsOn(rec *pb.ProcessRecord, node string) map[string]uint32 {
+	if rec.MoveTo != "" && rec.MoveTo == node && rec.MovePorts != nil {
+		return rec.MovePorts
+	}
+	return rec.Ports
 }
 
 // ValidatePorts checks a spec's ports and health check.

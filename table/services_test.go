@@ -337,3 +337,37 @@ func TestAutoscaleVerdict(t *testing.T) {
 		t.Fatalf("bounds %d:%d", s.Min, s.Max)
 	}
 }
+
+// TestPortsOfAMove: a process moved make-before-break gets ports free on
+// its new node for its next incarnation, and keeps them when the move lands.
+func TestPortsOfAMove(t *testing.T) {
+	x := newTester(t)
+	x.ok(nodeCmd("n1", 2*core, 4*gib))
+	x.ok(nodeCmd("n2", 2*core, 4*gib))
+	p := spec(100)
+	p.Ports = []*pb.PortSpec{{Name: "HTTP"}}
+	x.ok(spawnCmd(p, "a"))
+	x.ok(spawnCmd(p, "b"))
+	a, b := x.get("a"), x.get("b")
+	if a.Node == b.Node || a.Ports["HTTP"] != b.Ports["HTTP"] {
+		t.Fatalf("set-up: a %s %v, b %s %v", a.Node, a.Ports, b.Node, b.Ports)
+	}
+	x.ok(reportCmd(a.Node, upd("a", 1, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	x.ok(drainCmd(a.Node, true))
+	m := x.get("a")
+	if m.MoveTo != b.Node || m.MovePorts["HTTP"] == 0 || m.MovePorts["HTTP"] == b.Ports["HTTP"] {
+		t.Fatalf("moving to %s: move ports %v (b holds %v there)", m.MoveTo, m.MovePorts, b.Ports)
+	}
+	if got := PortsOn(m, b.Node)["HTTP"]; got != m.MovePorts["HTTP"] {
+		t.Errorf("PortsOn the target: %d", got)
+	}
+	if got := PortsOn(m, a.Node)["HTTP"]; got != a.Ports["HTTP"] {
+		t.Errorf("PortsOn the old node: %d", got)
+	}
+	want := m.MovePorts["HTTP"]
+	x.ok(reportCmd(b.Node, upd("a", 2, pb.ProcessState_PROCESS_STATE_RUNNING)))
+	l := x.get("a")
+	if l.Node != b.Node || l.Ports["HTTP"] != want || l.MovePorts != nil {
+		t.Fatalf("after the move: node %s ports %v move ports %v, want port %d", l.Node, l.Ports, l.MovePorts, want)
+	}
+}

@@ -131,7 +131,7 @@ func parseCheck(v string) (*pb.HealthCheck, error) {
 }
 
 func (a *app) scaleCmd() *cobra.Command {
-	return &cobra.Command{
+	cmd := &cobra.Command{
 		Use:   "scale NAME N",
 		Short: "Set how many replicas a service runs",
 		Long: "Set how many replicas a service (made by spawn --name NAME --count N) runs. The\n" +
@@ -166,6 +166,8 @@ func (a *app) scaleCmd() *cobra.Command {
 			return nil
 		},
 	}
+	cmd.Flags().SetInterspersed(false) // "scale web -1" is a count, refused as one
+	return cmd
 }
 
 // endpointJSON is one line of `shim endpoints -o json`.
@@ -248,7 +250,7 @@ func (a *app) servicesCmd() *cobra.Command {
 	var output string
 	cmd := &cobra.Command{
 		Use:   "services [-o table|json]",
-		Short: "List services: name, desired and running replicas",
+		Short: "List services: name, desired replicas, and why fewer run if they do",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := outputFormat(output, "table", "json"); err != nil {

@@ -69,13 +69,11 @@ func serveDNS(s *dns.Server, t *table.Table, addrs func() []string, client func(
 	if s == nil {
 		return
 	}
-	var src dns.Source
 	if t != nil {
-		src = (&localEndpoints{t: t, cache: map[string]*cached{}}).lookup
-	} else {
-		src = (&remoteEndpoints{addrs: addrs, client: client, cache: map[string]*cached{}}).lookup
+		s.SetSource((&localEndpoints{t: t, cache: map[string]*cached{}}).lookup, t.Index)
+		return
 	}
-	s.SetSource(src)
+	s.SetSource((&remoteEndpoints{addrs: addrs, client: client, cache: map[string]*cached{}}).lookup, nil)
 }
 
 // remoteEndpoints answers a worker's DNS from the servers (stale reads),

@@ -1358,11 +1358,12 @@ type ProcessRecord struct {
 	CutOff *Incarnation `protobuf:"bytes,25,opt,name=cut_off,json=cutOff,proto3" json:"cut_off,omitempty"`
 	// Services (table/services.go). Numbered apart so that other record
 	// fields can take 25 to 39.
-	Service       string            `protobuf:"bytes,40,opt,name=service,proto3" json:"service,omitempty"`                                                                        // the service it is a replica of; empty = none
-	Replica       uint32            `protobuf:"varint,41,opt,name=replica,proto3" json:"replica,omitempty"`                                                                       // its replica index (SHIM_REPLICA): kept across restarts and moves
-	Ports         map[string]uint32 `protobuf:"bytes,42,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // its ports on its node, by name
-	Health        Health            `protobuf:"varint,43,opt,name=health,proto3,enum=shim.v1.Health" json:"health,omitempty"`                                                     // last reported by its node (its incarnation's)
-	Replacements  uint32            `protobuf:"varint,44,opt,name=replacements,proto3" json:"replacements,omitempty"`                                                             // replaced in a row after short runs (table/services.go)
+	Service       string            `protobuf:"bytes,40,opt,name=service,proto3" json:"service,omitempty"`                                                                                                 // the service it is a replica of; empty = none
+	Replica       uint32            `protobuf:"varint,41,opt,name=replica,proto3" json:"replica,omitempty"`                                                                                                // its replica index (SHIM_REPLICA): kept across restarts and moves
+	Ports         map[string]uint32 `protobuf:"bytes,42,rep,name=ports,proto3" json:"ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`                          // its ports on its node, by name
+	Health        Health            `protobuf:"varint,43,opt,name=health,proto3,enum=shim.v1.Health" json:"health,omitempty"`                                                                              // last reported by its node (its incarnation's)
+	Replacements  uint32            `protobuf:"varint,44,opt,name=replacements,proto3" json:"replacements,omitempty"`                                                                                      // replaced in a row after short runs (table/services.go)
+	MovePorts     map[string]uint32 `protobuf:"bytes,45,rep,name=move_ports,json=movePorts,proto3" json:"move_ports,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"` // while it moves (move_to): its ports on that node
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1605,6 +1606,13 @@ func (x *ProcessRecord) GetReplacements() uint32 {
 		return x.Replacements
 	}
 	return 0
+}
+
+func (x *ProcessRecord) GetMovePorts() map[string]uint32 {
+	if x != nil {
+		return x.MovePorts
+	}
+	return nil
 }
 
 // Usage is measured from cgroup stats.
@@ -7255,7 +7263,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12*\n" +
 	"\x11started_unix_nano\x18\a \x01(\x03R\x0fstartedUnixNano\x12&\n" +
-	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xdd\b\n" +
+	"\x0fended_unix_nano\x18\b \x01(\x03R\rendedUnixNano\"\xe1\t\n" +
 	"\rProcessRecord\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x12\n" +
@@ -7290,9 +7298,14 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\areplica\x18) \x01(\rR\areplica\x127\n" +
 	"\x05ports\x18* \x03(\v2!.shim.v1.ProcessRecord.PortsEntryR\x05ports\x12'\n" +
 	"\x06health\x18+ \x01(\x0e2\x0f.shim.v1.HealthR\x06health\x12\"\n" +
-	"\freplacements\x18, \x01(\rR\freplacements\x1a8\n" +
+	"\freplacements\x18, \x01(\rR\freplacements\x12D\n" +
+	"\n" +
+	"move_ports\x18- \x03(\v2%.shim.v1.ProcessRecord.MovePortsEntryR\tmovePorts\x1a8\n" +
 	"\n" +
 	"PortsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a<\n" +
+	"\x0eMovePortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xa2\x01\n" +
 	"\x05Usage\x12&\n" +
@@ -7797,7 +7810,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 101)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 102)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -7908,9 +7921,10 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*RemoveNodeRequest)(nil),   // 106: shim.v1.RemoveNodeRequest
 	(*RemoveNodeResponse)(nil),  // 107: shim.v1.RemoveNodeResponse
 	nil,                         // 108: shim.v1.ProcessRecord.PortsEntry
-	nil,                         // 109: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 110: shim.v1.UsageResponse.UsageEntry
-	nil,                         // 111: shim.v1.Endpoint.PortsEntry
+	nil,                         // 109: shim.v1.ProcessRecord.MovePortsEntry
+	nil,                         // 110: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 111: shim.v1.UsageResponse.UsageEntry
+	nil,                         // 112: shim.v1.Endpoint.PortsEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	11,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -7933,150 +7947,151 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	18,  // 17: shim.v1.ProcessRecord.cut_off:type_name -> shim.v1.Incarnation
 	108, // 18: shim.v1.ProcessRecord.ports:type_name -> shim.v1.ProcessRecord.PortsEntry
 	5,   // 19: shim.v1.ProcessRecord.health:type_name -> shim.v1.Health
-	7,   // 20: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
-	8,   // 21: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
-	11,  // 22: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
-	22,  // 23: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
-	30,  // 24: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
-	31,  // 25: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
-	32,  // 26: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
-	33,  // 27: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
-	35,  // 28: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
-	41,  // 29: shim.v1.Command.kill:type_name -> shim.v1.Kill
-	43,  // 30: shim.v1.Command.report:type_name -> shim.v1.Report
-	44,  // 31: shim.v1.Command.resize:type_name -> shim.v1.Resize
-	24,  // 32: shim.v1.Command.batch:type_name -> shim.v1.Batch
-	45,  // 33: shim.v1.Command.prune:type_name -> shim.v1.Prune
-	34,  // 34: shim.v1.Command.hold:type_name -> shim.v1.Hold
-	39,  // 35: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
-	27,  // 36: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
-	28,  // 37: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
-	29,  // 38: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
-	36,  // 39: shim.v1.Command.scale:type_name -> shim.v1.Scale
-	37,  // 40: shim.v1.Command.update_service:type_name -> shim.v1.UpdateService
-	38,  // 41: shim.v1.Command.add_replicas:type_name -> shim.v1.AddReplicas
-	23,  // 42: shim.v1.Batch.commands:type_name -> shim.v1.Command
-	9,   // 43: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
-	25,  // 44: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
-	26,  // 45: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
-	21,  // 46: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
-	8,   // 47: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
-	14,  // 48: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
-	14,  // 49: shim.v1.UpdateService.spec:type_name -> shim.v1.ProcessSpec
-	13,  // 50: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
-	6,   // 51: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
-	5,   // 52: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
-	42,  // 53: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
-	11,  // 54: shim.v1.Resize.resources:type_name -> shim.v1.Resources
-	14,  // 55: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
-	19,  // 56: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
-	19,  // 57: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
-	11,  // 58: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
-	19,  // 59: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
-	10,  // 60: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
-	19,  // 61: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
-	54,  // 62: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
-	10,  // 63: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
-	21,  // 64: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
-	11,  // 65: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
-	11,  // 66: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
-	20,  // 67: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
-	13,  // 68: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
-	56,  // 69: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
-	54,  // 70: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
-	13,  // 71: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
-	19,  // 72: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
-	21,  // 73: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
-	9,   // 74: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
-	26,  // 75: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
-	26,  // 76: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
-	21,  // 77: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
-	7,   // 78: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
-	8,   // 79: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
-	19,  // 80: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
-	8,   // 81: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	109, // 82: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
-	43,  // 83: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	110, // 84: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
-	23,  // 85: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	92,  // 86: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
-	93,  // 87: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
-	93,  // 88: shim.v1.ExecStart.size:type_name -> shim.v1.TermSize
-	11,  // 89: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
-	17,  // 90: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
-	19,  // 91: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
-	10,  // 92: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
-	111, // 93: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
-	100, // 94: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
-	10,  // 95: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
-	17,  // 96: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
-	25,  // 97: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	26,  // 98: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	105, // 99: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	40,  // 100: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	17,  // 101: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
-	20,  // 102: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	46,  // 103: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	48,  // 104: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	50,  // 105: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	52,  // 106: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	55,  // 107: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	63,  // 108: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	65,  // 109: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	67,  // 110: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	69,  // 111: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	71,  // 112: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	73,  // 113: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	58,  // 114: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	60,  // 115: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	97,  // 116: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
-	99,  // 117: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
-	102, // 118: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
-	95,  // 119: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
-	91,  // 120: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
-	106, // 121: shim.v1.ShimService.RemoveNode:input_type -> shim.v1.RemoveNodeRequest
-	75,  // 122: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	79,  // 123: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	81,  // 124: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	83,  // 125: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	85,  // 126: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	89,  // 127: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	87,  // 128: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	77,  // 129: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	61,  // 130: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	47,  // 131: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	49,  // 132: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	51,  // 133: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	53,  // 134: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	57,  // 135: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	64,  // 136: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	66,  // 137: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	68,  // 138: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	70,  // 139: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	72,  // 140: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	74,  // 141: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	59,  // 142: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	40,  // 143: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	98,  // 144: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
-	101, // 145: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
-	103, // 146: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
-	96,  // 147: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
-	94,  // 148: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
-	107, // 149: shim.v1.ShimService.RemoveNode:output_type -> shim.v1.RemoveNodeResponse
-	76,  // 150: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	80,  // 151: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	82,  // 152: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	84,  // 153: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	86,  // 154: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	90,  // 155: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	88,  // 156: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	78,  // 157: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	62,  // 158: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	131, // [131:159] is the sub-list for method output_type
-	103, // [103:131] is the sub-list for method input_type
-	103, // [103:103] is the sub-list for extension type_name
-	103, // [103:103] is the sub-list for extension extendee
-	0,   // [0:103] is the sub-list for field type_name
+	109, // 20: shim.v1.ProcessRecord.move_ports:type_name -> shim.v1.ProcessRecord.MovePortsEntry
+	7,   // 21: shim.v1.NodeRecord.role:type_name -> shim.v1.NodeRole
+	8,   // 22: shim.v1.NodeRecord.state:type_name -> shim.v1.NodeState
+	11,  // 23: shim.v1.NodeRecord.capacity:type_name -> shim.v1.Resources
+	22,  // 24: shim.v1.NodeRecord.host_paths:type_name -> shim.v1.HostPath
+	30,  // 25: shim.v1.Command.register_node:type_name -> shim.v1.RegisterNode
+	31,  // 26: shim.v1.Command.set_node_state:type_name -> shim.v1.SetNodeState
+	32,  // 27: shim.v1.Command.set_draining:type_name -> shim.v1.SetDraining
+	33,  // 28: shim.v1.Command.remove_node:type_name -> shim.v1.RemoveNode
+	35,  // 29: shim.v1.Command.spawn:type_name -> shim.v1.Spawn
+	41,  // 30: shim.v1.Command.kill:type_name -> shim.v1.Kill
+	43,  // 31: shim.v1.Command.report:type_name -> shim.v1.Report
+	44,  // 32: shim.v1.Command.resize:type_name -> shim.v1.Resize
+	24,  // 33: shim.v1.Command.batch:type_name -> shim.v1.Batch
+	45,  // 34: shim.v1.Command.prune:type_name -> shim.v1.Prune
+	34,  // 35: shim.v1.Command.hold:type_name -> shim.v1.Hold
+	39,  // 36: shim.v1.Command.set_grant:type_name -> shim.v1.SetGrant
+	27,  // 37: shim.v1.Command.set_trust:type_name -> shim.v1.SetTrust
+	28,  // 38: shim.v1.Command.add_token:type_name -> shim.v1.AddToken
+	29,  // 39: shim.v1.Command.revoke_token:type_name -> shim.v1.RevokeToken
+	36,  // 40: shim.v1.Command.scale:type_name -> shim.v1.Scale
+	37,  // 41: shim.v1.Command.update_service:type_name -> shim.v1.UpdateService
+	38,  // 42: shim.v1.Command.add_replicas:type_name -> shim.v1.AddReplicas
+	23,  // 43: shim.v1.Batch.commands:type_name -> shim.v1.Command
+	9,   // 44: shim.v1.TokenRecord.role:type_name -> shim.v1.TokenRole
+	25,  // 45: shim.v1.SetTrust.trust:type_name -> shim.v1.Trust
+	26,  // 46: shim.v1.AddToken.token:type_name -> shim.v1.TokenRecord
+	21,  // 47: shim.v1.RegisterNode.node:type_name -> shim.v1.NodeRecord
+	8,   // 48: shim.v1.SetNodeState.state:type_name -> shim.v1.NodeState
+	14,  // 49: shim.v1.Spawn.spec:type_name -> shim.v1.ProcessSpec
+	14,  // 50: shim.v1.UpdateService.spec:type_name -> shim.v1.ProcessSpec
+	13,  // 51: shim.v1.SetGrant.grant:type_name -> shim.v1.Grant
+	6,   // 52: shim.v1.StatusUpdate.state:type_name -> shim.v1.ProcessState
+	5,   // 53: shim.v1.StatusUpdate.health:type_name -> shim.v1.Health
+	42,  // 54: shim.v1.Report.updates:type_name -> shim.v1.StatusUpdate
+	11,  // 55: shim.v1.Resize.resources:type_name -> shim.v1.Resources
+	14,  // 56: shim.v1.SpawnRequest.spec:type_name -> shim.v1.ProcessSpec
+	19,  // 57: shim.v1.SpawnResponse.processes:type_name -> shim.v1.ProcessRecord
+	19,  // 58: shim.v1.KillResponse.processes:type_name -> shim.v1.ProcessRecord
+	11,  // 59: shim.v1.ResizeRequest.resources:type_name -> shim.v1.Resources
+	19,  // 60: shim.v1.ResizeResponse.process:type_name -> shim.v1.ProcessRecord
+	10,  // 61: shim.v1.ListRequest.consistency:type_name -> shim.v1.Consistency
+	19,  // 62: shim.v1.ListResponse.processes:type_name -> shim.v1.ProcessRecord
+	54,  // 63: shim.v1.ListResponse.staleness:type_name -> shim.v1.Staleness
+	10,  // 64: shim.v1.NodesRequest.consistency:type_name -> shim.v1.Consistency
+	21,  // 65: shim.v1.NodeStatus.node:type_name -> shim.v1.NodeRecord
+	11,  // 66: shim.v1.NodeStatus.reserved:type_name -> shim.v1.Resources
+	11,  // 67: shim.v1.NodeStatus.limit:type_name -> shim.v1.Resources
+	20,  // 68: shim.v1.NodeStatus.usage:type_name -> shim.v1.Usage
+	13,  // 69: shim.v1.NodeStatus.granted:type_name -> shim.v1.Grant
+	56,  // 70: shim.v1.NodesResponse.nodes:type_name -> shim.v1.NodeStatus
+	54,  // 71: shim.v1.NodesResponse.staleness:type_name -> shim.v1.Staleness
+	13,  // 72: shim.v1.SetGrantRequest.grant:type_name -> shim.v1.Grant
+	19,  // 73: shim.v1.SetGrantResponse.process:type_name -> shim.v1.ProcessRecord
+	21,  // 74: shim.v1.DrainResponse.node:type_name -> shim.v1.NodeRecord
+	9,   // 75: shim.v1.CreateTokenRequest.role:type_name -> shim.v1.TokenRole
+	26,  // 76: shim.v1.CreateTokenResponse.record:type_name -> shim.v1.TokenRecord
+	26,  // 77: shim.v1.ListTokensResponse.tokens:type_name -> shim.v1.TokenRecord
+	21,  // 78: shim.v1.JoinRequest.node:type_name -> shim.v1.NodeRecord
+	7,   // 79: shim.v1.CertifyRequest.role:type_name -> shim.v1.NodeRole
+	8,   // 80: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
+	19,  // 81: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
+	8,   // 82: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
+	110, // 83: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	43,  // 84: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
+	111, // 85: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	23,  // 86: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
+	92,  // 87: shim.v1.ExecInput.start:type_name -> shim.v1.ExecStart
+	93,  // 88: shim.v1.ExecInput.resize:type_name -> shim.v1.TermSize
+	93,  // 89: shim.v1.ExecStart.size:type_name -> shim.v1.TermSize
+	11,  // 90: shim.v1.UpdateRequest.resources:type_name -> shim.v1.Resources
+	17,  // 91: shim.v1.ScaleResponse.service:type_name -> shim.v1.ServiceRecord
+	19,  // 92: shim.v1.ScaleResponse.processes:type_name -> shim.v1.ProcessRecord
+	10,  // 93: shim.v1.EndpointsRequest.consistency:type_name -> shim.v1.Consistency
+	112, // 94: shim.v1.Endpoint.ports:type_name -> shim.v1.Endpoint.PortsEntry
+	100, // 95: shim.v1.EndpointsResponse.endpoints:type_name -> shim.v1.Endpoint
+	10,  // 96: shim.v1.ServicesRequest.consistency:type_name -> shim.v1.Consistency
+	17,  // 97: shim.v1.ServicesResponse.services:type_name -> shim.v1.ServiceRecord
+	25,  // 98: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	26,  // 99: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	105, // 100: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	40,  // 101: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	17,  // 102: shim.v1.SnapshotHeader.services:type_name -> shim.v1.ServiceRecord
+	20,  // 103: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	46,  // 104: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	48,  // 105: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	50,  // 106: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	52,  // 107: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	55,  // 108: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	63,  // 109: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	65,  // 110: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	67,  // 111: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	69,  // 112: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	71,  // 113: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	73,  // 114: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	58,  // 115: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	60,  // 116: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	97,  // 117: shim.v1.ShimService.Scale:input_type -> shim.v1.ScaleRequest
+	99,  // 118: shim.v1.ShimService.Endpoints:input_type -> shim.v1.EndpointsRequest
+	102, // 119: shim.v1.ShimService.Services:input_type -> shim.v1.ServicesRequest
+	95,  // 120: shim.v1.ShimService.Update:input_type -> shim.v1.UpdateRequest
+	91,  // 121: shim.v1.ShimService.Exec:input_type -> shim.v1.ExecInput
+	106, // 122: shim.v1.ShimService.RemoveNode:input_type -> shim.v1.RemoveNodeRequest
+	75,  // 123: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	79,  // 124: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	81,  // 125: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	83,  // 126: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	85,  // 127: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	89,  // 128: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	87,  // 129: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	77,  // 130: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	61,  // 131: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	47,  // 132: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	49,  // 133: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	51,  // 134: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	53,  // 135: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	57,  // 136: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	64,  // 137: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	66,  // 138: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	68,  // 139: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	70,  // 140: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	72,  // 141: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	74,  // 142: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	59,  // 143: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	40,  // 144: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	98,  // 145: shim.v1.ShimService.Scale:output_type -> shim.v1.ScaleResponse
+	101, // 146: shim.v1.ShimService.Endpoints:output_type -> shim.v1.EndpointsResponse
+	103, // 147: shim.v1.ShimService.Services:output_type -> shim.v1.ServicesResponse
+	96,  // 148: shim.v1.ShimService.Update:output_type -> shim.v1.UpdateProgress
+	94,  // 149: shim.v1.ShimService.Exec:output_type -> shim.v1.ExecOutput
+	107, // 150: shim.v1.ShimService.RemoveNode:output_type -> shim.v1.RemoveNodeResponse
+	76,  // 151: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	80,  // 152: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	82,  // 153: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	84,  // 154: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	86,  // 155: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	90,  // 156: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	88,  // 157: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	78,  // 158: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	62,  // 159: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	132, // [132:160] is the sub-list for method output_type
+	104, // [104:132] is the sub-list for method input_type
+	104, // [104:104] is the sub-list for extension type_name
+	104, // [104:104] is the sub-list for extension extendee
+	0,   // [0:104] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -8111,7 +8126,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      11,
-			NumMessages:   101,
+			NumMessages:   102,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,7 +19,7 @@ import (
 	"connectrpc.com/connect"
 )
 
-// ---- row 13: services and DNS ----
+// ---- row 15: services and DNS ----
 
 // spawnService makes service name: count replicas of sleep with port HTTP.
 func (c *cluster) spawnService(ctx context.Context, name string, count int) error {
@@ -59,34 +61,50 @@ func rowDNSRate(e *env) []Result {
 	c := newCluster(e, "dns")
 	defer c.close()
 	if err := c.startServers(3); err != nil {
-		return []Result{failed("13a", what, "/s", goal, err)}
+		return []Result{failed("15a", what, "/s", goal, err)}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	if err := c.spawnService(ctx, "web", 3); err != nil {
-		return []Result{failed("13a", what, "/s", goal, err)}
+		return []Result{failed("15a", what, "/s", goal, err)}
 	}
 	target := c.servers[1] // a follower or the leader: every shimd answers from its own table
 	var ok, bad atomic.Int64
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	for range 16 {
-		co, err := mdns.Dial("udp", target.dns)
+	// The clients share the two cores with the server: they send a packed
+	// query and read only the answer's header (its id and answer count),
+	// so that most of the CPU goes to the server.
+	q := new(mdns.Msg)
+	q.SetQuestion("_http._tcp.web.shim.", mdns.TypeSRV)
+	for i := range 16 {
+		conn, err := net.Dial("udp", target.dns)
 		if err != nil {
-			return []Result{failed("13a", what, "/s", goal, err)}
+			return []Result{failed("15a", what, "/s", goal, err)}
+		}
+		q.Id = uint16(i + 1)
+		wire, err := q.Pack()
+		if err != nil {
+			return []Result{failed("15a", what, "/s", goal, err)}
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer co.Close()
+			defer conn.Close()
+			buf := make([]byte, 1500)
 			for {
 				select {
 				case <-stop:
 					return
 				default:
 				}
-				ts, err := srvTargets(co, "web")
-				if err == nil && len(ts) == 3 {
+				_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+				if _, err := conn.Write(wire); err != nil {
+					bad.Add(1)
+					continue
+				}
+				n, err := conn.Read(buf)
+				if err == nil && n >= 12 && buf[0] == wire[0] && buf[1] == wire[1] && binary.BigEndian.Uint16(buf[6:8]) == 3 {
 					ok.Add(1)
 				} else {
 					bad.Add(1)
@@ -105,9 +123,9 @@ func rowDNSRate(e *env) []Result {
 	}
 	close(stop)
 	wg.Wait()
-	return []Result{{Row: "13a", What: what, Unit: "/s", Sample: rates, Goal: goal,
+	return []Result{{Row: "15a", What: what, Unit: "/s", Sample: rates, Goal: goal,
 		Check: func(s Stats) bool { return s.Median >= 20000 },
-		Note:  fmt.Sprintf("per-second counts over %d s from a server's --dns, clients on the same 2 cores; %d answers lacked the 3 replicas", secs, bad.Load())}}
+		Note:  fmt.Sprintf("per-second counts over %d s from the second server's --dns; 16 UDP clients on the same 2 cores send packed queries and check only the reply's id and answer count (3); %d replies were missing or short", secs, bad.Load())}}
 }
 
 func rowDNSDeath(e *env) []Result {
@@ -116,11 +134,11 @@ func rowDNSDeath(e *env) []Result {
 	c := newCluster(e, "dnsdeath")
 	defer c.close()
 	if err := c.startServers(3); err != nil {
-		return []Result{failed("13b", what, "ms", goal, err)}
+		return []Result{failed("15b", what, "ms", goal, err)}
 	}
 	co, err := mdns.Dial("udp", c.servers[0].dns)
 	if err != nil {
-		return []Result{failed("13b", what, "ms", goal, err)}
+		return []Result{failed("15b", what, "ms", goal, err)}
 	}
 	defer co.Close()
 	var sample []float64
@@ -190,6 +208,6 @@ func rowDNSDeath(e *env) []Result {
 	if len(errs) > 0 {
 		note += "; failed: " + strings.Join(errs, "; ")
 	}
-	return []Result{{Row: "13b", What: what, Unit: "ms", Sample: sample, Goal: goal,
+	return []Result{{Row: "15b", What: what, Unit: "ms", Sample: sample, Goal: goal,
 		Check: func(s Stats) bool { return s.P99 <= 2000 && len(errs) == 0 }, Note: note}}
 }

@@ -209,6 +209,13 @@ func TestServices(t *testing.T) {
 	t.Logf("node death → 3 healthy replicas again after %s", took)
 	report.Keep(t, "services", fmt.Sprintf("TestServices: kill -9 of a node with a replica → 3 healthy replicas again (endpoints) after %s (bound 30 s; goal 3 s)", took.Round(time.Millisecond)))
 
+	// resize web resizes every replica in place.
+	c.must("resize", "web", "--cpu", "0:1.5")
+	out := c.must("ps", "-o", "json", "web")
+	if n := strings.Count(out, `"cpu_max": 1.5`); n != 3 {
+		t.Errorf("resize web: %d replicas with cpu max 1.5, want 3:\n%s", n, out)
+	}
+
 	// kill web stops every replica and forgets the service.
 	c.must("kill", "web")
 	if r := c.shim("endpoints", "web"); r.code == 0 {
@@ -292,6 +299,27 @@ func TestServiceUpdate(t *testing.T) {
 	if strings.Count(out, "VERSION=2") < n {
 		t.Errorf("new replicas lack the new env:\n%s", out)
 	}
+	// All at once (--parallel n): make-before-break still, every replica
+	// replaced, keeping its index.
+	r = c.shim("update", "web", "--parallel", fmt.Sprint(n), "--env", "VERSION=3")
+	if r.code != 0 || strings.Count(r.stdout, "replaced by") != n {
+		t.Fatalf("parallel update: exit %d, stdout %q, stderr %q", r.code, r.stdout, r.stderr)
+	}
+	var idx []uint32
+	for _, e := range c.endpoints("web") {
+		idx = append(idx, e.Replica)
+	}
+	slices.Sort(idx)
+	if !slices.Equal(idx, []uint32{0, 1, 2}) {
+		t.Errorf("replica indexes after the updates: %v", idx)
+	}
+	if out := c.must("services"); !strings.Contains(out, "web") || !strings.Contains(out, fmt.Sprint(n)) {
+		t.Errorf("shim services:\n%s", out)
+	}
+	// Nothing to change is refused.
+	if r := c.shim("update", "web", "--env", "VERSION=3"); r.code == 0 || !strings.Contains(r.stderr, "changes nothing") {
+		t.Errorf("an update that changes nothing: %+v", r)
+	}
 }
 
 // TestExec runs commands inside a running process's sandbox: they see its
@@ -368,4 +396,58 @@ func TestHealthRestart(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// TestWorkerServices: a worker (no table) answers DNS from the servers,
+// runs replicas, and takes exec and update calls.
+func TestWorkerServices(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 1)
+	w := &daemon{name: c.nodes[0].name + "-sw", api: freePort(t), dir: t.TempDir(), dns: freePort(t)}
+	w.args = append([]string{"--name", w.name, "--data-dir", w.dir, "--api", w.api, "--role", "worker",
+		"--dns", w.dns, "--port-range", "29000-29999"}, c.joinArgs()...)
+	c.nodes = append(c.nodes, w)
+	c.start(w)
+	c.waitNodesUp(2, 15*time.Second)
+	c.must("spawn", "--name", "web", "--count", "2", "--port", "http", "--check", "http:http:/",
+		"--check-interval", "200ms", "--", "/bin/sh", "-c", "exec python3 -m http.server --bind 127.0.0.1 $SHIM_PORT_HTTP")
+	var eps []endpoint
+	waitFor(t, 60*time.Second, "2 healthy endpoints on 2 nodes", func() bool {
+		eps = c.endpoints("web")
+		return len(eps) == 2 && distinct(eps) == 2
+	}, func() string { return fmt.Sprint(eps) }, 200*time.Millisecond)
+	want := epKeys(eps, "HTTP")
+	waitFor(t, 5*time.Second, "the worker's DNS", func() bool {
+		got, err := srv(w.dns, "http", "web")
+		return err == nil && slices.Equal(got, want)
+	})
+	// Exec and update through the worker's API.
+	for _, e := range eps {
+		if r := c.shimAt(w.api, "exec", e.ID, "--", "cat", "/proc/self/environ"); r.code != 0 || !strings.Contains(r.stdout, "SHIM_PROCESS_ID="+e.ID) {
+			t.Errorf("exec into %s (on %s) through the worker: %+v", e.ID, e.Node, r)
+		}
+	}
+	if r := c.shimAt(w.api, "update", "web", "--env", "V=2"); r.code != 0 || strings.Count(r.stdout, "replaced by") != 2 {
+		t.Errorf("update through the worker: %+v", r)
+	}
+	if r := c.shimAt(w.api, "scale", "web", "1"); r.code != 0 {
+		t.Errorf("scale through the worker: %+v", r)
+	}
+}
+
+// TestAutoscale: a service spawned with --count 1:2 whose replica sits at
+// its maximum CPU grant is scaled out to 2 by the leader.
+func TestAutoscale(t *testing.T) {
+	needRoot(t)
+	c := startCluster(t, 1)
+	c.must("spawn", "--name", "hot", "--count", "1:2", "--grow", "--cpu", "0.05:0.2", "--",
+		"/usr/bin/python3", "-c", "while True: pass")
+	waitFor(t, 90*time.Second, "a second replica", func() bool { return len(c.liveReplicas("hot")) == 2 }, time.Second)
+	if out := c.must("services"); !strings.Contains(out, "hot") || !strings.Contains(out, " 2 ") {
+		t.Errorf("shim services:\n%s", out)
+	}
+	out := c.must("events", "--type", "service.")
+	if !strings.Contains(out, "hot: 1→2") {
+		t.Errorf("no scale-out event:\n%s", out)
+	}
 }
