@@ -48,7 +48,7 @@ var rows = []row{
 	{"12b", "growth when others must move", rowGrowMove},
 	{"12c", "slack over a varying load", rowGrowSlack},
 	{"12d", "OOM kills during a 100 MiB/s ramp", rowGrowOOM},
-	{"13", "bounded history: 100k short-lived processes", rowSoak}, // rows_soak.go
+	{"14", "bounded history: 100k short-lived processes", rowSoak}, // rows_soak.go
 }
 
 func main() {
