@@ -26,7 +26,7 @@ type state struct {
 	StartTime   uint64 `json:"start_time"`
 	Restarts    uint32 `json:"restarts"`
 	StartedUnix int64  `json:"started_unix_nano"`
-	Resources   []byte `json:"resources"` // the bounds applied, as a pb.Resources
+	Resources   []byte `json:"resources"`      // the bounds applied, as a pb.Resources
 	Keep        bool   `json:"keep,omitempty"` // on-lost keep (lost.go): a fence before the table is seen spares it
 }
 
