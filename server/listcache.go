@@ -35,8 +35,8 @@ type recordCache struct {
 }
 
 // encode returns the processes field of a ListResponse holding recs, in wire
-// format. recs is a listing of the whole table: afterwards the cache holds
-// only these records, so it never keeps one the table has dropped.
+// format. recs is a page of the whole table's listing: afterwards the cache
+// holds only these records, so it never keeps one the table has dropped.
 func (c *recordCache) encode(recs []*pb.ProcessRecord) ([]byte, error) {
 	c.mu.Lock()
 	old := c.m

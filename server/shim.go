@@ -319,7 +319,8 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 	if m.Usage {
 		recs = s.usage(ctx, recs, false)
 	} else if len(m.Ids) == 0 && m.Node == "" && binaryCodec(req.Header().Get("Content-Type")) {
-		// The whole table, in binary: from the encoded-record cache.
+		// A page of the whole table, in binary: from the encoded-record
+		// cache (which then holds that page's records).
 		raw, err := s.listCache.encode(recs)
 		if err != nil {
 			return nil, apiError(err)

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -236,7 +237,7 @@ func ptBeatTimes(path string) map[string][]int64 {
 	if err != nil {
 		return out
 	}
-	for _, line := range splitLines(string(b)) {
+	for _, line := range strings.Split(string(b), "\n") {
 		var id, node string
 		var inc uint64
 		var ts int64
@@ -246,22 +247,6 @@ func ptBeatTimes(path string) map[string][]int64 {
 	}
 	for id := range out {
 		slices.Sort(out[id])
-	}
-	return out
-}
-
-func splitLines(s string) []string {
-	var out []string
-	for len(s) > 0 {
-		i := 0
-		for i < len(s) && s[i] != '\n' {
-			i++
-		}
-		out = append(out, s[:i])
-		if i < len(s) {
-			i++
-		}
-		s = s[i:]
 	}
 	return out
 }
