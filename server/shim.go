@@ -320,8 +320,8 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 		recs = s.usage(ctx, recs, false)
 	} else if len(m.Ids) == 0 && m.Node == "" && binaryCodec(req.Header().Get("Content-Type")) {
 		// A page of the whole table, in binary: from the encoded-record
-		// cache (which then holds that page's records).
-		raw, err := s.listCache.encode(recs)
+		// cache.
+		raw, err := s.listCache.encode(recs, s.Table.Len())
 		if err != nil {
 			return nil, apiError(err)
 		}
