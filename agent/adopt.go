@@ -26,7 +26,8 @@ type state struct {
 	StartTime   uint64 `json:"start_time"`
 	Restarts    uint32 `json:"restarts"`
 	StartedUnix int64  `json:"started_unix_nano"`
-	Resources   []byte `json:"resources"` // the bounds applied, as a pb.Resources
+	Resources   []byte `json:"resources"`      // the bounds applied, as a pb.Resources
+	Keep        bool   `json:"keep,omitempty"` // on-lost keep (lost.go): a fence before the table is seen spares it
 }
 
 // LogPath is where a process's output is kept under the data dir.
@@ -35,7 +36,8 @@ func LogPath(dataDir, id string) string { return filepath.Join(dataDir, "logs", 
 func (a *Agent) saveState(l *local) {
 	res, _ := proto.Marshal(l.applied)
 	st := state{Incarnation: l.inc, PID: l.proc.PID(), StartTime: l.proc.StartTime(),
-		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano(), Resources: res}
+		Restarts: l.restarts, StartedUnix: l.startedAt.UnixNano(), Resources: res,
+		Keep: l.rec.GetSpec().GetOnLost() == pb.OnLost_ON_LOST_KEEP}
 	if err := a.states.put(l.id, st); err != nil {
 		a.Log.Warn("save process state", "id", l.id, "err", err)
 	}
@@ -68,6 +70,9 @@ func (a *Agent) adopt() error {
 		}
 		l := &local{id: f.ID, inc: f.Incarnation, restarts: st.Restarts, startedAt: time.Unix(0, st.StartedUnix),
 			rec: &pb.ProcessRecord{Id: f.ID, Incarnation: f.Incarnation, Spec: &pb.ProcessSpec{}}}
+		if st.Keep {
+			l.rec.Spec.OnLost = pb.OnLost_ON_LOST_KEEP
+		}
 		p, err := a.Runtime.Adopt(f.ID, f.Incarnation, st.PID, st.StartTime)
 		if err != nil {
 			exit := lostExit(f.ID, st, fence)

@@ -243,14 +243,21 @@ func (a *Agent) fenceAll(granted bool) {
 	}
 	took := a.Clock.Now().Sub(start)
 	a.mu.Lock()
-	n := 0
+	n, kept := 0, 0
 	for _, l := range a.procs {
+		if l.keptOnLost() {
+			kept++ // lost.go: it runs on; KillAll spared it
+			continue
+		}
 		if l.occupied() {
 			a.fenceLocked(l, "lease expired")
 			n++
 		}
 	}
 	a.mu.Unlock()
+	if kept > 0 {
+		a.Log.Warn("lease expired: kept running the processes with on-lost keep", "processes", kept)
+	}
 	if note := fenceNote(granted, n); note != "" {
 		a.Log.Warn(note, "processes", n, "took", took)
 	} else {
@@ -271,6 +278,9 @@ func (a *Agent) fenceLocked(l *local, why string) {
 	if l.proc == nil {
 		delete(a.procs, l.id) // waiting out a backoff: nothing runs
 		a.dropState(l.id)
+		if l.cutOff {
+			a.reportCutOffEnd(l, Exit{Code: -1, Reason: "killed"})
+		}
 		return
 	}
 	l.fencing = true

@@ -32,6 +32,7 @@ type local struct {
 	handoff     bool      // stopping after a make-before-break move: no report
 	movedAway   bool      // the table says it left by a make-before-break move
 	fencing     bool      // killed at once: the lease ran out, or the table moved it
+	cutOff      bool      // a copy kept while cut off (on-lost keep), now stopped: its end is reported (lost.go)
 	lost        *Exit     // exited while the agent was down
 	timer       Timer     // a restart backoff, or the hand-off delay
 	starting    bool      // the runtime is starting it

@@ -198,10 +198,15 @@ func (a *Agent) reconcileLocked() {
 			}
 		}
 	}()
-	for _, act := range restart.Reconcile(a.assigned, locals, a.mayStartLocked()) {
+	for _, act := range restart.Reconcile(a.cutOffCopiesLocked(), locals, a.mayStartLocked()) {
 		l := a.procs[act.ID]
 		switch act.Kind {
 		case restart.Fence:
+			if c := act.Record.GetCutOff(); c != nil && c.Incarnation == l.inc {
+				l.cutOff = true // lost.go: its end is reported
+				a.Log.Info("cut off and kept (on-lost keep): stopping this copy now", "id", l.id, "incarnation", l.inc,
+					"newer", act.Record.Incarnation, "state", table.StateName(act.Record.State))
+			}
 			a.fenceLocked(l, "the table moved it elsewhere")
 		case restart.Stop:
 			l.rec = act.Record

@@ -22,6 +22,9 @@ type Spec struct {
 	WorkDir     string  // the work folder, <data dir>/work/<id> (see sandbox.go)
 	Mounts      []Mount // host paths, resolved
 	CA          []byte  // the cluster CA (PEM), for CAFile in the work folder; nil with trust off
+	// Keep (on-lost keep): KillAll, and the guard's fence, spare it; it
+	// runs on while the node is cut off (see agent/lost.go).
+	Keep bool
 }
 
 // Exit describes how a process ended. Code is -1 when unknown.

@@ -57,6 +57,7 @@ func (a *Agent) runSpec(rec *pb.ProcessRecord) (Spec, error) {
 		ID: rec.Id, Incarnation: rec.Incarnation, Argv: spec.Command, Dir: spec.Dir,
 		LogPath: LogPath(a.DataDir, rec.Id), Resources: spec.Resources, Isolation: spec.Isolation,
 		Network: spec.Network, User: spec.User, WorkDir: WorkPath(a.DataDir, rec.Id), CA: a.CA,
+		Keep: spec.GetOnLost() == pb.OnLost_ON_LOST_KEEP,
 	}
 	for _, m := range spec.Mounts {
 		hp, ok := a.HostPaths[m.GetName()]

@@ -26,7 +26,7 @@ var errSimAdopt = errors.New("simulated processes do not survive the agent")
 
 // Start starts a simulated process.
 func (r *SimRuntime) Start(s Spec) (Proc, error) {
-	p := &simProc{pid: int(r.pids.Add(1)), done: make(chan struct{}), rt: r}
+	p := &simProc{pid: int(r.pids.Add(1)), done: make(chan struct{}), rt: r, keep: s.Keep}
 	r.mu.Lock()
 	if r.live == nil {
 		r.live = map[*simProc]bool{}
@@ -39,12 +39,14 @@ func (r *SimRuntime) Start(s Spec) (Proc, error) {
 	return p, nil
 }
 
-// KillAll ends every simulated process.
+// KillAll ends every simulated process but those with on-lost keep.
 func (r *SimRuntime) KillAll() error {
 	r.mu.Lock()
 	ps := make([]*simProc, 0, len(r.live))
 	for p := range r.live {
-		ps = append(ps, p)
+		if !p.keep {
+			ps = append(ps, p)
+		}
 	}
 	r.mu.Unlock()
 	for _, p := range ps {
@@ -68,6 +70,7 @@ type simProc struct {
 	done chan struct{}
 	exit Exit
 	rt   *SimRuntime
+	keep bool // on-lost keep: KillAll spares it
 }
 
 func (p *simProc) PID() int          { return p.pid }

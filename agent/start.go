@@ -197,6 +197,10 @@ func (a *Agent) exitedLocked(l *local, exit Exit) {
 	case l.fencing:
 		delete(a.procs, l.id)
 		a.dropState(l.id)
+		if l.cutOff {
+			a.reportCutOffEnd(l, exit)
+			return
+		}
 		if a.stillAssigned(l) {
 			// Fenced for a lost lease that came back before the leader
 			// moved it: the table still wants it here, so start it again.

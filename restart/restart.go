@@ -82,6 +82,19 @@ func Reconcile(assigned []*pb.ProcessRecord, local []Local, mayStart bool) []Act
 			}
 			continue
 		}
+		if r != nil && r.CutOff != nil && r.CutOff.Incarnation == l.Incarnation && r.Incarnation != l.Incarnation {
+			// This node was cut off and kept this copy (on-lost keep):
+			// it stops once the newer incarnation runs (or the process
+			// is stopped), and says so (Record set: the agent reports).
+			switch {
+			case l.Stopping:
+			case l.Running && !r.Stop && r.State != pb.ProcessState_PROCESS_STATE_RUNNING && !terminal(r.State):
+			default:
+				out = append(out, Action{Kind: Fence, ID: l.ID, Record: r})
+			}
+			have[l.ID] = true // held here for this copy only: nothing to start
+			continue
+		}
 		if r == nil || r.Incarnation != l.Incarnation {
 			switch {
 			case l.MovingAway && l.Running && mayStart:
@@ -177,4 +190,13 @@ func (p Policy) Decide(policy pb.RestartPolicy, failed bool, ranFor time.Duratio
 		d *= 2
 	}
 	return Decision{Restart: true, Delay: min(d, p.Max), Consecutive: consecutive + 1}
+}
+
+// terminal reports whether a process in state s has ended for good.
+func terminal(s pb.ProcessState) bool {
+	switch s {
+	case pb.ProcessState_PROCESS_STATE_EXITED, pb.ProcessState_PROCESS_STATE_FAILED, pb.ProcessState_PROCESS_STATE_KILLED:
+		return true
+	}
+	return false
 }

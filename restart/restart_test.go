@@ -107,3 +107,29 @@ func TestPolicy(t *testing.T) {
 		t.Fatalf("after a stable run: %+v", d)
 	}
 }
+
+// A copy this node kept while cut off (on-lost keep) runs on until the
+// newer incarnation runs elsewhere, then is fenced with its record (so the
+// agent reports its end); a stopped process stops it at once.
+func TestReconcileCutOffCopy(t *testing.T) {
+	rec := func(state pb.ProcessState, stop bool) *pb.ProcessRecord {
+		return &pb.ProcessRecord{Id: "k", Incarnation: 2, Node: "n2", State: state, Stop: stop,
+			CutOff: &pb.Incarnation{Incarnation: 1, Node: "n1"}}
+	}
+	local := []Local{{ID: "k", Incarnation: 1, Running: true}}
+	if acts := Reconcile([]*pb.ProcessRecord{rec(pb.ProcessState_PROCESS_STATE_STARTING, false)}, local, true); len(acts) != 0 {
+		t.Fatalf("newer copy starting: %v, want the cut-off copy kept", acts)
+	}
+	for _, r := range []*pb.ProcessRecord{rec(pb.ProcessState_PROCESS_STATE_RUNNING, false), rec(pb.ProcessState_PROCESS_STATE_STARTING, true)} {
+		acts := Reconcile([]*pb.ProcessRecord{r}, local, true)
+		if len(acts) != 1 || acts[0].Kind != Fence || acts[0].Record != r {
+			t.Fatalf("state %v stop %v: %v, want a fence carrying the record", r.State, r.Stop, acts)
+		}
+	}
+	// Not running here (it ended while cut off): fenced at once, so its
+	// end is reported.
+	acts := Reconcile([]*pb.ProcessRecord{rec(pb.ProcessState_PROCESS_STATE_STARTING, false)}, []Local{{ID: "k", Incarnation: 1, Waiting: true}}, true)
+	if len(acts) != 1 || acts[0].Kind != Fence {
+		t.Fatalf("cut-off copy waiting to restart: %v, want a fence", acts)
+	}
+}

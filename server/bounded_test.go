@@ -172,7 +172,7 @@ func TestSlowBodyCutOff(t *testing.T) {
 
 	// A long poll outlives the body deadline.
 	c := shimv1connect.NewShimServiceClient(NewHTTPClient(nil), hs.URL, connect.WithProtoJSON())
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	start = time.Now()
 	_, err = c.List(ctx, connect.NewRequest(&pb.ListRequest{MinIndex: s.Table.Index() + 100, WaitMillis: 1500}))

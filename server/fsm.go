@@ -32,9 +32,29 @@ type FSM struct {
 func (f *FSM) Apply(index uint64, data []byte) any {
 	res := f.Table.Apply(index, data)
 	f.Watch.applied.raise(index) // before waking anyone: waiters check it
-	r, _ := res.(table.Result)
+	r, ok := res.(table.Result)
+	if !ok {
+		return res
+	}
 	f.Watch.Notify(r.Nodes)
-	return res
+	return lean(r)
+}
+
+// lean drops from a result what its proposer does not use: the events (the
+// table's ring has them) and the nodes touched (just notified). hashicorp/raft
+// keeps the answer with its log entry while the entry stays in its log cache
+// (512 entries), so a result's events (a spawn or report of hundreds notes one
+// each) grew the leader's heap with the size of its recent batches.
+func lean(r table.Result) table.Result {
+	r.Events, r.Nodes = nil, nil
+	if len(r.Results) > 0 {
+		subs := make([]table.Result, len(r.Results))
+		for i, s := range r.Results {
+			subs[i] = lean(s)
+		}
+		r.Results = subs
+	}
+	return r
 }
 
 // Snapshot captures the table.

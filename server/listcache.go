@@ -35,40 +35,38 @@ type recordCache struct {
 }
 
 // encode returns the processes field of a ListResponse holding recs, in wire
-// format. recs is a listing of the whole table: afterwards the cache holds
-// only these records, so it never keeps one the table has dropped.
-func (c *recordCache) encode(recs []*pb.ProcessRecord) ([]byte, error) {
+// format. recs is a page of the whole table's listing, which holds limit
+// records: the cache keeps the encodings of every page listed, and starts
+// afresh from this page's once it holds more than twice the table (so a
+// record the table dropped is not kept for long).
+func (c *recordCache) encode(recs []*pb.ProcessRecord, limit int) ([]byte, error) {
 	c.mu.Lock()
-	old := c.m
+	defer c.mu.Unlock()
 	if slices.Equal(recs, c.last) {
-		// Nothing changed since the last listing: the same answer.
-		out := c.out
-		c.mu.Unlock()
-		return out, nil
+		return c.out, nil // nothing changed since the last listing: the same answer
 	}
-	c.mu.Unlock()
-	next := make(map[string]encodedRecord, len(recs))
+	if c.m == nil || len(c.m) > 2*limit+1024 {
+		c.m = make(map[string]encodedRecord, len(recs))
+	}
 	size := 0
 	for _, r := range recs {
-		e, ok := old[r.Id]
+		e, ok := c.m[r.Id]
 		if !ok || e.rec != r {
 			b, err := proto.Marshal(r)
 			if err != nil {
 				return nil, err
 			}
 			e = encodedRecord{rec: r, b: b}
+			c.m[r.Id] = e
 		}
-		next[r.Id] = e
 		size += 1 + protowire.SizeVarint(uint64(len(e.b))) + len(e.b)
 	}
 	out := make([]byte, 0, size)
 	for _, r := range recs {
 		out = protowire.AppendTag(out, 1, protowire.BytesType) // ListResponse.processes
-		out = protowire.AppendBytes(out, next[r.Id].b)
+		out = protowire.AppendBytes(out, c.m[r.Id].b)
 	}
-	c.mu.Lock()
-	c.m, c.last, c.out = next, recs, out
-	c.mu.Unlock()
+	c.last, c.out = recs, out
 	return out, nil
 }
 

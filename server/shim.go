@@ -347,8 +347,9 @@ func (h *shimAPI) List(ctx context.Context, req *connect.Request[pb.ListRequest]
 	if m.Usage {
 		recs = s.usage(ctx, recs, false)
 	} else if len(m.Ids) == 0 && m.Node == "" && binaryCodec(req.Header().Get("Content-Type")) {
-		// The whole table, in binary: from the encoded-record cache.
-		raw, err := s.listCache.encode(recs)
+		// A page of the whole table, in binary: from the encoded-record
+		// cache.
+		raw, err := s.listCache.encode(recs, s.Table.Len())
 		if err != nil {
 			return nil, apiError(err)
 		}

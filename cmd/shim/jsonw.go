@@ -223,26 +223,34 @@ func appendProcessJSON(b []byte, v *processJSON) []byte {
 	w.strPtr("started", v.Started)
 	w.strPtr("finished", v.Finished)
 	w.strPtr("updated", v.Updated)
+	inc := func(h *incarnationJSON) {
+		w.open('{')
+		w.uint("incarnation", h.Incarnation)
+		w.str("node", h.Node)
+		w.int("pid", h.Pid)
+		w.str("state", h.State)
+		w.int("exit_code", int64(h.ExitCode))
+		w.str("reason", h.Reason)
+		w.strPtr("started", h.Started)
+		w.strPtr("ended", h.Ended)
+		w.close('}')
+	}
 	w.key("history")
 	if v.History == nil {
 		w.b = append(w.b, "null"...)
 	} else {
 		w.open('[')
 		for i := range v.History {
-			h := &v.History[i]
 			w.elem()
-			w.open('{')
-			w.uint("incarnation", h.Incarnation)
-			w.str("node", h.Node)
-			w.int("pid", h.Pid)
-			w.str("state", h.State)
-			w.int("exit_code", int64(h.ExitCode))
-			w.str("reason", h.Reason)
-			w.strPtr("started", h.Started)
-			w.strPtr("ended", h.Ended)
-			w.close('}')
+			inc(&v.History[i])
 		}
 		w.close(']')
+	}
+	w.key("cut_off")
+	if v.CutOff == nil {
+		w.b = append(w.b, "null"...)
+	} else {
+		inc(v.CutOff)
 	}
 	w.uint("modify_index", v.ModifyIndex)
 	appendServiceJSON(&w, v) // services.go

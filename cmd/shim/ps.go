@@ -33,6 +33,9 @@ func (a *app) list(ctx context.Context, req *pb.ListRequest) ([]*pb.ProcessRecor
 // fn as it comes. Only the first page waits (a blocking query).
 func (a *app) listPages(ctx context.Context, req *pb.ListRequest, fn func(*pb.ListResponse) error) error {
 	req = proto.Clone(req).(*pb.ListRequest)
+	if req.PageSize == 0 {
+		req.PageSize = 10000 // the most a page may hold (it stops at 4 MiB too): fewer round trips
+	}
 	for {
 		resp, err := a.listResp(ctx, req)
 		if err != nil {

@@ -76,6 +76,7 @@ type processJSON struct {
 	Finished    *string           `json:"finished"`
 	Updated     *string           `json:"updated"`
 	History     []incarnationJSON `json:"history"`
+	CutOff      *incarnationJSON  `json:"cut_off"` // on-lost keep: a copy on a cut-off node, state unknown
 	ModifyIndex uint64            `json:"modify_index"`
 	// Services (services.go): set for replicas, or processes with ports
 	// or a check, only.
@@ -202,6 +203,10 @@ func processView(r *pb.ProcessRecord) processJSON {
 			State: table.StateName(h.GetState()), ExitCode: h.GetExitCode(), Reason: h.GetReason(),
 			Started: stamp(h.GetStartedUnixNano()), Ended: stamp(h.GetEndedUnixNano()),
 		})
+	}
+	if c := r.GetCutOff(); c != nil {
+		v.CutOff = &incarnationJSON{Incarnation: c.GetIncarnation(), Node: c.GetNode(), Pid: c.GetPid(),
+			State: "unknown", Reason: c.GetReason(), Started: stamp(c.GetStartedUnixNano())}
 	}
 	return v
 }
@@ -467,6 +472,11 @@ func writeProcessTablePage(w io.Writer, recs []*pb.ProcessRecord, wide, history 
 			row = append(row, cpu, mem, truncate(cmd, 40))
 		}
 		fmt.Fprintln(tw, strings.Join(row, "\t"))
+		if c := r.GetCutOff(); c != nil {
+			// A copy that may still run on a cut-off node (on-lost keep):
+			// shown always, not only with -a.
+			fmt.Fprintln(tw, strings.Join(cutOffRow(c, wide), "\t"))
+		}
 		if history {
 			for _, h := range slices.Backward(r.GetHistory()) {
 				fmt.Fprintln(tw, strings.Join(historyRow(h, wide, now), "\t"))
@@ -474,6 +484,17 @@ func writeProcessTablePage(w io.Writer, recs []*pb.ProcessRecord, wide, history 
 		}
 	}
 	return tw.Flush()
+}
+
+// cutOffRow renders the copy of a process kept on a cut-off node (on-lost
+// keep) under its row: its state is unknown until the node comes back.
+func cutOffRow(c *pb.Incarnation, wide bool) []string {
+	row := []string{"  └─", "", dash(c.GetNode()), "unknown", orDash(c.GetPid(), itoa), itoa(c.GetIncarnation()), "", "-", "-"}
+	why := "(" + dash(cell(c.GetReason())) + ")"
+	if wide {
+		return append(row, "", "", "", "", "", "", "", "", why, "")
+	}
+	return append(row, "", "", why)
 }
 
 // historyRow renders an earlier incarnation under its process's row.

@@ -289,6 +289,7 @@ func TestWriteProcessesJSON(t *testing.T) {
 		} else {
 			r.Usage.CpuUsageNanos = uint64(i) * 1
 			r.History = append(r.History, &pb.Incarnation{Incarnation: 9, Node: s, Reason: s, EndedUnixNano: 1})
+			r.CutOff = &pb.Incarnation{Incarnation: 8, Node: s, Pid: 77, Reason: s, StartedUnixNano: 2}
 		}
 		recs = append(recs, r)
 	}

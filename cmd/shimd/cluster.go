@@ -40,5 +40,9 @@ func clusterID(creds *auth.Credentials, dataDir string) (string, error) {
 	return "local-" + hex.EncodeToString(sum[:6]), nil
 }
 
+// keepDirName is the folder in the data dir of the on-lost keep markers
+// (execRuntime.keepDir).
+const keepDirName = "keep"
+
 // cgroupRoot is the node's cgroup root, below every hierarchy's mount.
 func cgroupRoot(cluster, node string) string { return "shim/" + cluster + "/" + node }

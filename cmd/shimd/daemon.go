@@ -276,6 +276,7 @@ func run(ctx context.Context, o *options) error {
 	if err != nil {
 		return err
 	}
+	rt.keepDir = filepath.Join(o.dataDir, keepDirName)
 	rt.prepare()
 	// The guard fences this node's processes at the lease deadline the
 	// agent publishes, should the agent be unable to: crashed or paused.

@@ -49,6 +49,7 @@ func guardCommand() *cobra.Command {
 				return err
 			}
 			rt.protect = guard.NewProtector(filepath.Join(dataDir, guard.PIDFileName))
+			rt.keepDir = filepath.Join(dataDir, keepDirName)
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			log.Info("guard started", "data", dataDir)
@@ -154,6 +155,9 @@ func (e *execRuntime) fence() ([]guard.Sandbox, error) {
 	}
 	var killed []guard.Sandbox
 	for _, n := range names {
+		if e.kept(n) {
+			continue // on-lost keep: runs on while the node is cut off
+		}
 		g, err := e.cg.Open(n)
 		if err != nil {
 			continue

@@ -34,6 +34,10 @@ type execRuntime struct {
 	noVM string
 	// protect, in the guard, says whom fence must not kill.
 	protect *guard.Protector
+	// keepDir holds a marker per sandbox with on-lost keep (its group's
+	// name): the fence, the agent's (KillAll) and the guard's, spares
+	// those sandboxes. "" = none.
+	keepDir string
 	// onWant is told when a VM's guest asks for more (agent.Want).
 	onWant func(id string, inc uint64, memBytes, cpuMilli int64)
 }
@@ -140,6 +144,9 @@ func network(n pb.Network) exec.Network {
 }
 
 func (e *execRuntime) Start(s agent.Spec) (agent.Proc, error) {
+	if err := e.markKeep(s); err != nil {
+		return nil, err
+	}
 	start := func() (agent.Proc, error) { return e.startExec(s) }
 	if s.Isolation == pb.Isolation_ISOLATION_VM {
 		start = func() (agent.Proc, error) { return e.startVM(s) }
@@ -314,6 +321,9 @@ func (e *execRuntime) Existing() ([]agent.Found, error) {
 
 // Remove kills and deletes a sandbox (or VM) that will not be adopted.
 func (e *execRuntime) Remove(id string, inc uint64) error {
+	if e.keepDir != "" {
+		_ = os.Remove(filepath.Join(e.keepDir, exec.GroupName(id, inc)))
+	}
 	if e.vm.Owns(id, inc) {
 		return e.vm.Remove(id, inc)
 	}
@@ -425,6 +435,9 @@ func (e *execRuntime) KillAll() error {
 		return err
 	}
 	for _, n := range names {
+		if e.kept(n) {
+			continue // on-lost keep: runs on while the node is cut off
+		}
 		g, err := e.cg.Open(n)
 		if err != nil {
 			continue
@@ -437,4 +450,33 @@ func (e *execRuntime) KillAll() error {
 		}
 	}
 	return nil
+}
+
+// markKeep writes (or, without Keep, removes) the on-lost keep marker of
+// s's sandbox.
+func (e *execRuntime) markKeep(s agent.Spec) error {
+	if e.keepDir == "" {
+		return nil
+	}
+	p := filepath.Join(e.keepDir, exec.GroupName(s.ID, s.Incarnation))
+	if !s.Keep {
+		_ = os.Remove(p)
+		return nil
+	}
+	if err := os.MkdirAll(e.keepDir, 0o700); err != nil {
+		return fmt.Errorf("on-lost keep: %w", err)
+	}
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		return fmt.Errorf("on-lost keep: %w", err)
+	}
+	return nil
+}
+
+// kept reports whether the sandbox group name has on-lost keep.
+func (e *execRuntime) kept(name string) bool {
+	if e.keepDir == "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(e.keepDir, name))
+	return err == nil
 }

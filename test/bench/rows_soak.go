@@ -13,7 +13,7 @@ import (
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
 
-// ---- row 13: bounded history ----
+// ---- row 14: bounded history ----
 //
 // 100,000 short-lived processes (full; 20,000 quick) through 3 servers, on
 // 4 simulated workers (a sim:exit process ends at once), the servers
@@ -29,7 +29,7 @@ func rowSoak(e *env) []Result {
 	const batch, warm = 200, 10000
 	c := newCluster(e, "soak")
 	defer c.close()
-	fail := func(err error) []Result { return []Result{failed("13", what, "%", goal, err)} }
+	fail := func(err error) []Result { return []Result{failed("14", what, "%", goal, err)} }
 	if err := c.startServers(3, "--retain", "2s", "--retain-max", "1000", "--snapshot-interval", "500ms", "--snapshot-threshold", "1"); err != nil {
 		return fail(err)
 	}
@@ -123,12 +123,12 @@ func rowSoak(e *env) []Result {
 	}
 	within := func(s Stats) bool { return s.Median >= 80 && s.Median <= 120 }
 	return []Result{
-		{Row: "13", What: "soak: leader RSS after/before", Unit: "%", Sample: []float64{100 * rss1 / rss0}, Goal: goal, Check: within,
+		{Row: "14", What: "soak: leader RSS after/before", Unit: "%", Sample: []float64{100 * rss1 / rss0}, Goal: goal, Check: within,
 			Note: fmt.Sprintf("%d processes in %s after a %d warm-up; RSS %.1f → %.1f MiB; --retain 2s --retain-max 1000",
 				total, took.Round(time.Second), warm, rss0/1024, rss1/1024)},
-		{Row: "13c", What: "soak: leader Go heap in use after/before (no goal: what RSS holds on to)", Unit: "%", Sample: ratio(heap),
+		{Row: "14c", What: "soak: leader Go heap in use after/before (no goal: what RSS holds on to)", Unit: "%", Sample: ratio(heap),
 			Note: fmt.Sprintf("heap in use %s MiB", heapNote(heap))},
-		{Row: "13b", What: "soak: leader snapshot after/before", Unit: "%", Sample: []float64{100 * snap1 / snap0}, Goal: goal, Check: within,
+		{Row: "14b", What: "soak: leader snapshot after/before", Unit: "%", Sample: []float64{100 * snap1 / snap0}, Goal: goal, Check: within,
 			Note: fmt.Sprintf("snapshot %.0f → %.0f KiB", snap0/1024, snap1/1024)},
 	}
 }

@@ -26,7 +26,7 @@ import (
 // processes run on simulated workers (one shimd --simulate), which end a
 // sim:exit process at once; the servers are drained so nothing lands on
 // them. A warm-up of the same shape comes first, so "began" is the
-// steady state, not an empty process. make bench row 13 runs 100,000.
+// steady state, not an empty process. make bench row 14 runs 100,000.
 func TestSoakBoundedHistory(t *testing.T) {
 	needRoot(t)
 	c := startCluster(t, 3, "--retain", "2s", "--retain-max", "1000",
