@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
+	"runtime/pprof"
 	"runtime"
 	"time"
 )
@@ -24,9 +26,11 @@ func rowMillion(e *env) []Result {
 	runtime.GC()
 	var m0 runtime.MemStats
 	runtime.ReadMemStats(&m0)
+	stop := e.cpuProfile("million-build")
 	t0 := time.Now()
 	t, ph, err := buildTableTimed(nodes, procs)
 	build := time.Since(t0)
+	stop()
 	if err != nil {
 		return []Result{failed("13a", "placement, "+scale, "s", "≤ 60", err)}
 	}
@@ -36,7 +40,9 @@ func rowMillion(e *env) []Result {
 	heapMiB := float64(m1.HeapInuse-min(m0.HeapInuse, m1.HeapInuse)) / (1 << 20)
 	rss, _ := rssKiB(os.Getpid())
 	reps := pick(e, 2, 3)
+	stop = e.cpuProfile("million-snapshot")
 	snapMS, restMS, size, row, err := timeSnapshots(e, t, reps)
+	stop()
 	if err != nil {
 		return []Result{failed("13"+map[string]string{"d": "c", "e": "d"}[row], "snapshot and restore, "+scale, "ms", "≤ 10000", err)}
 	}
@@ -53,5 +59,26 @@ func rowMillion(e *env) []Result {
 			Goal: "≤ 10000", Check: func(s Stats) bool { return s.Max <= 10000 }},
 		{Row: "13d", What: "table restore from it, " + scale, Unit: "ms", Sample: restMS,
 			Goal: "≤ 10000", Check: func(s Stats) bool { return s.Max <= 10000 }},
+	}
+}
+
+// cpuProfile writes a CPU profile of this process to <-profile>/name.cpu.pprof
+// until the returned function is called (nothing without -profile).
+func (e *env) cpuProfile(name string) func() {
+	if e.profileDir == "" {
+		return func() {}
+	}
+	_ = os.MkdirAll(e.profileDir, 0o755)
+	f, err := os.Create(filepath.Join(e.profileDir, name+".cpu.pprof"))
+	if err != nil {
+		return func() {}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return func() {}
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
 	}
 }
