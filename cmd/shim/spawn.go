@@ -138,6 +138,7 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 // spawn asks for the processes, retrying with the same request id while
 // answers are lost (retry.go).
 func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string) error {
+	start := time.Now()
 	var recs []*pb.ProcessRecord
 	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID}
 	if wait {
@@ -167,7 +168,7 @@ func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wai
 	if !wait {
 		return nil
 	}
-	return a.waitStarted(ctx, recs)
+	return a.waitStarted(ctx, recs, start)
 }
 
 // spawnWait is how long a spawn with --wait lets the server wait for the
@@ -206,9 +207,10 @@ func startFailure(r *pb.ProcessRecord) string {
 }
 
 // waitStarted watches the new processes with blocking List calls until each
-// is running or finished, for at most --timeout.
-func (a *app) waitStarted(ctx context.Context, recs []*pb.ProcessRecord) error {
-	deadline := time.Now().Add(a.timeout)
+// is running or finished, until --timeout after began (when the spawn was
+// sent: the server may have waited for the start already).
+func (a *app) waitStarted(ctx context.Context, recs []*pb.ProcessRecord, began time.Time) error {
+	deadline := began.Add(a.timeout)
 	if a.timeout <= 0 {
 		deadline = time.Now().Add(100 * 365 * 24 * time.Hour)
 	}
