@@ -51,6 +51,8 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 		nodes[i] = cs[k].name
 	}
 	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller
+	x.collecting = true
+	defer x.sortNew()
 	for i, id := range ids {
 		rec := &pb.ProcessRecord{
 			Id: id, Spec: spec, Node: nodes[i], State: pb.ProcessState_PROCESS_STATE_STARTING,
