@@ -300,9 +300,6 @@ func (h *agentAPI) Apply(ctx context.Context, req *connect.Request[pb.ApplyReque
 	if s.Raft == nil || !s.Raft.IsLeader() {
 		return nil, connect.NewError(connect.CodeUnavailable, errors.New("not the leader"))
 	}
-	if cmds := req.Msg.Commands; len(cmds) > 0 {
-		return connect.NewResponse(&pb.ApplyResponse{Results: s.applyForwarded(ctx, cmds)}), nil
-	}
 	if req.Msg.Command == nil {
 		return nil, invalid("apply: empty command")
 	}

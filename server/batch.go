@@ -88,39 +88,6 @@ func (s *Server) commit(ctx context.Context, cmd *pb.Command) (table.Result, err
 	}
 }
 
-// commitMany is commit for several commands at once: they join the queue
-// together, in order, and each gets its own result or Raft error.
-func (s *Server) commitMany(ctx context.Context, cmds []*pb.Command) ([]table.Result, []error) {
-	ps := make([]*proposal, len(cmds))
-	now := time.Now()
-	for i, cmd := range cmds {
-		ps[i] = &proposal{cmd: cmd, size: proto.Size(cmd), weight: weight(cmd), start: now, done: make(chan proposed, 1)}
-	}
-	b := &s.batch
-	b.mu.Lock()
-	b.queue = append(b.queue, ps...)
-	lead := !b.inFlight
-	b.inFlight = true
-	b.mu.Unlock()
-	if lead {
-		go s.flush()
-	}
-	res := make([]table.Result, len(cmds))
-	errs := make([]error, len(cmds))
-	for i, p := range ps {
-		select {
-		case r := <-p.done:
-			if r.err == nil {
-				s.Metrics.ApplyLatency.Observe(time.Since(p.start).Seconds())
-			}
-			res[i], errs[i] = r.res, r.err
-		case <-ctx.Done():
-			errs[i] = ctx.Err()
-		}
-	}
-	return res, errs
-}
-
 // weight estimates the table's work for a command: the processes it
 // places or changes.
 func weight(cmd *pb.Command) int {

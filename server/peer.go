@@ -134,9 +134,9 @@ func (s *Server) apply(ctx context.Context, cmd *pb.Command) (table.Result, erro
 				return table.Result{}, apiError(err)
 			}
 		} else if addr := s.leaderAPI(); addr != "" {
-			res, err := s.forwardApply(ctx, addr, cmd) // forward.go
+			resp, err := s.peer(addr).agent.Apply(ctx, connect.NewRequest(&pb.ApplyRequest{Command: cmd}))
 			if err == nil {
-				return res, nil
+				return table.Result{IDs: resp.Msg.Ids, Index: resp.Msg.Index}, nil
 			}
 			if !retryable(err) {
 				return table.Result{}, err

@@ -83,7 +83,6 @@ type Server struct {
 	httpc   *http.Client
 
 	batch     batcher     // proposals waiting to be committed together (batch.go)
-	fwd       forwarder   // writes waiting to be forwarded to the leader together (forward.go)
 	reads     reads       // linearizable reads waiting for a read index (read.go)
 	listCache recordCache // encoded records for List (listcache.go)
 	whoami    whoamiCache // workers: what servers said of tokens (auth.go)

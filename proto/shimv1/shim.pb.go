@@ -5289,11 +5289,8 @@ func (x *UsageResponse) GetUsage() map[string]*Usage {
 }
 
 type ApplyRequest struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	Command *Command               `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
-	// Several commands a follower forwards together (server/forward.go),
-	// each committed and answered on its own; command is then unset.
-	Commands      []*Command `protobuf:"bytes,2,rep,name=commands,proto3" json:"commands,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Command       *Command               `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5335,18 +5332,10 @@ func (x *ApplyRequest) GetCommand() *Command {
 	return nil
 }
 
-func (x *ApplyRequest) GetCommands() []*Command {
-	if x != nil {
-		return x.Commands
-	}
-	return nil
-}
-
 type ApplyResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
 	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	Results       []*ApplyResult         `protobuf:"bytes,3,rep,name=results,proto3" json:"results,omitempty"` // one per ApplyRequest.commands, in order
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5395,82 +5384,6 @@ func (x *ApplyResponse) GetIndex() uint64 {
 	return 0
 }
 
-func (x *ApplyResponse) GetResults() []*ApplyResult {
-	if x != nil {
-		return x.Results
-	}
-	return nil
-}
-
-// ApplyResult is the answer to one of several forwarded commands.
-type ApplyResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
-	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
-	Code          int32                  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"` // a Connect error code; 0: committed
-	Message       string                 `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *ApplyResult) Reset() {
-	*x = ApplyResult{}
-	mi := &file_shim_v1_shim_proto_msgTypes[74]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *ApplyResult) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*ApplyResult) ProtoMessage() {}
-
-func (x *ApplyResult) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[74]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use ApplyResult.ProtoReflect.Descriptor instead.
-func (*ApplyResult) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
-}
-
-func (x *ApplyResult) GetIds() []string {
-	if x != nil {
-		return x.Ids
-	}
-	return nil
-}
-
-func (x *ApplyResult) GetIndex() uint64 {
-	if x != nil {
-		return x.Index
-	}
-	return 0
-}
-
-func (x *ApplyResult) GetCode() int32 {
-	if x != nil {
-		return x.Code
-	}
-	return 0
-}
-
-func (x *ApplyResult) GetMessage() string {
-	if x != nil {
-		return x.Message
-	}
-	return ""
-}
-
 // SnapshotHeader starts a table snapshot; it is followed by node_count
 // NodeRecords and process_count ProcessRecords, each length-delimited.
 type SnapshotHeader struct {
@@ -5495,7 +5408,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5507,7 +5420,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[75]
+	mi := &file_shim_v1_shim_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5520,7 +5433,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -5614,7 +5527,7 @@ type RequestRecord struct {
 
 func (x *RequestRecord) Reset() {
 	*x = RequestRecord{}
-	mi := &file_shim_v1_shim_proto_msgTypes[76]
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5626,7 +5539,7 @@ func (x *RequestRecord) String() string {
 func (*RequestRecord) ProtoMessage() {}
 
 func (x *RequestRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_v1_shim_proto_msgTypes[76]
+	mi := &file_shim_v1_shim_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5639,7 +5552,7 @@ func (x *RequestRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestRecord.ProtoReflect.Descriptor instead.
 func (*RequestRecord) Descriptor() ([]byte, []int) {
-	return file_shim_v1_shim_proto_rawDescGZIP(), []int{76}
+	return file_shim_v1_shim_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *RequestRecord) GetId() string {
@@ -6029,19 +5942,12 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\n" +
 	"UsageEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12$\n" +
-	"\x05value\x18\x02 \x01(\v2\x0e.shim.v1.UsageR\x05value:\x028\x01\"h\n" +
+	"\x05value\x18\x02 \x01(\v2\x0e.shim.v1.UsageR\x05value:\x028\x01\":\n" +
 	"\fApplyRequest\x12*\n" +
-	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\x12,\n" +
-	"\bcommands\x18\x02 \x03(\v2\x10.shim.v1.CommandR\bcommands\"g\n" +
+	"\acommand\x18\x01 \x01(\v2\x10.shim.v1.CommandR\acommand\"7\n" +
 	"\rApplyResponse\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\x12.\n" +
-	"\aresults\x18\x03 \x03(\v2\x14.shim.v1.ApplyResultR\aresults\"c\n" +
-	"\vApplyResult\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\tR\x03ids\x12\x14\n" +
-	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
-	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x04 \x01(\tR\amessage\"\x94\x03\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"\x94\x03\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x1d\n" +
@@ -6151,7 +6057,7 @@ func file_shim_v1_shim_proto_rawDescGZIP() []byte {
 }
 
 var file_shim_v1_shim_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 79)
+var file_shim_v1_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
 var file_shim_v1_shim_proto_goTypes = []any{
 	(RestartPolicy)(0),          // 0: shim.v1.RestartPolicy
 	(Isolation)(0),              // 1: shim.v1.Isolation
@@ -6237,11 +6143,10 @@ var file_shim_v1_shim_proto_goTypes = []any{
 	(*UsageResponse)(nil),       // 81: shim.v1.UsageResponse
 	(*ApplyRequest)(nil),        // 82: shim.v1.ApplyRequest
 	(*ApplyResponse)(nil),       // 83: shim.v1.ApplyResponse
-	(*ApplyResult)(nil),         // 84: shim.v1.ApplyResult
-	(*SnapshotHeader)(nil),      // 85: shim.v1.SnapshotHeader
-	(*RequestRecord)(nil),       // 86: shim.v1.RequestRecord
-	nil,                         // 87: shim.v1.AssignmentsResponse.SelfTokensEntry
-	nil,                         // 88: shim.v1.UsageResponse.UsageEntry
+	(*SnapshotHeader)(nil),      // 84: shim.v1.SnapshotHeader
+	(*RequestRecord)(nil),       // 85: shim.v1.RequestRecord
+	nil,                         // 86: shim.v1.AssignmentsResponse.SelfTokensEntry
+	nil,                         // 87: shim.v1.UsageResponse.UsageEntry
 }
 var file_shim_v1_shim_proto_depIdxs = []int32{
 	10,  // 0: shim.v1.ProcessSpec.resources:type_name -> shim.v1.Resources
@@ -6315,66 +6220,64 @@ var file_shim_v1_shim_proto_depIdxs = []int32{
 	7,   // 68: shim.v1.HeartbeatResponse.state:type_name -> shim.v1.NodeState
 	15,  // 69: shim.v1.AssignmentsResponse.processes:type_name -> shim.v1.ProcessRecord
 	7,   // 70: shim.v1.AssignmentsResponse.state:type_name -> shim.v1.NodeState
-	87,  // 71: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
+	86,  // 71: shim.v1.AssignmentsResponse.self_tokens:type_name -> shim.v1.AssignmentsResponse.SelfTokensEntry
 	36,  // 72: shim.v1.ReportRequest.report:type_name -> shim.v1.Report
-	88,  // 73: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
+	87,  // 73: shim.v1.UsageResponse.usage:type_name -> shim.v1.UsageResponse.UsageEntry
 	19,  // 74: shim.v1.ApplyRequest.command:type_name -> shim.v1.Command
-	19,  // 75: shim.v1.ApplyRequest.commands:type_name -> shim.v1.Command
-	84,  // 76: shim.v1.ApplyResponse.results:type_name -> shim.v1.ApplyResult
-	21,  // 77: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
-	22,  // 78: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
-	86,  // 79: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
-	33,  // 80: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
-	16,  // 81: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
-	39,  // 82: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
-	41,  // 83: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
-	43,  // 84: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
-	45,  // 85: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
-	48,  // 86: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
-	56,  // 87: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
-	58,  // 88: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
-	60,  // 89: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
-	62,  // 90: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
-	64,  // 91: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
-	66,  // 92: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
-	51,  // 93: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
-	53,  // 94: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
-	68,  // 95: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
-	72,  // 96: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
-	74,  // 97: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
-	76,  // 98: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
-	78,  // 99: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
-	82,  // 100: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
-	80,  // 101: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
-	70,  // 102: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
-	54,  // 103: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
-	40,  // 104: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
-	42,  // 105: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
-	44,  // 106: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
-	46,  // 107: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
-	50,  // 108: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
-	57,  // 109: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
-	59,  // 110: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
-	61,  // 111: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
-	63,  // 112: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
-	65,  // 113: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
-	67,  // 114: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
-	52,  // 115: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
-	33,  // 116: shim.v1.ShimService.Events:output_type -> shim.v1.Event
-	69,  // 117: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
-	73,  // 118: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
-	75,  // 119: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
-	77,  // 120: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
-	79,  // 121: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
-	83,  // 122: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
-	81,  // 123: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
-	71,  // 124: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
-	55,  // 125: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
-	104, // [104:126] is the sub-list for method output_type
-	82,  // [82:104] is the sub-list for method input_type
-	82,  // [82:82] is the sub-list for extension type_name
-	82,  // [82:82] is the sub-list for extension extendee
-	0,   // [0:82] is the sub-list for field type_name
+	21,  // 75: shim.v1.SnapshotHeader.trust:type_name -> shim.v1.Trust
+	22,  // 76: shim.v1.SnapshotHeader.tokens:type_name -> shim.v1.TokenRecord
+	85,  // 77: shim.v1.SnapshotHeader.requests:type_name -> shim.v1.RequestRecord
+	33,  // 78: shim.v1.SnapshotHeader.events:type_name -> shim.v1.Event
+	16,  // 79: shim.v1.UsageResponse.UsageEntry.value:type_name -> shim.v1.Usage
+	39,  // 80: shim.v1.ShimService.Spawn:input_type -> shim.v1.SpawnRequest
+	41,  // 81: shim.v1.ShimService.Kill:input_type -> shim.v1.KillRequest
+	43,  // 82: shim.v1.ShimService.Resize:input_type -> shim.v1.ResizeRequest
+	45,  // 83: shim.v1.ShimService.List:input_type -> shim.v1.ListRequest
+	48,  // 84: shim.v1.ShimService.Nodes:input_type -> shim.v1.NodesRequest
+	56,  // 85: shim.v1.ShimService.Logs:input_type -> shim.v1.LogsRequest
+	58,  // 86: shim.v1.ShimService.Drain:input_type -> shim.v1.DrainRequest
+	60,  // 87: shim.v1.ShimService.CreateToken:input_type -> shim.v1.CreateTokenRequest
+	62,  // 88: shim.v1.ShimService.ListTokens:input_type -> shim.v1.ListTokensRequest
+	64,  // 89: shim.v1.ShimService.RevokeToken:input_type -> shim.v1.RevokeTokenRequest
+	66,  // 90: shim.v1.ShimService.Whoami:input_type -> shim.v1.WhoamiRequest
+	51,  // 91: shim.v1.ShimService.SetGrant:input_type -> shim.v1.SetGrantRequest
+	53,  // 92: shim.v1.ShimService.Events:input_type -> shim.v1.EventsRequest
+	68,  // 93: shim.v1.AgentService.Join:input_type -> shim.v1.JoinRequest
+	72,  // 94: shim.v1.AgentService.Leave:input_type -> shim.v1.LeaveRequest
+	74,  // 95: shim.v1.AgentService.Heartbeat:input_type -> shim.v1.HeartbeatRequest
+	76,  // 96: shim.v1.AgentService.Assignments:input_type -> shim.v1.AssignmentsRequest
+	78,  // 97: shim.v1.AgentService.Report:input_type -> shim.v1.ReportRequest
+	82,  // 98: shim.v1.AgentService.Apply:input_type -> shim.v1.ApplyRequest
+	80,  // 99: shim.v1.AgentService.Usage:input_type -> shim.v1.UsageRequest
+	70,  // 100: shim.v1.AgentService.Certify:input_type -> shim.v1.CertifyRequest
+	54,  // 101: shim.v1.AgentService.ReadIndex:input_type -> shim.v1.ReadIndexRequest
+	40,  // 102: shim.v1.ShimService.Spawn:output_type -> shim.v1.SpawnResponse
+	42,  // 103: shim.v1.ShimService.Kill:output_type -> shim.v1.KillResponse
+	44,  // 104: shim.v1.ShimService.Resize:output_type -> shim.v1.ResizeResponse
+	46,  // 105: shim.v1.ShimService.List:output_type -> shim.v1.ListResponse
+	50,  // 106: shim.v1.ShimService.Nodes:output_type -> shim.v1.NodesResponse
+	57,  // 107: shim.v1.ShimService.Logs:output_type -> shim.v1.LogsChunk
+	59,  // 108: shim.v1.ShimService.Drain:output_type -> shim.v1.DrainResponse
+	61,  // 109: shim.v1.ShimService.CreateToken:output_type -> shim.v1.CreateTokenResponse
+	63,  // 110: shim.v1.ShimService.ListTokens:output_type -> shim.v1.ListTokensResponse
+	65,  // 111: shim.v1.ShimService.RevokeToken:output_type -> shim.v1.RevokeTokenResponse
+	67,  // 112: shim.v1.ShimService.Whoami:output_type -> shim.v1.WhoamiResponse
+	52,  // 113: shim.v1.ShimService.SetGrant:output_type -> shim.v1.SetGrantResponse
+	33,  // 114: shim.v1.ShimService.Events:output_type -> shim.v1.Event
+	69,  // 115: shim.v1.AgentService.Join:output_type -> shim.v1.JoinResponse
+	73,  // 116: shim.v1.AgentService.Leave:output_type -> shim.v1.LeaveResponse
+	75,  // 117: shim.v1.AgentService.Heartbeat:output_type -> shim.v1.HeartbeatResponse
+	77,  // 118: shim.v1.AgentService.Assignments:output_type -> shim.v1.AssignmentsResponse
+	79,  // 119: shim.v1.AgentService.Report:output_type -> shim.v1.ReportResponse
+	83,  // 120: shim.v1.AgentService.Apply:output_type -> shim.v1.ApplyResponse
+	81,  // 121: shim.v1.AgentService.Usage:output_type -> shim.v1.UsageResponse
+	71,  // 122: shim.v1.AgentService.Certify:output_type -> shim.v1.CertifyResponse
+	55,  // 123: shim.v1.AgentService.ReadIndex:output_type -> shim.v1.ReadIndexResponse
+	102, // [102:124] is the sub-list for method output_type
+	80,  // [80:102] is the sub-list for method input_type
+	80,  // [80:80] is the sub-list for extension type_name
+	80,  // [80:80] is the sub-list for extension extendee
+	0,   // [0:80] is the sub-list for field type_name
 }
 
 func init() { file_shim_v1_shim_proto_init() }
@@ -6406,7 +6309,7 @@ func file_shim_v1_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_v1_shim_proto_rawDesc), len(file_shim_v1_shim_proto_rawDesc)),
 			NumEnums:      10,
-			NumMessages:   79,
+			NumMessages:   78,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
