@@ -138,19 +138,8 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 // spawn asks for the processes, retrying with the same request id while
 // answers are lost (retry.go).
 func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wait bool, requestID string) error {
-	start := time.Now()
 	var recs []*pb.ProcessRecord
 	req := &pb.SpawnRequest{Spec: spec, Count: count, RequestId: requestID}
-	if wait {
-		// The server waits for the start itself, for a while, so that a
-		// process that starts at once needs this one request; one that
-		// does not is watched below for the rest of --timeout.
-		req.Wait, req.WaitMillis = true, uint32(spawnWait.Milliseconds())
-		if a.timeout > 0 {
-			req.WaitMillis = uint32(min(spawnWait, a.timeout/2).Milliseconds())
-		}
-		req.Wait = req.WaitMillis > 0
-	}
 	what := "retry with --request-id " + requestID + " to spawn at most once"
 	err := a.callRetry(ctx, what, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 		resp, err := c.Spawn(ctx, connect.NewRequest(req))
@@ -168,12 +157,8 @@ func (a *app) spawn(ctx context.Context, spec *pb.ProcessSpec, count uint32, wai
 	if !wait {
 		return nil
 	}
-	return a.waitStarted(ctx, recs, start)
+	return a.waitStarted(ctx, recs)
 }
-
-// spawnWait is how long a spawn with --wait lets the server wait for the
-// start before answering: well inside one attempt of callRetry (≥ 2 s).
-const spawnWait = time.Second
 
 // settled reports whether --wait may stop watching a process.
 func settled(r *pb.ProcessRecord) bool {
@@ -207,10 +192,9 @@ func startFailure(r *pb.ProcessRecord) string {
 }
 
 // waitStarted watches the new processes with blocking List calls until each
-// is running or finished, until --timeout after began (when the spawn was
-// sent: the server may have waited for the start already).
-func (a *app) waitStarted(ctx context.Context, recs []*pb.ProcessRecord, began time.Time) error {
-	deadline := began.Add(a.timeout)
+// is running or finished, for at most --timeout.
+func (a *app) waitStarted(ctx context.Context, recs []*pb.ProcessRecord) error {
+	deadline := time.Now().Add(a.timeout)
 	if a.timeout <= 0 {
 		deadline = time.Now().Add(100 * 365 * 24 * time.Hour)
 	}

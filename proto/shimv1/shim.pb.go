@@ -2921,14 +2921,11 @@ func (x *Prune) GetBeforeUnixNano() int64 {
 }
 
 type SpawnRequest struct {
-	state     protoimpl.MessageState `protogen:"open.v1"`
-	Spec      *ProcessSpec           `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
-	Count     uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
-	Wait      bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
-	RequestId string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
-	// With wait: answer after at most this long, with the records as they are
-	// then, rather than fail (0: wait until the call's deadline).
-	WaitMillis    uint32 `protobuf:"varint,5,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Spec          *ProcessSpec           `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
+	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
+	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2989,13 +2986,6 @@ func (x *SpawnRequest) GetRequestId() string {
 		return x.RequestId
 	}
 	return ""
-}
-
-func (x *SpawnRequest) GetWaitMillis() uint32 {
-	if x != nil {
-		return x.WaitMillis
-	}
-	return 0
 }
 
 type SpawnResponse struct {
@@ -5779,15 +5769,13 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
 	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\xa2\x01\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\x81\x01\n" +
 	"\fSpawnRequest\x12(\n" +
 	"\x04spec\x18\x01 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x12\n" +
 	"\x04wait\x18\x03 \x01(\bR\x04wait\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x04 \x01(\tR\trequestId\x12\x1f\n" +
-	"\vwait_millis\x18\x05 \x01(\rR\n" +
-	"waitMillis\"E\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"E\n" +
 	"\rSpawnResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"7\n" +
 	"\vKillRequest\x12\x10\n" +
