@@ -69,31 +69,22 @@ func (h *shimAPI) Spawn(ctx context.Context, req *connect.Request[pb.SpawnReques
 		return nil, err
 	}
 	if m.Wait {
-		wctx := ctx
-		if m.WaitMillis > 0 {
-			var cancel context.CancelFunc
-			wctx, cancel = context.WithTimeout(ctx, time.Duration(m.WaitMillis)*time.Millisecond)
-			defer cancel()
-		}
-		// With WaitMillis, running out of it is an answer: the records as
-		// they are, for the caller to keep watching.
-		if err := s.waitStarted(wctx, ids); err != nil && (m.WaitMillis == 0 || ctx.Err() != nil) {
+		if err := s.waitStarted(ctx, ids); err != nil {
 			return nil, err
 		}
 	}
 	return connect.NewResponse(&pb.SpawnResponse{Processes: s.records(ids)}), nil
 }
 
-// waitStarted blocks until every process has been running or finished (or
-// has run, exited and waits to restart). A process seen started is not
-// looked at again, so waiting for n processes costs O(n) over all wake-ups,
-// not O(n) per wake-up.
+// waitStarted blocks until every process has been running or finished. A
+// process seen started is not looked at again, so waiting for n processes
+// costs O(n) over all wake-ups, not O(n) per wake-up.
 func (s *Server) waitStarted(ctx context.Context, ids []string) error {
 	for {
 		ch := s.Watch.Any()
 		for len(ids) > 0 {
 			r := s.Table.Get(ids[0])
-			if r != nil && r.State != pb.ProcessState_PROCESS_STATE_RUNNING && r.State != pb.ProcessState_PROCESS_STATE_BACKOFF && !table.Terminal(r.State) {
+			if r != nil && r.State != pb.ProcessState_PROCESS_STATE_RUNNING && !table.Terminal(r.State) {
 				break
 			}
 			ids = ids[1:]

@@ -1,8 +1,10 @@
 package table
 
 import (
+	"cmp"
 	"slices"
 	"sort"
+	"strings"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
@@ -35,6 +37,24 @@ func (t *Table) insertOrder(rec *pb.ProcessRecord) {
 	}
 	i := sort.Search(n, func(i int) bool { return !t.orderLess(t.order[i], rec) })
 	t.order = slices.Insert(t.order, i, rec.Id)
+}
+
+// sortNew puts the records collected by put into the creation order. The
+// replicas of a spawn share a creation time and have random ids: sorted
+// first, each is an append (or a search from the end), not a search and an
+// insert in the middle of a run of equal times.
+func (x *txn) sortNew() {
+	recs := x.newRecs
+	x.newRecs, x.collecting = nil, false
+	slices.SortFunc(recs, func(a, b *pb.ProcessRecord) int {
+		if c := cmp.Compare(a.CreatedUnixNano, b.CreatedUnixNano); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Id, b.Id)
+	})
+	for _, rec := range recs {
+		x.t.insertOrder(rec)
+	}
 }
 
 // orderLess reports whether the record of id sorts before rec.

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	pb "github.com/shim-run/shim/proto/shimv1"
 )
@@ -51,6 +52,8 @@ func (x *txn) spawn(ids []string, spec *pb.ProcessSpec) ([]string, error) {
 	}
 	t.txPorts = nil
 	spec = proto.CloneOf(spec) // shared by the replicas, never by the caller
+	x.collecting = true
+	defer x.sortNew()
 	for i, id := range ids {
 		rec := &pb.ProcessRecord{
 			Id: id, Spec: spec, Node: nodes[i], State: pb.ProcessState_PROCESS_STATE_STARTING,
@@ -181,7 +184,7 @@ func (x *txn) report(r *pb.Report) []string {
 				continue
 			}
 		}
-		rec := proto.CloneOf(old)
+		rec := shallowCopy(old) // only scalar fields change below
 		rec.State = state
 		rec.Restarts = u.Restarts
 		at := u.AtUnixNano
@@ -208,7 +211,7 @@ func (x *txn) report(r *pb.Report) []string {
 			}
 			freed = true
 		}
-		if proto.Equal(rec, old) {
+		if sameReport(rec, old) {
 			continue
 		}
 		x.put(rec)
@@ -219,6 +222,33 @@ func (x *txn) report(r *pb.Report) []string {
 		changed = append(changed, x.placePending()...)
 	}
 	return changed
+}
+
+// shallowCopy copies a record's fields, sharing its messages and lists
+// (the spec, the grant, the history) with it: the table never changes a
+// stored record or what it holds, so only the copy's own scalar fields may
+// be set. A report changes only those, and a deep copy of the spec was most
+// of a report's cost.
+func shallowCopy(r *pb.ProcessRecord) *pb.ProcessRecord {
+	c := &pb.ProcessRecord{}
+	src, dst := r.ProtoReflect(), c.ProtoReflect()
+	src.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		dst.Set(fd, v)
+		return true
+	})
+	if u := src.GetUnknown(); len(u) > 0 {
+		dst.SetUnknown(u)
+	}
+	return c
+}
+
+// sameReport reports whether rec, a copy of old with a report's fields set,
+// equals old: whether those fields are unchanged.
+func sameReport(rec, old *pb.ProcessRecord) bool {
+	return rec.State == old.State && rec.Restarts == old.Restarts && rec.Pid == old.Pid &&
+		rec.StartTime == old.StartTime && rec.StartedUnixNano == old.StartedUnixNano &&
+		rec.ExitCode == old.ExitCode && rec.Reason == old.Reason && rec.FinishedUnixNano == old.FinishedUnixNano &&
+		rec.Health == old.Health
 }
 
 // reportEvent notes the event of a report that changed old into rec.

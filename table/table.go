@@ -204,6 +204,10 @@ type txn struct {
 	// under way makes (services.go).
 	replicaOf  string
 	replicaIdx []uint32
+	// newRecs, while collecting, holds the new records put, which go into
+	// the creation order together (sortNew) instead of one by one.
+	newRecs    []*pb.ProcessRecord
+	collecting bool
 }
 
 // apply applies one command. A command without a time (now_unix_nano 0)
@@ -296,7 +300,11 @@ func (x *txn) put(rec *pb.ProcessRecord) {
 	t.procs[rec.Id] = rec
 	if old == nil {
 		addIndex(t.byName, rec.Spec.GetName(), rec.Id)
-		t.insertOrder(rec)
+		if x.collecting {
+			x.newRecs = append(x.newRecs, rec)
+		} else {
+			t.insertOrder(rec)
+		}
 	} else {
 		t.states[old.State]--
 	}

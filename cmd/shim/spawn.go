@@ -173,16 +173,6 @@ func (o *spawnOptions) spec(flags *pflag.FlagSet, args []string) (*pb.ProcessSpe
 // answers are lost (retry.go).
 func (a *app) spawnReq(ctx context.Context, req *pb.SpawnRequest, wait bool) error {
 	var recs []*pb.ProcessRecord
-	if wait {
-		// The server waits for the start itself, for a while, so that a
-		// process that starts at once needs this one request; one that
-		// does not is watched below for the rest of --timeout.
-		req.Wait, req.WaitMillis = true, uint32(spawnWait.Milliseconds())
-		if a.timeout > 0 {
-			req.WaitMillis = uint32(min(spawnWait, a.timeout/2).Milliseconds())
-		}
-		req.Wait = req.WaitMillis > 0
-	}
 	what := "retry with --request-id " + req.RequestId + " to spawn at most once"
 	err := a.callRetry(ctx, what, func(ctx context.Context, c shimv1connect.ShimServiceClient) error {
 		resp, err := c.Spawn(ctx, connect.NewRequest(req))
@@ -202,10 +192,6 @@ func (a *app) spawnReq(ctx context.Context, req *pb.SpawnRequest, wait bool) err
 	}
 	return a.waitStarted(ctx, recs)
 }
-
-// spawnWait is how long a spawn with --wait lets the server wait for the
-// start before answering: well inside one attempt of callRetry (≥ 2 s).
-const spawnWait = time.Second
 
 // settled reports whether --wait may stop watching a process.
 func settled(r *pb.ProcessRecord) bool {

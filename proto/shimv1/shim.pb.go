@@ -3590,18 +3590,15 @@ func (x *Prune) GetBeforeUnixNano() int64 {
 }
 
 type SpawnRequest struct {
-	state     protoimpl.MessageState `protogen:"open.v1"`
-	Spec      *ProcessSpec           `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
-	Count     uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
-	Wait      bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
-	RequestId string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
-	Force     bool                   `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`                         // a pinned spawn (spec.node) goes to its node even if it is drained
-	Service   bool                   `protobuf:"varint,40,opt,name=service,proto3" json:"service,omitempty"`                    // record a service (spec.name, count replicas): see ScaleRequest
-	Min       uint32                 `protobuf:"varint,41,opt,name=min,proto3" json:"min,omitempty"`                            // autoscale between min and max replicas (0 = off)
-	Max       uint32                 `protobuf:"varint,42,opt,name=max,proto3" json:"max,omitempty"`
-	// With wait: answer after at most this long, with the records as they are
-	// then, rather than fail (0: wait until the call's deadline).
-	WaitMillis    uint32 `protobuf:"varint,6,opt,name=wait_millis,json=waitMillis,proto3" json:"wait_millis,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Spec          *ProcessSpec           `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	Count         uint32                 `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`                         // replicas; 0 means 1
+	Wait          bool                   `protobuf:"varint,3,opt,name=wait,proto3" json:"wait,omitempty"`                           // block until every new process is running or terminal
+	RequestId     string                 `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"` // retries with the same id create nothing new
+	Force         bool                   `protobuf:"varint,5,opt,name=force,proto3" json:"force,omitempty"`                         // a pinned spawn (spec.node) goes to its node even if it is drained
+	Service       bool                   `protobuf:"varint,40,opt,name=service,proto3" json:"service,omitempty"`                    // record a service (spec.name, count replicas): see ScaleRequest
+	Min           uint32                 `protobuf:"varint,41,opt,name=min,proto3" json:"min,omitempty"`                            // autoscale between min and max replicas (0 = off)
+	Max           uint32                 `protobuf:"varint,42,opt,name=max,proto3" json:"max,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3688,13 +3685,6 @@ func (x *SpawnRequest) GetMin() uint32 {
 func (x *SpawnRequest) GetMax() uint32 {
 	if x != nil {
 		return x.Max
-	}
-	return 0
-}
-
-func (x *SpawnRequest) GetWaitMillis() uint32 {
-	if x != nil {
-		return x.WaitMillis
 	}
 	return 0
 }
@@ -7451,7 +7441,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\tresources\x18\x02 \x01(\v2\x12.shim.v1.ResourcesR\tresources\x12\x12\n" +
 	"\x04move\x18\x03 \x01(\bR\x04move\"1\n" +
 	"\x05Prune\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\xf6\x01\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\xd5\x01\n" +
 	"\fSpawnRequest\x12(\n" +
 	"\x04spec\x18\x01 \x01(\v2\x14.shim.v1.ProcessSpecR\x04spec\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\rR\x05count\x12\x12\n" +
@@ -7461,9 +7451,7 @@ const file_shim_v1_shim_proto_rawDesc = "" +
 	"\x05force\x18\x05 \x01(\bR\x05force\x12\x18\n" +
 	"\aservice\x18( \x01(\bR\aservice\x12\x10\n" +
 	"\x03min\x18) \x01(\rR\x03min\x12\x10\n" +
-	"\x03max\x18* \x01(\rR\x03max\x12\x1f\n" +
-	"\vwait_millis\x18\x06 \x01(\rR\n" +
-	"waitMillis\"E\n" +
+	"\x03max\x18* \x01(\rR\x03max\"E\n" +
 	"\rSpawnResponse\x124\n" +
 	"\tprocesses\x18\x01 \x03(\v2\x16.shim.v1.ProcessRecordR\tprocesses\"7\n" +
 	"\vKillRequest\x12\x10\n" +

@@ -181,8 +181,21 @@ func rowPlacement(e *env) []Result {
 		}
 		delta := e.scrapeAll(c.servers...).sub(before)
 		var cpuNote string
-		for _, d := range append(append([]*daemon(nil), c.servers...), c.workers...) {
-			cpuNote += fmt.Sprintf(" %s %.2f", short(d), (cpuSeconds(d.pid())-cpu0[d.name])/lr.elapsed.Seconds())
+		var srvCPU, simCPU float64
+		for i, d := range append(append([]*daemon(nil), c.servers...), c.workers...) {
+			used := cpuSeconds(d.pid()) - cpu0[d.name]
+			cpuNote += fmt.Sprintf(" %s %.2f", short(d), used/lr.elapsed.Seconds())
+			if i < len(c.servers) {
+				srvCPU += used
+			} else {
+				simCPU += used
+			}
+		}
+		// CPU per placement is steadier than the rate on a machine shared
+		// with other work.
+		if lr.placed > 0 {
+			cpuNote += fmt.Sprintf(" (per placement: servers %.0f µs, simulators %.0f µs)",
+				srvCPU/float64(lr.placed)*1e6, simCPU/float64(lr.placed)*1e6)
 		}
 		rss := math.NaN()
 		if ld, err := c.leader(context.Background()); err == nil {
