@@ -72,7 +72,7 @@ echo cgroup=$(grep memory /proc/self/cgroup | cut -d: -f3)`
 // with --net none, the hardening, and its own cgroup.
 func TestSandboxContainer(t *testing.T) {
 	c := startNode(t)
-	root := "/shim/" + c.nodes[0].name
+	node := c.nodes[0].name // its cgroups: /shim/<cluster>/<node>/<id>.<incarnation>
 	f, out := c.run("--isolation", "container", "--net", "none", "--user", "0", "--", "/bin/sh", "-c", probe)
 	want := map[string]string{
 		"usr": "ro", "tmp": "ok", "links": "lo", "uid": "0:0", "procsys": "ro", "firmware": "0",
@@ -93,8 +93,8 @@ func TestSandboxContainer(t *testing.T) {
 		os.Remove("/usr/shim-e2e-probe")
 		t.Errorf("the container wrote to the host's /usr")
 	}
-	if !strings.HasPrefix(f["cgroup"], root+"/") {
-		t.Errorf("memory cgroup %q, want one below %s", f["cgroup"], root)
+	if p := strings.Split(f["cgroup"], "/"); len(p) != 5 || p[1] != "shim" || p[3] != node {
+		t.Errorf("memory cgroup %q, want one below /shim/<cluster>/%s", f["cgroup"], node)
 	}
 	if t.Failed() {
 		t.Logf("output:\n%s", out)
