@@ -62,6 +62,14 @@ func durOr(ms int64, def time.Duration) time.Duration {
 func (a *Agent) watchHealth(l *local, p Proc) {
 	v := verdict{unhealthy: a.Clock.Now()}
 	interval := defaultCheckInterval
+	a.mu.Lock()
+	if c := l.rec.GetSpec().GetCheck(); c != nil {
+		// The first probe too at the check's interval: at the default one
+		// a run with a short --check-restart was restarted at its first
+		// probe, unhealthy in ps for no time at all.
+		interval = durOr(c.IntervalMillis, defaultCheckInterval)
+	}
+	a.mu.Unlock()
 	for {
 		select {
 		case <-p.Done():

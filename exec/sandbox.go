@@ -526,7 +526,10 @@ func startInit(s Spec, initPath string, cfg *pid1.Config, tmpl *os.File, stdio [
 			attr.Sys.UseCgroupFD, attr.Sys.CgroupFD = true, cgroupFD
 		}
 		var err error
-		pid, _, err = syscall.StartProcess(initPath, []string{InitName, "--config-fd", strconv.Itoa(initConfigFD)}, attr)
+		// The workload's command after "--" only shows in ps and in the
+		// sandbox's /proc/1/cmdline; the init runs what cfg says.
+		argv := append([]string{InitName, "--config-fd", strconv.Itoa(initConfigFD), "--"}, s.Argv...)
+		pid, _, err = syscall.StartProcess(initPath, argv, attr)
 		return err
 	}
 	switch {

@@ -9,7 +9,7 @@
 //
 // It runs in three ways (see Main):
 //
-//	shim-init --config-fd N
+//	shim-init --config-fd N [-- CMD [ARG...]]
 //	shim-init --template --config-fd N
 //	shim-init [--status-fd N] [--stdout-fd N] [--stderr-fd N] [--dir DIR] -- CMD [ARG...]
 //
@@ -66,7 +66,7 @@ var Forwarded = []os.Signal{
 // its environment has none.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-const usage = "usage: shim-init [--template] --config-fd N | shim-init [--status-fd N] [--stdout-fd N] [--stderr-fd N] [--dir DIR] -- CMD [ARG...]"
+const usage = "usage: shim-init [--template] --config-fd N [-- CMD...] | shim-init [--status-fd N] [--stdout-fd N] [--stderr-fd N] [--dir DIR] -- CMD [ARG...]"
 
 // Main runs the init with its arguments (os.Args[1:]) and returns its exit
 // code: the workload's, 128+N if signal N killed it, 1 if it could not be
@@ -192,8 +192,11 @@ func parseArgs(args []string) (*Config, error) {
 		}
 		switch a := args[0]; a {
 		case "--config-fd":
-			if len(args) != 2 {
-				return nil, errors.New("--config-fd takes one descriptor and nothing else")
+			// What follows "--" is the workload's command, for ps and
+			// /proc/1/cmdline to show (as tini's "-- CMD" does); the
+			// Config's Argv is what runs.
+			if len(args) != 2 && (len(args) < 3 || args[2] != "--") {
+				return nil, errors.New("--config-fd takes one descriptor (and, after --, the command it runs)")
 			}
 			fd, err := fdArg(args[1])
 			if err != nil {

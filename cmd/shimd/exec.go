@@ -104,15 +104,20 @@ func exitCode(err error) (int, error) {
 }
 
 // workloadPID is the workload inside the sandbox whose init is pid: its
-// first child, or pid itself.
+// first child, or pid itself. The init is a Go program: the thread that
+// forked the workload may be any of its threads, so every thread's
+// children are looked at.
 func workloadPID(pid int) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	if err != nil {
-		return pid
-	}
-	if f := strings.Fields(string(b)); len(f) > 0 {
-		if c, err := strconv.Atoi(f[0]); err == nil {
-			return c
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			if c, err := strconv.Atoi(f[0]); err == nil {
+				return c
+			}
 		}
 	}
 	return pid

@@ -330,8 +330,10 @@ func TestExec(t *testing.T) {
 	c := startCluster(t, 2)
 	c.must("spawn", "--name", "sl", "--count", "2", "--wait", "--", "/bin/sleep", "100000")
 	out := c.must("exec", "sl", "--", "cat", "/proc/1/cmdline")
-	if !strings.Contains(out, "sleep") && !strings.Contains(out, "shim-init") {
-		t.Errorf("PID 1 in the sandbox: %q", out)
+	// PID 1 is the sandbox's init, which shows the workload it runs:
+	// shim-init --config-fd N -- /bin/sleep 100000.
+	if !strings.Contains(out, "shim-init") || !strings.Contains(out, "/bin/sleep\x00100000") {
+		t.Errorf("PID 1 in the sandbox: %q, want shim-init showing the workload", out)
 	}
 	t.Logf("/proc/1/cmdline in the sandbox: %q", out)
 	if out := strings.TrimSpace(c.must("exec", "sl", "--", "id", "-u")); out != "65534" {
