@@ -95,18 +95,25 @@ func TestPlaceReplicasIsPlaceOneByOne(t *testing.T) {
 	}
 }
 
-// BenchmarkSpawn1000 applies a spawn of 1,000 replicas on 10,000 nodes
-// that already hold 100,000 processes.
-func BenchmarkSpawn1000(b *testing.B) {
+// benchTable is an empty table for a benchmark and a function that applies
+// a command to it at the next index (a millisecond apart), failing b on an
+// error.
+func benchTable(b *testing.B) (*Table, func(*pb.Command)) {
 	tb := New()
 	var index uint64
-	apply := func(cmd *pb.Command) {
+	return tb, func(cmd *pb.Command) {
 		index++
 		cmd.NowUnixNano = int64(index) * 1_000_000
 		if err := tb.ApplyCommand(index, cmd).Err; err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkSpawn1000 applies a spawn of 1,000 replicas on 10,000 nodes
+// that already hold 100,000 processes.
+func BenchmarkSpawn1000(b *testing.B) {
+	_, apply := benchTable(b)
 	for i := range 10_000 {
 		apply(nodeCmd(fmt.Sprintf("n%05d", i), 64*core, 256*gib))
 	}
@@ -135,15 +142,7 @@ func BenchmarkSpawn1000(b *testing.B) {
 // BenchmarkRestore300k restores a snapshot of 300,000 processes on 3,000
 // nodes.
 func BenchmarkRestore300k(b *testing.B) {
-	tb := New()
-	var index uint64
-	apply := func(cmd *pb.Command) {
-		index++
-		cmd.NowUnixNano = int64(index) * 1_000_000
-		if err := tb.ApplyCommand(index, cmd).Err; err != nil {
-			b.Fatal(err)
-		}
-	}
+	tb, apply := benchTable(b)
 	for i := range 3000 {
 		apply(nodeCmd(fmt.Sprintf("n%05d", i), 64*core, 256*gib))
 	}

@@ -50,15 +50,7 @@ func TestReportCopy(t *testing.T) {
 // BenchmarkReport applies reports of 100 processes each that change every
 // record (a new pid), on 1,000 nodes holding 100,000 processes.
 func BenchmarkReport(b *testing.B) {
-	tb := New()
-	var index uint64
-	apply := func(cmd *pb.Command) {
-		index++
-		cmd.NowUnixNano = int64(index) * 1_000_000
-		if err := tb.ApplyCommand(index, cmd).Err; err != nil {
-			b.Fatal(err)
-		}
-	}
+	tb, apply := benchTable(b)
 	for i := range 1000 {
 		apply(nodeCmd(fmt.Sprintf("n%04d", i), 64*core, 256*gib))
 	}
